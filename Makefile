@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` trains the default topology, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TOPOLOGY ?= topologies/vanilla.yaml
+BIN := $(VENV)/bin
+
+.PHONY: run test venv bench bench-quick clean
+
+$(BIN)/meshsl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/meshsl
+
+run: venv
+	$(BIN)/meshsl validate $(TOPOLOGY)
+	$(BIN)/meshsl run $(TOPOLOGY) --summary-json runs/summary.json
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m benchmarks --out runs/bench.json
+
+bench-quick: venv
+	$(BIN)/python -m benchmarks --quick --out runs/bench-quick.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
