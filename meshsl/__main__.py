@@ -1,0 +1,3 @@
+from meshsl.cli import main
+
+main()

@@ -1,0 +1,238 @@
+"""The `meshsl` command line: validate, plan, run, node, keys, monitoring."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meshsl.errors import ConfigError, MeshslError
+
+app = typer.Typer(help="meshsl: declarative, pipelined, fault-tolerant split learning over ZeroMQ.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+monitoring_app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_help=True)
+app.add_typer(monitoring_app, name="monitoring")
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(exc: Exception, code: int = 2) -> None:
+    problems = getattr(exc, "problems", None) or [exc]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def load(path: Path, base_dir: Optional[Path] = None):
+    from meshsl.topology.model import load_topology, topology_from_spec
+    try:
+        if base_dir is None:
+            return load_topology(path)
+        from meshsl.config.loader import load_spec
+        return topology_from_spec(load_spec(path), str(path), base_dir)
+    except ConfigError as exc:
+        fail(exc)
+
+
+@app.callback()
+def root(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR")) -> None:
+    from meshsl.logs import configure_logging
+    configure_logging(log_level.upper())
+
+
+@app.command()
+def validate(topology: Path = typer.Argument(..., help="topology YAML")) -> None:
+    """Check a topology; exit 0 when valid, print `error: ...` lines otherwise."""
+    topo = load(topology)
+    for warning in topo.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    out.print(f"{topology}: valid ({', '.join(topo.recognised_configurations())}; "
+              f"{len(topo.nodes)} nodes, {len(topo.segments)} segments, {len(topo.tasks)} tasks)")
+
+
+@app.command()
+def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json", help="machine-readable"),
+         cuts: bool = typer.Option(False, "--cuts", help="evaluate candidate cut points")) -> None:
+    """Explain a topology: per-node plan, bytes per hop, the privacy contract, an ASCII drawing."""
+    from meshsl.plan.explain import ascii_graph, plan_document
+    topo = load(topology)
+    document = plan_document(topo)
+    if cuts:
+        from meshsl.privacy_cuts import cut_candidates
+        document["cut_candidates"] = cut_candidates(topo)
+    if as_json:
+        out.print_json(json.dumps(document, default=str))
+        return
+    out.print(f"[bold]{topo.spec.name}[/bold]  hash {topo.hash}  coordinator {topo.coordinator}")
+    out.print("configurations: " + ", ".join(document["configurations"]))
+    out.print(ascii_graph(topo), markup=False, highlight=False)
+    nodes = Table(title="nodes")
+    for column in ("node", "party", "endpoint", "segments", "params", "fwd FLOPs/sample", "peers"):
+        nodes.add_column(column)
+    for name, p in document["nodes"].items():
+        nodes.add_row(name, p["party"], p["endpoint"], ", ".join(p["segments"]), f"{p['parameters']:,}",
+                      f"{p['forward_flops_per_sample']:,}", ", ".join(p["peers"]))
+    out.print(nodes)
+    edges = Table(title="hops (bytes per sample)")
+    for column in ("edge", "shape", "crosses party", "forward B", "backward B", "codec fwd/bwd"):
+        edges.add_column(column)
+    for name, e in document["edges"].items():
+        edges.add_row(name, str(e["shape"]), "yes" if e["cross_party"] else "no",
+                      f"{e['forward_bytes_per_sample']:,}", f"{e['backward_bytes_per_sample']:,}",
+                      f"{e['forward_codec']}/{e['backward_codec']}")
+    out.print(edges)
+    contract = Table(title="privacy contract: what each party sends and receives")
+    for column in ("party", "node", "sends/receives", "edge", "tensor", "peer (party)"):
+        contract.add_column(column)
+    for name, p in document["nodes"].items():
+        for verb, rows in (("sends", p["sends"]), ("receives", p["receives"])):
+            for t in rows:
+                contract.add_row(p["party"], name, f"{verb} {t['direction']}", t["edge"],
+                                 f"{t['dtype']}{list(t['shape'])} ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
+    out.print(contract)
+    if cuts:
+        table = Table(title="cut-layer candidates")
+        for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):
+            table.add_column(column)
+        for c in document["cut_candidates"]:
+            table.add_row(c["segment"], c["cut_after"], f"{c['bytes_per_sample']:,}", f"{c['client_parameters']:,}",
+                          f"{c['client_flops_per_sample']:,}", f"{c['dcor']:.3f}")
+        out.print(table)
+    for warning in topo.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"{summary['topology']}: {summary['steps']} steps, {summary['epochs']} epochs, "
+                        f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_seconds']:.1f} s")
+    for column in ("task", "train loss", "eval loss", "eval accuracy", "other"):
+        table.add_column(column)
+    for name, t in summary["tasks"].items():
+        ev = t.get("eval", {})
+        other = ", ".join(f"{k}={ev[k]:.3f}" for k in ("f1", "auroc") if isinstance(ev.get(k), float))
+        table.add_row(name, f"{t['train'].get('loss', float('nan')):.4f}", f"{ev.get('loss', float('nan')):.4f}",
+                      f"{ev.get('accuracy', float('nan')):.4f}", other)
+    out.print(table)
+    edges = Table(title="bytes per edge")
+    for column in ("edge", "forward", "backward", "per sample"):
+        edges.add_column(column)
+    for name, e in summary["edges"].items():
+        edges.add_row(name, f"{e['forward_bytes']:,}", f"{e['backward_bytes']:,}",
+                      f"{summary['bytes_per_sample'][name]:.0f}")
+    out.print(edges)
+    if summary.get("rejected_messages"):
+        out.print(f"[yellow]rejected messages:[/yellow] {summary['rejected_messages']}")
+
+
+@app.command()
+def run(topology: Path = typer.Argument(...),
+        steps: Optional[int] = typer.Option(None, help="train this many steps (overrides epochs)"),
+        epochs: Optional[int] = typer.Option(None, help="train this many epochs"),
+        summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the summary here"),
+        report: Optional[Path] = typer.Option(None, "--report", help="write plots and summary.json to DIR"),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="logs and resolved topology (default: temp)"),
+        free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports instead of the declared ones"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
+    """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
+    from meshsl.runtime.launcher import LocalRun, default_run_dir
+    topo = load(topology)
+    for warning in topo.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    from meshsl.plan.steps import training_steps
+    total = len(training_steps(topo, steps, epochs))
+    launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports)
+    resolved = launcher.prepare()
+    resolved_topo = load(resolved, topology.parent)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=not progress)
+    history = []
+    with bar:
+        job = bar.add_task(f"training {topo.spec.name}", total=total, info="")
+
+        def on_progress(row: dict) -> None:
+            history.append(row)
+            losses = " ".join(f"{k} loss {v['loss']:.3f}" for k, v in row.get("tasks", {}).items())
+            bar.update(job, completed=row["step"] + 1,
+                       info=f"epoch {row['epoch']} {losses} {row.get('samples_per_s', 0):.0f} samples/s")
+
+        launcher.on_progress = on_progress
+        launcher.start(resolved_topo, resolved)
+        try:
+            summary = launcher.follow(resolved_topo, timeout)
+        except MeshslError as exc:
+            fail(exc, 1)
+        except KeyboardInterrupt:
+            launcher.stop()
+            raise typer.Exit(130)
+    _print_summary(summary)
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2, default=float))
+        out.print(f"summary written to {summary_json}")
+    if report:
+        from meshsl.report import write_report
+        paths = write_report(summary, summary.get("history", history), report)
+        out.print(f"report: {', '.join(str(p) for p in paths)}")
+
+
+@app.command()
+def node(name: str = typer.Argument(..., help="node name from the topology"),
+         topology: Path = typer.Option(..., "--topology", "-t"),
+         base_dir: Optional[Path] = typer.Option(None, "--base-dir", help="folder that relative data paths start from"),
+         summary_json: Optional[Path] = typer.Option(None, "--summary-json"),
+         steps: Optional[int] = typer.Option(None), epochs: Optional[int] = typer.Option(None),
+         no_eval: bool = typer.Option(False, "--no-eval"),
+         progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
+    """Run one node (one per machine); it waits for its peers and the coordinator."""
+    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.entry import node_main
+    topo = load(topology, base_dir)
+    if name not in topo.nodes:
+        fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
+    from meshsl.security.curve import warn_if_plaintext_exposed
+    import logging
+    warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
+    options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval)
+    try:
+        code = node_main(topo, name, summary_json, options, progress_stream)
+    except MeshslError as exc:
+        fail(exc, 1)
+    raise typer.Exit(code)
+
+
+@monitoring_app.command("prometheus")
+def monitoring_prometheus(topology: Path = typer.Argument(...),
+                          output: Optional[Path] = typer.Option(None, "-o", "--output", help="file_sd JSON path")) -> None:
+    """Write Prometheus file_sd scrape targets for every node with a metrics port."""
+    from meshsl.metrics import scrape_targets
+    topo = load(topology)
+    rows = []
+    for name, n in topo.nodes.items():
+        if n.metrics_port:
+            host = n.endpoint[len("tcp://"):].rsplit(":", 1)[0] if n.endpoint.startswith("tcp://") else "127.0.0.1"
+            rows.append((name, n.party, "127.0.0.1" if host in ("*", "0.0.0.0") else host, n.metrics_port))
+    text = json.dumps(scrape_targets(rows, topo.spec.name), indent=2)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+        out.print(f"wrote {len(rows)} targets to {output}")
+    else:
+        print(text)
+
+
+def _mount_optional() -> None:
+    from meshsl.cli_keys import app as keys_app
+    app.add_typer(keys_app, name="keys")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,46 @@
+"""The data a node holds: its feature and label sources, and the batches of every round."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from meshsl.data import batch_indices, eval_batches, load_dataset, select_columns
+from meshsl.plan.steps import sample_pools
+
+
+class NodeData:
+    def __init__(self, topology, node: str) -> None:
+        self.topology = topology
+        self.training = topology.spec.training
+        self.pools = sample_pools(topology)
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name, spec in topology.data.items():
+            if node not in topology.placement[name]:
+                continue
+            table = load_dataset(spec.dataset, topology.base_dir)
+            if spec.kind == "labels":
+                self.tensors[name] = torch.as_tensor(np.asarray(table.labels))
+            else:
+                self.tensors[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)),
+                                                     dtype=torch.float32)
+        self.predict_inputs: dict[str, torch.Tensor] = {}
+
+    def rows(self, phase: str, lane: int, epoch: int, step_in_epoch: int, micro_batch: int,
+             micro_batches: int) -> np.ndarray:
+        """Sample ids (rows) of one micro-batch of a round."""
+        if phase == "train":
+            batch = batch_indices(self.pools.train[lane], self.training.batch_size, self.training.seed,
+                                  epoch, step_in_epoch, lane)
+            return np.array_split(batch, micro_batches)[micro_batch]
+        if phase == "eval":
+            return eval_batches(self.pools.test, self.training.eval_batch_size)[micro_batch]
+        size = len(next(iter(self.predict_inputs.values())))
+        return np.array_split(np.arange(size), micro_batches)[micro_batch]
+
+    def get(self, name: str, rows: np.ndarray, phase: str) -> torch.Tensor:
+        if phase == "predict" and name in self.predict_inputs:
+            return self.predict_inputs[name][torch.as_tensor(rows)]
+        return self.tensors[name][torch.as_tensor(rows)]
+
+    def eval_micro_batches(self) -> int:
+        return len(eval_batches(self.pools.test, self.training.eval_batch_size))

@@ -1,0 +1,63 @@
+"""Loss heads and their metrics."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def task_loss(kind: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the micro-batch."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(output, labels.long())
+    if kind == "bce_with_logits":
+        return F.binary_cross_entropy_with_logits(output.reshape(-1), labels.reshape(-1).float())
+    return F.mse_loss(output.reshape(labels.shape[0], -1), labels.reshape(labels.shape[0], -1).float())
+
+
+def predictions(kind: str, output: torch.Tensor) -> torch.Tensor:
+    if kind == "cross_entropy":
+        return output.argmax(dim=1)
+    if kind == "bce_with_logits":
+        return (output.reshape(-1) > 0).long()
+    return output
+
+
+def scores(kind: str, output: torch.Tensor) -> np.ndarray:
+    """Per-sample scores for AUROC: P(class 1) for binary problems."""
+    if kind == "cross_entropy":
+        probs = output.softmax(dim=1)
+        return probs[:, 1].numpy() if probs.shape[1] == 2 else probs.numpy()
+    return torch.sigmoid(output.reshape(-1)).numpy()
+
+
+def correct_count(kind: str, output: torch.Tensor, labels: torch.Tensor) -> int:
+    if kind == "mse":
+        return 0
+    return int((predictions(kind, output) == labels.reshape(-1).long()).sum())
+
+
+def summarise(kind: str, metrics: list[str], outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> dict:
+    """Held-out metrics of a task from all of its evaluation outputs (computed on the label holder)."""
+    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+
+    out = torch.cat(outputs) if outputs else torch.empty(0)
+    y = torch.cat(labels) if labels else torch.empty(0)
+    result: dict = {"samples": int(y.shape[0]), "loss": float(task_loss(kind, out, y)) if len(y) else float("nan")}
+    if kind == "mse" or not len(y):
+        return result
+    pred = predictions(kind, out).numpy()
+    truth = y.reshape(-1).long().numpy()
+    if "accuracy" in metrics:
+        result["accuracy"] = float((pred == truth).mean())
+    if "f1" in metrics:
+        binary = len(np.unique(truth)) <= 2 and pred.max(initial=0) <= 1
+        result["f1"] = float(f1_score(truth, pred, average="binary" if binary else "macro", zero_division=0))
+    if "auroc" in metrics:
+        try:
+            s = scores(kind, out)
+            result["auroc"] = float(roc_auc_score(truth, s, multi_class="ovr") if s.ndim == 2 else roc_auc_score(truth, s))
+        except ValueError:
+            result["auroc"] = float("nan")  # one class only in the held-out set
+    result["confusion_matrix"] = confusion_matrix(truth, pred).tolist()
+    return result

@@ -1,0 +1,245 @@
+"""The compute side of a node: its segments' modules and optimizers, and forward/backward per micro-batch.
+
+Runs on the node's compute thread only. Tensors cross from the event loop through `TensorStore`,
+whose entries the state machine hands over one at a time (an entry is read only after its arrival
+event was handled), so no locks are needed beyond list.append being atomic.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from meshsl.compute.layers import build_segment_module, merge_inputs
+from meshsl.compute.node_data import NodeData
+from meshsl.compute.tasks import correct_count, summarise, task_loss
+
+
+def segment_seed(topology, segment: str) -> int:
+    """Initial weights depend only on (seed, segment), so the single-process reference can rebuild them."""
+    index = [s.name for s in topology.spec.segments].index(segment)
+    return topology.spec.training.seed * 1_000_003 + index
+
+
+def build_module(topology, segment: str) -> torch.nn.Module:
+    torch.manual_seed(segment_seed(topology, segment))
+    return build_segment_module(topology.segments[segment], f"segments({segment})")
+
+
+def build_optimizer(spec, params) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+@dataclass
+class RoundContext:
+    round: int
+    phase: str
+    micro_batches: int
+    lanes: tuple[int, ...]
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+
+
+@dataclass
+class TensorStore:
+    """Tensors of the current and next round, keyed with the round number."""
+
+    inputs: dict = field(default_factory=dict)  # (round, consumer, producer, lane, mb) -> activation
+    grads: dict = field(default_factory=lambda: defaultdict(list))  # (round, producer, lane, mb) -> [grad]
+    outgoing_grads: dict = field(default_factory=dict)  # (round, producer, consumer, lane, mb) -> grad
+    outputs: dict = field(default_factory=dict)  # (round, segment, lane, mb) -> output
+
+    def drop_before(self, round_: int) -> None:
+        for table in (self.inputs, self.grads, self.outgoing_grads, self.outputs):
+            for key in [k for k in table if k[0] < round_]:
+                del table[key]
+
+
+@dataclass
+class _Stash:
+    leaves: dict[str, torch.Tensor]
+    output: torch.Tensor
+    loss: Optional[torch.Tensor]
+
+
+class SegmentWorker:
+    def __init__(self, topology, node: str) -> None:
+        self.topology = topology
+        self.node = node
+        self.device = torch.device(topology.nodes[node].device)
+        self.segments = [s for s in topology.segment_order if node in topology.placement[s]]
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for name in self.segments:
+            module = build_module(topology, name).to(self.device)
+            self.modules[name] = module
+            spec = topology.segments[name].optimizer or topology.spec.training.optimizer
+            self.optimizers[name] = build_optimizer(spec, module.parameters())
+        self.data = NodeData(topology, node)
+        self.store = TensorStore()
+        self.stash: dict[tuple, _Stash] = {}
+        self.context = RoundContext(-1, "train", 1, (0,))
+        self.privacy = {p.segment: p for p in topology.spec.privacy}
+        self.dp_generator = torch.Generator().manual_seed(topology.spec.training.seed + 17)
+        self.stats: dict = {}
+        self.eval_outputs: dict[str, tuple[list, list]] = {}
+        self.compute_seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self.predictions: dict[str, dict[int, torch.Tensor]] = {}
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def begin(self, context: RoundContext) -> None:
+        self.context = context
+        self.store.drop_before(context.round)
+        self.stash.clear()
+        self.stats = {t.name: {"loss_sum": 0.0, "correct": 0, "count": 0} for t in self._my_tasks()}
+        self.eval_outputs = {t.name: ([], []) for t in self._my_tasks()}
+        self.predictions = {t.name: {} for t in self._my_tasks()}
+        self.compute_seconds.clear()
+        for module in self.modules.values():
+            module.train(context.phase == "train")
+
+    def _my_tasks(self):
+        return [t for t in self.topology.spec.tasks if t.output in self.modules]
+
+    def _rows(self, lane: int, micro_batch: int):
+        c = self.context
+        return self.data.rows(c.phase, lane, c.epoch, c.step_in_epoch, micro_batch, c.micro_batches)
+
+    def _input(self, segment: str, source: str, lane: int, micro_batch: int, rows) -> torch.Tensor:
+        r = self.context.round
+        if source in self.topology.data:
+            return self.data.get(source, rows, self.context.phase).to(self.device)
+        local = self.store.outputs.get((r, source, lane, micro_batch))
+        value = local if local is not None else self.store.inputs.pop((r, segment, source, lane, micro_batch))
+        value = value.detach().to(self.device)
+        return value.requires_grad_(True) if self.context.phase == "train" else value
+
+    # -- compute actions -------------------------------------------------------------------------
+    def forward(self, segment: str, lane: int, micro_batch: int) -> None:
+        start = time.perf_counter()
+        c = self.context
+        spec = self.topology.segments[segment]
+        rows = self._rows(lane, micro_batch)
+        training = c.phase == "train"
+        with torch.set_grad_enabled(training):
+            leaves = {src: self._input(segment, src, lane, micro_batch, rows) for src in spec.inputs}
+            output = self.modules[segment](merge_inputs(list(leaves.values()), spec.merge))
+            loss = self._privacy_terms(segment, leaves, output) if training else None
+            output = self._activation_dp(segment, output)
+            for task in self.topology.tasks_of(segment):
+                labels = self.data.get(task.labels, rows, c.phase) if c.phase != "predict" else None
+                loss = self._task(task, output, labels, len(rows), loss)
+        self.store.outputs[(c.round, segment, lane, micro_batch)] = output
+        if training:
+            self.stash[(segment, lane, micro_batch)] = _Stash(
+                {k: v for k, v in leaves.items() if k in self.topology.segments}, output, loss)
+        self.compute_seconds[(segment, "forward")] += time.perf_counter() - start
+
+    def _task(self, task, output, labels, n: int, loss):
+        c = self.context
+        if c.phase == "predict":
+            self.predictions[task.name][c.micro_batch_key if hasattr(c, "micro_batch_key") else len(self.predictions[task.name])] = output.detach().cpu()
+            return loss
+        labels = labels.to(self.device)
+        if c.phase == "eval":
+            outs, ys = self.eval_outputs[task.name]
+            outs.append(output.detach().cpu())
+            ys.append(labels.cpu())
+            return loss
+        if self.topology.spec.training.label_dp is not None:
+            labels = self._label_dp(task, labels)
+        mean_loss = task_loss(task.loss, output, labels)
+        stats = self.stats[task.name]
+        stats["loss_sum"] += float(mean_loss.detach()) * n
+        stats["correct"] += correct_count(task.loss, output.detach(), labels)
+        stats["count"] += n
+        # Scale so that the sum over micro-batches and lanes is the mean over the whole step's samples.
+        scaled = mean_loss * (n * task.weight / (self.topology.spec.training.batch_size * len(c.lanes)))
+        return scaled if loss is None else loss + scaled
+
+    def _label_dp(self, task, labels: torch.Tensor) -> torch.Tensor:
+        from meshsl.privacy.dp import randomized_response
+        classes = self.topology.num_classes.get(task.labels) or int(labels.max()) + 1
+        return randomized_response(labels, classes, self.topology.spec.training.label_dp.epsilon, self.dp_generator)
+
+    def _privacy_terms(self, segment: str, leaves: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
+        edge = self.privacy.get(segment)
+        if edge is None or edge.nopeek <= 0:
+            return None
+        raw = [v for k, v in leaves.items() if k in self.topology.data]
+        if not raw:
+            return None
+        from meshsl.privacy.nopeek import nopeek_loss
+        raw_flat = torch.cat([r.reshape(r.shape[0], -1) for r in raw], dim=1)
+        n = output.shape[0]
+        scale = n / (self.topology.spec.training.batch_size * len(self.context.lanes))
+        return nopeek_loss(raw_flat, output, edge.nopeek) * scale
+
+    def _activation_dp(self, segment: str, output: torch.Tensor) -> torch.Tensor:
+        edge = self.privacy.get(segment)
+        if edge is None or edge.dp is None or self.context.phase != "train":
+            return output
+        from meshsl.privacy.dp import clip_and_noise
+        return clip_and_noise(output, edge.dp, self.dp_generator)
+
+    def backward(self, segment: str, lane: int, micro_batch: int) -> None:
+        start = time.perf_counter()
+        r = self.context.round
+        stash = self.stash.pop((segment, lane, micro_batch))
+        grads = self.store.grads.pop((r, segment, lane, micro_batch), [])
+        tensors, grad_tensors = [], []
+        if grads:
+            total = grads[0].to(self.device) if len(grads) == 1 else sum(g.to(self.device) for g in grads)
+            tensors.append(stash.output)
+            grad_tensors.append(total.reshape(stash.output.shape))
+        if stash.loss is not None:
+            tensors.append(stash.loss)
+            grad_tensors.append(torch.ones_like(stash.loss))
+        if tensors:
+            torch.autograd.backward(tensors, grad_tensors)
+        for source, leaf in stash.leaves.items():
+            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            if self.topology.node_of(source, lane) == self.node:
+                self.store.grads[(r, source, lane, micro_batch)].append(grad)
+            else:
+                self.store.outgoing_grads[(r, source, segment, lane, micro_batch)] = grad.detach()
+        self.store.outputs.pop((r, segment, lane, micro_batch), None)
+        self.compute_seconds[(segment, "backward")] += time.perf_counter() - start
+
+    def apply_optimizer(self) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def discard_gradients(self) -> None:
+        """Abort: forget the round's partial gradients (the step will be replayed)."""
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        self.stash.clear()
+
+    # -- results ---------------------------------------------------------------------------------
+    def round_summary(self) -> dict:
+        if self.context.phase == "eval":
+            by_task = {}
+            for task in self._my_tasks():
+                outs, ys = self.eval_outputs[task.name]
+                by_task[task.name] = summarise(task.loss, task.metrics, outs, ys)
+            return {"tasks": by_task}
+        return {"tasks": self.stats}
+
+    # -- weights (SplitFed averaging, sequential hand-off, checkpoints) --------------------------
+    def weights(self, segment: str) -> list[torch.Tensor]:
+        return [t.detach().cpu() for t in self.modules[segment].state_dict().values()]
+
+    def load_weights(self, segment: str, tensors: list[torch.Tensor]) -> None:
+        module = self.modules[segment]
+        keys = list(module.state_dict().keys())
+        module.load_state_dict({k: t.clone() for k, t in zip(keys, tensors)})

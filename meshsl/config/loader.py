@@ -1,0 +1,70 @@
+"""Read a topology YAML file into a TopologySpec; every problem becomes a ConfigError naming file and key path."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from meshsl.config.schema import TopologySpec
+from meshsl.errors import ConfigError
+
+
+class ConfigErrors(ConfigError):
+    """Several problems found at once; `problems` holds one ConfigError each."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def key_path(loc: tuple[Any, ...], document: Any = None) -> str:
+    """('nodes', 1, 'endpoint') -> 'nodes[1](server).endpoint' (the name helps find the entry)."""
+    text = ""
+    cursor = document
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            cursor = cursor[part] if isinstance(cursor, list) and part < len(cursor) else None
+            if isinstance(cursor, dict) and isinstance(cursor.get("name"), str):
+                text += f"({cursor['name']})"
+        else:
+            text += f".{part}" if text else str(part)
+            cursor = cursor.get(part) if isinstance(cursor, dict) else None
+    return text or "(top level)"
+
+
+def parse_spec(document: Any, source: str = "<topology>") -> TopologySpec:
+    if not isinstance(document, dict):
+        raise ConfigError("the topology must be a mapping with keys nodes, data, segments, tasks", source)
+    try:
+        return TopologySpec.model_validate(document)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif err["type"] == "missing":
+                message = "required key is missing"
+            problems.append(ConfigError(message, f"{source}: {key_path(loc, document)}"))
+        raise ConfigErrors(problems) from None
+
+
+def load_spec(path: str | Path) -> TopologySpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read file: {exc}", str(path)) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", where) from None
+    return parse_spec(document, str(path))

@@ -1,0 +1,168 @@
+"""The YAML schema of a topology, as pydantic models (unknown keys are errors everywhere)."""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from meshsl.compression import CompressionSpec
+from meshsl.data.specs import DatasetSpec, PartitionSpec
+from meshsl.privacy.dp import ActivationDPSpec, LabelDPSpec
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
+ENDPOINT_PATTERN = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_endpoint(value: str) -> str:
+    if not ENDPOINT_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not an endpoint like tcp://host:port, ipc://path or inproc://name")
+    if value.startswith("tcp://") and not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        raise ValueError(f"port of {value!r} is out of range")
+    return value
+
+
+Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
+
+
+class NodeSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    endpoint: Endpoint
+    party: str = Field(pattern=NAME_PATTERN, description="privacy domain (organisation) the node belongs to")
+    metrics_port: Optional[int] = Field(default=None, ge=0, le=65535)
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    standby: list[Endpoint] = Field(default_factory=list, description="endpoints of hot standbys")
+    public_key: Optional[str] = Field(default=None, description="CURVE public key (z85)")
+    threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads of the compute thread")
+
+
+class DataSpec(Strict):
+    """A data source: features (or labels) of a dataset held by one node."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    node: str
+    dataset: DatasetSpec
+    kind: Literal["features", "labels"] = "features"
+    columns: Union[Literal["all"], str, list[Union[int, str]]] = "all"
+
+
+LayerSpec = list[Any]  # [TypeName, *positional args, optional {kwargs}]
+
+
+class FactorySpec(Strict):
+    target: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class SegmentSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    node: str
+    inputs: list[str] = Field(min_length=1)
+    merge: Literal["concat", "sum", "mean"] = "concat"
+    layers: Optional[list[LayerSpec]] = None
+    factory: Optional[FactorySpec] = None
+    optimizer: Optional[OptimizerSpec] = None
+
+    @model_validator(mode="after")
+    def _one_body(self) -> "SegmentSpec":
+        if (self.layers is None) == (self.factory is None):
+            raise ValueError("a segment needs exactly one of 'layers' or 'factory'")
+        return self
+
+
+class TaskSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    output: str = Field(description="segment whose output feeds the loss")
+    labels: str = Field(description="data source of kind 'labels'")
+    loss: Literal["cross_entropy", "bce_with_logits", "mse"] = "cross_entropy"
+    weight: float = Field(default=1.0, gt=0)
+    metrics: list[Literal["accuracy", "f1", "auroc"]] = Field(default_factory=lambda: ["accuracy"])
+
+
+class EdgePrivacySpec(Strict):
+    """Per cut edge (segment output crossing to another party) privacy and compression settings."""
+
+    segment: str = Field(description="segment whose output is the cut activation")
+    nopeek: float = Field(default=0.0, ge=0, description="weight of the distance-correlation loss")
+    dp: Optional[ActivationDPSpec] = None
+    forward: CompressionSpec = Field(default_factory=CompressionSpec)
+    backward: CompressionSpec = Field(default_factory=CompressionSpec)
+
+
+class ClientsSpec(Strict):
+    """Many clients: the listed nodes (and the segments and data on them) are replicated per client."""
+
+    count: int = Field(ge=1, le=100_000)
+    replicate: list[str] = Field(min_length=1, description="nodes replicated once per client")
+    mode: Literal["splitfed", "sequential"] = "splitfed"
+    average_every: int = Field(default=1, ge=1, description="SplitFed: FedAvg client segments every K steps")
+    partition: PartitionSpec = Field(default_factory=PartitionSpec)
+
+
+class RetryPolicy(Strict):
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0)
+    backoff_factor: float = Field(default=2.0, ge=1)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    max_restarts: int = Field(default=3, ge=0)
+    startup_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class CheckpointSpec(Strict):
+    every: int = Field(default=0, ge=0, description="checkpoint every N committed steps (0: never)")
+    directory: str = "checkpoints"
+
+
+class SecuritySpec(Strict):
+    curve: bool = False
+    keys_dir: Optional[str] = None
+    max_message_bytes: int = Field(default=256 * 2**20, gt=0)
+
+
+class TrainingSpec(Strict):
+    epochs: int = Field(default=1, ge=0)
+    steps: Optional[int] = Field(default=None, ge=1, description="total steps; overrides epochs")
+    batch_size: int = Field(default=64, ge=1)
+    micro_batches: int = Field(default=1, ge=1)
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    seed: int = 0
+    eval_every: int = Field(default=0, ge=0, description="evaluate every N steps (0: at the end of each epoch)")
+    eval_batch_size: int = Field(default=256, ge=1)
+    deterministic: bool = True
+    coordinator: Optional[str] = Field(default=None, description="node hosting the coordinator")
+    label_dp: Optional[LabelDPSpec] = None
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self) -> "TrainingSpec":
+        if self.micro_batches > self.batch_size:
+            raise ValueError(f"micro_batches ({self.micro_batches}) exceeds batch_size ({self.batch_size})")
+        return self
+
+
+class TopologySpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    nodes: list[NodeSpec] = Field(min_length=1)
+    data: list[DataSpec] = Field(min_length=1)
+    segments: list[SegmentSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    clients: Optional[ClientsSpec] = None
+    privacy: list[EdgePrivacySpec] = Field(default_factory=list)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)

@@ -1,0 +1,75 @@
+"""Which samples every training step uses, computed identically on every node (no data exchanged)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshsl.data import load_dataset, partition, train_test_indices
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # global training step, from 0
+    epoch: int
+    step_in_epoch: int
+    lanes: tuple[int, ...]  # clients active in this step
+
+
+@dataclass(frozen=True)
+class SamplePools:
+    train: tuple[np.ndarray, ...]  # per lane
+    test: np.ndarray
+
+
+def sample_pools(topology) -> SamplePools:
+    """Train rows per lane (client shard) and the shared held-out rows, from the shared sample ids."""
+    cached = topology.__dict__.get("_sample_pools")
+    if cached is None:
+        cached = topology.__dict__["_sample_pools"] = _pools(topology)
+    return cached
+
+
+def _pools(topology) -> SamplePools:
+    first = topology.spec.data[0]
+    table = load_dataset(first.dataset, topology.base_dir)
+    seed = topology.spec.training.seed
+    train, test = train_test_indices(len(table.features), first.dataset.test_fraction, seed)
+    clients = topology.spec.clients
+    if clients is None:
+        return SamplePools(train=(train,), test=test)
+    shards = partition(train, table.labels, clients.count, clients.partition, seed)
+    return SamplePools(train=tuple(shards), test=test)
+
+
+def epoch_steps(topology) -> list[StepInfo]:
+    """The steps of one epoch (epoch and step numbers filled in by `training_steps`)."""
+    batch = topology.spec.training.batch_size
+    pools = sample_pools(topology).train
+    clients = topology.spec.clients
+    if clients is None:
+        return [StepInfo(0, 0, i, (0,)) for i in range(math.ceil(len(pools[0]) / batch))]
+    if clients.mode == "splitfed":
+        total = sum(len(p) for p in pools)
+        count = max(1, math.ceil(total / (batch * len(pools))))
+        return [StepInfo(0, 0, i, tuple(range(len(pools)))) for i in range(count)]
+    steps = []
+    for lane, pool in enumerate(pools):  # sequential: clients take turns, each through its own shard
+        steps.extend(StepInfo(0, 0, i, (lane,)) for i in range(math.ceil(len(pool) / batch)))
+    return steps
+
+
+def training_steps(topology, max_steps: int | None = None, epochs: int | None = None) -> list[StepInfo]:
+    training = topology.spec.training
+    one_epoch = epoch_steps(topology)
+    total = max_steps or training.steps
+    n_epochs = epochs if epochs is not None else training.epochs
+    if total is None:
+        total = len(one_epoch) * n_epochs
+    steps = []
+    for step in range(total):
+        epoch, within = divmod(step, len(one_epoch))
+        base = one_epoch[within]
+        steps.append(StepInfo(step, epoch, base.step_in_epoch, base.lanes))
+    return steps

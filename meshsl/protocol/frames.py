@@ -1,0 +1,78 @@
+"""Turn tensors into raw frames (zero-copy views) and back, checking every byte count first."""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+
+from meshsl.errors import ProtocolError
+from meshsl.protocol.envelope import DTYPES, Envelope, TensorDescriptor, parse_envelope
+
+TORCH_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+    "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+# Received frames are read-only buffers; tensors built on them are never written in place.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ProtocolError("bad_dtype", f"cannot send tensors of dtype {dtype}") from None
+
+
+def raw_view(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def tensor_from_frame(buffer, dtype: str, count: int) -> torch.Tensor:
+    expected = DTYPES[dtype] * count
+    if len(buffer) != expected:
+        raise ProtocolError("bad_size", f"frame of {len(buffer)} bytes, descriptor says {expected}")
+    if count == 0:
+        return torch.empty(0, dtype=TORCH_DTYPES[dtype])
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(TORCH_DTYPES[dtype])
+
+
+def encode_message(envelope: Envelope, parts: Sequence[Sequence[torch.Tensor]] = ()) -> list:
+    """Frames for `envelope` whose descriptors describe `parts` (one list of raw parts per tensor)."""
+    frames: list = [envelope.to_bytes()]
+    for tensor_parts in parts:
+        frames.extend(raw_view(p) for p in tensor_parts)
+    return frames
+
+
+def describe(dtype: torch.dtype, shape: tuple[int, ...], codec: str, parts: Sequence[torch.Tensor]) -> TensorDescriptor:
+    return TensorDescriptor(dtype_name(dtype), tuple(int(d) for d in shape), codec,
+                            tuple((dtype_name(p.dtype), int(p.numel())) for p in parts))
+
+
+def decode_message(frames: Sequence, max_bytes: int) -> tuple[Envelope, list[list[torch.Tensor]]]:
+    """Parse the header, check frame count and every size, and view frames as tensors (no copies)."""
+    if not frames:
+        raise ProtocolError("bad_header", "empty message")
+    buffers = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
+    total = sum(len(b) for b in buffers)
+    if total > max_bytes:
+        raise ProtocolError("oversized", f"message of {total} bytes exceeds the cap of {max_bytes}")
+    envelope = parse_envelope(bytes(buffers[0]))
+    if envelope.frame_count != len(buffers) - 1:
+        raise ProtocolError("bad_frame_count", f"{len(buffers) - 1} frames, header describes {envelope.frame_count}")
+    tensors, index = [], 1
+    for descriptor in envelope.tensors:
+        parts = []
+        for dtype, count in descriptor.parts:
+            parts.append(tensor_from_frame(buffers[index], dtype, count))
+            index += 1
+        tensors.append(parts)
+    return envelope, tensors

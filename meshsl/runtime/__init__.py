@@ -1,0 +1,1 @@
+"""Node runtime: an I/O-free state machine, the asyncio node that executes its actions, the coordinator."""

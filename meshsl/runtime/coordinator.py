@@ -1,0 +1,257 @@
+"""The coordinator: starts rounds, waits until every node finished, commits steps, drives epochs,
+evaluation, client averaging/hand-off and shutdown. Lives in the process of one node (the plan's
+coordinator, by default the first task's label holder) and talks through that node's transport."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from meshsl.errors import PeerFailed, PeerTimeout, ProtocolError
+from meshsl.plan.steps import StepInfo, sample_pools, training_steps
+from meshsl.protocol.envelope import Kind
+
+log = logging.getLogger("meshsl.coordinator")
+
+
+@dataclass
+class RunOptions:
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    evaluate: bool = True
+    progress: Optional[Callable[[dict], None]] = None  # called with every history row
+
+
+@dataclass
+class Coordinator:
+    node: object  # the hosting NodeRuntime
+    options: RunOptions = field(default_factory=RunOptions)
+    error: Optional[str] = None
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.topology = self.node.topology
+        self.nodes = list(self.topology.nodes)
+        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=max(256, 8 * len(self.nodes)))
+        self.round = 0
+        self.policy = self.topology.spec.retry
+        self.node_stats: dict[str, dict] = {}
+
+    # -- messages --------------------------------------------------------------------------------
+    def deliver(self, sender: str, envelope, tensors) -> None:
+        try:
+            self.inbox.put_nowait((sender, envelope, tensors))
+        except asyncio.QueueFull:
+            raise ProtocolError("flood", "coordinator inbox is full", sender) from None
+
+    async def _collect(self, kind: Kind, senders: set[str], round_: Optional[int], what: str,
+                       timeout: Optional[float] = None) -> dict[str, tuple]:
+        """Wait for one `kind` message from each of `senders` (for `round_`); FAILED aborts the run."""
+        pending = set(senders)
+        got: dict[str, tuple] = {}
+        deadline = time.monotonic() + (timeout or self.policy.timeout_s)
+        while pending:
+            left = deadline - time.monotonic()
+            try:
+                sender, envelope, tensors = await asyncio.wait_for(self.inbox.get(), timeout=max(left, 0.001))
+            except TimeoutError:
+                slow = ", ".join(sorted(pending))
+                raise PeerTimeout(slow, timeout or self.policy.timeout_s, what) from None
+            if envelope.kind == Kind.FAILED:
+                raise PeerFailed(sender, str(envelope.meta.get("error", ""))[:500])
+            if envelope.kind == Kind.HELLO:
+                await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
+                continue
+            if envelope.kind != kind or sender not in pending or (round_ is not None and envelope.step != round_):
+                continue  # late duplicates of earlier rounds
+            pending.discard(sender)
+            got[sender] = (envelope, tensors)
+        return got
+
+    async def broadcast(self, kind: Kind, targets=None, **fields) -> None:
+        for name in targets or self.nodes:
+            await self.node.send_control(name, kind, **fields)
+
+    async def broadcast_shutdown(self) -> None:
+        await self.broadcast(Kind.SHUTDOWN)
+
+    # -- the run ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self._wait_for_nodes()
+        steps = training_steps(self.topology, self.options.steps, self.options.epochs)
+        started = time.perf_counter()
+        train_seconds = 0.0
+        samples = 0
+        eval_every = self.topology.spec.training.eval_every
+        epoch_len = len(training_steps(self.topology, epochs=1)) or 1
+        clients = self.topology.spec.clients
+        for info in steps:
+            t0 = time.perf_counter()
+            row = await self._train_step(info)
+            train_seconds += time.perf_counter() - t0
+            samples += self.topology.spec.training.batch_size * len(info.lanes)
+            row["samples_per_s"] = samples / train_seconds if train_seconds else 0.0
+            await self._sync_clients(info, steps)
+            last = info.step == steps[-1].step
+            due = (eval_every and (info.step + 1) % eval_every == 0) or \
+                  (not eval_every and (info.step + 1) % epoch_len == 0)
+            if self.options.evaluate and (due or last):
+                row["eval"] = await self._evaluate()
+            self.history.append(row)
+            if self.options.progress:
+                self.options.progress(row)
+        self.summary = self._summarise(steps, time.perf_counter() - started, train_seconds, samples)
+        await self.broadcast_shutdown()
+
+    async def _wait_for_nodes(self) -> None:
+        pending = set(self.nodes)
+        deadline = time.monotonic() + self.policy.startup_timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            try:
+                sender, envelope, _ = await asyncio.wait_for(self.inbox.get(), timeout=max(left, 0.001))
+            except TimeoutError:
+                raise PeerTimeout(", ".join(sorted(pending)), self.policy.startup_timeout_s, "start") from None
+            if envelope.kind == Kind.HELLO:
+                pending.discard(sender)
+                await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
+
+    def _begin_meta(self, info: Optional[StepInfo], lanes, micro_batches: int) -> dict:
+        meta = {"lanes": list(lanes), "micro_batches": micro_batches}
+        if info is not None:
+            meta.update(epoch=info.epoch, train_step=info.step, step_in_epoch=info.step_in_epoch)
+        return meta
+
+    async def _train_step(self, info: StepInfo) -> dict:
+        self.round += 1
+        micro_batches = self.topology.spec.training.micro_batches
+        await self.broadcast(Kind.BEGIN, phase="train", step=self.round,
+                             meta=self._begin_meta(info, info.lanes, micro_batches))
+        done = await self._collect(Kind.DONE, set(self.nodes), self.round, "finish its step")
+        await self.broadcast(Kind.COMMIT, phase="train", step=self.round)
+        tasks: dict[str, dict] = {}
+        for sender, (envelope, _) in done.items():
+            self.node_stats[sender] = envelope.meta
+            for name, stats in envelope.meta.get("tasks", {}).items():
+                count = max(1, stats.get("count", 0))
+                tasks[name] = {"loss": stats.get("loss_sum", 0.0) / count,
+                               "accuracy": stats.get("correct", 0) / count}
+        return {"step": info.step, "epoch": info.epoch, "lanes": list(info.lanes), "tasks": tasks}
+
+    async def _evaluate(self) -> dict:
+        self.round += 1
+        from meshsl.data import eval_batches
+        pools = sample_pools(self.topology)
+        batches = len(eval_batches(pools.test, self.topology.spec.training.eval_batch_size))
+        lanes = list(range(self.topology.lanes))
+        await self.broadcast(Kind.BEGIN, phase="eval", step=self.round, meta=self._begin_meta(None, lanes, batches))
+        done = await self._collect(Kind.DONE, set(self.nodes), self.round, "finish evaluation")
+        results: dict[str, dict] = {}
+        for sender, (envelope, _) in done.items():
+            for name, metrics in envelope.meta.get("tasks", {}).items():
+                key = name if self.topology.lanes == 1 else f"{name}"
+                entry = results.setdefault(key, {"by_client": {}})
+                if self.topology.lanes > 1:
+                    entry["by_client"][sender] = metrics
+                else:
+                    entry.update(metrics)
+        for entry in results.values():
+            clients = entry.pop("by_client") if "by_client" in entry else {}
+            if clients:
+                entry["by_client"] = clients
+                total = sum(c.get("samples", 0) for c in clients.values()) or 1
+                for metric in ("accuracy", "loss", "f1", "auroc"):
+                    values = [(c[metric], c.get("samples", 0)) for c in clients.values() if metric in c]
+                    if values:
+                        entry[metric] = sum(v * n for v, n in values) / total
+        return results
+
+    # -- many clients ----------------------------------------------------------------------------
+    def _replicated_segments(self) -> list[str]:
+        return [s for s in self.topology.segment_order if self.topology.is_replicated(s)]
+
+    async def _sync_clients(self, info: StepInfo, steps: list[StepInfo]) -> None:
+        clients = self.topology.spec.clients
+        if clients is None:
+            return
+        if clients.mode == "splitfed":
+            if (info.step + 1) % clients.average_every == 0:
+                await self._federated_average()
+            return
+        following = next((s for s in steps if s.step == info.step + 1), None)
+        if following is not None and following.lanes != info.lanes:
+            await self._hand_over(info.lanes[0], following.lanes[0])
+
+    async def _pull(self, segment: str, lane: int) -> list[torch.Tensor]:
+        node = self.topology.node_of(segment, lane)
+        await self.node.send_control(node, Kind.WEIGHTS_PULL, meta={"segment": segment}, step=self.round)
+        got = await self._collect(Kind.WEIGHTS, {node}, self.round, f"send weights of {segment}")
+        envelope, tensors = got[node]
+        return [parts[0].reshape(d.shape).clone() for parts, d in zip(tensors, envelope.tensors)]
+
+    async def _push(self, segment: str, lanes, weights: list[torch.Tensor]) -> None:
+        from meshsl.runtime.node import _describe_all
+        nodes = {self.topology.node_of(segment, lane) for lane in lanes}
+        for node in nodes:
+            await self.node.send_control(node, Kind.WEIGHTS, parts=[[w] for w in weights],
+                                         tensors=tuple(_describe_all(weights)),
+                                         meta={"segment": segment, "load": True}, step=self.round)
+        await self._collect(Kind.ACK, nodes, self.round, f"load weights of {segment}")
+
+    async def _federated_average(self) -> None:
+        """FedAvg of every replicated (client) segment, weighted by each client's sample count."""
+        pools = sample_pools(self.topology).train
+        total = sum(len(p) for p in pools)
+        for segment in self._replicated_segments():
+            average = None
+            for lane in range(self.topology.lanes):
+                weights = await self._pull(segment, lane)
+                share = len(pools[lane]) / total
+                scaled = [w.double() * share for w in weights]
+                average = scaled if average is None else [a + s for a, s in zip(average, scaled)]
+            typed = [a.to(w.dtype) for a, w in zip(average, weights)]
+            await self._push(segment, range(self.topology.lanes), typed)
+
+    async def _hand_over(self, from_lane: int, to_lane: int) -> None:
+        """Sequential split learning: the next client starts from the previous client's weights."""
+        for segment in self._replicated_segments():
+            weights = await self._pull(segment, from_lane)
+            await self._push(segment, [to_lane], weights)
+
+    # -- the summary -----------------------------------------------------------------------------
+    def _summarise(self, steps, wall: float, train_seconds: float, samples: int) -> dict:
+        edges: dict[str, dict] = {}
+        for stats in self.node_stats.values():
+            for key, n in stats.get("bytes", {}).items():
+                edge, direction = key.split("|")
+                if direction in ("forward", "backward"):  # count each transfer once, at the sender
+                    edges.setdefault(edge, {"forward_bytes": 0, "backward_bytes": 0})[f"{direction}_bytes"] += n
+        final_eval = next((row["eval"] for row in reversed(self.history) if "eval" in row), {})
+        last_train = self.history[-1]["tasks"] if self.history else {}
+        return {
+            "topology": self.topology.spec.name,
+            "topology_hash": self.topology.hash,
+            "configurations": self.topology.recognised_configurations(),
+            "steps": len(steps),
+            "epochs": (steps[-1].epoch + 1) if steps else 0,
+            "micro_batches": self.topology.spec.training.micro_batches,
+            "schedule": self.topology.spec.training.schedule,
+            "samples": samples,
+            "samples_per_s": samples / train_seconds if train_seconds else 0.0,
+            "wall_seconds": wall,
+            "tasks": {name: {"train": last_train.get(name, {}), "eval": final_eval.get(name, {})}
+                      for name in self.topology.tasks},
+            "edges": edges,
+            "bytes_per_sample": {e: (v["forward_bytes"] + v["backward_bytes"]) / max(samples, 1)
+                                 for e, v in edges.items()},
+            "rejected_messages": {n: s.get("rejected", {}) for n, s in self.node_stats.items() if s.get("rejected")},
+            "failovers": 0,
+            "privacy": [p.model_dump() for p in self.topology.spec.privacy],
+            "label_dp": self.topology.spec.training.label_dp.model_dump() if self.topology.spec.training.label_dp else None,
+        }

@@ -1,0 +1,64 @@
+"""Run one node in this process (the body of `meshsl node`)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from meshsl.runtime.coordinator import Coordinator, RunOptions
+from meshsl.runtime.node import NodeRuntime
+
+log = logging.getLogger("meshsl.node")
+
+PROGRESS_PREFIX = "MESHSL_PROGRESS "
+
+
+def make_metrics(topology, node: str):
+    spec = topology.nodes[node]
+    if spec.metrics_port is None:
+        return None
+    from meshsl.metrics import NodeMetrics
+    role = "coordinator" if node == topology.coordinator else "node"
+    metrics = NodeMetrics(node, spec.party, role, topology.spec.name, topology.hash)
+    host = "127.0.0.1"
+    if spec.endpoint.startswith("tcp://"):
+        bound = spec.endpoint[len("tcp://"):].rsplit(":", 1)[0]
+        host = "0.0.0.0" if bound in ("*", "0.0.0.0") else bound
+    metrics.serve(spec.metrics_port, host)
+    return metrics
+
+
+async def run_node(topology, node: str, options: Optional[RunOptions] = None, progress_stream: bool = False,
+                   transport=None, metrics=None) -> tuple[NodeRuntime, dict]:
+    options = options or RunOptions()
+    if progress_stream:
+        def emit(row: dict) -> None:
+            sys.stdout.write(PROGRESS_PREFIX + json.dumps(row, default=float) + "\n")
+            sys.stdout.flush()
+        options.progress = emit
+    metrics = metrics if metrics is not None else make_metrics(topology, node)
+
+    def coordinator_factory(runtime: NodeRuntime) -> Coordinator:
+        return Coordinator(runtime, options)
+
+    runtime = NodeRuntime(topology, node, transport=transport, metrics=metrics,
+                          coordinator_factory=coordinator_factory)
+    await runtime.run()
+    summary = runtime.coordinator.summary if runtime.coordinator else {}
+    if runtime.coordinator is not None:
+        summary = dict(summary, history=runtime.coordinator.history)
+    return runtime, summary
+
+
+def node_main(topology, node: str, summary_json: Optional[Path], options: RunOptions, progress_stream: bool) -> int:
+    runtime, summary = asyncio.run(run_node(topology, node, options, progress_stream))
+    if runtime.failure:
+        print(f"error: {runtime.failure}", file=sys.stderr)
+        return 1
+    if summary and summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2, default=float))
+    return 0

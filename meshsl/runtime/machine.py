@@ -1,0 +1,342 @@
+"""The node's scheduling logic as a state machine free of I/O: events in, actions out.
+
+A *round* is one training step, evaluation pass or prediction pass, numbered monotonically by the
+coordinator. Within a round every hosted segment runs once per (lane, micro-batch): forward when all
+its inputs are there, backward (training only) when every consumer's gradient is there. One compute
+action runs at a time (the node's compute thread); the schedule policy picks the next one:
+
+- gpipe: all ready forwards before any backward;
+- 1f1b: a ready backward first, and at most `window` forwards in flight per segment (the number of
+  pipeline stages from the segment to the loss), which bounds stashed activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from meshsl.errors import ProtocolError
+from meshsl.plan.nodeplan import edge_name
+
+
+# ---- events -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Begin:
+    round: int
+    phase: str  # train | eval | predict
+    lanes: tuple[int, ...]
+    micro_batches: int
+
+
+@dataclass(frozen=True)
+class InputArrived:
+    """A remote producer's activation for `segment` (from `source`) arrived."""
+    round: int
+    segment: str
+    source: str
+    lane: int
+    micro_batch: int
+
+
+@dataclass(frozen=True)
+class GradientArrived:
+    """A remote consumer's gradient for `segment`'s output arrived."""
+    round: int
+    segment: str
+    consumer: str
+    lane: int
+    micro_batch: int
+
+
+@dataclass(frozen=True)
+class ComputeFinished:
+    action: "ComputeAction"
+
+
+@dataclass(frozen=True)
+class Commit:
+    round: int
+
+
+Event = Union[Begin, InputArrived, GradientArrived, ComputeFinished, Commit]
+
+
+# ---- actions ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Forward:
+    round: int
+    segment: str
+    lane: int
+    micro_batch: int
+
+
+@dataclass(frozen=True)
+class Backward:
+    round: int
+    segment: str
+    lane: int
+    micro_batch: int
+
+
+@dataclass(frozen=True)
+class ApplyOptimizer:
+    round: int
+
+
+ComputeAction = Union[Forward, Backward, ApplyOptimizer]
+
+
+@dataclass(frozen=True)
+class SendActivation:
+    round: int
+    producer: str
+    consumer: str
+    lane: int
+    micro_batch: int
+    peer: str
+
+
+@dataclass(frozen=True)
+class SendGradient:
+    round: int
+    producer: str
+    consumer: str
+    lane: int
+    micro_batch: int
+    peer: str
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    round: int
+    phase: str
+
+
+Action = Union[Forward, Backward, ApplyOptimizer, SendActivation, SendGradient, RoundDone]
+
+
+# ---- wiring (from the topology, fixed for the node's life) -------------------------------------
+@dataclass(frozen=True)
+class SegmentWiring:
+    name: str
+    lanes: tuple[int, ...]
+    inputs: tuple[str, ...]  # data sources and segments
+    segment_inputs: tuple[str, ...]
+    consumers: tuple[str, ...]  # segments consuming the output
+    window: int  # 1F1B in-flight bound
+
+
+@dataclass(frozen=True)
+class Wiring:
+    node: str
+    segments: dict[str, SegmentWiring]
+    node_of: dict[str, tuple[str, ...]]  # segment -> node per lane
+
+    @classmethod
+    def from_topology(cls, topology, node: str) -> "Wiring":
+        depth: dict[str, int] = {}
+        for name in reversed(topology.segment_order):
+            depth[name] = 1 + max((depth[c] for c in topology.consumers(name)), default=0)
+        segments = {}
+        for name in topology.segment_order:
+            lanes = tuple(topology.lanes_of(name, node))
+            if not lanes:
+                continue
+            spec = topology.segments[name]
+            segments[name] = SegmentWiring(
+                name=name, lanes=lanes, inputs=tuple(spec.inputs),
+                segment_inputs=tuple(i for i in spec.inputs if i in topology.segments),
+                consumers=tuple(topology.consumers(name)), window=depth[name])
+        return cls(node=node, segments=segments,
+                   node_of={s: topology.placement[s] for s in topology.segments})
+
+    def is_local(self, segment: str, lane: int) -> bool:
+        return self.node_of[segment][lane] == self.node
+
+
+@dataclass
+class _Unit:
+    inputs_missing: set[str]
+    grads_missing: set[str]
+    forwarded: bool = False
+    backwarded: bool = False
+
+
+@dataclass
+class NodeMachine:
+    wiring: Wiring
+    schedule: str = "gpipe"
+    round: int = -1
+    phase: str = ""
+    done: bool = True
+    busy: bool = False
+    units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
+    micro_batches: int = 0
+    in_flight: dict[str, int] = field(default_factory=dict)
+    early: list[Event] = field(default_factory=list)  # events of the next round, replayed at its Begin
+    pending_commit: Optional[int] = None
+
+    # -- public API ------------------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; raises ProtocolError (and changes nothing) for events a peer had no right to send."""
+        if isinstance(event, Begin):
+            return self._begin(event)
+        if isinstance(event, Commit):
+            return self._commit(event)
+        if isinstance(event, ComputeFinished):
+            return self._finished(event.action)
+        if event.round > self.round:
+            return self._hold(event)
+        if event.round < self.round:
+            raise ProtocolError("stale_round", f"round {event.round} is over (now {self.round})")
+        if isinstance(event, InputArrived):
+            self._input(event.segment, event.source, event.lane, event.micro_batch)
+        else:
+            self._gradient(event.segment, event.consumer, event.lane, event.micro_batch)
+        return self._dispatch()
+
+    def expected_units(self) -> int:
+        return len(self.units)
+
+    # -- transitions -----------------------------------------------------------------------------
+    def _begin(self, event: Begin) -> list[Action]:
+        if event.round <= self.round:
+            raise ProtocolError("stale_round", f"begin of round {event.round} after round {self.round}")
+        self.round, self.phase, self.micro_batches = event.round, event.phase, event.micro_batches
+        self.done = False
+        self.units = {}
+        self.in_flight = {name: 0 for name in self.wiring.segments}
+        training = event.phase == "train"
+        for seg in self.wiring.segments.values():
+            for lane in seg.lanes:
+                if lane not in event.lanes:
+                    continue
+                for mb in range(event.micro_batches):
+                    self.units[(seg.name, lane, mb)] = _Unit(
+                        inputs_missing=set(seg.segment_inputs),
+                        grads_missing=set(seg.consumers) if training else set())
+        early, self.early = self.early, []
+        for held in early:
+            if held.round == self.round:
+                if isinstance(held, InputArrived):
+                    self._input(held.segment, held.source, held.lane, held.micro_batch)
+                else:
+                    self._gradient(held.segment, held.consumer, held.lane, held.micro_batch)
+        if not self.units:
+            return self._maybe_done()
+        return self._dispatch()
+
+    def _hold(self, event: Event) -> list[Action]:
+        if event.round != self.round + 1:
+            raise ProtocolError("future_round", f"round {event.round} while at round {self.round}")
+        # Bounded: at most one message per (segment, source, lane, micro-batch) of a round can be early.
+        limit = 4 * max(1, self.micro_batches) * sum(
+            len(s.lanes) * (len(s.segment_inputs) + len(s.consumers)) for s in self.wiring.segments.values())
+        if len(self.early) >= limit or event in self.early:
+            raise ProtocolError("duplicate", "too many or repeated early messages")
+        self.early.append(event)
+        return []
+
+    def _unit(self, segment: str, lane: int, micro_batch: int) -> _Unit:
+        unit = self.units.get((segment, lane, micro_batch))
+        if unit is None:
+            raise ProtocolError("unexpected", f"no work for {segment} lane {lane} micro-batch {micro_batch}")
+        return unit
+
+    def _input(self, segment: str, source: str, lane: int, micro_batch: int) -> None:
+        unit = self._unit(segment, lane, micro_batch)
+        if source not in unit.inputs_missing:
+            raise ProtocolError("duplicate", f"input {source} of {segment} ({lane}, {micro_batch}) already here")
+        unit.inputs_missing.discard(source)
+
+    def _gradient(self, segment: str, consumer: str, lane: int, micro_batch: int) -> None:
+        if self.phase != "train":
+            raise ProtocolError("unexpected", "gradient outside a training round")
+        unit = self._unit(segment, lane, micro_batch)
+        if consumer not in unit.grads_missing:
+            raise ProtocolError("duplicate", f"gradient from {consumer} for {segment} ({lane}, {micro_batch})")
+        unit.grads_missing.discard(consumer)
+
+    def _commit(self, event: Commit) -> list[Action]:
+        if event.round != self.round or self.phase != "train" or not self.done:
+            raise ProtocolError("unexpected", f"commit of round {event.round} (at {self.round}, done={self.done})")
+        self.pending_commit = event.round
+        return self._dispatch()
+
+    def _finished(self, action: ComputeAction) -> list[Action]:
+        self.busy = False
+        out: list[Action] = []
+        if isinstance(action, ApplyOptimizer):
+            return self._dispatch()
+        if action.round != self.round:
+            return self._dispatch()  # the round was abandoned while computing
+        seg = self.wiring.segments[action.segment]
+        unit = self.units[(action.segment, action.lane, action.micro_batch)]
+        if isinstance(action, Forward):
+            unit.forwarded = True
+            if self.phase == "train":
+                self.in_flight[seg.name] += 1
+            for consumer in seg.consumers:
+                if self.wiring.is_local(consumer, action.lane):
+                    self._input(consumer, seg.name, action.lane, action.micro_batch)
+                else:
+                    out.append(SendActivation(action.round, seg.name, consumer, action.lane, action.micro_batch,
+                                              self.wiring.node_of[consumer][action.lane]))
+            if self.phase != "train":
+                unit.backwarded = True  # nothing more to do for this unit
+        else:
+            unit.backwarded = True
+            self.in_flight[seg.name] -= 1
+            for producer in seg.segment_inputs:
+                if self.wiring.is_local(producer, action.lane):
+                    self._gradient(producer, seg.name, action.lane, action.micro_batch)
+                else:
+                    out.append(SendGradient(action.round, producer, seg.name, action.lane, action.micro_batch,
+                                            self.wiring.node_of[producer][action.lane]))
+        return out + self._maybe_done() + self._dispatch()
+
+    def _maybe_done(self) -> list[Action]:
+        if not self.done and all(u.backwarded for u in self.units.values()):
+            self.done = True
+            return [RoundDone(self.round, self.phase)]
+        return []
+
+    # -- the schedule policy ---------------------------------------------------------------------
+    def _dispatch(self) -> list[Action]:
+        if self.busy:
+            return []
+        action = self._next_compute()
+        if action is None:
+            return []
+        self.busy = True
+        return [action]
+
+    def _next_compute(self) -> Optional[ComputeAction]:
+        if self.pending_commit is not None:
+            round_, self.pending_commit = self.pending_commit, None
+            return ApplyOptimizer(round_)
+        forwards, backwards = [], []
+        for (segment, lane, mb), unit in self.units.items():
+            if not unit.forwarded:
+                if not unit.inputs_missing:
+                    forwards.append((mb, lane, segment))
+            elif not unit.backwarded and not unit.grads_missing:
+                backwards.append((mb, lane, segment))
+        if self.schedule == "1f1b":
+            if backwards:
+                mb, lane, segment = min(backwards)
+                return Backward(self.round, segment, lane, mb)
+            forwards = [f for f in forwards if self.in_flight[f[2]] < self.wiring.segments[f[2]].window]
+        if forwards:
+            mb, lane, segment = min(forwards)
+            return Forward(self.round, segment, lane, mb)
+        if backwards:
+            mb, lane, segment = min(backwards)
+            return Backward(self.round, segment, lane, mb)
+        return None
+
+
+__all__ = [
+    "Action", "ApplyOptimizer", "Backward", "Begin", "Commit", "ComputeFinished", "Event", "Forward",
+    "GradientArrived", "InputArrived", "NodeMachine", "RoundDone", "SendActivation", "SendGradient",
+    "SegmentWiring", "Wiring", "edge_name",
+]

@@ -1,0 +1,361 @@
+"""The asyncio node: receives messages, feeds the state machine, runs compute on its own thread, sends.
+
+Every task it starts belongs to its TaskGroup; every queue is bounded; compute never runs on the
+event loop. A message that fails validation is counted by reason, logged and dropped; the node
+keeps running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from meshsl.compute.worker import RoundContext, SegmentWorker
+from meshsl.errors import MeshslError, ProtocolError
+from meshsl.plan.nodeplan import build_edges, edge_name
+from meshsl.protocol.envelope import Envelope, Kind
+from meshsl.protocol.frames import decode_message, encode_message
+from meshsl.runtime import machine as m
+from meshsl.runtime.wire import EdgeCodecs, max_rows
+from meshsl.transport import Transport, make_transport
+
+log = logging.getLogger("meshsl.node")
+
+CONTROL_FROM_COORDINATOR = {Kind.BEGIN, Kind.COMMIT, Kind.ABORT, Kind.WEIGHTS_PULL, Kind.SHUTDOWN}
+TO_COORDINATOR = {Kind.HELLO, Kind.DONE, Kind.ACK, Kind.FAILED}
+
+
+@dataclass
+class NodeCounters:
+    """Plain counters kept even without Prometheus (they go into the run summary)."""
+
+    bytes: dict = field(default_factory=dict)  # (edge, direction) -> bytes
+    rejected: dict = field(default_factory=dict)  # reason -> count
+    busy_seconds: float = 0.0
+
+    def add_bytes(self, edge: str, direction: str, n: int) -> None:
+        self.bytes[(edge, direction)] = self.bytes.get((edge, direction), 0) + n
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class NodeRuntime:
+    def __init__(self, topology, node: str, transport: Optional[Transport] = None, metrics=None,
+                 coordinator_factory: Optional[Callable] = None) -> None:
+        self.topology = topology
+        self.node = node
+        self.spec = topology.nodes[node]
+        self.coordinator_node = topology.coordinator
+        address_book = {name: n.endpoint for name, n in topology.nodes.items()}
+        self.transport = transport or make_transport(node, self.spec.endpoint, address_book)
+        self.metrics = metrics
+        self.edges = build_edges(topology)
+        self.codecs = EdgeCodecs(self.edges)
+        self.wiring = m.Wiring.from_topology(topology, node)
+        self.machine = m.NodeMachine(self.wiring, topology.spec.training.schedule)
+        self.worker: Optional[SegmentWorker] = None
+        self.counters = NodeCounters()
+        self.max_message_bytes = topology.spec.security.max_message_bytes
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{node}")
+        self.coordinator = coordinator_factory(self) if coordinator_factory and node == self.coordinator_node else None
+        self._outboxes: dict[str, asyncio.Queue] = {}
+        self._group: Optional[asyncio.TaskGroup] = None
+        self._stopped = asyncio.Event()
+        self._round_meta: dict = {}
+        self._round_started = 0.0
+        self._hello_acked = asyncio.Event()
+        self.failure: Optional[str] = None
+        lanes = topology.lanes
+        training = topology.spec.training
+        # Messages per round per peer are bounded by the plan; outboxes hold a full round's worth.
+        self._outbox_size = max(64, 4 * training.micro_batches * lanes * (len(self.edges) + 2))
+
+    # -- life cycle ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.worker = await loop.run_in_executor(self.executor, self._build_worker)
+        await self.transport.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                receiver = group.create_task(self._receive_loop(), name=f"{self.node}-receive")
+                group.create_task(self._announce(), name=f"{self.node}-hello")
+                if self.coordinator is not None:
+                    group.create_task(self._run_coordinator(), name=f"{self.node}-coordinator")
+                await self._stopped.wait()
+                receiver.cancel()
+                await self._drain_outboxes()
+                for task in list(group._tasks) if hasattr(group, "_tasks") else []:
+                    task.cancel()
+        finally:
+            await self.transport.close()
+            self.executor.shutdown(wait=True)
+
+    def _build_worker(self) -> SegmentWorker:
+        torch.set_num_threads(self.spec.threads)
+        return SegmentWorker(self.topology, self.node)
+
+    def stop(self, failure: Optional[str] = None) -> None:
+        if failure and not self.failure:
+            self.failure = failure
+        self._stopped.set()
+
+    async def _run_coordinator(self) -> None:
+        try:
+            await self.coordinator.run()
+        except MeshslError as exc:
+            log.error("%s: coordinator stopped: %s", self.node, exc)
+            self.coordinator.error = str(exc)
+            await self.coordinator.broadcast_shutdown()
+        finally:
+            self.stop(self.coordinator.error)
+
+    async def _announce(self) -> None:
+        """Say hello to the coordinator until it acknowledges (it may start after us)."""
+        delay = 0.05
+        while not self._hello_acked.is_set() and not self._stopped.is_set():
+            await self.send_control(self.coordinator_node, Kind.HELLO)
+            try:
+                await asyncio.wait_for(self._hello_acked.wait(), timeout=delay)
+            except TimeoutError:
+                delay = min(delay * 2, 1.0)
+
+    async def _drain_outboxes(self) -> None:
+        for box in self._outboxes.values():
+            try:
+                await asyncio.wait_for(box.join(), timeout=5)
+            except TimeoutError:
+                pass
+
+    # -- sending ---------------------------------------------------------------------------------
+    def envelope(self, kind: Kind, **fields) -> Envelope:
+        return Envelope(kind=kind, topology=self.topology.hash, sender=self.node, **fields)
+
+    async def send_control(self, peer: str, kind: Kind, parts=(), **fields) -> None:
+        await self._enqueue(peer, encode_message(self.envelope(kind, **fields), parts), None)
+
+    async def _enqueue(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> None:
+        box = self._outboxes.get(peer)
+        if box is None:
+            box = self._outboxes[peer] = asyncio.Queue(maxsize=self._outbox_size)
+            self._group.create_task(self._sender(peer, box), name=f"{self.node}-send-{peer}")
+        await box.put((frames, edge_direction))
+
+    async def _sender(self, peer: str, box: asyncio.Queue) -> None:
+        """One sender per peer keeps per-peer order and never blocks the receive loop."""
+        while True:
+            frames, edge_direction = await box.get()
+            try:
+                await self.transport.send(peer, frames)
+                if edge_direction is not None:
+                    nbytes = sum(len(f) if isinstance(f, (bytes, memoryview)) else f.nbytes for f in frames)
+                    self.counters.add_bytes(*edge_direction, nbytes)
+                    if self.metrics:
+                        self.metrics.message(edge_direction[0], "sent", nbytes)
+            except MeshslError as exc:
+                log.warning("%s: send to %s failed: %s", self.node, peer, exc)
+            finally:
+                box.task_done()
+
+    # -- receiving -------------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            sender, frames = await self.transport.recv()
+            try:
+                await self._on_message(sender, frames)
+            except ProtocolError as exc:
+                self.counters.reject(exc.reason)
+                if self.metrics:
+                    self.metrics.rejected(exc.reason)
+                log.warning("%s: rejected message from %r: %s", self.node, sender[:64], exc)
+
+    async def _on_message(self, sender: str, frames: list) -> None:
+        envelope, tensors = decode_message(frames, self.max_message_bytes)
+        if envelope.topology != self.topology.hash:
+            raise ProtocolError("wrong_topology", f"topology hash {envelope.topology[:20]!r}", sender)
+        if envelope.sender != sender:
+            raise ProtocolError("spoofed_sender", f"header names {envelope.sender[:64]!r}", sender)
+        if sender not in self.topology.nodes:
+            raise ProtocolError("unknown_peer", "not a node of this topology", sender)
+        kind = envelope.kind
+        if kind in (Kind.ACTIVATION, Kind.GRADIENT):
+            self._on_tensor(sender, envelope, tensors)
+        elif kind in CONTROL_FROM_COORDINATOR:
+            if sender != self.coordinator_node:
+                raise ProtocolError("not_coordinator", f"{kind.value} may only come from the coordinator", sender)
+            await self._on_control(envelope, tensors)
+        elif kind == Kind.WEIGHTS:
+            if sender == self.coordinator_node and envelope.meta.get("load"):
+                await self._on_load_weights(envelope, tensors)
+            elif self.coordinator is not None:
+                self.coordinator.deliver(sender, envelope, tensors)
+            else:
+                raise ProtocolError("unexpected", "weights sent to a node that is not the coordinator", sender)
+        elif kind in TO_COORDINATOR:
+            if kind == Kind.ACK and envelope.meta.get("of") == "hello" and sender == self.coordinator_node:
+                self._hello_acked.set()
+            elif self.coordinator is None:
+                raise ProtocolError("unexpected", f"{kind.value} sent to a node that is not the coordinator", sender)
+            else:
+                self.coordinator.deliver(sender, envelope, tensors)
+        elif kind == Kind.HEARTBEAT:
+            if self.metrics:
+                self.metrics.heartbeat(sender)
+
+    def _on_tensor(self, sender: str, envelope: Envelope, tensors: list) -> None:
+        edge = self.edges.get(envelope.edge)
+        if edge is None:
+            raise ProtocolError("unknown_edge", f"edge {envelope.edge[:64]!r}", sender)
+        lane, mb = envelope.lane, envelope.micro_batch
+        if lane >= self.topology.lanes:
+            raise ProtocolError("bad_lane", f"lane {lane}", sender)
+        forward = envelope.kind == Kind.ACTIVATION
+        expected_sender = self.topology.node_of(edge.producer if forward else edge.consumer, lane)
+        receiver = self.topology.node_of(edge.consumer if forward else edge.producer, lane)
+        if receiver != self.node or expected_sender != sender:
+            raise ProtocolError("wrong_peer", f"{envelope.edge} lane {lane} is not between {sender} and me", sender)
+        if len(envelope.tensors) != 1:
+            raise ProtocolError("bad_frame_count", "one tensor per activation/gradient message", sender)
+        training = self.topology.spec.training
+        rows = max_rows(training.batch_size, training.micro_batches) if envelope.phase == "train" \
+            else max(training.eval_batch_size, training.batch_size)
+        tensor = self.codecs.decode(edge, "act" if forward else "grad", envelope.tensors[0], tensors[0], rows)
+        if forward:
+            event = m.InputArrived(envelope.step, edge.consumer, edge.producer, lane, mb)
+        else:
+            event = m.GradientArrived(envelope.step, edge.producer, edge.consumer, lane, mb)
+        actions = self.machine.handle(event)  # raises (and stores nothing) for unexpected messages
+        store = self.worker.store
+        if forward:
+            store.inputs[(envelope.step, edge.consumer, edge.producer, lane, mb)] = tensor
+        else:
+            store.grads[(envelope.step, edge.producer, lane, mb)].append(tensor)
+        nbytes = sum(p.nbytes for p in tensors[0])
+        self.counters.add_bytes(edge.name, ("forward" if forward else "backward") + "_received", nbytes)
+        if self.metrics:
+            self.metrics.message(edge.name, "received", nbytes)
+        self._execute(actions)
+
+    async def _on_control(self, envelope: Envelope, tensors: list) -> None:
+        loop = asyncio.get_running_loop()
+        kind, meta = envelope.kind, envelope.meta
+        if kind == Kind.BEGIN:
+            context = RoundContext(round=envelope.step, phase=envelope.phase,
+                                   micro_batches=int(meta["micro_batches"]), lanes=tuple(meta["lanes"]),
+                                   epoch=int(meta.get("epoch", 0)), step=int(meta.get("train_step", 0)),
+                                   step_in_epoch=int(meta.get("step_in_epoch", 0)))
+            if envelope.phase == "predict":
+                self._load_predict_inputs(meta)
+            await loop.run_in_executor(self.executor, self.worker.begin, context)
+            self._round_meta = meta
+            self._round_started = time.perf_counter()
+            self._execute(self.machine.handle(
+                m.Begin(envelope.step, envelope.phase, context.lanes, context.micro_batches)))
+        elif kind == Kind.COMMIT:
+            self._execute(self.machine.handle(m.Commit(envelope.step)))
+        elif kind == Kind.WEIGHTS_PULL:
+            segment = str(meta.get("segment"))
+            if segment not in self.worker.modules:
+                raise ProtocolError("unexpected", f"no segment {segment[:64]!r} here", envelope.sender)
+            weights = await loop.run_in_executor(self.executor, self.worker.weights, segment)
+            await self.send_control(self.coordinator_node, Kind.WEIGHTS, parts=[[w] for w in weights],
+                                    tensors=tuple(_describe_all(weights)), meta={"segment": segment},
+                                    step=envelope.step)
+        elif kind == Kind.SHUTDOWN:
+            self.stop()
+
+    def _load_predict_inputs(self, meta) -> None:
+        pass  # prediction inputs are read by the node from its own files (see meshsl.predict)
+
+    async def _on_load_weights(self, envelope: Envelope, tensors: list) -> None:
+        segment = str(envelope.meta.get("segment"))
+        if segment not in self.worker.modules:
+            raise ProtocolError("unexpected", f"no segment {segment[:64]!r} here", envelope.sender)
+        expected = [tuple(t.shape) for t in self.worker.modules[segment].state_dict().values()]
+        got = [d.shape for d in envelope.tensors]
+        if expected != got or any(d.codec != "none" for d in envelope.tensors):
+            raise ProtocolError("bad_shape", f"weights for {segment} do not match its parameters", envelope.sender)
+        values = [parts[0].reshape(d.shape) for parts, d in zip(tensors, envelope.tensors)]
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.load_weights, segment, values)
+        await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "weights", "segment": segment},
+                                step=envelope.step)
+
+    # -- executing the machine's actions ---------------------------------------------------------
+    def _execute(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, (m.Forward, m.Backward, m.ApplyOptimizer)):
+                self._group.create_task(self._compute(action))
+            elif isinstance(action, m.SendActivation):
+                self._group.create_task(self._send_tensor(action, forward=True))
+            elif isinstance(action, m.SendGradient):
+                self._group.create_task(self._send_tensor(action, forward=False))
+            elif isinstance(action, m.RoundDone):
+                self._group.create_task(self._report_done(action))
+
+    async def _compute(self, action) -> None:
+        loop = asyncio.get_running_loop()
+        worker = self.worker
+        if isinstance(action, m.Forward):
+            call = (worker.forward, action.segment, action.lane, action.micro_batch)
+        elif isinstance(action, m.Backward):
+            call = (worker.backward, action.segment, action.lane, action.micro_batch)
+        else:
+            call = (worker.apply_optimizer,)
+        start = time.perf_counter()
+        try:
+            await loop.run_in_executor(self.executor, *call)
+        except Exception as exc:  # a local compute failure: report it, do not hang the topology
+            log.exception("%s: %s failed", self.node, type(action).__name__)
+            await self.send_control(self.coordinator_node, Kind.FAILED, meta={"error": f"{type(exc).__name__}: {exc}"[:500]})
+            return
+        seconds = time.perf_counter() - start
+        self.counters.busy_seconds += seconds
+        if self.metrics and not isinstance(action, m.ApplyOptimizer):
+            self.metrics.microbatch(action.segment, "forward" if isinstance(action, m.Forward) else "backward", seconds)
+        self._execute(self.machine.handle(m.ComputeFinished(action)))
+
+    async def _send_tensor(self, action, forward: bool) -> None:
+        edge = edge_name(action.producer, action.consumer)
+        store = self.worker.store
+        if forward:
+            tensor = store.outputs[(action.round, action.producer, action.lane, action.micro_batch)]
+        else:
+            tensor = store.outgoing_grads.pop((action.round, action.producer, action.consumer, action.lane,
+                                               action.micro_batch))
+        direction = "act" if forward else "grad"
+        descriptor, parts = self.codecs.encode(edge, direction, tensor, (action.lane, action.micro_batch))
+        envelope = self.envelope(Kind.ACTIVATION if forward else Kind.GRADIENT, phase=self.machine.phase,
+                                 step=action.round, lane=action.lane, micro_batch=action.micro_batch, edge=edge,
+                                 tensors=(descriptor,))
+        await self._enqueue(action.peer, encode_message(envelope, [parts]),
+                            (edge, "forward" if forward else "backward"))
+
+    async def _report_done(self, action: m.RoundDone) -> None:
+        loop = asyncio.get_running_loop()
+        summary = await loop.run_in_executor(self.executor, self.worker.round_summary)
+        wall = time.perf_counter() - self._round_started
+        compute = dict(self.worker.compute_seconds)
+        summary["compute_seconds"] = sum(compute.values())
+        summary["wall_seconds"] = wall
+        summary["bytes"] = {f"{e}|{d}": n for (e, d), n in self.counters.bytes.items()}
+        summary["rejected"] = dict(self.counters.rejected)
+        if self.metrics and action.phase == "train":
+            for segment in self.worker.segments:
+                busy = compute.get((segment, "forward"), 0.0) + compute.get((segment, "backward"), 0.0)
+                self.metrics.bubble(segment, max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0)
+        if action.phase == "predict":
+            summary["predictions"] = {t: {str(k): v.tolist() for k, v in p.items()}
+                                      for t, p in self.worker.predictions.items()}
+        await self.send_control(self.coordinator_node, Kind.DONE, phase=action.phase, step=action.round,
+                                meta=summary)
+
+
+def _describe_all(tensors):
+    from meshsl.protocol.frames import describe
+    return [describe(t.dtype, tuple(t.shape), "none", [t]) for t in tensors]

@@ -1,0 +1,102 @@
+"""Structural and privacy checks of a topology; each problem names the file and key path."""
+from __future__ import annotations
+
+import networkx as nx
+
+from meshsl.config.loader import ConfigErrors
+from meshsl.errors import ConfigError, TopologyError
+
+
+def check_topology(topology) -> None:
+    problems: list[ConfigError] = []
+    src = topology.source
+    spec = topology.spec
+
+    def problem(message: str, where: str) -> None:
+        problems.append(TopologyError(message, f"{src}: {where}"))
+
+    names_seen: dict[str, int] = {}
+    endpoints_seen: dict[str, str] = {}
+    for i, node in enumerate(spec.nodes):
+        if node.name in names_seen:
+            problem(f"duplicate node name {node.name!r} (also nodes[{names_seen[node.name]}])", f"nodes[{i}].name")
+        names_seen[node.name] = i
+    for name, node in topology.nodes.items():
+        for endpoint in [node.endpoint, *node.standby]:
+            if endpoint in endpoints_seen:
+                problem(f"endpoint {endpoint} is used by both {endpoints_seen[endpoint]!r} and {name!r}",
+                        f"nodes({name}).endpoint")
+            endpoints_seen[endpoint] = name
+    ports: dict[tuple[str, int], str] = {}
+    for name, node in topology.nodes.items():
+        if node.metrics_port:
+            host = node.endpoint.split("://", 1)[1].rsplit(":", 1)[0] if node.endpoint.startswith("tcp") else "local"
+            if (host, node.metrics_port) in ports:
+                problem(f"metrics_port {node.metrics_port} is used by both {ports[(host, node.metrics_port)]!r} "
+                        f"and {name!r}", f"nodes({name}).metrics_port")
+            ports[(host, node.metrics_port)] = name
+
+    for i, seg in enumerate(spec.segments):
+        for j, source in enumerate(seg.inputs):
+            data = topology.data.get(source)
+            if data is None:
+                continue
+            where = f"segments[{i}]({seg.name}).inputs[{j}]"
+            if data.kind == "labels":
+                problem(f"labels {source!r} cannot be a segment input: labels only feed tasks", where)
+            for lane in range(topology.lanes):
+                data_node, seg_node = topology.node_of(source, lane), topology.node_of(seg.name, lane)
+                if data_node == seg_node:
+                    continue
+                data_party, seg_party = topology.party_of(source, lane), topology.party_of(seg.name, lane)
+                if data_party != seg_party:
+                    problem(f"raw data {source!r} of party {data_party!r} would cross to party {seg_party!r}: "
+                            f"place segment {seg.name!r} on the node holding the data ({data_node!r})", where)
+                else:
+                    problem(f"data {source!r} is held by node {data_node!r}; segment {seg.name!r} on node "
+                            f"{seg_node!r} cannot read it (raw data never travels)", where)
+                break
+
+    for i, task in enumerate(spec.tasks):
+        labels = topology.data.get(task.labels)
+        if labels is None or task.output not in topology.segments:
+            continue
+        where = f"tasks[{i}]({task.name})"
+        if labels.kind != "labels":
+            problem(f"{task.labels!r} holds features, not labels (set kind: labels)", f"{where}.labels")
+        for lane in range(topology.lanes):
+            label_party, out_party = topology.party_of(task.labels, lane), topology.party_of(task.output, lane)
+            if label_party != out_party:
+                problem(f"labels {task.labels!r} are held by party {label_party!r} but output {task.output!r} "
+                        f"runs on party {out_party!r}: labels or logits would cross a party boundary. Place the "
+                        f"output segment on the label holder (U-shaped) or move the labels", where)
+                break
+            if topology.node_of(task.labels, lane) != topology.node_of(task.output, lane):
+                problem(f"labels {task.labels!r} must be on the node that computes output {task.output!r} "
+                        f"({topology.node_of(task.output, lane)!r})", where)
+                break
+
+    graph = topology.graph
+    task_names = set(topology.tasks)
+    for i, seg in enumerate(spec.segments):
+        if not (nx.descendants(graph, seg.name) & task_names):
+            problem(f"segment {seg.name!r} feeds no task: its gradient would be undefined", f"segments[{i}]({seg.name})")
+    used = {src for seg in spec.segments for src in seg.inputs} | {t.labels for t in spec.tasks}
+    for name in topology.data:
+        if name not in used:
+            topology.warnings.append(f"{src}: data source {name!r} is not used by any segment or task")
+
+    for i, edge in enumerate(spec.privacy):
+        if edge.segment not in topology.segments:
+            problem(f"unknown segment {edge.segment!r}", f"privacy[{i}].segment")
+        elif not any(a == edge.segment for a, _ in topology.cut_edges()):
+            topology.warnings.append(f"{src}: privacy[{i}]: segment {edge.segment!r} sends nothing across a party "
+                                     f"boundary; its privacy settings protect nothing")
+
+    coordinator = spec.training.coordinator
+    if coordinator and coordinator not in topology.nodes:
+        problem(f"unknown node {coordinator!r}", "training.coordinator")
+    if spec.security.curve and not spec.security.keys_dir and any(n.public_key is None for n in spec.nodes):
+        problem("curve is on but neither keys_dir nor every node's public_key is given", "security")
+    if problems:
+        raise ConfigErrors(problems)

@@ -1,0 +1,213 @@
+"""Topology: a TopologySpec expanded per client lane, as a networkx graph, checked and shape-inferred."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import networkx as nx
+
+from meshsl.config.loader import ConfigErrors, load_spec
+from meshsl.config.schema import DataSpec, NodeSpec, SegmentSpec, TaskSpec, TopologySpec
+from meshsl.errors import ConfigError
+from meshsl.topology.expand import expand_nodes
+
+
+@dataclass
+class SegmentInfo:
+    """What shape inference learned about a segment (per sample, batch dimension left out)."""
+
+    output_shape: tuple[int, ...]
+    parameters: int
+    trainable_layers: int
+    forward_flops: int  # per sample
+
+
+@dataclass
+class Topology:
+    spec: TopologySpec
+    source: str
+    base_dir: Path
+    lanes: int
+    nodes: dict[str, NodeSpec]
+    placement: dict[str, tuple[str, ...]]  # data/segment name -> concrete node per lane
+    graph: nx.DiGraph
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # data/segment output per sample
+    segment_info: dict[str, SegmentInfo] = field(default_factory=dict)
+    num_classes: dict[str, int | None] = field(default_factory=dict)  # labels data -> classes
+    warnings: list[str] = field(default_factory=list)
+
+    @cached_property
+    def hash(self) -> str:
+        """Identifies this exact topology on the wire: peers running another version are refused."""
+        return hashlib.sha256(self.spec.model_dump_json().encode()).hexdigest()[:16]
+
+    @cached_property
+    def segments(self) -> dict[str, SegmentSpec]:
+        return {s.name: s for s in self.spec.segments}
+
+    @cached_property
+    def data(self) -> dict[str, DataSpec]:
+        return {d.name: d for d in self.spec.data}
+
+    @cached_property
+    def tasks(self) -> dict[str, TaskSpec]:
+        return {t.name: t for t in self.spec.tasks}
+
+    @cached_property
+    def segment_order(self) -> list[str]:
+        return [n for n in nx.topological_sort(self.graph) if self.graph.nodes[n]["kind"] == "segment"]
+
+    def consumers(self, name: str) -> list[str]:
+        """Segments that take `name` (a data source or segment) as input, in declaration order."""
+        return [s.name for s in self.spec.segments if name in s.inputs]
+
+    def tasks_of(self, segment: str) -> list[TaskSpec]:
+        return [t for t in self.spec.tasks if t.output == segment]
+
+    def party_of(self, name: str, lane: int = 0) -> str:
+        return self.nodes[self.placement[name][lane]].party
+
+    def node_of(self, name: str, lane: int = 0) -> str:
+        return self.placement[name][lane]
+
+    def lanes_of(self, name: str, node: str) -> list[int]:
+        return [lane for lane, n in enumerate(self.placement[name]) if n == node]
+
+    def is_replicated(self, name: str) -> bool:
+        return len(set(self.placement[name])) > 1
+
+    @cached_property
+    def coordinator(self) -> str:
+        if self.spec.training.coordinator:
+            return self.spec.training.coordinator
+        return self.node_of(self.spec.tasks[0].labels)
+
+    def cut_edges(self) -> list[tuple[str, str]]:
+        """(producer segment, consumer segment) pairs whose ends sit on different parties in some lane."""
+        edges = []
+        for seg in self.spec.segments:
+            for src in seg.inputs:
+                if src in self.segments and any(
+                    self.party_of(src, lane) != self.party_of(seg.name, lane) for lane in range(self.lanes)
+                ):
+                    edges.append((src, seg.name))
+        return edges
+
+    def recognised_configurations(self) -> list[str]:
+        kinds = []
+        label_parties = {self.party_of(t.labels) for t in self.spec.tasks}
+        feature_parties = {self.party_of(d.name) for d in self.spec.data if d.kind == "features"}
+        crossed = bool(self.cut_edges())
+        if self.spec.clients:
+            kinds.append(f"multi-client ({self.spec.clients.mode}, {self.lanes} clients)")
+        if len(feature_parties) > 1:
+            kinds.append("vertical")
+        if label_parties <= feature_parties and crossed:
+            kinds.append("u-shaped")
+        elif crossed:
+            kinds.append("vanilla")
+        if len(self.spec.tasks) > 1:
+            kinds.append("multi-task")
+        parties = {n.party for n in self.nodes.values()}
+        hops = self._longest_party_chain()
+        if hops >= 3:
+            kinds.append(f"multi-hop ({hops} hops)")
+        if len(parties) == 1:
+            kinds.append("single-party")
+        return kinds
+
+    def _longest_party_chain(self) -> int:
+        longest: dict[str, int] = {}
+        for name in nx.topological_sort(self.graph):
+            preds = [p for p in self.graph.predecessors(name) if p in self.segments]
+            longest[name] = max(
+                (longest[p] + (self.party_of(p) != self.party_of(name)) for p in preds), default=0
+            ) if name in self.segments else 0
+        return max(longest.values(), default=0)
+
+
+def build_graph(spec: TopologySpec, source: str) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    problems: list[ConfigError] = []
+    seen: dict[str, str] = {}
+    for kind, items in (("data", spec.data), ("segment", spec.segments), ("task", spec.tasks)):
+        for i, item in enumerate(items):
+            where = f"{source}: {'data' if kind == 'data' else kind + 's'}[{i}]({item.name}).name"
+            if item.name in seen:
+                problems.append(ConfigError(f"name {item.name!r} is already used by a {seen[item.name]}", where))
+                continue
+            seen[item.name] = kind
+            graph.add_node(item.name, kind=kind)
+    for i, seg in enumerate(spec.segments):
+        for j, src in enumerate(seg.inputs):
+            where = f"{source}: segments[{i}]({seg.name}).inputs[{j}]"
+            if src not in graph or graph.nodes[src]["kind"] == "task":
+                problems.append(ConfigError(f"unknown input {src!r} (not a data source or segment)", where))
+            else:
+                graph.add_edge(src, seg.name)
+    for i, task in enumerate(spec.tasks):
+        where = f"{source}: tasks[{i}]({task.name})"
+        if graph.nodes.get(task.output, {}).get("kind") != "segment":
+            problems.append(ConfigError(f"output {task.output!r} is not a segment", f"{where}.output"))
+        else:
+            graph.add_edge(task.output, task.name)
+        if graph.nodes.get(task.labels, {}).get("kind") != "data":
+            problems.append(ConfigError(f"labels {task.labels!r} is not a data source", f"{where}.labels"))
+        else:
+            graph.add_edge(task.labels, task.name)
+    if problems:
+        raise ConfigErrors(problems)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return graph
+    path = " -> ".join([cycle[0][0]] + [v for _, v in cycle])
+    raise ConfigErrors([ConfigError(f"segments form a cycle: {path}", f"{source}: segments")])
+
+
+def placement_of(spec: TopologySpec, by_lane: dict[str, tuple[str, ...]], source: str) -> dict[str, tuple[str, ...]]:
+    placement: dict[str, tuple[str, ...]] = {}
+    problems = []
+    for key, items in (("data", spec.data), ("segments", spec.segments)):
+        for i, item in enumerate(items):
+            if item.node not in by_lane:
+                problems.append(ConfigError(
+                    f"is placed on unknown node {item.node!r} (nodes: {', '.join(by_lane)})",
+                    f"{source}: {key}[{i}]({item.name}).node"))
+            else:
+                placement[item.name] = by_lane[item.node]
+    if problems:
+        raise ConfigErrors(problems)
+    return placement
+
+
+def load_topology(path: str | Path, infer_shapes: bool = True) -> Topology:
+    """Load, expand, build the graph and run every check; raises ConfigError (ConfigErrors for several)."""
+    from meshsl.topology.checks import check_topology
+    from meshsl.topology.shapes import infer_shapes as run_shape_inference
+
+    path = Path(path)
+    spec = load_spec(path)
+    return topology_from_spec(spec, str(path), path.parent, infer_shapes, check_topology, run_shape_inference)
+
+
+def topology_from_spec(spec, source, base_dir, infer_shapes=True, check=None, shape_inference=None) -> Topology:
+    if check is None:
+        from meshsl.topology.checks import check_topology as check
+    if shape_inference is None:
+        from meshsl.topology.shapes import infer_shapes as shape_inference
+    if spec.clients:
+        unknown = [n for n in spec.clients.replicate if n not in {node.name for node in spec.nodes}]
+        if unknown:
+            raise ConfigError(f"unknown node(s) {unknown}", f"{source}: clients.replicate")
+    lanes, nodes, by_lane = expand_nodes(spec)
+    graph = build_graph(spec, source)
+    placement = placement_of(spec, by_lane, source)
+    topology = Topology(spec=spec, source=source, base_dir=Path(base_dir), lanes=lanes, nodes=nodes,
+                        placement=placement, graph=graph)
+    check(topology)
+    if infer_shapes:
+        shape_inference(topology)
+    return topology

@@ -1,0 +1,43 @@
+"""The transport interface every backend implements, chosen by endpoint scheme."""
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+
+class Transport(abc.ABC):
+    """Bound to one node's endpoint; sends frames to peers by node name, receives (sender, frames).
+
+    The sender of a received message is the transport-level identity (authenticated with CURVE when on),
+    never a field the peer wrote into the header."""
+
+    def __init__(self, node: str, endpoint: str, address_book: dict[str, str]) -> None:
+        self.node = node
+        self.endpoint = endpoint
+        self.address_book = dict(address_book)
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def send(self, peer: str, frames: Sequence) -> None:
+        """Queue frames for `peer`; waits (backpressure) when the peer's queue is full."""
+
+    @abc.abstractmethod
+    async def recv(self) -> tuple[str, list]:
+        """The next message: (sender node name, frames)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    def reroute(self, peer: str, endpoint: str) -> None:
+        """Send to `peer` at a new endpoint from now on (failover to a standby)."""
+        self.address_book[peer] = endpoint
+
+
+def make_transport(node: str, endpoint: str, address_book: dict[str, str], **options) -> Transport:
+    if endpoint.startswith("inproc://") and options.get("in_process", True):
+        from meshsl.transport.inprocess import InProcessTransport
+        return InProcessTransport(node, endpoint, address_book, **{k: v for k, v in options.items() if k in ("queue_size",)})
+    from meshsl.transport.zmq_backend import ZmqTransport
+    return ZmqTransport(node, endpoint, address_book, **{k: v for k, v in options.items() if k != "in_process"})

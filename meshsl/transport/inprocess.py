@@ -1,0 +1,37 @@
+"""In-process transport: bounded asyncio queues keyed by endpoint, for tests and many-node simulation."""
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from meshsl.errors import TransportError
+from meshsl.transport.base import Transport
+
+_MAILBOXES: dict[str, asyncio.Queue] = {}
+
+
+class InProcessTransport(Transport):
+    def __init__(self, node: str, endpoint: str, address_book: dict[str, str], queue_size: int = 256) -> None:
+        super().__init__(node, endpoint, address_book)
+        self.queue_size = queue_size
+        self.sent_hook = None  # tests record traffic here: hook(sender, peer, frames)
+
+    async def start(self) -> None:
+        if self.endpoint in _MAILBOXES:
+            raise TransportError(f"endpoint {self.endpoint} is already bound")
+        _MAILBOXES[self.endpoint] = asyncio.Queue(maxsize=self.queue_size)
+
+    async def send(self, peer: str, frames: Sequence) -> None:
+        endpoint = self.address_book.get(peer)
+        queue = _MAILBOXES.get(endpoint) if endpoint else None
+        if queue is None:
+            raise TransportError(f"peer {peer!r} is not reachable at {endpoint}")
+        if self.sent_hook:
+            self.sent_hook(self.node, peer, frames)
+        await queue.put((self.node, [bytes(f) if isinstance(f, (bytes, bytearray)) else f for f in frames]))
+
+    async def recv(self) -> tuple[str, list]:
+        return await _MAILBOXES[self.endpoint].get()
+
+    async def close(self) -> None:
+        _MAILBOXES.pop(self.endpoint, None)

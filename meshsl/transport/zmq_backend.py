@@ -1,0 +1,100 @@
+"""ZeroMQ transport: one ROUTER bound on the node's endpoint, one DEALER per peer (routing id = node name)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Optional, Sequence
+
+import zmq
+import zmq.asyncio
+
+from meshsl.errors import TransportError
+from meshsl.transport.base import Transport
+
+log = logging.getLogger("meshsl.transport")
+
+
+class ZmqTransport(Transport):
+    def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
+                 keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
+                 context: Optional[zmq.asyncio.Context] = None) -> None:
+        super().__init__(node, endpoint, address_book)
+        self.high_water_mark = high_water_mark
+        self.keyring = keyring  # meshsl.security.keys.KeyRing when CURVE is on
+        self.on_auth_refused = on_auth_refused
+        self.context = context or zmq.asyncio.Context()
+        self._owns_context = context is None
+        self._router: Optional[zmq.asyncio.Socket] = None
+        self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._authenticator = None
+        self.sent_hook = None
+
+    async def start(self) -> None:
+        router = self.context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVHWM, self.high_water_mark)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes over its identity
+        if self.keyring is not None:
+            from meshsl.security.curve import configure_server, start_authenticator
+            self._authenticator = await start_authenticator(self.context, self.keyring, self.on_auth_refused)
+            configure_server(router, self.keyring)
+        try:
+            router.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            router.close(0)
+            raise TransportError(f"cannot bind {self.endpoint}: {exc.strerror}") from None
+        self._router = router
+
+    def _dealer(self, peer: str) -> zmq.asyncio.Socket:
+        sock = self._dealers.get(peer)
+        if sock is not None:
+            return sock
+        endpoint = self.address_book.get(peer)
+        if endpoint is None:
+            raise TransportError(f"no endpoint known for peer {peer!r}")
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.high_water_mark)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.ROUTING_ID, self.node.encode())
+        if self.keyring is not None:
+            from meshsl.security.curve import configure_client
+            configure_client(sock, self.keyring, peer)
+        sock.connect(endpoint)
+        self._dealers[peer] = sock
+        return sock
+
+    async def send(self, peer: str, frames: Sequence) -> None:
+        if self.sent_hook:
+            self.sent_hook(self.node, peer, frames)
+        await self._dealer(peer).send_multipart(frames, copy=False)
+
+    async def recv(self) -> tuple[str, list]:
+        frames = await self._router.recv_multipart(copy=False)
+        identity = frames[0].bytes.decode("utf-8", "replace")
+        if self.keyring is not None and len(frames) > 1:
+            # With CURVE the authenticator maps the peer's key to its node name: trust that, not the routing id.
+            user = frames[1].get("User-Id")
+            if user and user != identity:
+                identity = f"{user}(claimed {identity})"
+        return identity, frames[1:]
+
+    def reroute(self, peer: str, endpoint: str) -> None:
+        super().reroute(peer, endpoint)
+        sock = self._dealers.pop(peer, None)
+        if sock is not None:
+            sock.close(0)
+
+    async def close(self) -> None:
+        for sock in self._dealers.values():
+            sock.close(0)
+        self._dealers.clear()
+        if self._router is not None:
+            self._router.close(0)
+            self._router = None
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        if self._owns_context:
+            self.context.term()
