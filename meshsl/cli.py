@@ -136,6 +136,7 @@ def run(topology: Path = typer.Argument(...),
         report: Optional[Path] = typer.Option(None, "--report", help="write plots and summary.json to DIR"),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="logs and resolved topology (default: temp)"),
         free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports instead of the declared ones"),
+        weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="each node saves its final segment weights here"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
@@ -145,7 +146,8 @@ def run(topology: Path = typer.Argument(...),
         print(f"warning: {warning}", file=sys.stderr)
     from meshsl.plan.steps import training_steps
     total = len(training_steps(topo, steps, epochs))
-    launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports)
+    launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports,
+                        weights_out=weights_out)
     resolved = launcher.prepare()
     resolved_topo = load(resolved, topology.parent)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -188,6 +190,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          summary_json: Optional[Path] = typer.Option(None, "--summary-json"),
          steps: Optional[int] = typer.Option(None), epochs: Optional[int] = typer.Option(None),
          no_eval: bool = typer.Option(False, "--no-eval"),
+         weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="save final segment weights here"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime.coordinator import RunOptions
@@ -200,7 +203,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
     options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval)
     try:
-        code = node_main(topo, name, summary_json, options, progress_stream)
+        code = node_main(topo, name, summary_json, options, progress_stream, weights_out)
     except MeshslError as exc:
         fail(exc, 1)
     raise typer.Exit(code)

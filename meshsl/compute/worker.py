@@ -6,6 +6,7 @@ event was handled), so no locks are needed beyond list.append being atomic.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,9 +25,13 @@ def segment_seed(topology, segment: str) -> int:
     return topology.spec.training.seed * 1_000_003 + index
 
 
+_INIT_LOCK = threading.Lock()  # torch's global RNG: nodes simulated in one process must not interleave
+
+
 def build_module(topology, segment: str) -> torch.nn.Module:
-    torch.manual_seed(segment_seed(topology, segment))
-    return build_segment_module(topology.segments[segment], f"segments({segment})")
+    with _INIT_LOCK:
+        torch.manual_seed(segment_seed(topology, segment))
+        return build_segment_module(topology.segments[segment], f"segments({segment})")
 
 
 def build_optimizer(spec, params) -> torch.optim.Optimizer:

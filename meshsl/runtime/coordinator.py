@@ -42,6 +42,8 @@ class Coordinator:
         self.round = 0
         self.policy = self.topology.spec.retry
         self.node_stats: dict[str, dict] = {}
+        self.committed: dict[str, int] = {}  # node -> last round whose optimizer step it applied
+        self.last_train_round = 0
 
     # -- messages --------------------------------------------------------------------------------
     def deliver(self, sender: str, envelope, tensors) -> None:
@@ -68,11 +70,22 @@ class Coordinator:
             if envelope.kind == Kind.HELLO:
                 await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
                 continue
+            if envelope.kind == Kind.ACK and envelope.meta.get("of") == "commit":
+                self.committed[sender] = max(self.committed.get(sender, 0), envelope.step)
+                if kind == Kind.ACK and "commit" in what and envelope.step == round_:
+                    pending.discard(sender)
+                continue
             if envelope.kind != kind or sender not in pending or (round_ is not None and envelope.step != round_):
                 continue  # late duplicates of earlier rounds
             pending.discard(sender)
             got[sender] = (envelope, tensors)
         return got
+
+    async def _await_commits(self, round_: int) -> None:
+        """Phase two of the step commit: every node confirmed it applied the optimizer step."""
+        missing = {n for n in self.nodes if self.committed.get(n, 0) < round_}
+        if round_ and missing:
+            await self._collect(Kind.ACK, missing, round_, "confirm the commit")
 
     async def broadcast(self, kind: Kind, targets=None, **fields) -> None:
         for name in targets or self.nodes:
@@ -106,6 +119,7 @@ class Coordinator:
             self.history.append(row)
             if self.options.progress:
                 self.options.progress(row)
+        await self._await_commits(self.last_train_round)
         self.summary = self._summarise(steps, time.perf_counter() - started, train_seconds, samples)
         await self.broadcast_shutdown()
 
@@ -135,6 +149,7 @@ class Coordinator:
                              meta=self._begin_meta(info, info.lanes, micro_batches))
         done = await self._collect(Kind.DONE, set(self.nodes), self.round, "finish its step")
         await self.broadcast(Kind.COMMIT, phase="train", step=self.round)
+        self.last_train_round = self.round
         tasks: dict[str, dict] = {}
         for sender, (envelope, _) in done.items():
             self.node_stats[sender] = envelope.meta

@@ -31,8 +31,21 @@ def make_metrics(topology, node: str):
     return metrics
 
 
+def save_weights(runtime: NodeRuntime, directory: Path) -> list[Path]:
+    """Each segment's final weights as safetensors (replicated client segments get the node name too)."""
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for segment, module in runtime.worker.modules.items():
+        name = f"{segment}@{runtime.node}" if runtime.topology.is_replicated(segment) else segment
+        path = directory / f"{name}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+        paths.append(path)
+    return paths
+
+
 async def run_node(topology, node: str, options: Optional[RunOptions] = None, progress_stream: bool = False,
-                   transport=None, metrics=None) -> tuple[NodeRuntime, dict]:
+                   transport=None, metrics=None, weights_out: Optional[Path] = None) -> tuple[NodeRuntime, dict]:
     options = options or RunOptions()
     if progress_stream:
         def emit(row: dict) -> None:
@@ -47,14 +60,17 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
     runtime = NodeRuntime(topology, node, transport=transport, metrics=metrics,
                           coordinator_factory=coordinator_factory)
     await runtime.run()
+    if weights_out is not None and not runtime.failure:
+        save_weights(runtime, weights_out)
     summary = runtime.coordinator.summary if runtime.coordinator else {}
     if runtime.coordinator is not None:
         summary = dict(summary, history=runtime.coordinator.history)
     return runtime, summary
 
 
-def node_main(topology, node: str, summary_json: Optional[Path], options: RunOptions, progress_stream: bool) -> int:
-    runtime, summary = asyncio.run(run_node(topology, node, options, progress_stream))
+def node_main(topology, node: str, summary_json: Optional[Path], options: RunOptions, progress_stream: bool,
+              weights_out: Optional[Path] = None) -> int:
+    runtime, summary = asyncio.run(run_node(topology, node, options, progress_stream, weights_out=weights_out))
     if runtime.failure:
         print(f"error: {runtime.failure}", file=sys.stderr)
         return 1

@@ -69,6 +69,7 @@ class LocalRun:
     evaluate: bool = True
     on_progress: Optional[Callable[[dict], None]] = None
     log_level: str = "WARNING"
+    weights_out: Optional[Path] = None
     processes: dict = field(default_factory=dict)
 
     def prepare(self) -> Path:
@@ -83,6 +84,8 @@ class LocalRun:
     def command(self, resolved: Path, node: str, coordinator: bool) -> list[str]:
         cmd = [sys.executable, "-m", "meshsl", "--log-level", self.log_level, "node", node,
                "--topology", str(resolved), "--base-dir", str(self.topology_path.parent.resolve())]
+        if self.weights_out is not None:
+            cmd += ["--weights-out", str(self.weights_out.resolve())]
         if coordinator:
             cmd += ["--summary-json", str(self.run_dir / "summary.json"), "--progress-stream"]
             if self.steps:

@@ -70,6 +70,7 @@ class NodeRuntime:
         self._round_meta: dict = {}
         self._round_started = 0.0
         self._hello_acked = asyncio.Event()
+        self._shutdown_requested = False
         self.failure: Optional[str] = None
         lanes = topology.lanes
         training = topology.spec.training
@@ -101,6 +102,11 @@ class NodeRuntime:
         torch.set_num_threads(self.spec.threads)
         return SegmentWorker(self.topology, self.node)
 
+    def _finish_if_idle(self) -> None:
+        """Stop once the compute thread has nothing left (a commit's optimizer step must not be lost)."""
+        if self._shutdown_requested and not self.machine.busy and self.machine.pending_commit is None:
+            self.stop()
+
     def stop(self, failure: Optional[str] = None) -> None:
         if failure and not self.failure:
             self.failure = failure
@@ -113,8 +119,11 @@ class NodeRuntime:
             log.error("%s: coordinator stopped: %s", self.node, exc)
             self.coordinator.error = str(exc)
             await self.coordinator.broadcast_shutdown()
-        finally:
+        if self.coordinator.error:
             self.stop(self.coordinator.error)
+        else:
+            self._shutdown_requested = True  # its own SHUTDOWN may still be in flight
+            self._finish_if_idle()
 
     async def _announce(self) -> None:
         """Say hello to the coordinator until it acknowledges (it may start after us)."""
@@ -268,7 +277,8 @@ class NodeRuntime:
                                     tensors=tuple(_describe_all(weights)), meta={"segment": segment},
                                     step=envelope.step)
         elif kind == Kind.SHUTDOWN:
-            self.stop()
+            self._shutdown_requested = True
+            self._finish_if_idle()
 
     def _load_predict_inputs(self, meta) -> None:
         pass  # prediction inputs are read by the node from its own files (see meshsl.predict)
@@ -319,6 +329,9 @@ class NodeRuntime:
         if self.metrics and not isinstance(action, m.ApplyOptimizer):
             self.metrics.microbatch(action.segment, "forward" if isinstance(action, m.Forward) else "backward", seconds)
         self._execute(self.machine.handle(m.ComputeFinished(action)))
+        if isinstance(action, m.ApplyOptimizer):
+            await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "commit"}, step=action.round)
+        self._finish_if_idle()
 
     async def _send_tensor(self, action, forward: bool) -> None:
         edge = edge_name(action.producer, action.consumer)

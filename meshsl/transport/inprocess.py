@@ -28,7 +28,7 @@ class InProcessTransport(Transport):
             raise TransportError(f"peer {peer!r} is not reachable at {endpoint}")
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
-        await queue.put((self.node, [bytes(f) if isinstance(f, (bytes, bytearray)) else f for f in frames]))
+        await queue.put((self.node, [bytes(f) for f in frames]))
 
     async def recv(self) -> tuple[str, list]:
         return await _MAILBOXES[self.endpoint].get()
