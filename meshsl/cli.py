@@ -17,7 +17,7 @@ app = typer.Typer(help="meshsl: declarative, pipelined, fault-tolerant split lea
 monitoring_app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_help=True)
 app.add_typer(monitoring_app, name="monitoring")
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def fail(exc: Exception, code: int = 2) -> None:
