@@ -137,6 +137,7 @@ def run(topology: Path = typer.Argument(...),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="logs and resolved topology (default: temp)"),
         free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports instead of the declared ones"),
         weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="each node saves its final segment weights here"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the last consistent checkpoint in --run-dir"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
@@ -147,7 +148,9 @@ def run(topology: Path = typer.Argument(...),
     from meshsl.plan.steps import training_steps
     total = len(training_steps(topo, steps, epochs))
     launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports,
-                        weights_out=weights_out)
+                        weights_out=weights_out, resume=resume)
+    if resume and run_dir is None:
+        fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
     resolved = launcher.prepare()
     resolved_topo = load(resolved, topology.parent)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -158,6 +161,10 @@ def run(topology: Path = typer.Argument(...),
         job = bar.add_task(f"training {topo.spec.name}", total=total, info="")
 
         def on_progress(row: dict) -> None:
+            if row.get("event"):
+                console.print(f"[yellow]{row['event']}[/yellow]: " + ", ".join(
+                    f"{k}={v}" for k, v in row.items() if k not in ("event", "time")))
+                return
             history.append(row)
             losses = " ".join(f"{k} loss {v['loss']:.3f}" for k, v in row.get("tasks", {}).items())
             bar.update(job, completed=row["step"] + 1,
@@ -191,6 +198,9 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          steps: Optional[int] = typer.Option(None), epochs: Optional[int] = typer.Option(None),
          no_eval: bool = typer.Option(False, "--no-eval"),
          weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="save final segment weights here"),
+         resume: bool = typer.Option(False, "--resume", help="continue from this node's last complete checkpoint"),
+         checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="overrides checkpoint.directory"),
+         endpoint: Optional[str] = typer.Option(None, "--endpoint", help="bind here instead (a declared standby endpoint)"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime.coordinator import RunOptions
@@ -202,8 +212,13 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     import logging
     warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
     options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval)
+    if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
+        fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
+    runtime_options = {"resume": resume, "endpoint": endpoint}
+    if checkpoint_dir is not None:
+        runtime_options["checkpoint_dir"] = checkpoint_dir
     try:
-        code = node_main(topo, name, summary_json, options, progress_stream, weights_out)
+        code = node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
     except MeshslError as exc:
         fail(exc, 1)
     raise typer.Exit(code)

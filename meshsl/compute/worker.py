@@ -224,6 +224,26 @@ class SegmentWorker:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything a replayed step depends on: weights, optimizer state, random generators."""
+        return {
+            "modules": {n: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                        for n, m in self.modules.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "dp_generator": self.dp_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict) -> None:
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            self.optimizers[name].zero_grad(set_to_none=True)
+        self.dp_generator.set_state(state["dp_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.stash.clear()
+
     def discard_gradients(self) -> None:
         """Abort: forget the round's partial gradients (the step will be replayed)."""
         for optimizer in self.optimizers.values():

@@ -34,6 +34,7 @@ class Kind(str, enum.Enum):
     HEARTBEAT = "hb"
     SHUTDOWN = "shutdown"
     FAILED = "failed"        # node -> coordinator: a fatal local error (message in meta)
+    RESTORE = "restore"      # coordinator -> nodes: drop the round, load checkpoint step k, continue from round r
 
 
 PHASES = ("train", "eval", "predict", "control")

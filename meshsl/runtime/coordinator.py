@@ -12,11 +12,22 @@ from typing import Callable, Optional
 
 import torch
 
-from meshsl.errors import PeerFailed, PeerTimeout, ProtocolError
+from meshsl import checkpoint
+from meshsl.errors import MeshslError, PeerFailed, PeerTimeout, ProtocolError
 from meshsl.plan.steps import StepInfo, sample_pools, training_steps
 from meshsl.protocol.envelope import Kind
 
 log = logging.getLogger("meshsl.coordinator")
+
+ROUNDS_PER_INCARNATION = 1 << 24  # round numbers of a restarted coordinator are above any earlier ones
+
+
+class NodesLost(MeshslError):
+    """Nodes stopped answering (heartbeat timeout) or timed out mid-round; recovery may bring them back."""
+
+    def __init__(self, nodes: set[str], why: str) -> None:
+        self.nodes = set(nodes)
+        super().__init__(f"lost node(s) {', '.join(sorted(nodes))}: {why}")
 
 
 @dataclass
@@ -44,6 +55,37 @@ class Coordinator:
         self.node_stats: dict[str, dict] = {}
         self.committed: dict[str, int] = {}  # node -> last round whose optimizer step it applied
         self.last_train_round = 0
+        self.last_seen: dict[str, float] = {}
+        self.checkpoints: dict[str, set[int]] = {}  # node -> checkpoint steps it reported
+        self.endpoints: dict[str, str] = {}  # node -> endpoint it announced (standbys move nodes)
+        self.restarts: dict[str, int] = {}
+        self.failovers = 0
+        self.recovery_seconds: list[float] = []
+        self.checkpoint_every = self.topology.spec.checkpoint.every
+        self.checkpoint_dir = self.node.checkpoint_dir
+        self.incarnation = 0
+        if self.checkpoint_every > 0:
+            self.incarnation = checkpoint.read_counter(self.checkpoint_dir, "coordinator") + 1
+            checkpoint.write_counter(self.checkpoint_dir, "coordinator", self.incarnation)
+        self.round = self.incarnation * ROUNDS_PER_INCARNATION
+
+    def seen(self, node: str) -> None:
+        self.last_seen[node] = time.monotonic()
+
+    def _lost_nodes(self) -> set[str]:
+        limit = time.monotonic() - self.policy.heartbeat_timeout_s
+        return {n for n in self.nodes if n != self.node.node and self.last_seen.get(n, time.monotonic()) < limit}
+
+    def _note_hello(self, sender: str, meta: dict) -> None:
+        steps = meta.get("checkpoints")
+        if isinstance(steps, list):
+            self.checkpoints[sender] = {s for s in steps if isinstance(s, int)}
+        endpoint = meta.get("endpoint")
+        if isinstance(endpoint, str) and endpoint and endpoint != self.node.transport.address_book.get(sender):
+            if sender != self.node.node:
+                self.node.transport.reroute(sender, endpoint)  # it came back at a standby endpoint
+        if isinstance(endpoint, str):
+            self.endpoints[sender] = endpoint
 
     # -- messages --------------------------------------------------------------------------------
     def deliver(self, sender: str, envelope, tensors) -> None:
@@ -60,18 +102,29 @@ class Coordinator:
         deadline = time.monotonic() + (timeout or self.policy.timeout_s)
         while pending:
             left = deadline - time.monotonic()
+            if left <= 0:
+                raise NodesLost(pending, f"did not {what} within {timeout or self.policy.timeout_s:.1f}s")
+            lost = self._lost_nodes()
+            if lost:
+                raise NodesLost(lost, f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s")
             try:
-                sender, envelope, tensors = await asyncio.wait_for(self.inbox.get(), timeout=max(left, 0.001))
+                sender, envelope, tensors = await asyncio.wait_for(
+                    self.inbox.get(), timeout=min(left, self.policy.heartbeat_interval_s))
             except TimeoutError:
-                slow = ", ".join(sorted(pending))
-                raise PeerTimeout(slow, timeout or self.policy.timeout_s, what) from None
+                continue
             if envelope.kind == Kind.FAILED:
                 raise PeerFailed(sender, str(envelope.meta.get("error", ""))[:500])
             if envelope.kind == Kind.HELLO:
+                self._note_hello(sender, envelope.meta)
                 await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
+                if kind == Kind.HELLO and sender in pending:
+                    pending.discard(sender)
+                    got[sender] = (envelope, tensors)
                 continue
             if envelope.kind == Kind.ACK and envelope.meta.get("of") == "commit":
                 self.committed[sender] = max(self.committed.get(sender, 0), envelope.step)
+                if isinstance(envelope.meta.get("checkpoint"), int):
+                    self.checkpoints.setdefault(sender, set()).add(envelope.meta["checkpoint"])
                 if kind == Kind.ACK and "commit" in what and envelope.step == round_:
                     pending.discard(sender)
                 continue
@@ -98,24 +151,30 @@ class Coordinator:
     async def run(self) -> None:
         await self._wait_for_nodes()
         steps = training_steps(self.topology, self.options.steps, self.options.epochs)
+        index = await self._restore_consistent() if self.checkpoint_every > 0 else 0
         started = time.perf_counter()
         train_seconds = 0.0
         samples = 0
         eval_every = self.topology.spec.training.eval_every
         epoch_len = len(training_steps(self.topology, epochs=1)) or 1
-        clients = self.topology.spec.clients
-        for info in steps:
-            t0 = time.perf_counter()
-            row = await self._train_step(info)
-            train_seconds += time.perf_counter() - t0
-            samples += self.topology.spec.training.batch_size * len(info.lanes)
-            row["samples_per_s"] = samples / train_seconds if train_seconds else 0.0
-            await self._sync_clients(info, steps)
-            last = info.step == steps[-1].step
-            due = (eval_every and (info.step + 1) % eval_every == 0) or \
-                  (not eval_every and (info.step + 1) % epoch_len == 0)
-            if self.options.evaluate and (due or last):
-                row["eval"] = await self._evaluate()
+        while index < len(steps):
+            info = steps[index]
+            try:
+                t0 = time.perf_counter()
+                row = await self._train_step(info)
+                train_seconds += time.perf_counter() - t0
+                samples += self.topology.spec.training.batch_size * len(info.lanes)
+                row["samples_per_s"] = samples / train_seconds if train_seconds else 0.0
+                await self._sync_clients(info, steps)
+                last = info.step == steps[-1].step
+                due = (eval_every and (info.step + 1) % eval_every == 0) or \
+                      (not eval_every and (info.step + 1) % epoch_len == 0)
+                if self.options.evaluate and (due or last):
+                    row["eval"] = await self._evaluate()
+            except NodesLost as lost:
+                index = await self._recover(lost)
+                continue
+            index += 1
             self.history.append(row)
             if self.options.progress:
                 self.options.progress(row)
@@ -123,8 +182,8 @@ class Coordinator:
         self.summary = self._summarise(steps, time.perf_counter() - started, train_seconds, samples)
         await self.broadcast_shutdown()
 
-    async def _wait_for_nodes(self) -> None:
-        pending = set(self.nodes)
+    async def _wait_for_nodes(self, nodes: Optional[set[str]] = None) -> None:
+        pending = set(nodes or self.nodes)
         deadline = time.monotonic() + self.policy.startup_timeout_s
         while pending:
             left = deadline - time.monotonic()
@@ -134,7 +193,78 @@ class Coordinator:
                 raise PeerTimeout(", ".join(sorted(pending)), self.policy.startup_timeout_s, "start") from None
             if envelope.kind == Kind.HELLO:
                 pending.discard(sender)
+                self._note_hello(sender, envelope.meta)
+                self.seen(sender)
                 await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
+
+    # -- recovery --------------------------------------------------------------------------------
+    def _common_checkpoint(self) -> int:
+        common = set.intersection(*(self.checkpoints.get(n, set()) for n in self.nodes))
+        if not common:
+            raise PeerFailed(min(self.nodes, key=lambda n: len(self.checkpoints.get(n, ()))),
+                             "no checkpoint step is shared by every node; cannot resume consistently")
+        return max(common)
+
+    async def _restore_consistent(self) -> int:
+        """Every node loads the newest checkpoint they all have; returns the index of the next step."""
+        step = self._common_checkpoint()
+        self.round += 1
+        await self.broadcast(Kind.RESTORE, step=self.round,
+                             meta={"checkpoint": step, "round": self.round, "endpoints": self.endpoints})
+        await self._collect_restore_acks(self.round)
+        if step:
+            log.warning("resumed every node from the checkpoint of step %d", step)
+        return step
+
+    async def _collect_restore_acks(self, round_: int) -> None:
+        pending = set(self.nodes)
+        deadline = time.monotonic() + self.policy.startup_timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerFailed(sorted(pending)[0], "did not restore its checkpoint")
+            try:
+                sender, envelope, _ = await asyncio.wait_for(self.inbox.get(), timeout=left)
+            except TimeoutError:
+                continue
+            if envelope.kind == Kind.FAILED:
+                raise PeerFailed(sender, str(envelope.meta.get("error", ""))[:500])
+            if envelope.kind == Kind.HELLO:
+                self._note_hello(sender, envelope.meta)
+                await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
+            elif envelope.kind == Kind.ACK and envelope.meta.get("of") == "restore" and envelope.step == round_:
+                pending.discard(sender)
+
+    async def _recover(self, lost: NodesLost) -> int:
+        """A node is gone: abort the round everywhere, wait for it to come back (restarted by the
+        launcher or its operator, possibly at a standby endpoint), restore everyone to the newest
+        common checkpoint and replay from there. Returns the index of the next step."""
+        started = time.perf_counter()
+        if self.checkpoint_every <= 0:
+            raise PeerFailed(sorted(lost.nodes)[0], f"{lost}; recovery needs checkpoints (checkpoint.every > 0)")
+        for name in lost.nodes:
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            if self.restarts[name] > self.policy.max_restarts:
+                raise PeerFailed(name, f"{lost}; restart budget of {self.policy.max_restarts} spent")
+        log.warning("%s; recovering", lost)
+        if self.options.progress:
+            self.options.progress({"event": "nodes_lost", "nodes": sorted(lost.nodes)})
+        for name in lost.nodes:
+            self.checkpoints.pop(name, None)
+            self.last_seen.pop(name, None)
+        live = [n for n in self.nodes if n not in lost.nodes]
+        await self.broadcast(Kind.ABORT, targets=live, step=self.round)
+        await self._wait_for_nodes(lost.nodes)
+        index = await self._restore_consistent()
+        self.failovers += 1
+        self.recovery_seconds.append(time.perf_counter() - started)
+        if self.node.metrics:
+            for name in lost.nodes:
+                self.node.metrics.failover("restart")
+        if self.options.progress:
+            self.options.progress({"event": "recovered", "nodes": sorted(lost.nodes), "checkpoint": index,
+                                   "seconds": self.recovery_seconds[-1]})
+        return index
 
     def _begin_meta(self, info: Optional[StepInfo], lanes, micro_batches: int) -> dict:
         meta = {"lanes": list(lanes), "micro_batches": micro_batches}
@@ -148,7 +278,10 @@ class Coordinator:
         await self.broadcast(Kind.BEGIN, phase="train", step=self.round,
                              meta=self._begin_meta(info, info.lanes, micro_batches))
         done = await self._collect(Kind.DONE, set(self.nodes), self.round, "finish its step")
-        await self.broadcast(Kind.COMMIT, phase="train", step=self.round)
+        commit_meta = {}
+        if self.checkpoint_every > 0 and (info.step + 1) % self.checkpoint_every == 0:
+            commit_meta["checkpoint"] = info.step + 1  # steps committed so far
+        await self.broadcast(Kind.COMMIT, phase="train", step=self.round, meta=commit_meta)
         self.last_train_round = self.round
         tasks: dict[str, dict] = {}
         for sender, (envelope, _) in done.items():
@@ -266,7 +399,8 @@ class Coordinator:
             "bytes_per_sample": {e: (v["forward_bytes"] + v["backward_bytes"]) / max(samples, 1)
                                  for e, v in edges.items()},
             "rejected_messages": {n: s.get("rejected", {}) for n, s in self.node_stats.items() if s.get("rejected")},
-            "failovers": 0,
+            "failovers": self.failovers,
+            "recovery_seconds": self.recovery_seconds,
             "privacy": [p.model_dump() for p in self.topology.spec.privacy],
             "label_dp": self.topology.spec.training.label_dp.model_dump() if self.topology.spec.training.label_dp else None,
         }

@@ -45,7 +45,9 @@ def save_weights(runtime: NodeRuntime, directory: Path) -> list[Path]:
 
 
 async def run_node(topology, node: str, options: Optional[RunOptions] = None, progress_stream: bool = False,
-                   transport=None, metrics=None, weights_out: Optional[Path] = None) -> tuple[NodeRuntime, dict]:
+                   transport=None, metrics=None, weights_out: Optional[Path] = None,
+                   **runtime_options) -> tuple[NodeRuntime, dict]:
+    """`runtime_options` go to NodeRuntime: checkpoint_dir, resume, endpoint (a standby's)."""
     options = options or RunOptions()
     if progress_stream:
         def emit(row: dict) -> None:
@@ -58,7 +60,7 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
         return Coordinator(runtime, options)
 
     runtime = NodeRuntime(topology, node, transport=transport, metrics=metrics,
-                          coordinator_factory=coordinator_factory)
+                          coordinator_factory=coordinator_factory, **runtime_options)
     await runtime.run()
     if weights_out is not None and not runtime.failure:
         save_weights(runtime, weights_out)
@@ -69,8 +71,9 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
 
 
 def node_main(topology, node: str, summary_json: Optional[Path], options: RunOptions, progress_stream: bool,
-              weights_out: Optional[Path] = None) -> int:
-    runtime, summary = asyncio.run(run_node(topology, node, options, progress_stream, weights_out=weights_out))
+              weights_out: Optional[Path] = None, **runtime_options) -> int:
+    runtime, summary = asyncio.run(run_node(topology, node, options, progress_stream, weights_out=weights_out,
+                                            **runtime_options))
     if runtime.failure:
         print(f"error: {runtime.failure}", file=sys.stderr)
         return 1

@@ -70,10 +70,18 @@ class LocalRun:
     on_progress: Optional[Callable[[dict], None]] = None
     log_level: str = "WARNING"
     weights_out: Optional[Path] = None
+    resume: bool = False
+    restarts: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)  # failover events with monotonic timestamps
+    _lost: list = field(default_factory=list)
+    started_at: dict = field(default_factory=dict)
     processes: dict = field(default_factory=dict)
 
     def prepare(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = self.run_dir / "topology.yaml"
+        if self.resume and resolved.exists():
+            return resolved  # same endpoints and hash as the interrupted run
         document = yaml.safe_load(self.topology_path.read_text())
         if self.free_ports:
             document = with_free_ports(document)
@@ -81,9 +89,15 @@ class LocalRun:
         resolved.write_text(yaml.safe_dump(document, sort_keys=False))
         return resolved
 
-    def command(self, resolved: Path, node: str, coordinator: bool) -> list[str]:
+    def command(self, resolved: Path, node: str, coordinator: bool, resume: bool = False,
+                endpoint: Optional[str] = None) -> list[str]:
         cmd = [sys.executable, "-m", "meshsl", "--log-level", self.log_level, "node", node,
-               "--topology", str(resolved), "--base-dir", str(self.topology_path.parent.resolve())]
+               "--topology", str(resolved), "--base-dir", str(self.topology_path.parent.resolve()),
+               "--checkpoint-dir", str(self.checkpoint_dir)]
+        if resume or self.resume:
+            cmd.append("--resume")
+        if endpoint:
+            cmd += ["--endpoint", endpoint]
         if self.weights_out is not None:
             cmd += ["--weights-out", str(self.weights_out.resolve())]
         if coordinator:
@@ -96,59 +110,96 @@ class LocalRun:
                 cmd += ["--no-eval"]
         return cmd
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return (self.run_dir / "checkpoints").resolve()
+
     def start(self, topology, resolved: Path) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._topology, self._resolved = topology, resolved
         for name in topology.nodes:
-            coordinator = name == topology.coordinator
-            log_file = open(self.run_dir / f"{name}.log", "wb")
-            self.processes[name] = subprocess.Popen(
-                self.command(resolved, name, coordinator), env=env,
-                stdout=subprocess.PIPE if coordinator else log_file, stderr=log_file)
+            self._spawn(name)
+
+    def _spawn(self, name: str, resume: bool = False, endpoint: Optional[str] = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        coordinator = name == self._topology.coordinator
+        log_file = open(self.run_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(self.command(self._resolved, name, coordinator, resume, endpoint), env=env,
+                                stdout=subprocess.PIPE if coordinator else log_file, stderr=log_file)
+        log_file.close()
+        self.processes[name] = proc
+        self.started_at[name] = time.monotonic()
+        if coordinator:
+            threading.Thread(target=self._read_progress, args=(proc,), daemon=True).start()
+
+    def restart(self, name: str) -> None:
+        """Start a failed node again from its last checkpoint (at its standby endpoint if it has one)."""
+        node = self._topology.nodes[name]
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        endpoint = node.standby[(self.restarts[name] - 1) % len(node.standby)] if node.standby else None
+        self.events.append({"event": "restart", "node": name, "endpoint": endpoint or node.endpoint,
+                            "time": time.monotonic()})
+        self._spawn(name, resume=True, endpoint=endpoint)
 
     def follow(self, topology, timeout: Optional[float] = None) -> dict:
-        """Read the coordinator's progress until it exits; then reap every node."""
-        coordinator = self.processes[topology.coordinator]
-        reader = threading.Thread(target=self._read_progress, args=(coordinator,), daemon=True)
-        reader.start()
+        """Follow the run until the coordinator finishes; restart nodes that die (failover)."""
         deadline = time.monotonic() + timeout if timeout else None
-        failed = None
+        budget = topology.spec.retry.max_restarts
+        recoverable = topology.spec.checkpoint.every > 0
         while True:
-            code = coordinator.poll()
-            if code is not None:
+            coordinator = self.processes[topology.coordinator]
+            if coordinator.poll() == 0:
                 break
-            for name, proc in self.processes.items():
-                if proc.poll() not in (None, 0) and failed is None:
-                    failed = name
-            if failed:
-                break
+            silence = topology.spec.retry.heartbeat_timeout_s
+            for name, noticed in self._lost_by_coordinator():
+                proc = self.processes.get(name)
+                # Replace a process that went silent (e.g. paused); not a replacement started since.
+                if proc is not None and proc.poll() is None and self.started_at[name] < noticed - silence:
+                    proc.kill()
+                    proc.wait()
+            for name, proc in list(self.processes.items()):
+                code = proc.poll()
+                if code is None or (code == 0 and name != topology.coordinator):
+                    continue
+                if not recoverable or self.restarts.get(name, 0) >= budget:
+                    self.stop()
+                    why = "" if recoverable else " (set checkpoint.every to recover from node loss)"
+                    raise PeerFailed(name, self.log_tail(name) + why)
+                self.restart(name)
             if deadline and time.monotonic() > deadline:
-                failed = topology.coordinator
-                break
-            time.sleep(0.1)
-        reader.join(timeout=5)
-        if failed:
-            self.stop()
-            raise PeerFailed(failed, self.log_tail(failed))
+                self.stop()
+                raise PeerFailed(topology.coordinator, f"the run did not finish within {timeout:.0f}s")
+            time.sleep(0.05)
         for name, proc in self.processes.items():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if coordinator.returncode != 0:
-            raise PeerFailed(topology.coordinator, self.log_tail(topology.coordinator))
         bad = [n for n, p in self.processes.items() if p.returncode != 0]
         if bad:
             raise PeerFailed(bad[0], self.log_tail(bad[0]))
         return json.loads((self.run_dir / "summary.json").read_text())
 
+    def _lost_by_coordinator(self) -> list[str]:
+        lost = []
+        while self._lost:
+            lost.extend(self._lost.pop())
+        return lost
+
     def _read_progress(self, proc: subprocess.Popen) -> None:
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace")
-            if line.startswith(PROGRESS_PREFIX) and self.on_progress:
-                try:
-                    self.on_progress(json.loads(line[len(PROGRESS_PREFIX):]))
-                except ValueError:
-                    pass
+            if not line.startswith(PROGRESS_PREFIX):
+                continue
+            try:
+                row = json.loads(line[len(PROGRESS_PREFIX):])
+            except ValueError:
+                continue
+            if row.get("event"):
+                self.events.append(dict(row, time=time.monotonic()))
+                if row["event"] == "nodes_lost":
+                    self._lost.append([(n, time.monotonic()) for n in row.get("nodes", [])])
+            if self.on_progress:
+                self.on_progress(row)
 
     def log_tail(self, node: str, lines: int = 15) -> str:
         path = self.run_dir / f"{node}.log"

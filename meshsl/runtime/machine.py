@@ -168,7 +168,7 @@ class NodeMachine:
     round: int = -1
     phase: str = ""
     done: bool = True
-    busy: bool = False
+    running: Optional["ComputeAction"] = None  # the one compute action on the compute thread
     units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
     micro_batches: int = 0
     in_flight: dict[str, int] = field(default_factory=dict)
@@ -193,6 +193,19 @@ class NodeMachine:
         else:
             self._gradient(event.segment, event.consumer, event.lane, event.micro_batch)
         return self._dispatch()
+
+    @property
+    def busy(self) -> bool:
+        return self.running is not None
+
+    def reset(self, round_: int) -> None:
+        """Recovery: forget the round in progress; the next Begin must be after `round_`.
+
+        A compute action still on the thread finishes, but its result is ignored."""
+        self.round, self.phase, self.done = round_, "", True
+        self.units, self.early, self.in_flight = {}, [], {}
+        self.pending_commit = None
+        self.stale_running, self.running = self.running, None
 
     def expected_units(self) -> int:
         return len(self.units)
@@ -263,7 +276,9 @@ class NodeMachine:
         return self._dispatch()
 
     def _finished(self, action: ComputeAction) -> list[Action]:
-        self.busy = False
+        if action != self.running:
+            return []  # finished after a reset: the thread is free again, nothing else changes
+        self.running = None
         out: list[Action] = []
         if isinstance(action, ApplyOptimizer):
             return self._dispatch()
@@ -307,7 +322,7 @@ class NodeMachine:
         action = self._next_compute()
         if action is None:
             return []
-        self.busy = True
+        self.running = action
         return [action]
 
     def _next_compute(self) -> Optional[ComputeAction]:

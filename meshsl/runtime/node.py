@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from meshsl import checkpoint
 from meshsl.compute.worker import RoundContext, SegmentWorker
 from meshsl.errors import MeshslError, ProtocolError
 from meshsl.plan.nodeplan import build_edges, edge_name
@@ -26,7 +28,7 @@ from meshsl.transport import Transport, make_transport
 
 log = logging.getLogger("meshsl.node")
 
-CONTROL_FROM_COORDINATOR = {Kind.BEGIN, Kind.COMMIT, Kind.ABORT, Kind.WEIGHTS_PULL, Kind.SHUTDOWN}
+CONTROL_FROM_COORDINATOR = {Kind.BEGIN, Kind.COMMIT, Kind.ABORT, Kind.RESTORE, Kind.WEIGHTS_PULL, Kind.SHUTDOWN}
 TO_COORDINATOR = {Kind.HELLO, Kind.DONE, Kind.ACK, Kind.FAILED}
 
 
@@ -47,13 +49,20 @@ class NodeCounters:
 
 class NodeRuntime:
     def __init__(self, topology, node: str, transport: Optional[Transport] = None, metrics=None,
-                 coordinator_factory: Optional[Callable] = None) -> None:
+                 coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
+                 resume: bool = False, endpoint: Optional[str] = None) -> None:
         self.topology = topology
         self.node = node
         self.spec = topology.nodes[node]
         self.coordinator_node = topology.coordinator
         address_book = {name: n.endpoint for name, n in topology.nodes.items()}
-        self.transport = transport or make_transport(node, self.spec.endpoint, address_book)
+        self.transport = transport or make_transport(node, endpoint or self.spec.endpoint, address_book)
+        self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
+        self.checkpoint_every = topology.spec.checkpoint.every
+        self.resume = resume
+        self.policy = topology.spec.retry
+        self._coordinator_seen = time.monotonic()
+        self._checkpoint_after: dict[int, int] = {}  # round -> checkpoint step to write after its commit
         self.metrics = metrics
         self.edges = build_edges(topology)
         self.codecs = EdgeCodecs(self.edges)
@@ -81,12 +90,14 @@ class NodeRuntime:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.worker = await loop.run_in_executor(self.executor, self._build_worker)
+        await loop.run_in_executor(self.executor, self._prepare_checkpoints)
         await self.transport.start()
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 receiver = group.create_task(self._receive_loop(), name=f"{self.node}-receive")
                 group.create_task(self._announce(), name=f"{self.node}-hello")
+                group.create_task(self._heartbeat_loop(), name=f"{self.node}-heartbeat")
                 if self.coordinator is not None:
                     group.create_task(self._run_coordinator(), name=f"{self.node}-coordinator")
                 await self._stopped.wait()
@@ -101,6 +112,42 @@ class NodeRuntime:
     def _build_worker(self) -> SegmentWorker:
         torch.set_num_threads(self.spec.threads)
         return SegmentWorker(self.topology, self.node)
+
+    def _prepare_checkpoints(self) -> None:
+        """Fresh runs start from a step-0 checkpoint (a point every node has); resumed ones load the newest."""
+        if self.checkpoint_every <= 0:
+            return
+        steps = checkpoint.available_steps(self.checkpoint_dir, self.node)
+        if self.resume and steps:
+            self.worker.restore(checkpoint.load(self.checkpoint_dir, self.node, steps[-1]))
+            log.warning("%s: resumed from checkpoint of step %d", self.node, steps[-1])
+            return
+        for step in steps:  # a fresh run must not mix with an earlier run's files
+            (checkpoint.node_dir(self.checkpoint_dir, self.node) / f"step-{step}.pt").unlink(missing_ok=True)
+        checkpoint.save(self.checkpoint_dir, self.node, 0, self.worker.state())
+
+    def _checkpoint_steps(self) -> list[int]:
+        return checkpoint.available_steps(self.checkpoint_dir, self.node) if self.checkpoint_every > 0 else []
+
+    async def _heartbeat_loop(self) -> None:
+        """Tell the coordinator we are alive; notice when it is gone and announce again to its successor."""
+        interval = self.policy.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self.coordinator is not None:
+                for peer in self.topology.nodes:  # the coordinator's node is watched by the launcher
+                    if peer != self.node:
+                        await self.send_control(peer, Kind.HEARTBEAT)
+                continue
+            await self.send_control(self.coordinator_node, Kind.HEARTBEAT)
+            silent = time.monotonic() - self._coordinator_seen
+            if self._hello_acked.is_set() and silent > self.policy.heartbeat_timeout_s:
+                log.warning("%s: coordinator %s silent for %.1fs; announcing again", self.node,
+                            self.coordinator_node, silent)
+                if self.metrics:
+                    self.metrics.peer_up(self.coordinator_node, False)
+                self._hello_acked.clear()
+                self._group.create_task(self._announce(), name=f"{self.node}-hello-again")
 
     def _finish_if_idle(self) -> None:
         """Stop once the compute thread has nothing left (a commit's optimizer step must not be lost)."""
@@ -129,7 +176,8 @@ class NodeRuntime:
         """Say hello to the coordinator until it acknowledges (it may start after us)."""
         delay = 0.05
         while not self._hello_acked.is_set() and not self._stopped.is_set():
-            await self.send_control(self.coordinator_node, Kind.HELLO)
+            await self.send_control(self.coordinator_node, Kind.HELLO, meta={
+                "checkpoints": self._checkpoint_steps(), "endpoint": self.transport.endpoint})
             try:
                 await asyncio.wait_for(self._hello_acked.wait(), timeout=delay)
             except TimeoutError:
@@ -192,6 +240,10 @@ class NodeRuntime:
             raise ProtocolError("spoofed_sender", f"header names {envelope.sender[:64]!r}", sender)
         if sender not in self.topology.nodes:
             raise ProtocolError("unknown_peer", "not a node of this topology", sender)
+        if sender == self.coordinator_node:
+            self._coordinator_seen = time.monotonic()
+        if self.coordinator is not None:
+            self.coordinator.seen(sender)
         kind = envelope.kind
         if kind in (Kind.ACTIVATION, Kind.GRADIENT):
             self._on_tensor(sender, envelope, tensors)
@@ -216,6 +268,8 @@ class NodeRuntime:
         elif kind == Kind.HEARTBEAT:
             if self.metrics:
                 self.metrics.heartbeat(sender)
+        else:
+            raise ProtocolError("unexpected", f"{kind.value} is not handled by a node", sender)
 
     def _on_tensor(self, sender: str, envelope: Envelope, tensors: list) -> None:
         edge = self.edges.get(envelope.edge)
@@ -267,7 +321,15 @@ class NodeRuntime:
             self._execute(self.machine.handle(
                 m.Begin(envelope.step, envelope.phase, context.lanes, context.micro_batches)))
         elif kind == Kind.COMMIT:
-            self._execute(self.machine.handle(m.Commit(envelope.step)))
+            actions = self.machine.handle(m.Commit(envelope.step))
+            if isinstance(meta.get("checkpoint"), int):
+                self._checkpoint_after[envelope.step] = meta["checkpoint"]
+            self._execute(actions)
+        elif kind == Kind.RESTORE:
+            await self._restore(meta)
+        elif kind == Kind.ABORT:
+            self.machine.reset(self.machine.round)
+            await loop.run_in_executor(self.executor, self.worker.discard_gradients)
         elif kind == Kind.WEIGHTS_PULL:
             segment = str(meta.get("segment"))
             if segment not in self.worker.modules:
@@ -279,6 +341,23 @@ class NodeRuntime:
         elif kind == Kind.SHUTDOWN:
             self._shutdown_requested = True
             self._finish_if_idle()
+
+    async def _restore(self, meta: dict) -> None:
+        """Recovery: drop the round in progress, load the agreed checkpoint, re-route to moved peers."""
+        step, base = meta.get("checkpoint"), meta.get("round")
+        if not isinstance(step, int) or not isinstance(base, int):
+            raise ProtocolError("bad_header", "restore needs integer checkpoint and round", self.coordinator_node)
+        for peer, endpoint in (meta.get("endpoints") or {}).items():
+            if peer in self.topology.nodes and peer != self.node and self.transport.address_book.get(peer) != endpoint:
+                self.transport.reroute(peer, str(endpoint))
+        self.machine.reset(base)
+        state = await asyncio.get_running_loop().run_in_executor(
+            self.executor, checkpoint.load, self.checkpoint_dir, self.node, step)
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.restore, state)
+        self.worker.store.drop_before(base + 1)
+        self._checkpoint_after.clear()
+        log.warning("%s: restored checkpoint of step %d", self.node, step)
+        await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "restore", "checkpoint": step}, step=base)
 
     def _load_predict_inputs(self, meta) -> None:
         pass  # prediction inputs are read by the node from its own files (see meshsl.predict)
@@ -330,7 +409,15 @@ class NodeRuntime:
             self.metrics.microbatch(action.segment, "forward" if isinstance(action, m.Forward) else "backward", seconds)
         self._execute(self.machine.handle(m.ComputeFinished(action)))
         if isinstance(action, m.ApplyOptimizer):
-            await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "commit"}, step=action.round)
+            ack = {"of": "commit"}
+            step = self._checkpoint_after.pop(action.round, None)
+            if step is not None:
+                started = time.perf_counter()
+                await loop.run_in_executor(self.executor, self._save_checkpoint, step)
+                ack["checkpoint"] = step
+                if self.metrics:
+                    self.metrics.checkpoint(time.perf_counter() - started, step)
+            await self.send_control(self.coordinator_node, Kind.ACK, meta=ack, step=action.round)
         self._finish_if_idle()
 
     async def _send_tensor(self, action, forward: bool) -> None:
@@ -367,6 +454,10 @@ class NodeRuntime:
                                       for t, p in self.worker.predictions.items()}
         await self.send_control(self.coordinator_node, Kind.DONE, phase=action.phase, step=action.round,
                                 meta=summary)
+
+
+    def _save_checkpoint(self, step: int) -> None:
+        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state())
 
 
 def _describe_all(tensors):
