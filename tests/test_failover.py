@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def chaos_topology(tmp_path: Path, name: str = "vanilla.yaml", every: int = 1, standby: bool = False,
-                   steps: int = 24, **retry) -> Path:
+                   steps: int = 16, **retry) -> Path:
     document = yaml.safe_load((ROOT / "topologies" / name).read_text())
     document["training"]["steps"] = steps
     document["training"]["eval_every"] = 0
@@ -103,3 +103,79 @@ def test_without_checkpoints_a_lost_node_stops_the_run_with_its_name(tmp_path):
     path = chaos_topology(tmp_path, every=0)
     with pytest.raises(PeerFailed, match="client"):
         train(path, tmp_path / "run", kill_at("client", 3))
+
+
+def test_middle_hop_fails_over_to_its_standby_endpoint(tmp_path):
+    """A middle hop of a five-party chain dies; its replacement binds the declared standby endpoint
+    and every peer re-routes to it. Weights equal those of an uninterrupted run."""
+    path = chaos_topology(tmp_path, "multi_hop.yaml", standby=True, steps=16)
+    _, _ = train(path, tmp_path / "clean")
+    summary, run = train(path, tmp_path / "chaos", kill_at("relay_2", 6))
+    assert run.restarts.get("relay_2") == 1
+    restart = next(e for e in run.events if e["event"] == "restart")
+    standby = yaml.safe_load((tmp_path / "chaos" / "topology.yaml").read_text())
+    relay = next(n for n in standby["nodes"] if n["name"] == "relay_2")
+    assert restart["endpoint"] == relay["standby"][0] != relay["endpoint"]
+    assert summary["failovers"] == 1
+    assert_same_weights(weights(tmp_path / "chaos"), weights(tmp_path / "clean"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    """A node killed while writing leaves the previous checkpoint intact (temp file + fsync + rename)."""
+    import multiprocessing
+    from meshsl import checkpoint
+
+    state = {"w": torch.arange(10.0)}
+    checkpoint.save(tmp_path, "n", 1, state)
+    big = {"w": torch.randn(4_000_000)}
+    ctx = multiprocessing.get_context("fork")
+    writer = ctx.Process(target=_write_forever, args=(tmp_path, big))
+    writer.start()
+    deadline = __import__("time").monotonic() + 20
+    folder = tmp_path / "n"
+    while not any(p.name.endswith(".tmp") for p in folder.iterdir()):  # wait until a write is under way
+        assert __import__("time").monotonic() < deadline
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join()
+    steps = checkpoint.available_steps(tmp_path, "n")
+    for step in steps:  # every visible checkpoint is complete and loads
+        loaded = checkpoint.load(tmp_path, "n", step)
+        assert loaded["w"].numel() in (10, 4_000_000)
+    assert torch.equal(checkpoint.load(tmp_path, "n", 1)["w"], state["w"])
+
+
+def _write_forever(directory, state):
+    from meshsl import checkpoint
+    step = 2
+    while True:
+        checkpoint.save(directory, "n", step, state)
+        step += 1
+
+
+def test_run_resume_continues_from_the_last_consistent_checkpoint(tmp_path, reference_run):
+    """The whole job is killed; `meshsl run --resume --run-dir` continues and ends identical."""
+    _, expected, _ = reference_run
+    path = chaos_topology(tmp_path, max_restarts=0)  # the launcher gives up; the operator resumes
+    run_dir = tmp_path / "run"
+
+    def kill_everything(run: LocalRun, row: dict) -> None:
+        if row.get("step") == 9:
+            for proc in run.processes.values():
+                os.kill(proc.pid, signal.SIGKILL)
+
+    with pytest.raises(PeerFailed):
+        run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False)
+        resolved = run.prepare()
+        topology = topology_from_spec(load_spec(resolved), str(resolved), path.parent)
+        run.on_progress = lambda row: kill_everything(run, row)
+        run.start(topology, resolved)
+        try:
+            run.follow(topology, timeout=120)
+        finally:
+            run.stop()
+    from typer.testing import CliRunner
+    from meshsl.cli import app
+    result = CliRunner().invoke(app, ["run", str(path), "--resume", "--run-dir", str(run_dir), "--no-progress",
+                                      "--weights-out", str(run_dir / "weights")])
+    assert result.exit_code == 0, result.output
+    assert_same_weights(weights(run_dir), expected)

@@ -51,6 +51,8 @@ class RoundContext:
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
+    offset: int = 0  # predict: first input row of the round
+    count: int = 0  # predict: input rows in the round
 
 
 @dataclass
@@ -58,7 +60,7 @@ class TensorStore:
     """Tensors of the current and next round, keyed with the round number."""
 
     inputs: dict = field(default_factory=dict)  # (round, consumer, producer, lane, mb) -> activation
-    grads: dict = field(default_factory=lambda: defaultdict(list))  # (round, producer, lane, mb) -> [grad]
+    grads: dict = field(default_factory=lambda: defaultdict(list))  # (round, producer, lane, mb) -> [(consumer, grad)]
     outgoing_grads: dict = field(default_factory=dict)  # (round, producer, consumer, lane, mb) -> grad
     outputs: dict = field(default_factory=dict)  # (round, segment, lane, mb) -> output
 
@@ -76,6 +78,9 @@ class _Stash:
 
 
 class SegmentWorker:
+    leakage_every = 10  # live leakage gauge: every N-th training step ...
+    leakage_max_samples = 256  # ... on at most this many samples of one lane
+
     def __init__(self, topology, node: str) -> None:
         self.topology = topology
         self.node = node
@@ -97,7 +102,14 @@ class SegmentWorker:
         self.stats: dict = {}
         self.eval_outputs: dict[str, tuple[list, list]] = {}
         self.compute_seconds: dict[tuple[str, str], float] = defaultdict(float)
-        self.predictions: dict[str, dict[int, torch.Tensor]] = {}
+        self.predictions: dict[str, dict[tuple[int, int], torch.Tensor]] = {}  # task -> (lane, mb) -> output
+        self._noisy_labels: dict[str, torch.Tensor] = {}  # label DP: one randomized response per sample
+        # Live leakage gauge: segments whose output crosses a party boundary -> their cut edges.
+        self._gauged: dict[str, list[str]] = defaultdict(list)
+        for producer, consumer in topology.cut_edges():
+            if producer in self.modules:
+                self._gauged[producer].append(f"{producer}->{consumer}")
+        self._leakage_samples: dict[str, tuple[list, list]] = {}
 
     # -- rounds ----------------------------------------------------------------------------------
     def begin(self, context: RoundContext) -> None:
@@ -106,8 +118,10 @@ class SegmentWorker:
         self.stash.clear()
         self.stats = {t.name: {"loss_sum": 0.0, "correct": 0, "count": 0} for t in self._my_tasks()}
         self.eval_outputs = {t.name: ([], []) for t in self._my_tasks()}
+        self.eval_lanes: dict[str, list[int]] = {t.name: [] for t in self._my_tasks()}  # lane of each eval output
         self.predictions = {t.name: {} for t in self._my_tasks()}
         self.compute_seconds.clear()
+        self._leakage_samples.clear()
         for module in self.modules.values():
             module.train(context.phase == "train")
 
@@ -116,7 +130,8 @@ class SegmentWorker:
 
     def _rows(self, lane: int, micro_batch: int):
         c = self.context
-        return self.data.rows(c.phase, lane, c.epoch, c.step_in_epoch, micro_batch, c.micro_batches)
+        return self.data.rows(c.phase, lane, c.epoch, c.step_in_epoch, micro_batch, c.micro_batches,
+                              offset=c.offset, count=c.count)
 
     def _input(self, segment: str, source: str, lane: int, micro_batch: int, rows) -> torch.Tensor:
         r = self.context.round
@@ -137,30 +152,33 @@ class SegmentWorker:
         with torch.set_grad_enabled(training):
             leaves = {src: self._input(segment, src, lane, micro_batch, rows) for src in spec.inputs}
             output = self.modules[segment](merge_inputs(list(leaves.values()), spec.merge))
-            loss = self._privacy_terms(segment, leaves, output) if training else None
+            loss = self._privacy_terms(segment, leaves, output, rows) if training else None
             output = self._activation_dp(segment, output)
             for task in self.topology.tasks_of(segment):
                 labels = self.data.get(task.labels, rows, c.phase) if c.phase != "predict" else None
-                loss = self._task(task, output, labels, len(rows), loss)
+                loss = self._task(task, output, labels, len(rows), loss, rows, lane=lane, micro_batch=micro_batch)
+        if training and segment in self._gauged and c.step % self.leakage_every == 0:
+            self._sample_leakage(segment, lane, rows, output)
         self.store.outputs[(c.round, segment, lane, micro_batch)] = output
         if training:
             self.stash[(segment, lane, micro_batch)] = _Stash(
                 {k: v for k, v in leaves.items() if k in self.topology.segments}, output, loss)
         self.compute_seconds[(segment, "forward")] += time.perf_counter() - start
 
-    def _task(self, task, output, labels, n: int, loss):
+    def _task(self, task, output, labels, n: int, loss, rows=None, lane: int = 0, micro_batch: int = 0):
         c = self.context
-        if c.phase == "predict":
-            self.predictions[task.name][c.micro_batch_key if hasattr(c, "micro_batch_key") else len(self.predictions[task.name])] = output.detach().cpu()
+        if c.phase == "predict":  # stays on this node, the task output's owner (meshsl.predict writes it)
+            self.predictions[task.name][(lane, micro_batch)] = output.detach().cpu()
             return loss
         labels = labels.to(self.device)
         if c.phase == "eval":
             outs, ys = self.eval_outputs[task.name]
             outs.append(output.detach().cpu())
             ys.append(labels.cpu())
+            self.eval_lanes.setdefault(task.name, []).append(lane)
             return loss
-        if self.topology.spec.training.label_dp is not None:
-            labels = self._label_dp(task, labels)
+        if self.topology.spec.training.label_dp is not None and task.loss != "mse":
+            labels = self._label_dp(task, labels, rows)
         mean_loss = task_loss(task.loss, output, labels)
         stats = self.stats[task.name]
         stats["loss_sum"] += float(mean_loss.detach()) * n
@@ -170,16 +188,64 @@ class SegmentWorker:
         scaled = mean_loss * (n * task.weight / (self.topology.spec.training.batch_size * len(c.lanes)))
         return scaled if loss is None else loss + scaled
 
-    def _label_dp(self, task, labels: torch.Tensor) -> torch.Tensor:
+    def _label_dp(self, task, labels: torch.Tensor, rows=None) -> torch.Tensor:
+        """Randomized response drawn ONCE per sample (fixed for the whole run, seeded by the topology):
+        fresh draws every epoch would let repeated releases average the noise away (epsilon per epoch)."""
         from meshsl.privacy.dp import randomized_response
-        classes = self.topology.num_classes.get(task.labels) or int(labels.max()) + 1
-        return randomized_response(labels, classes, self.topology.spec.training.label_dp.epsilon, self.dp_generator)
+        table = self._noisy_labels.get(task.labels)
+        if table is None:
+            clean = self.data.tensors[task.labels]
+            classes = self.topology.num_classes.get(task.labels) or int(clean.max()) + 1
+            generator = torch.Generator().manual_seed(self.topology.spec.training.seed * 1_000_003 + 4242)
+            table = randomized_response(clean.long(), classes, self.topology.spec.training.label_dp.epsilon, generator)
+            self._noisy_labels[task.labels] = table
+        if rows is None:
+            raise RuntimeError("label DP needs the sample ids of the micro-batch")
+        return table[torch.as_tensor(rows)].to(labels.device)
 
-    def _privacy_terms(self, segment: str, leaves: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
+    def _raw_upstream(self, segment: str, leaves: dict, rows) -> list[torch.Tensor]:
+        """Raw features this node holds that feed `segment`, directly or through local segments."""
+        raw = [v for k, v in leaves.items() if k in self.topology.data]
+        if raw or rows is None:
+            return raw
+        import networkx as nx
+        upstream = nx.ancestors(self.topology.graph, segment)
+        return [self.data.get(name, rows, self.context.phase).to(self.device) for name, d in self.topology.data.items()
+                if name in upstream and d.kind == "features" and name in self.data.tensors]
+
+    def _sample_leakage(self, segment: str, lane: int, rows, output: torch.Tensor) -> None:
+        """Live leakage gauge: keep (raw, activation) of the first lane's micro-batches of a sampled step."""
+        if lane != min(self.topology.lanes_of(segment, self.node)):
+            return
+        raw = self._raw_upstream(segment, {}, rows)
+        if not raw:
+            return
+        flat = torch.cat([r.reshape(r.shape[0], -1) for r in raw], dim=1).detach().cpu()
+        raws, outs = self._leakage_samples.setdefault(segment, ([], []))
+        if sum(len(r) for r in raws) < self.leakage_max_samples:
+            raws.append(flat)
+            outs.append(output.detach().reshape(output.shape[0], -1).cpu())
+
+    def leakage(self) -> dict[str, float]:
+        """dCor(raw input, what leaves) per cut edge from the sampled step; empties the sample."""
+        from meshsl.privacy.dcor import distance_correlation
+        result = {}
+        for segment, (raws, outs) in self._leakage_samples.items():
+            if sum(len(r) for r in raws) < 4:
+                continue
+            raw, out = torch.cat(raws)[:self.leakage_max_samples], torch.cat(outs)[:self.leakage_max_samples]
+            with torch.no_grad():
+                value = float(distance_correlation(raw.double(), out.double()))
+            for edge in self._gauged[segment]:
+                result[edge] = value
+        self._leakage_samples.clear()
+        return result
+
+    def _privacy_terms(self, segment: str, leaves: dict, output: torch.Tensor, rows=None) -> Optional[torch.Tensor]:
         edge = self.privacy.get(segment)
         if edge is None or edge.nopeek <= 0:
             return None
-        raw = [v for k, v in leaves.items() if k in self.topology.data]
+        raw = self._raw_upstream(segment, leaves, rows)
         if not raw:
             return None
         from meshsl.privacy.nopeek import nopeek_loss
@@ -189,8 +255,10 @@ class SegmentWorker:
         return nopeek_loss(raw_flat, output, edge.nopeek) * scale
 
     def _activation_dp(self, segment: str, output: torch.Tensor) -> torch.Tensor:
+        """Clip and noise in every phase: evaluation and prediction inputs cross the boundary too,
+        and a model evaluated without the noise would report an accuracy it cannot have in use."""
         edge = self.privacy.get(segment)
-        if edge is None or edge.dp is None or self.context.phase != "train":
+        if edge is None or edge.dp is None:
             return output
         from meshsl.privacy.dp import clip_and_noise
         return clip_and_noise(output, edge.dp, self.dp_generator)
@@ -202,7 +270,9 @@ class SegmentWorker:
         grads = self.store.grads.pop((r, segment, lane, micro_batch), [])
         tensors, grad_tensors = [], []
         if grads:
-            total = grads[0].to(self.device) if len(grads) == 1 else sum(g.to(self.device) for g in grads)
+            # Summed in consumer order, not arrival order, so the result does not depend on timing.
+            ordered = [g.to(self.device) for _, g in sorted(grads, key=lambda item: item[0])]
+            total = ordered[0] if len(ordered) == 1 else sum(ordered[1:], ordered[0])
             tensors.append(stash.output)
             grad_tensors.append(total.reshape(stash.output.shape))
         if stash.loss is not None:
@@ -213,7 +283,7 @@ class SegmentWorker:
         for source, leaf in stash.leaves.items():
             grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
             if self.topology.node_of(source, lane) == self.node:
-                self.store.grads[(r, source, lane, micro_batch)].append(grad)
+                self.store.grads[(r, source, lane, micro_batch)].append((segment, grad))
             else:
                 self.store.outgoing_grads[(r, source, segment, lane, micro_batch)] = grad.detach()
         self.store.outputs.pop((r, segment, lane, micro_batch), None)
@@ -257,8 +327,17 @@ class SegmentWorker:
             for task in self._my_tasks():
                 outs, ys = self.eval_outputs[task.name]
                 by_task[task.name] = summarise(task.loss, task.metrics, outs, ys)
+                lanes = self.eval_lanes.get(task.name, [])
+                if self.topology.lanes > 1 and len(set(lanes)) > 1:  # per-client metrics (one model per lane)
+                    by_task[task.name]["by_lane"] = {
+                        str(lane): summarise(task.loss, task.metrics, [o for o, l in zip(outs, lanes) if l == lane],
+                                             [y for y, l in zip(ys, lanes) if l == lane])
+                        for lane in sorted(set(lanes))}
             return {"tasks": by_task}
-        return {"tasks": self.stats}
+        summary = {"tasks": self.stats}
+        if self._leakage_samples:
+            summary["leakage"] = self.leakage()
+        return summary
 
     # -- weights (SplitFed averaging, sequential hand-off, checkpoints) --------------------------
     def weights(self, segment: str) -> list[torch.Tensor]:

@@ -36,6 +36,8 @@ class RunOptions:
     epochs: Optional[int] = None
     evaluate: bool = True
     progress: Optional[Callable[[dict], None]] = None  # called with every history row
+    predict: Optional[object] = None  # meshsl.predict.PredictSettings: prediction rounds instead of training
+    startup_timeout_s: Optional[float] = None  # overrides retry.startup_timeout_s (waiting for every node)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Coordinator:
     error: Optional[str] = None
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    exception: Optional[BaseException] = None  # the typed error behind `error`
 
     def __post_init__(self) -> None:
         self.topology = self.node.topology
@@ -58,9 +61,13 @@ class Coordinator:
         self.last_seen: dict[str, float] = {}
         self.checkpoints: dict[str, set[int]] = {}  # node -> checkpoint steps it reported
         self.endpoints: dict[str, str] = {}  # node -> endpoint it announced (standbys move nodes)
+        self.predict_rows: dict[str, int] = {}  # node -> rows of its prediction input (predict runs)
         self.restarts: dict[str, int] = {}
         self.failovers = 0
         self.recovery_seconds: list[float] = []
+        self.last_lanes: tuple[int, ...] = ()  # clients of the last training step (sequential: the live model)
+        self.leakage: dict[str, float] = {}  # cut edge -> last sampled dCor(raw input, activation)
+        self.leakage_edges = {f"{p}->{c}" for p, c in self.topology.cut_edges()}
         self.checkpoint_every = self.topology.spec.checkpoint.every
         self.checkpoint_dir = self.node.checkpoint_dir
         self.incarnation = 0
@@ -83,9 +90,12 @@ class Coordinator:
         endpoint = meta.get("endpoint")
         if isinstance(endpoint, str) and endpoint and endpoint != self.node.transport.address_book.get(sender):
             if sender != self.node.node:
-                self.node.transport.reroute(sender, endpoint)  # it came back at a standby endpoint
+                self.node.reroute(sender, endpoint)  # it came back at a standby endpoint
         if isinstance(endpoint, str):
             self.endpoints[sender] = endpoint
+        rows = meta.get("predict_rows")
+        if isinstance(rows, int) and not isinstance(rows, bool):
+            self.predict_rows[sender] = rows  # how many rows its own prediction input has (not the rows)
 
     # -- messages --------------------------------------------------------------------------------
     def deliver(self, sender: str, envelope, tensors) -> None:
@@ -93,6 +103,11 @@ class Coordinator:
             self.inbox.put_nowait((sender, envelope, tensors))
         except asyncio.QueueFull:
             raise ProtocolError("flood", "coordinator inbox is full", sender) from None
+        self._observe_inbox()
+
+    def _observe_inbox(self) -> None:
+        if self.node.metrics:
+            self.node.metrics.queue_depth("coordinator_inbox", self.inbox.qsize())
 
     async def _collect(self, kind: Kind, senders: set[str], round_: Optional[int], what: str,
                        timeout: Optional[float] = None) -> dict[str, tuple]:
@@ -112,6 +127,7 @@ class Coordinator:
                     self.inbox.get(), timeout=min(left, self.policy.heartbeat_interval_s))
             except TimeoutError:
                 continue
+            self._observe_inbox()
             if envelope.kind == Kind.FAILED:
                 raise PeerFailed(sender, str(envelope.meta.get("error", ""))[:500])
             if envelope.kind == Kind.HELLO:
@@ -150,7 +166,13 @@ class Coordinator:
     # -- the run ---------------------------------------------------------------------------------
     async def run(self) -> None:
         await self._wait_for_nodes()
-        steps = training_steps(self.topology, self.options.steps, self.options.epochs)
+        if self.options.predict is not None:
+            from meshsl.predict import coordinate_prediction
+            self.summary = await coordinate_prediction(self, self.options.predict)
+            await self.broadcast_shutdown()
+            return
+        # steps=0: no training at all (evaluate saved weights); training_steps reads 0 as "not given"
+        steps = [] if self.options.steps == 0 else training_steps(self.topology, self.options.steps, self.options.epochs)
         index = await self._restore_consistent() if self.checkpoint_every > 0 else 0
         started = time.perf_counter()
         train_seconds = 0.0
@@ -176,21 +198,34 @@ class Coordinator:
                 continue
             index += 1
             self.history.append(row)
+            log.info("step committed", extra={
+                "node": self.node.node, "step": row["step"], "epoch": row["epoch"],
+                "samples_per_s": round(row["samples_per_s"], 1),
+                **{f"{t}_loss": round(v["loss"], 5) for t, v in row["tasks"].items()}})
+            for task, result in row.get("eval", {}).items():
+                log.info("evaluated", extra={"node": self.node.node, "step": row["step"], "task": task, **{
+                    k: round(v, 5) for k, v in result.items() if k in ("loss", "accuracy", "f1", "auroc")
+                    and isinstance(v, float)}})
             if self.options.progress:
                 self.options.progress(row)
         await self._await_commits(self.last_train_round)
+        eval_only = await self._evaluate() if not steps and self.options.evaluate else None
         self.summary = self._summarise(steps, time.perf_counter() - started, train_seconds, samples)
+        if eval_only is not None:
+            for name, result in eval_only.items():
+                self.summary["tasks"].setdefault(name, {"train": {}})["eval"] = result
         await self.broadcast_shutdown()
 
     async def _wait_for_nodes(self, nodes: Optional[set[str]] = None) -> None:
         pending = set(nodes or self.nodes)
-        deadline = time.monotonic() + self.policy.startup_timeout_s
+        startup_timeout = self.options.startup_timeout_s or self.policy.startup_timeout_s
+        deadline = time.monotonic() + startup_timeout
         while pending:
             left = deadline - time.monotonic()
             try:
                 sender, envelope, _ = await asyncio.wait_for(self.inbox.get(), timeout=max(left, 0.001))
             except TimeoutError:
-                raise PeerTimeout(", ".join(sorted(pending)), self.policy.startup_timeout_s, "start") from None
+                raise PeerTimeout(", ".join(sorted(pending)), startup_timeout, "start") from None
             if envelope.kind == Kind.HELLO:
                 pending.discard(sender)
                 self._note_hello(sender, envelope.meta)
@@ -247,6 +282,9 @@ class Coordinator:
             if self.restarts[name] > self.policy.max_restarts:
                 raise PeerFailed(name, f"{lost}; restart budget of {self.policy.max_restarts} spent")
         log.warning("%s; recovering", lost)
+        if self.node.metrics:
+            for name in lost.nodes:
+                self.node.metrics.peer_up(name, False)
         if self.options.progress:
             self.options.progress({"event": "nodes_lost", "nodes": sorted(lost.nodes)})
         for name in lost.nodes:
@@ -283,14 +321,23 @@ class Coordinator:
             commit_meta["checkpoint"] = info.step + 1  # steps committed so far
         await self.broadcast(Kind.COMMIT, phase="train", step=self.round, meta=commit_meta)
         self.last_train_round = self.round
+        self.last_lanes = tuple(info.lanes)
         tasks: dict[str, dict] = {}
+        leakage: dict[str, float] = {}
         for sender, (envelope, _) in done.items():
             self.node_stats[sender] = envelope.meta
+            for edge, dcor in (envelope.meta.get("leakage") or {}).items():  # worst client per edge
+                if isinstance(dcor, (int, float)) and edge in self.leakage_edges:
+                    leakage[edge] = max(float(dcor), leakage.get(edge, 0.0))
             for name, stats in envelope.meta.get("tasks", {}).items():
                 count = max(1, stats.get("count", 0))
                 tasks[name] = {"loss": stats.get("loss_sum", 0.0) / count,
                                "accuracy": stats.get("correct", 0) / count}
-        return {"step": info.step, "epoch": info.epoch, "lanes": list(info.lanes), "tasks": tasks}
+        row = {"step": info.step, "epoch": info.epoch, "lanes": list(info.lanes), "tasks": tasks}
+        if leakage:
+            row["leakage"] = leakage
+            self.leakage.update(leakage)
+        return row
 
     async def _evaluate(self) -> dict:
         self.round += 1
@@ -305,7 +352,12 @@ class Coordinator:
             for name, metrics in envelope.meta.get("tasks", {}).items():
                 key = name if self.topology.lanes == 1 else f"{name}"
                 entry = results.setdefault(key, {"by_client": {}})
-                if self.topology.lanes > 1:
+                by_lane = metrics.pop("by_lane", None) if isinstance(metrics, dict) else None
+                if self.topology.lanes > 1 and isinstance(by_lane, dict):
+                    # A shared label holder evaluated every client's model: one entry per client node.
+                    for lane, lane_metrics in by_lane.items():
+                        entry["by_client"][self._client_node(int(lane))] = lane_metrics
+                elif self.topology.lanes > 1:
                     entry["by_client"][sender] = metrics
                 else:
                     entry.update(metrics)
@@ -318,9 +370,23 @@ class Coordinator:
                     values = [(c[metric], c.get("samples", 0)) for c in clients.values() if metric in c]
                     if values:
                         entry[metric] = sum(v * n for v, n in values) / total
+                clients_spec = self.topology.spec.clients
+                latest = self._client_node(self.last_lanes[0]) if self.last_lanes else None
+                if clients_spec is not None and clients_spec.mode == "sequential" and latest in clients:
+                    # Sequential SL: the model is the client that trained last (plus the server); the
+                    # other clients' segments are stale until their next turn hands them the weights.
+                    entry.update({k: v for k, v in clients[latest].items() if k != "confusion_matrix"})
+                    entry["model"] = latest
         return results
 
     # -- many clients ----------------------------------------------------------------------------
+    def _client_node(self, lane: int) -> str:
+        """The node that is client `lane` (hosts the lane's replicated segment or data)."""
+        for name in [*self._replicated_segments(), *self.topology.data]:
+            if self.topology.is_replicated(name):
+                return self.topology.node_of(name, lane)
+        return f"lane{lane}"
+
     def _replicated_segments(self) -> list[str]:
         return [s for s in self.topology.segment_order if self.topology.is_replicated(s)]
 
@@ -403,4 +469,5 @@ class Coordinator:
             "recovery_seconds": self.recovery_seconds,
             "privacy": [p.model_dump() for p in self.topology.spec.privacy],
             "label_dp": self.topology.spec.training.label_dp.model_dump() if self.topology.spec.training.label_dp else None,
+            "leakage": dict(self.leakage),
         }

@@ -70,6 +70,8 @@ class LocalRun:
     on_progress: Optional[Callable[[dict], None]] = None
     log_level: str = "WARNING"
     weights_out: Optional[Path] = None
+    weights_in: Optional[Path] = None  # every node starts from these saved weights (`--weights`)
+    node_args: dict = field(default_factory=dict)  # node name (or "*" for all) -> extra `meshsl node` arguments
     resume: bool = False
     restarts: dict = field(default_factory=dict)
     events: list = field(default_factory=list)  # failover events with monotonic timestamps
@@ -100,9 +102,12 @@ class LocalRun:
             cmd += ["--endpoint", endpoint]
         if self.weights_out is not None:
             cmd += ["--weights-out", str(self.weights_out.resolve())]
+        if self.weights_in is not None:
+            cmd += ["--weights", str(Path(self.weights_in).resolve())]
+        cmd += [*self.node_args.get("*", []), *self.node_args.get(node, [])]
         if coordinator:
             cmd += ["--summary-json", str(self.run_dir / "summary.json"), "--progress-stream"]
-            if self.steps:
+            if self.steps is not None:  # 0: no training (evaluate saved weights)
                 cmd += ["--steps", str(self.steps)]
             if self.epochs is not None:
                 cmd += ["--epochs", str(self.epochs)]

@@ -165,7 +165,8 @@ class _Unit:
 class NodeMachine:
     wiring: Wiring
     schedule: str = "gpipe"
-    round: int = -1
+    deterministic: bool = True  # backwards of a segment run in (micro-batch, lane) order: fixed float sums
+    round: int = 0  # coordinators number rounds from 1: a peer's round-1 message before our BEGIN is held
     phase: str = ""
     done: bool = True
     running: Optional["ComputeAction"] = None  # the one compute action on the compute thread
@@ -336,11 +337,20 @@ class NodeMachine:
                     forwards.append((mb, lane, segment))
             elif not unit.backwarded and not unit.grads_missing:
                 backwards.append((mb, lane, segment))
+        first_open: dict[str, tuple] = {}
+        if self.deterministic:
+            for (segment, lane, mb), unit in self.units.items():
+                if not unit.backwarded and (segment not in first_open or (mb, lane) < first_open[segment]):
+                    first_open[segment] = (mb, lane)
+            backwards = [b for b in backwards if (b[0], b[1]) == first_open[b[2]]]
         if self.schedule == "1f1b":
             if backwards:
                 mb, lane, segment = min(backwards)
                 return Backward(self.round, segment, lane, mb)
-            forwards = [f for f in forwards if self.in_flight[f[2]] < self.wiring.segments[f[2]].window]
+            # The unit whose backward must come next may always run its forward, even past the window:
+            # otherwise a later lane's input that arrived first fills the window and nothing can move.
+            forwards = [f for f in forwards if self.in_flight[f[2]] < self.wiring.segments[f[2]].window
+                        or first_open.get(f[2]) == (f[0], f[1])]
         if forwards:
             mb, lane, segment = min(forwards)
             return Forward(self.round, segment, lane, mb)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from meshsl.protocol.frames import decode_message, encode_message
 from meshsl.runtime import machine as m
 from meshsl.runtime.wire import EdgeCodecs, max_rows
 from meshsl.transport import Transport, make_transport
+from meshsl.transport.base import SPOOFED_PREFIX
 
 log = logging.getLogger("meshsl.node")
 
@@ -50,34 +52,46 @@ class NodeCounters:
 class NodeRuntime:
     def __init__(self, topology, node: str, transport: Optional[Transport] = None, metrics=None,
                  coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
-                 resume: bool = False, endpoint: Optional[str] = None) -> None:
+                 resume: bool = False, endpoint: Optional[str] = None, weights_dir: Optional[Path] = None,
+                 inference=None) -> None:
+        """`weights_dir`: start from saved segment weights (see entry.load_saved_weights); `inference`: a
+        meshsl.predict.NodeInference (this node's own prediction input/output; no checkpoints are written)."""
         self.topology = topology
+        self.weights_dir = weights_dir
+        self.inference = inference
         self.node = node
         self.spec = topology.nodes[node]
         self.coordinator_node = topology.coordinator
         address_book = {name: n.endpoint for name, n in topology.nodes.items()}
-        self.transport = transport or make_transport(node, endpoint or self.spec.endpoint, address_book)
+        if transport is None:  # CURVE (when the topology asks for it) authenticates against its allow-list
+            from meshsl.runtime.keys_loading import transport_security
+            transport = make_transport(node, endpoint or self.spec.endpoint, address_book,
+                                       **transport_security(topology, node, self._on_auth_refused))
+        self.transport = transport
         self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
-        self.checkpoint_every = topology.spec.checkpoint.every
+        self.checkpoint_every = topology.spec.checkpoint.every if inference is None else 0
         self.resume = resume
         self.policy = topology.spec.retry
         self._coordinator_seen = time.monotonic()
         self._checkpoint_after: dict[int, int] = {}  # round -> checkpoint step to write after its commit
         self.metrics = metrics
         self.edges = build_edges(topology)
-        self.codecs = EdgeCodecs(self.edges)
+        self.codecs = EdgeCodecs(self.edges, aligned=topology.spec.training.deterministic)
         self.wiring = m.Wiring.from_topology(topology, node)
-        self.machine = m.NodeMachine(self.wiring, topology.spec.training.schedule)
+        self.machine = m.NodeMachine(self.wiring, topology.spec.training.schedule,
+                                     deterministic=topology.spec.training.deterministic)
         self.worker: Optional[SegmentWorker] = None
         self.counters = NodeCounters()
         self.max_message_bytes = topology.spec.security.max_message_bytes
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{node}")
         self.coordinator = coordinator_factory(self) if coordinator_factory and node == self.coordinator_node else None
         self._outboxes: dict[str, asyncio.Queue] = {}
+        self._senders: dict[str, asyncio.Task] = {}
         self._group: Optional[asyncio.TaskGroup] = None
         self._stopped = asyncio.Event()
         self._round_meta: dict = {}
         self._round_started = 0.0
+        self._train_step: Optional[int] = None  # last training step begun (eval rounds follow it)
         self._hello_acked = asyncio.Event()
         self._shutdown_requested = False
         self.failure: Optional[str] = None
@@ -111,7 +125,13 @@ class NodeRuntime:
 
     def _build_worker(self) -> SegmentWorker:
         torch.set_num_threads(self.spec.threads)
-        return SegmentWorker(self.topology, self.node)
+        worker = SegmentWorker(self.topology, self.node)
+        if self.weights_dir is not None:
+            from meshsl.runtime.entry import load_saved_weights
+            load_saved_weights(worker, Path(self.weights_dir))
+        if self.inference is not None:
+            self.inference.attach(worker)
+        return worker
 
     def _prepare_checkpoints(self) -> None:
         """Fresh runs start from a step-0 checkpoint (a point every node has); resumed ones load the newest."""
@@ -121,6 +141,8 @@ class NodeRuntime:
         if self.resume and steps:
             self.worker.restore(checkpoint.load(self.checkpoint_dir, self.node, steps[-1]))
             log.warning("%s: resumed from checkpoint of step %d", self.node, steps[-1])
+            if self.metrics:
+                self.metrics.restart()
             return
         for step in steps:  # a fresh run must not mix with an earlier run's files
             (checkpoint.node_dir(self.checkpoint_dir, self.node) / f"step-{step}.pt").unlink(missing_ok=True)
@@ -137,9 +159,9 @@ class NodeRuntime:
             if self.coordinator is not None:
                 for peer in self.topology.nodes:  # the coordinator's node is watched by the launcher
                     if peer != self.node:
-                        await self.send_control(peer, Kind.HEARTBEAT)
+                        self._send_heartbeat(peer)
                 continue
-            await self.send_control(self.coordinator_node, Kind.HEARTBEAT)
+            self._send_heartbeat(self.coordinator_node)
             silent = time.monotonic() - self._coordinator_seen
             if self._hello_acked.is_set() and silent > self.policy.heartbeat_timeout_s:
                 log.warning("%s: coordinator %s silent for %.1fs; announcing again", self.node,
@@ -148,6 +170,13 @@ class NodeRuntime:
                     self.metrics.peer_up(self.coordinator_node, False)
                 self._hello_acked.clear()
                 self._group.create_task(self._announce(), name=f"{self.node}-hello-again")
+
+    def _send_heartbeat(self, peer: str) -> None:
+        """Never waits: a heartbeat that does not fit a full outbox is skipped (the peer is busy or gone)."""
+        box = self._outboxes.get(peer)
+        if box is not None and box.full():
+            return
+        self._group.create_task(self.send_control(peer, Kind.HEARTBEAT))
 
     def _finish_if_idle(self) -> None:
         """Stop once the compute thread has nothing left (a commit's optimizer step must not be lost)."""
@@ -165,6 +194,7 @@ class NodeRuntime:
         except MeshslError as exc:
             log.error("%s: coordinator stopped: %s", self.node, exc)
             self.coordinator.error = str(exc)
+            self.coordinator.exception = exc
             await self.coordinator.broadcast_shutdown()
         if self.coordinator.error:
             self.stop(self.coordinator.error)
@@ -172,16 +202,35 @@ class NodeRuntime:
             self._shutdown_requested = True  # its own SHUTDOWN may still be in flight
             self._finish_if_idle()
 
+    def _on_auth_refused(self, reason: str) -> None:
+        """A peer failed CURVE authentication (unknown key, plain text): counted, never let in."""
+        self.counters.reject(f"auth_{reason}")
+        if self.metrics:
+            self.metrics.auth_refused()
+        log.warning("%s: refused a connection (%s)", self.node, reason)
+
+    def _stop_if_key_refused(self, since: float) -> bool:
+        """The coordinator keeps refusing our CURVE key: give up after the startup timeout."""
+        refused = getattr(self.transport, "refused_by", {}).get(self.coordinator_node, 0)
+        if refused and time.monotonic() - since > self.policy.startup_timeout_s:
+            self.stop(f"node {self.node!r} could not join: {self.coordinator_node} refused its CURVE key "
+                      f"{refused} times (check {self.node}.key_secret against the topology's keys)")
+            return True
+        return False
+
     async def _announce(self) -> None:
         """Say hello to the coordinator until it acknowledges (it may start after us)."""
-        delay = 0.05
+        delay, since = 0.05, time.monotonic()
         while not self._hello_acked.is_set() and not self._stopped.is_set():
             await self.send_control(self.coordinator_node, Kind.HELLO, meta={
-                "checkpoints": self._checkpoint_steps(), "endpoint": self.transport.endpoint})
+                "checkpoints": self._checkpoint_steps(), "endpoint": self.transport.endpoint,
+                **({"predict_rows": self.inference.rows} if self.inference and self.inference.rows is not None else {})})
             try:
                 await asyncio.wait_for(self._hello_acked.wait(), timeout=delay)
             except TimeoutError:
                 delay = min(delay * 2, 1.0)
+                if self._stop_if_key_refused(since):
+                    return
 
     async def _drain_outboxes(self) -> None:
         for box in self._outboxes.values():
@@ -201,24 +250,38 @@ class NodeRuntime:
         box = self._outboxes.get(peer)
         if box is None:
             box = self._outboxes[peer] = asyncio.Queue(maxsize=self._outbox_size)
-            self._group.create_task(self._sender(peer, box), name=f"{self.node}-send-{peer}")
+            self._senders[peer] = self._group.create_task(self._sender(peer, box), name=f"{self.node}-send-{peer}")
         await box.put((frames, edge_direction))
+        if self.metrics:
+            self.metrics.queue_depth(f"outbox:{peer}", box.qsize())
 
     async def _sender(self, peer: str, box: asyncio.Queue) -> None:
         """One sender per peer keeps per-peer order and never blocks the receive loop."""
         while True:
             frames, edge_direction = await box.get()
+            if self.metrics:
+                self.metrics.queue_depth(f"outbox:{peer}", box.qsize())
             try:
-                await self.transport.send(peer, frames)
+                # A peer that cannot take a message within the policy's timeout is gone; the
+                # coordinator's recovery replays the round, so the message is dropped, not queued forever.
+                await asyncio.wait_for(self.transport.send(peer, frames), timeout=self.policy.timeout_s)
                 if edge_direction is not None:
                     nbytes = sum(len(f) if isinstance(f, (bytes, memoryview)) else f.nbytes for f in frames)
                     self.counters.add_bytes(*edge_direction, nbytes)
                     if self.metrics:
                         self.metrics.message(edge_direction[0], "sent", nbytes)
-            except MeshslError as exc:
-                log.warning("%s: send to %s failed: %s", self.node, peer, exc)
+            except (MeshslError, TimeoutError) as exc:
+                log.warning("%s: dropped a message to %s: %s", self.node, peer, exc or "timed out")
             finally:
                 box.task_done()
+
+    def reroute(self, peer: str, endpoint: str) -> None:
+        """`peer` now lives at `endpoint` (a standby took over): drop what was queued for the old one."""
+        self.transport.reroute(peer, endpoint)
+        sender = self._senders.pop(peer, None)
+        if sender is not None:
+            sender.cancel()
+        self._outboxes.pop(peer, None)
 
     # -- receiving -------------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
@@ -233,6 +296,8 @@ class NodeRuntime:
                 log.warning("%s: rejected message from %r: %s", self.node, sender[:64], exc)
 
     async def _on_message(self, sender: str, frames: list) -> None:
+        if sender.startswith(SPOOFED_PREFIX):  # CURVE identity and routing id disagree
+            raise ProtocolError("spoofed_sender", "routing id differs from the authenticated node", sender[1:])
         envelope, tensors = decode_message(frames, self.max_message_bytes)
         if envelope.topology != self.topology.hash:
             raise ProtocolError("wrong_topology", f"topology hash {envelope.topology[:20]!r}", sender)
@@ -268,6 +333,7 @@ class NodeRuntime:
         elif kind == Kind.HEARTBEAT:
             if self.metrics:
                 self.metrics.heartbeat(sender)
+                self.metrics.peer_up(sender, True)
         else:
             raise ProtocolError("unexpected", f"{kind.value} is not handled by a node", sender)
 
@@ -298,7 +364,7 @@ class NodeRuntime:
         if forward:
             store.inputs[(envelope.step, edge.consumer, edge.producer, lane, mb)] = tensor
         else:
-            store.grads[(envelope.step, edge.producer, lane, mb)].append(tensor)
+            store.grads[(envelope.step, edge.producer, lane, mb)].append((edge.consumer, tensor))
         nbytes = sum(p.nbytes for p in tensors[0])
         self.counters.add_bytes(edge.name, ("forward" if forward else "backward") + "_received", nbytes)
         if self.metrics:
@@ -312,12 +378,17 @@ class NodeRuntime:
             context = RoundContext(round=envelope.step, phase=envelope.phase,
                                    micro_batches=int(meta["micro_batches"]), lanes=tuple(meta["lanes"]),
                                    epoch=int(meta.get("epoch", 0)), step=int(meta.get("train_step", 0)),
-                                   step_in_epoch=int(meta.get("step_in_epoch", 0)))
-            if envelope.phase == "predict":
-                self._load_predict_inputs(meta)
+                                   step_in_epoch=int(meta.get("step_in_epoch", 0)),
+                                   offset=int(meta.get("offset", 0)), count=int(meta.get("count", 0)))
             await loop.run_in_executor(self.executor, self.worker.begin, context)
             self._round_meta = meta
             self._round_started = time.perf_counter()
+            if envelope.phase == "train":
+                self._train_step = context.step
+                if self.metrics:
+                    self.metrics.progress(context.step, context.epoch)
+            log.debug("round begins", extra={"node": self.node, "step": self._train_step,
+                                             "round": envelope.step, "phase": envelope.phase})
             self._execute(self.machine.handle(
                 m.Begin(envelope.step, envelope.phase, context.lanes, context.micro_batches)))
         elif kind == Kind.COMMIT:
@@ -349,7 +420,7 @@ class NodeRuntime:
             raise ProtocolError("bad_header", "restore needs integer checkpoint and round", self.coordinator_node)
         for peer, endpoint in (meta.get("endpoints") or {}).items():
             if peer in self.topology.nodes and peer != self.node and self.transport.address_book.get(peer) != endpoint:
-                self.transport.reroute(peer, str(endpoint))
+                self.reroute(peer, str(endpoint))
         self.machine.reset(base)
         state = await asyncio.get_running_loop().run_in_executor(
             self.executor, checkpoint.load, self.checkpoint_dir, self.node, step)
@@ -358,9 +429,6 @@ class NodeRuntime:
         self._checkpoint_after.clear()
         log.warning("%s: restored checkpoint of step %d", self.node, step)
         await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "restore", "checkpoint": step}, step=base)
-
-    def _load_predict_inputs(self, meta) -> None:
-        pass  # prediction inputs are read by the node from its own files (see meshsl.predict)
 
     async def _on_load_weights(self, envelope: Envelope, tensors: list) -> None:
         segment = str(envelope.meta.get("segment"))
@@ -449,15 +517,45 @@ class NodeRuntime:
             for segment in self.worker.segments:
                 busy = compute.get((segment, "forward"), 0.0) + compute.get((segment, "backward"), 0.0)
                 self.metrics.bubble(segment, max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0)
+        if self.metrics:
+            self._observe_round(action.phase, summary, wall)
+            for edge, dcor in summary.get("leakage", {}).items():
+                self.metrics.leakage(edge, dcor)
+        log.info("round done", extra={"node": self.node, "step": self._train_step, "round": action.round,
+                                      "phase": action.phase, "seconds": round(wall, 4),
+                                      "busy_seconds": round(summary["compute_seconds"], 4)})
         if action.phase == "predict":
-            summary["predictions"] = {t: {str(k): v.tolist() for k, v in p.items()}
-                                      for t, p in self.worker.predictions.items()}
+            # Predictions stay with the owner of the task output: written to its own file, only counts leave.
+            writer = self.inference.write if self.inference is not None else None
+            summary["predicted"] = await loop.run_in_executor(self.executor, writer, self.worker) if writer else {}
         await self.send_control(self.coordinator_node, Kind.DONE, phase=action.phase, step=action.round,
                                 meta=summary)
 
 
+    def _observe_round(self, phase: str, summary: dict, wall: float) -> None:
+        """Prometheus: this node's samples and step time, and the loss/metrics of each task it owns."""
+        if phase == "train":
+            lanes = [lane for lane in self._round_meta.get("lanes", [])
+                     if any(self.topology.node_of(s, lane) == self.node for s in self.worker.segments)]
+            samples = self.topology.spec.training.batch_size * len(lanes)
+            if samples:
+                self.metrics.step_done(wall, samples)
+        kinds = {t.name: t.loss for t in self.topology.spec.tasks}
+        for task, stats in summary.get("tasks", {}).items():
+            if phase == "train" and stats.get("count"):
+                count = stats["count"]
+                metrics = {} if kinds.get(task) == "mse" else {"accuracy": stats.get("correct", 0) / count}
+                self.metrics.task(task, stats.get("loss_sum", 0.0) / count, metrics, "train")
+            elif phase == "eval" and _finite(stats.get("loss")):
+                metrics = {k: float(v) for k, v in stats.items() if k in ("accuracy", "f1", "auroc") and _finite(v)}
+                self.metrics.task(task, float(stats["loss"]), metrics, "eval")
+
     def _save_checkpoint(self, step: int) -> None:
         checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state())
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _describe_all(tensors):

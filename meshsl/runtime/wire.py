@@ -14,8 +14,11 @@ from meshsl.protocol.frames import DTYPE_NAMES, describe, tensor_from_frame
 class EdgeCodecs:
     """Codec objects per (edge, direction); top-k error feedback keeps state per sender-side slot."""
 
-    def __init__(self, edges: dict[str, EdgePlan]) -> None:
+    def __init__(self, edges: dict[str, EdgePlan], aligned: bool = False) -> None:
         self.edges = edges
+        # Frames arrive at arbitrary offsets inside ZeroMQ messages; vectorised kernels round
+        # differently on misaligned data, so deterministic runs copy those (a memcpy) to aligned memory.
+        self.aligned = aligned
         self._codecs = {}
         for edge in edges.values():
             self._codecs[(edge.name, "act")] = make_codec(edge.forward_codec)
@@ -47,7 +50,8 @@ class EdgeCodecs:
         if [(DTYPE_NAMES[d], n) for d, n in layout] != list(map(tuple, descriptor.parts)):
             raise ProtocolError("bad_size", f"{edge.name}: parts {descriptor.parts} do not match the codec layout")
         if codec.name == "none":
-            return parts[0].reshape(shape)  # zero-copy view of the received frame
+            tensor = parts[0].reshape(shape)  # zero-copy view of the received frame
+            return tensor.clone() if self.aligned and tensor.data_ptr() % 64 else tensor
         return codec.decode(parts, shape, torch.float32)
 
 
