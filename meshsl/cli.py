@@ -38,10 +38,30 @@ def load(path: Path, base_dir: Optional[Path] = None):
         fail(exc)
 
 
-@app.callback()
-def root(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR")) -> None:
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_logging = {"level": "WARNING", "json": False}  # what the root options chose (nodes re-apply it with their name)
+
+
+def _configure_logging(level: str, node: Optional[str] = None) -> str:
     from meshsl.logs import configure_logging
-    configure_logging(log_level.upper())
+    level = level.upper()
+    if level not in LOG_LEVELS:
+        fail(ConfigError(f"--log-level {level!r}: expected one of {', '.join(LOG_LEVELS)}"))
+    _logging["level"] = level
+    configure_logging(level, node=node, json=_logging["json"])
+    return level
+
+
+@app.callback()
+def root(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+         log_format: str = typer.Option("text", "--log-format", envvar="MESHSL_LOG_FORMAT",
+                                        help="text or json: one line per event either way")) -> None:
+    import os
+    if log_format not in ("text", "json"):
+        fail(ConfigError(f"--log-format {log_format!r}: expected text or json"))
+    _logging["json"] = log_format == "json"
+    os.environ["MESHSL_LOG_FORMAT"] = log_format  # node processes started by `meshsl run` inherit it
+    _configure_logging(log_level)
 
 
 @app.command()
@@ -139,16 +159,19 @@ def run(topology: Path = typer.Argument(...),
         weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="each node saves its final segment weights here"),
         resume: bool = typer.Option(False, "--resume", help="continue from the last consistent checkpoint in --run-dir"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
-        timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
+        timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
+        log_level: Optional[str] = typer.Option(None, "--log-level",
+                                                help="DEBUG, INFO, WARNING or ERROR, here and in every node's log")) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
     from meshsl.runtime.launcher import LocalRun, default_run_dir
+    level = _configure_logging(log_level) if log_level else _logging["level"]
     topo = load(topology)
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     from meshsl.plan.steps import training_steps
     total = len(training_steps(topo, steps, epochs))
     launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports,
-                        weights_out=weights_out, resume=resume)
+                        weights_out=weights_out, resume=resume, log_level=level)
     if resume and run_dir is None:
         fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
     resolved = launcher.prepare()
@@ -208,6 +231,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     topo = load(topology, base_dir)
     if name not in topo.nodes:
         fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
+    _configure_logging(_logging["level"], node=name)  # every line of this process names its node
     from meshsl.security.curve import warn_if_plaintext_exposed
     import logging
     warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))

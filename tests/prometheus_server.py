@@ -5,6 +5,9 @@
     with running_prometheus(["127.0.0.1:9101"], tmp_path) as base_url:
         rows = wait_for(lambda: query(base_url, "meshsl_up"), timeout=20)
 
+    # or with the file_sd JSON that `meshsl monitoring prometheus` writes:
+    with running_prometheus([], tmp_path, file_sd=[targets_json]) as base_url: ...
+
 Skips the calling test when no `prometheus` binary is installed (Debian: apt-get install
 prometheus). Prometheus takes about 5 s to scrape a target the first time, so poll with a deadline.
 """
@@ -20,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import pytest
 
@@ -42,15 +45,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(targets: list[str]) -> str:
+def _config(targets: list[str], file_sd: Sequence[Path] = ()) -> str:
+    job: dict = {"job_name": "meshsl", "honor_labels": True}  # same as monitoring/prometheus.yml
+    if targets:
+        job["static_configs"] = [{"targets": list(targets)}]
+    if file_sd:
+        job["file_sd_configs"] = [{"files": [str(Path(f).resolve()) for f in file_sd], "refresh_interval": "1s"}]
     # JSON is valid YAML, and quoting it this way needs no YAML writer.
     return json.dumps({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{
-            "job_name": "meshsl",
-            "honor_labels": True,  # same as monitoring/prometheus.yml
-            "static_configs": [{"targets": list(targets)}],
-        }],
+        "scrape_configs": [job],
     }, indent=2)
 
 
@@ -60,15 +64,16 @@ def _get(url: str, timeout: float = 2.0) -> bytes:
 
 
 @contextlib.contextmanager
-def running_prometheus(targets: list[str], tmp_path: Path) -> Iterator[str]:
-    """Run Prometheus scraping `targets` ("host:port") every second; yields its base URL."""
+def running_prometheus(targets: list[str], tmp_path: Path, file_sd: Sequence[Path] = ()) -> Iterator[str]:
+    """Run Prometheus scraping `targets` ("host:port") and the targets listed in the `file_sd`
+    JSON files every second; yields its base URL."""
     binary = prometheus_binary()
     if binary is None:
         pytest.skip("prometheus binary not installed: apt-get install prometheus")
     workdir = Path(tmp_path) / "prometheus"
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    config.write_text(_config(targets))
+    config.write_text(_config(targets, file_sd))
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = workdir / "prometheus.log"
