@@ -271,6 +271,7 @@ def monitoring_prometheus(topology: Path = typer.Argument(...),
 def _mount_optional() -> None:
     from meshsl.cli_keys import app as keys_app
     app.add_typer(keys_app, name="keys")
+    __import__("meshsl.cli_privacy", fromlist=["mount"]).mount(app)  # meshsl audit
 
 
 _mount_optional()

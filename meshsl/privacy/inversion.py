@@ -49,8 +49,14 @@ class _Adam:
             param.grad = None
 
 
+def _scale(std: Tensor) -> Tensor:
+    """Columns (nearly) constant in the attacker's fit set keep unit scale: dividing by a clamped tiny
+    std would blow a held-out row's small deviation (a pixel that is 0 in every fit image) up to 1e6."""
+    return torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
 def _standardise(train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
-    mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+    mean, std = train.mean(dim=0), _scale(train.std(dim=0))
     return tuple((t - mean) / std for t in (train, *others))
 
 
@@ -84,7 +90,7 @@ def inversion_probe(activations: Tensor, inputs: Tensor, *, epochs: int = 200, h
     val_idx, fit_idx = train_idx[:n_val], train_idx[n_val:]
     x_fit, x_val, x_test = _standardise(features[fit_idx], features[val_idx], features[test_idx])
     y_fit_raw, y_test_raw = targets[fit_idx], targets[test_idx]
-    y_mean, y_std = y_fit_raw.mean(dim=0), y_fit_raw.std(dim=0).clamp_min(1e-6)
+    y_mean, y_std = y_fit_raw.mean(dim=0), _scale(y_fit_raw.std(dim=0))
     y_fit, y_val = (y_fit_raw - y_mean) / y_std, (targets[val_idx] - y_mean) / y_std
 
     with torch.random.fork_rng(devices=[]), torch.enable_grad():

@@ -1,0 +1,207 @@
+"""Leakage audit: for every edge that crosses a party boundary, how much of the producing party's raw
+input can the receiving party recover from what it sees?
+
+Two measures, both on held-out rows (the topology's test pool, never used for training):
+
+* distance correlation dCor(raw inputs, activation): 0 for independence, 1 for a similarity
+  transform of the input;
+* a model-inversion probe: a decoder (MLP + linear skip) trained on part of the held-out pairs
+  (an attacker with auxiliary paired data) reconstructs the inputs of the rest. Its error is
+  relative to predicting the mean input (1.0: nothing recovered, 0.0: perfect reconstruction).
+
+The activation audited is what actually crosses the wire: after the edge's clipping and Gaussian
+noise (activation DP) and after the forward codec's lossy round trip (int8, top-k, fp16, ...).
+
+The model is either trained first (in-process `simulate`, the same code path as `meshsl run`) or
+loaded from the safetensors files that `meshsl run --weights-out DIR` writes.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Optional
+
+import networkx as nx
+import numpy as np
+import torch
+
+from meshsl.errors import ConfigError
+
+AUDIT_SEED = 1234
+
+
+# -- the model -------------------------------------------------------------------------------------
+def quiet_copy(topology):
+    """The same topology without metrics ports and checkpoints, for in-process training runs."""
+    from meshsl.topology.model import topology_from_spec
+    spec = topology.spec
+    nodes = [n.model_copy(update={"metrics_port": None}) for n in spec.nodes]
+    checkpoint = spec.checkpoint.model_copy(update={"every": 0})
+    copy = spec.model_copy(update={"nodes": nodes, "checkpoint": checkpoint})
+    return topology_from_spec(copy, topology.source, topology.base_dir)
+
+
+def train_modules(topology, steps: Optional[int] = None, epochs: Optional[int] = None,
+                  evaluate: bool = True) -> tuple[dict[str, torch.nn.Module], dict]:
+    """Train with the real runtime (all nodes in this process); returns lane-0 modules and the summary."""
+    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.simulate import simulate
+    quiet = quiet_copy(topology)
+    summary, runtimes = asyncio.run(simulate(quiet, RunOptions(steps=steps, epochs=epochs, evaluate=evaluate)))
+    modules = {}
+    for segment in topology.segment_order:
+        node = topology.node_of(segment, 0)
+        modules[segment] = runtimes[node].worker.modules[segment].cpu().eval()
+    return modules, summary
+
+
+def load_modules(topology, directory: Path) -> dict[str, torch.nn.Module]:
+    """Modules with weights from `meshsl run --weights-out DIR` (safetensors; lane 0 for replicated segments)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from meshsl.compute.worker import build_module
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError("weights directory not found", str(directory))
+    modules = {}
+    for segment in topology.segment_order:
+        names = [f"{segment}.safetensors"]
+        if topology.is_replicated(segment):
+            names.insert(0, f"{segment}@{topology.node_of(segment, 0)}.safetensors")
+        path = next((directory / n for n in names if (directory / n).is_file()), None)
+        if path is None:
+            raise ConfigError(f"no weights for segment {segment!r} (looked for {', '.join(names)})", str(directory))
+        module = build_module(topology, segment)
+        try:
+            state = load_file(str(path))
+            module.load_state_dict(state)
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise ConfigError(f"cannot load weights of segment {segment!r}: {str(exc)[:300]}", str(path)) from None
+        modules[segment] = module.eval()
+    return modules
+
+
+# -- data and activations --------------------------------------------------------------------------
+def feature_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Every feature data source at the given sample ids (the auditor sees all parties' data)."""
+    from meshsl.data import load_dataset, select_columns
+    values = {}
+    index = np.asarray(rows)
+    for name, spec in topology.data.items():
+        if spec.kind != "features":
+            continue
+        table = load_dataset(spec.dataset, topology.base_dir)
+        values[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)[index]),
+                                       dtype=torch.float32)
+    return values
+
+
+def crossing_value(topology, segment: str, output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """What a peer receives from `segment`: after activation DP and the forward codec's round trip."""
+    from meshsl.compression import make_codec
+    from meshsl.privacy.dp import clip_and_noise
+    edge = next((p for p in topology.spec.privacy if p.segment == segment), None)
+    if edge is None:
+        return output
+    if edge.dp is not None:
+        output = clip_and_noise(output, edge.dp, generator)
+    codec = make_codec(edge.forward)
+    if codec.name != "none":
+        parts = codec.encode(output.float(), slot=("audit", segment))
+        output = codec.decode(parts, tuple(output.shape), torch.float32)
+        codec.reset()
+    return output
+
+
+@torch.no_grad()
+def forward_all(topology, modules: dict[str, torch.nn.Module], rows: np.ndarray,
+                seed: int = AUDIT_SEED) -> dict[str, torch.Tensor]:
+    """Raw features and the crossing value of every segment on `rows`, in one process."""
+    from meshsl.compute.layers import merge_inputs
+    values = feature_tensors(topology, rows)
+    generator = torch.Generator().manual_seed(seed)
+    for name in topology.segment_order:
+        spec = topology.segments[name]
+        output = modules[name](merge_inputs([values[i] for i in spec.inputs], spec.merge))
+        values[name] = crossing_value(topology, name, output, generator)
+    return values
+
+
+def raw_sources(topology, segment: str) -> list[str]:
+    """Feature sources upstream of `segment`: the producing party's own if it has any, else all of them
+    (a middle hop relays someone else's data, and that is what its activations leak)."""
+    upstream = nx.ancestors(topology.graph, segment)
+    features = [n for n, d in topology.data.items() if d.kind == "features" and n in upstream]
+    party = topology.party_of(segment)
+    own = [n for n in features if topology.party_of(n) == party]
+    return own or features
+
+
+def flat_raw(values: dict[str, torch.Tensor], sources: list[str]) -> torch.Tensor:
+    return torch.cat([values[s].reshape(values[s].shape[0], -1) for s in sources], dim=1)
+
+
+# -- the audit -------------------------------------------------------------------------------------
+def audit_modules(topology, modules: dict[str, torch.nn.Module], *, max_samples: int = 1024,
+                  probe_epochs: int = 200, seed: int = AUDIT_SEED) -> dict[str, dict]:
+    """Per cut edge: dCor and inversion-probe figures on the held-out rows."""
+    from meshsl.plan.steps import sample_pools
+    from meshsl.privacy.inversion import leakage_report
+    rows = np.asarray(sample_pools(topology).test)
+    if len(rows) < 10:
+        raise ConfigError(f"the held-out set has {len(rows)} rows; the audit needs at least 10 "
+                          f"(raise dataset.test_fraction)", f"{topology.source}: data")
+    rows = rows[:max_samples]
+    values = forward_all(topology, modules, rows, seed)
+    privacy = {p.segment: p for p in topology.spec.privacy}
+    reports: dict[str, dict] = {}
+    cache: dict[str, dict] = {}
+    for producer, consumer in topology.cut_edges():
+        edge = f"{producer}->{consumer}"
+        sources = raw_sources(topology, producer)
+        entry = {"producer": producer, "consumer": consumer,
+                 "producer_party": topology.party_of(producer), "consumer_party": topology.party_of(consumer),
+                 "raw_sources": sources}
+        spec = privacy.get(producer)
+        entry["nopeek"] = spec.nopeek if spec else 0.0
+        entry["dp"] = spec.dp.model_dump() if spec and spec.dp else None
+        entry["forward_codec"] = spec.forward.codec if spec else "none"
+        if not sources:
+            entry.update(dcor=None, note="no raw features upstream of this edge")
+            reports[edge] = entry
+            continue
+        if producer not in cache:
+            cache[producer] = leakage_report(flat_raw(values, sources), values[producer], seed=seed,
+                                             max_dcor_samples=max_samples, epochs=probe_epochs)
+        entry.update(cache[producer])
+        reports[edge] = entry
+    return reports
+
+
+def audit(topology, *, steps: Optional[int] = None, weights: Optional[Path] = None,
+          probe_epochs: int = 200) -> dict:
+    """Train (or load `weights`) and audit every cut edge; a JSON-ready document."""
+    document = {"topology": topology.spec.name, "topology_hash": topology.hash}
+    if not topology.cut_edges():
+        raise ConfigError("no segment output crosses a party boundary: nothing to audit", topology.source)
+    if weights is not None:
+        modules = load_modules(topology, weights)
+        document["weights"] = str(weights)
+    else:
+        modules, summary = train_modules(topology, steps=steps)
+        document["trained"] = {
+            "steps": summary["steps"],
+            "eval": {t: {k: v for k, v in r.get("eval", {}).items() if k in ("accuracy", "loss", "f1", "auroc")}
+                     for t, r in summary["tasks"].items()},
+            "bytes_per_sample": summary["bytes_per_sample"],
+            "live_leakage": summary.get("leakage", {}),
+        }
+    document["label_dp"] = topology.spec.training.label_dp.model_dump() if topology.spec.training.label_dp else None
+    document["edges"] = audit_modules(topology, modules, probe_epochs=probe_epochs)
+    return document
+
+
+def finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
