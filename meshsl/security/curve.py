@@ -155,6 +155,15 @@ class HandshakeMonitor:
                 except Exception:
                     log.exception("on_failure callback failed")
 
+    def close_now(self) -> None:
+        """Stop without awaiting (for sync callers such as a re-route); the task ends on its own."""
+        self._task.cancel()
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+
     async def stop(self) -> None:
         self._task.cancel()
         try:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import abc
 from typing import Sequence
 
+# Sender identity a transport returns for a peer whose authenticated (CURVE) name and routing id
+# disagree; the node rejects it as "spoofed_sender". Routing ids may not start with a zero byte.
+SPOOFED_PREFIX = "\x00spoofed:"
+
 
 class Transport(abc.ABC):
     """Bound to one node's endpoint; sends frames to peers by node name, receives (sender, frames).

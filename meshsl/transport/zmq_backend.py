@@ -9,7 +9,7 @@ import zmq
 import zmq.asyncio
 
 from meshsl.errors import TransportError
-from meshsl.transport.base import Transport
+from meshsl.transport.base import SPOOFED_PREFIX, Transport
 
 log = logging.getLogger("meshsl.transport")
 
@@ -27,6 +27,8 @@ class ZmqTransport(Transport):
         self._router: Optional[zmq.asyncio.Socket] = None
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
         self._authenticator = None
+        self._monitors: list = []
+        self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
         self.sent_hook = None
 
     async def start(self) -> None:
@@ -38,6 +40,10 @@ class ZmqTransport(Transport):
             from meshsl.security.curve import configure_server, start_authenticator
             self._authenticator = await start_authenticator(self.context, self.keyring, self.on_auth_refused)
             configure_server(router, self.keyring)
+            from meshsl.security.curve import HandshakeMonitor
+            # ZAP refusals are counted by the authenticator; the monitor adds what never reaches ZAP
+            # (plain-text clients, garbled handshakes).
+            self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure))
         try:
             router.bind(self.endpoint)
         except zmq.ZMQError as exc:
@@ -62,6 +68,8 @@ class ZmqTransport(Transport):
         if self.keyring is not None:
             from meshsl.security.curve import configure_client
             configure_client(sock, self.keyring, peer)
+            from meshsl.security.curve import HandshakeMonitor
+            self._monitors.append(HandshakeMonitor(sock, lambda reason, peer=peer: self._on_refused_by(peer, reason)))
         sock.connect(endpoint)
         self._dealers[peer] = sock
         return sock
@@ -74,20 +82,43 @@ class ZmqTransport(Transport):
     async def recv(self) -> tuple[str, list]:
         frames = await self._router.recv_multipart(copy=False)
         identity = frames[0].bytes.decode("utf-8", "replace")
-        if self.keyring is not None and len(frames) > 1:
-            # With CURVE the authenticator maps the peer's key to its node name: trust that, not the routing id.
-            user = frames[1].get("User-Id")
-            if user and user != identity:
-                identity = f"{user}(claimed {identity})"
+        if self.keyring is not None:
+            # With CURVE the authenticator maps the peer's key to its node name: trust that, not the
+            # routing id. A mismatch comes back as an identity no header can name, and the node
+            # rejects it as "spoofed_sender".
+            try:
+                user = frames[1].get("User-Id") if len(frames) > 1 else None
+            except zmq.ZMQError:
+                user = None
+            if user != identity:
+                log.warning("%s: peer authenticated as %r claims routing id %r", self.node, user, identity[:64])
+                identity = f"{SPOOFED_PREFIX}{user}:{identity[:64]}"
         return identity, frames[1:]
+
+    def _on_handshake_failure(self, reason: str) -> None:
+        if reason != "auth" and self.on_auth_refused is not None:
+            self.on_auth_refused(reason)
+
+    def _on_refused_by(self, peer: str, reason: str) -> None:
+        if reason == "auth":
+            self.refused_by[peer] = self.refused_by.get(peer, 0) + 1
+            log.error("%s: node %r refused this node's CURVE key (is %s.key_secret the key the topology "
+                      "declares for %s?)", self.node, peer, self.node, self.node)
 
     def reroute(self, peer: str, endpoint: str) -> None:
         super().reroute(peer, endpoint)
         sock = self._dealers.pop(peer, None)
         if sock is not None:
+            if self.keyring is not None:  # stop its monitor before the socket goes
+                for monitor in [m for m in self._monitors if m._sock is sock]:
+                    self._monitors.remove(monitor)
+                    monitor.close_now()
             sock.close(0)
 
     async def close(self) -> None:
+        for monitor in self._monitors:
+            await monitor.stop()
+        self._monitors.clear()
         for sock in self._dealers.values():
             sock.close(0)
         self._dealers.clear()
