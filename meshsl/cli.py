@@ -157,6 +157,7 @@ def run(topology: Path = typer.Argument(...),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="logs and resolved topology (default: temp)"),
         free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports instead of the declared ones"),
         weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="each node saves its final segment weights here"),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="start from the segment weights saved in DIR (fine-tuning)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the last consistent checkpoint in --run-dir"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
@@ -171,7 +172,7 @@ def run(topology: Path = typer.Argument(...),
     from meshsl.plan.steps import training_steps
     total = len(training_steps(topo, steps, epochs))
     launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports,
-                        weights_out=weights_out, resume=resume, log_level=level)
+                        weights_out=weights_out, resume=resume, log_level=level, weights_in=weights)
     if resume and run_dir is None:
         fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
     resolved = launcher.prepare()
@@ -224,6 +225,12 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          resume: bool = typer.Option(False, "--resume", help="continue from this node's last complete checkpoint"),
          checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="overrides checkpoint.directory"),
          endpoint: Optional[str] = typer.Option(None, "--endpoint", help="bind here instead (a declared standby endpoint)"),
+         weights: Optional[Path] = typer.Option(None, "--weights", help="start from the segment weights saved in DIR"),
+         predict: bool = typer.Option(False, "--predict", help="forward-only prediction rounds instead of training"),
+         predict_input: Optional[Path] = typer.Option(None, "--predict-input", help="this node's own input rows (CSV/.npy)"),
+         predict_output: Optional[Path] = typer.Option(None, "--predict-output", help="write the predictions this node owns to DIR"),
+         predict_batch_size: Optional[int] = typer.Option(None, "--predict-batch-size", min=1, help="rows per micro-batch"),
+         startup_timeout: Optional[float] = typer.Option(None, "--startup-timeout", help="coordinator: wait this long for every node"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime.coordinator import RunOptions
@@ -235,13 +242,17 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     from meshsl.security.curve import warn_if_plaintext_exposed
     import logging
     warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
-    options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval)
+    options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval, startup_timeout_s=startup_timeout)
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
-    runtime_options = {"resume": resume, "endpoint": endpoint}
+    runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights}
     if checkpoint_dir is not None:
         runtime_options["checkpoint_dir"] = checkpoint_dir
     try:
+        if predict or predict_input or predict_output:
+            from meshsl.predict import node_predict_options
+            options.predict, runtime_options["inference"] = node_predict_options(
+                topo, name, predict_input, predict_output, predict_batch_size)
         code = node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
     except MeshslError as exc:
         fail(exc, 1)
@@ -272,6 +283,7 @@ def _mount_optional() -> None:
     from meshsl.cli_keys import app as keys_app
     app.add_typer(keys_app, name="keys")
     __import__("meshsl.cli_privacy", fromlist=["mount"]).mount(app)  # meshsl audit
+    __import__("meshsl.cli_model", fromlist=["mount"]).mount(app)  # meshsl predict / export / assemble / evaluate
 
 
 _mount_optional()

@@ -26,19 +26,24 @@ class NodeData:
         self.predict_inputs: dict[str, torch.Tensor] = {}
 
     def rows(self, phase: str, lane: int, epoch: int, step_in_epoch: int, micro_batch: int,
-             micro_batches: int) -> np.ndarray:
-        """Sample ids (rows) of one micro-batch of a round."""
+             micro_batches: int, offset: int = 0, count: int = 0) -> np.ndarray:
+        """Sample ids (rows) of one micro-batch of a round.
+
+        Predict rounds cover rows [offset, offset + count) of every party's own input file (rows are
+        aligned by position across parties); the owner of a task output needs no input to know them."""
         if phase == "train":
             batch = batch_indices(self.pools.train[lane], self.training.batch_size, self.training.seed,
                                   epoch, step_in_epoch, lane)
             return np.array_split(batch, micro_batches)[micro_batch]
         if phase == "eval":
             return eval_batches(self.pools.test, self.training.eval_batch_size)[micro_batch]
-        size = len(next(iter(self.predict_inputs.values())))
-        return np.array_split(np.arange(size), micro_batches)[micro_batch]
+        return np.array_split(np.arange(offset, offset + count, dtype=np.int64), micro_batches)[micro_batch]
 
     def get(self, name: str, rows: np.ndarray, phase: str) -> torch.Tensor:
-        if phase == "predict" and name in self.predict_inputs:
+        if phase == "predict":
+            if name not in self.predict_inputs:
+                from meshsl.errors import DataError
+                raise DataError(f"no prediction input for data source {name!r} on this node", "predict")
             return self.predict_inputs[name][torch.as_tensor(rows)]
         return self.tensors[name][torch.as_tensor(rows)]
 

@@ -44,6 +44,39 @@ def save_weights(runtime: NodeRuntime, directory: Path) -> list[Path]:
     return paths
 
 
+def weights_file(runtime_or_topology, segment: str, node: str, directory: Path) -> Path:
+    topology = getattr(runtime_or_topology, "topology", runtime_or_topology)
+    name = f"{segment}@{node}" if topology.is_replicated(segment) else segment
+    return Path(directory) / f"{name}.safetensors"
+
+
+def load_saved_weights(worker, directory: Path) -> list[Path]:
+    """Start a node from the weights `save_weights` wrote (`meshsl node --weights DIR`).
+
+    Optimizer state is not restored: saved weights are for evaluation, prediction or fine-tuning."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from meshsl.errors import ConfigError
+    paths = []
+    for segment, module in worker.modules.items():
+        path = weights_file(worker.topology, segment, worker.node, directory)
+        if not path.is_file():
+            raise ConfigError(f"no saved weights for segment {segment!r} of node {worker.node!r}: {path} is missing",
+                              "--weights")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}", "--weights") from None
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise ConfigError(f"{path} does not fit segment {segment!r}: it holds {got}, the topology needs {expected}",
+                              "--weights")
+        module.load_state_dict(state)
+        paths.append(path)
+    return paths
+
+
 async def run_node(topology, node: str, options: Optional[RunOptions] = None, progress_stream: bool = False,
                    transport=None, metrics=None, weights_out: Optional[Path] = None,
                    **runtime_options) -> tuple[NodeRuntime, dict]:
@@ -76,6 +109,12 @@ def node_main(topology, node: str, summary_json: Optional[Path], options: RunOpt
                                             **runtime_options))
     if runtime.failure:
         print(f"error: {runtime.failure}", file=sys.stderr)
+        exc = getattr(runtime.coordinator, "exception", None)
+        if summary_json and runtime.coordinator is not None:  # the launcher re-raises it typed
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+            summary_json.write_text(json.dumps({"error": runtime.failure, "error_type": type(exc).__name__ if exc else None,
+                                                "peer": getattr(exc, "peer", None),
+                                                "waited_s": getattr(exc, "waited_s", None)}))
         return 1
     if summary and summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,414 @@
+"""Prediction through the topology: forward-only rounds over the same nodes and hops as training.
+
+Every party reads ITS OWN input file (the same columns as its data source; rows are aligned by
+position across parties, as training rows are aligned by sample id), activations travel the cut
+edges exactly as in training (pipelined micro-batches, no gradients, no optimizer step), and the
+node owning a task's output writes the predictions to its own file. The coordinator only learns
+how many rows each party has and how many predictions each owner wrote, never a prediction.
+
+Pieces:
+- `read_node_input`: a node's input file -> tensors per data source (typed errors name node and file);
+- `NodeInference`: a node's side (attach the input to its worker, write the predictions it owns);
+- `coordinate_prediction`: the coordinator's predict rounds (`RunOptions.predict`);
+- `predict_local` / `evaluate_local`: every local node as its own process (what the CLI runs).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from meshsl.errors import ConfigError, DataError, MeshslError, PeerFailed, PeerTimeout
+
+FLOAT_FORMAT = ".9g"  # round-trips float32
+
+
+class PartyOffline(PeerTimeout):
+    """A party needed for prediction (or evaluation) did not come online in time."""
+
+    def __init__(self, peer: str, waited_s: float, parties: str = "") -> None:
+        super().__init__(peer, waited_s, "start")
+        self.args = (f"node(s) {peer} {('(' + parties + ') ') if parties else ''}did not come online within "
+                     f"{waited_s:.1f}s; every party holding inputs or segments must run its node "
+                     f"(`meshsl node NAME --predict ...`)",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass
+class PredictSettings:
+    """How the coordinator cuts the input into rounds: micro-batches of `batch_size` rows, `micro_batches`
+    of them in flight per round (the pipeline); None: the topology's eval_batch_size / max(2, micro_batches)."""
+
+    batch_size: Optional[int] = None
+    micro_batches: Optional[int] = None
+
+
+# ---- reading a party's own input ---------------------------------------------------------------
+def feature_sources(topology, node: str) -> list:
+    return [d for d in topology.spec.data if d.kind == "features" and node in topology.placement[d.name]]
+
+
+def _read_matrix(path: Path, where: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist", where)
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)  # never unpickle
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"cannot load {path} (pickled/object arrays are refused): {exc}", where) from None
+        if not np.issubdtype(array.dtype, np.number) or array.ndim < 1:
+            raise DataError(f"{path} holds {array.dtype} of shape {array.shape}, expected numbers [rows, ...]", where)
+        return array.reshape(len(array), -1) if array.ndim == 1 else array
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.reader(handle) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}", where) from None
+    if rows:
+        try:
+            [float(v) for v in rows[0]]
+        except ValueError:
+            rows = rows[1:]  # a header row
+    if not rows:
+        raise DataError(f"{path} has no data rows", where)
+    width = len(rows[0])
+    values = np.empty((len(rows), width), dtype=np.float64)
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise DataError(f"{path}: data row {i} has {len(row)} fields, the first has {width}", where)
+        try:
+            values[i] = [float(v) for v in row]
+        except ValueError:
+            raise DataError(f"{path}: data row {i} has a value that is not a number", where) from None
+    return values
+
+
+def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """`node`'s input rows: the columns of its feature sources, in declaration order (several sources
+    side by side). CSV (optional header) or .npy ([rows, columns] or [rows, *feature shape])."""
+    path = Path(path)
+    where = f"--input {node}={path}"
+    if node not in topology.nodes:
+        raise ConfigError(f"unknown node {node!r} (nodes: {', '.join(topology.nodes)})", where)
+    sources = feature_sources(topology, node)
+    if not sources:
+        raise ConfigError(f"node {node!r} holds no feature data, so it takes no prediction input", where)
+    shapes = [tuple(topology.shapes[d.name]) for d in sources]
+    widths = [math.prod(s) for s in shapes]
+    array = _read_matrix(path, where)
+    if len(sources) == 1 and tuple(array.shape[1:]) == shapes[0]:
+        array = array.reshape(len(array), -1)
+    elif array.ndim != 2:
+        array = array.reshape(len(array), -1)
+    if array.shape[1] != sum(widths):
+        needs = ", ".join(f"{d.name}: {w}" for d, w in zip(sources, widths))
+        raise DataError(f"input file {path} has {array.shape[1]} columns; "
+                        f"node {node!r} needs {sum(widths)} ({needs})", where)
+    if not np.isfinite(array).all():
+        raise DataError(f"node {node!r}: input file {path} contains NaN or infinite values", where)
+    tensors, start = {}, 0
+    for d, shape, width in zip(sources, shapes, widths):
+        block = np.ascontiguousarray(array[:, start:start + width], dtype=np.float32)
+        tensors[d.name] = torch.from_numpy(block).reshape(len(array), *shape)
+        start += width
+    return tensors, len(array)
+
+
+# ---- a node's side -----------------------------------------------------------------------------
+def lane_client(topology, lane: int) -> str:
+    """Name of the client (replicated node) of `lane`, for per-client rows and metrics."""
+    for name in topology.spec.data:
+        if topology.is_replicated(name.name):
+            return topology.node_of(name.name, lane)
+    for name in topology.segment_order:
+        if topology.is_replicated(name):
+            return topology.node_of(name, lane)
+    return f"lane{lane}"
+
+
+def prediction_file(topology, task, node: str, directory: Path) -> Path:
+    stem = f"{task.name}@{node}" if topology.is_replicated(task.output) else task.name
+    return Path(directory) / f"{stem}.csv"
+
+
+def _header(topology, task, width: int) -> list[str]:
+    head = ["row"] + (["client"] if topology.lanes > 1 else [])
+    if task.loss == "cross_entropy":
+        return head + ["prediction"] + [f"prob_{k}" for k in range(width)]
+    if task.loss == "bce_with_logits":
+        return head + ["prediction", "prob_1"]
+    return head + [f"value_{k}" for k in range(width)]
+
+
+@dataclass
+class NodeInference:
+    """One node in a predict run: its own input file (if it holds features) and the folder where it
+    writes the predictions of the task outputs it owns (if it owns any)."""
+
+    input_path: Optional[Path] = None
+    output_dir: Optional[Path] = None
+    rows: Optional[int] = None  # of the input (announced to the coordinator; the rows themselves stay)
+    written: dict = field(default_factory=dict)  # task -> predictions written
+    files: dict = field(default_factory=dict)  # task -> path
+
+    def attach(self, worker) -> None:
+        """On the compute thread at node start: read the input, start the output files."""
+        topology = worker.topology
+        if self.input_path is not None:
+            tensors, self.rows = read_node_input(topology, worker.node, self.input_path)
+            worker.data.predict_inputs.update(tensors)
+        for task in worker._my_tasks():
+            if self.output_dir is None:
+                raise ConfigError(f"node {worker.node!r} owns the output of task {task.name!r}; give it "
+                                  f"--predict-output DIR", "--predict-output")
+            path = prediction_file(topology, task, worker.node, self.output_dir)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")  # a fresh file per run; the header follows with the first rows
+            self.files[task.name] = path
+            self.written[task.name] = 0
+
+    def write(self, worker) -> dict[str, int]:
+        """After a predict round: append this round's predictions (in row order) to the owner's files."""
+        context = worker.context
+        counts = {}
+        for task in worker._my_tasks():
+            outputs = worker.predictions.get(task.name, {})
+            path = self.files[task.name]
+            with path.open("a", newline="") as handle:
+                out = csv.writer(handle)
+                for (lane, mb) in sorted(outputs):
+                    output = outputs[(lane, mb)].float()
+                    rows = worker.data.rows("predict", lane, 0, 0, mb, context.micro_batches,
+                                            offset=context.offset, count=context.count)
+                    if task.loss == "cross_entropy":
+                        probs = output.reshape(len(output), -1).softmax(dim=1)
+                        values = torch.cat([probs.argmax(dim=1, keepdim=True).float(), probs], dim=1)
+                    elif task.loss == "bce_with_logits":
+                        probs = torch.sigmoid(output.reshape(-1, 1))
+                        values = torch.cat([(probs > 0.5).float(), probs], dim=1)
+                    else:
+                        values = output.reshape(len(output), -1)
+                    if self.written[task.name] == 0:
+                        width = values.shape[1] - (1 if task.loss != "mse" else 0)
+                        out.writerow(_header(worker.topology, task, width))
+                    client = [lane_client(worker.topology, lane)] if worker.topology.lanes > 1 else []
+                    for row, vals in zip(rows.tolist(), values.tolist()):
+                        fields = [format(v, FLOAT_FORMAT) for v in vals]
+                        if task.loss != "mse":
+                            fields[0] = str(int(vals[0]))
+                        out.writerow([row, *client, *fields])
+                    self.written[task.name] += len(rows)
+                    counts[task.name] = counts.get(task.name, 0) + len(rows)
+        return counts
+
+
+def node_predict_options(topology, node: str, input_path: Optional[Path], output_dir: Optional[Path],
+                         batch_size: Optional[int] = None) -> tuple[PredictSettings, NodeInference]:
+    """`meshsl node NAME --predict [--predict-input FILE] [--predict-output DIR]`."""
+    if input_path is not None:
+        read_node_input(topology, node, input_path)  # fail before binding any socket
+    owns = [t.name for t in topology.spec.tasks if node in topology.placement[t.output]]
+    if owns and output_dir is None:
+        raise ConfigError(f"node {node!r} owns the output of task(s) {', '.join(owns)}; give it --predict-output DIR",
+                          "--predict-output")
+    return PredictSettings(batch_size=batch_size), NodeInference(input_path=input_path, output_dir=output_dir)
+
+
+# ---- the coordinator's side --------------------------------------------------------------------
+def predict_lanes(topology, rows: dict[str, int]) -> list[tuple[int, int]]:
+    """(lane, rows) to predict: a lane runs when its feature holders all announced inputs of one length."""
+    sources = [d.name for d in topology.spec.data if d.kind == "features"]
+    plan = []
+    for lane in range(topology.lanes):
+        needed = sorted({topology.node_of(s, lane) for s in sources})
+        have = {n: rows[n] for n in needed if n in rows}
+        if not have:
+            continue
+        missing = [n for n in needed if n not in have]
+        if missing:
+            raise DataError(f"{', '.join(missing)} gave no prediction input, but {', '.join(have)} did; every "
+                            f"party holding features of the same rows needs one", "predict")
+        if len(set(have.values())) > 1:
+            counts = ", ".join(f"{n}: {k} rows" for n, k in have.items())
+            raise DataError(f"prediction inputs are not aligned (rows pair up by position): {counts}", "predict")
+        plan.append((lane, next(iter(have.values()))))
+    if not plan:
+        raise DataError("no node has a prediction input", "predict")
+    return plan
+
+
+async def coordinate_prediction(coordinator, settings: PredictSettings) -> dict:
+    """Forward-only rounds over every lane with inputs; returns the run summary (counts only)."""
+    from meshsl.protocol.envelope import Kind
+    topology = coordinator.topology
+    training = topology.spec.training
+    plan = predict_lanes(topology, coordinator.predict_rows)
+    wire_limit = max(training.eval_batch_size, training.batch_size)  # rows a node accepts per message
+    rows_per_mb = min(settings.batch_size or training.eval_batch_size, wire_limit)
+    per_round = settings.micro_batches or max(2, training.micro_batches)
+    chunk = rows_per_mb * per_round
+    written: dict[str, int] = {t: 0 for t in topology.tasks}
+    started = time.perf_counter()
+    rounds = 0
+    for lane, total in plan:
+        for offset in range(0, total, chunk):
+            count = min(chunk, total - offset)
+            micro_batches = math.ceil(count / rows_per_mb)
+            coordinator.round += 1
+            rounds += 1
+            await coordinator.broadcast(Kind.BEGIN, phase="predict", step=coordinator.round, meta={
+                "lanes": [lane], "micro_batches": micro_batches, "offset": offset, "count": count})
+            done = await coordinator._collect(Kind.DONE, set(coordinator.nodes), coordinator.round,
+                                              "finish its prediction round")
+            for sender, (envelope, _) in done.items():
+                for task, n in (envelope.meta.get("predicted") or {}).items():
+                    if task in written and isinstance(n, int):
+                        written[task] += n
+    expected = sum(n for _, n in plan)
+    wall = time.perf_counter() - started
+    tasks = {}
+    for task in topology.spec.tasks:
+        owners = sorted({topology.node_of(task.output, lane) for lane, _ in plan})
+        if written[task.name] != expected:
+            raise PeerFailed(owners[0], f"wrote {written[task.name]} of {expected} predictions of task {task.name!r}")
+        tasks[task.name] = {"rows": written[task.name], "owners": owners,
+                            "files": [prediction_file(topology, task, o, Path(".")).name for o in owners]}
+    return {"topology": topology.spec.name, "topology_hash": topology.hash, "mode": "predict",
+            "rows": {lane_client(topology, lane) if topology.lanes > 1 else "all": n for lane, n in plan},
+            "rounds": rounds, "rows_per_micro_batch": rows_per_mb, "micro_batches_per_round": per_round,
+            "wall_seconds": wall, "rows_per_s": expected / wall if wall > 0 else 0.0, "tasks": tasks}
+
+
+# ---- running it locally (one process per node) -------------------------------------------------
+def _raise_from_summary(summary: dict, topology) -> None:
+    kind, message = summary.get("error_type"), str(summary.get("error", ""))
+    if kind in ("PeerTimeout", "PartyOffline") and summary.get("peer"):
+        peers = [p.strip() for p in str(summary["peer"]).split(",")]
+        parties = ", ".join(topology.nodes[p].party for p in peers if p in topology.nodes)
+        raise PartyOffline(str(summary["peer"]), float(summary.get("waited_s") or 0.0), parties)
+    if kind == "DataError":
+        raise DataError(message.split(": ", 1)[-1] if message.startswith("predict: ") else message, "predict")
+    if kind == "ConfigError":
+        raise ConfigError(message)
+    raise PeerFailed(topology.coordinator, message)
+
+
+def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
+    """Wait for the local processes; the coordinator's typed error (offline party, bad input) is re-raised."""
+    import json
+    deadline = time.monotonic() + timeout if timeout else None
+    coordinator = topology.coordinator
+    summary_path = run.run_dir / "summary.json"
+    try:
+        while True:
+            head = run.processes.get(coordinator)
+            if head is not None and head.poll() is not None:
+                break
+            if head is None and all(p.poll() is not None for p in run.processes.values()):
+                break
+            for name, proc in run.processes.items():
+                if name != coordinator and proc.poll() not in (None, 0):
+                    raise PeerFailed(name, run.log_tail(name))
+            if deadline and time.monotonic() > deadline:
+                raise PeerTimeout(coordinator, timeout, "finish")
+            time.sleep(0.05)
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if head is not None and head.returncode != 0:  # the others are stopped (finally) without waiting
+            if summary.get("error"):
+                _raise_from_summary(summary, topology)
+            raise PeerFailed(coordinator, run.log_tail(coordinator))
+        for name, proc in run.processes.items():
+            try:
+                proc.wait(timeout=30)
+            except Exception:
+                proc.kill()
+        bad = [n for n, p in run.processes.items() if p.returncode != 0]
+        if bad:
+            raise PeerFailed(bad[0], run.log_tail(bad[0]))
+        return summary
+    finally:
+        run.stop()
+
+
+def _launch(topology_path: Path, run_dir: Optional[Path], free_ports: bool, remote, **launch) -> tuple:
+    from meshsl.runtime.launcher import LocalRun, default_run_dir
+    from meshsl.topology.model import topology_from_spec
+    from meshsl.config.loader import load_spec
+    run = LocalRun(Path(topology_path), Path(run_dir) if run_dir else default_run_dir(), free_ports=free_ports,
+                   **launch)
+    resolved = run.prepare()
+    topology = topology_from_spec(load_spec(resolved), str(resolved), Path(topology_path).parent)
+    unknown = [n for n in remote if n not in topology.nodes]
+    if unknown:
+        raise ConfigError(f"unknown node(s) {', '.join(unknown)} (nodes: {', '.join(topology.nodes)})", "--remote")
+    run._topology, run._resolved = topology, resolved
+    for name in topology.nodes:
+        if name not in remote:
+            run._spawn(name)
+    return run, topology
+
+
+def check_inputs(topology, inputs: dict[str, Path], remote=()) -> dict[str, int]:
+    """Before starting anything: every input is readable, has its node's columns, and rows line up."""
+    rows = {node: read_node_input(topology, node, path)[1] for node, path in inputs.items()}
+    sources = [d.name for d in topology.spec.data if d.kind == "features"]
+    if topology.lanes == 1:
+        needed = sorted({topology.node_of(s) for s in sources})
+        missing = [n for n in needed if n not in inputs and n not in remote]
+        if missing:
+            raise ConfigError(f"no --input for {', '.join(missing)} (every feature holder needs one: "
+                              f"{', '.join(f'{n}=FILE' for n in needed)})", "--input")
+    predict_lanes(topology, {**rows, **{n: next(iter(rows.values())) for n in remote if rows}})
+    return rows
+
+
+def predict_local(topology_path: Path, weights: Path, inputs: dict[str, Path], output: Path, *,
+                  remote=(), run_dir: Optional[Path] = None, free_ports: bool = False,
+                  startup_timeout: Optional[float] = None, batch_size: Optional[int] = None,
+                  timeout: Optional[float] = None, log_level: str = "WARNING") -> dict:
+    """`meshsl predict`: start the local nodes (those not in `remote`) in prediction mode; returns the summary."""
+    from meshsl.topology.model import load_topology
+    topology = load_topology(topology_path)
+    check_inputs(topology, {n: Path(p) for n, p in inputs.items()}, remote)
+    node_args: dict = {"*": ["--predict", "--predict-output", str(Path(output).resolve())]}
+    if batch_size:
+        node_args["*"] += ["--predict-batch-size", str(batch_size)]
+    if startup_timeout:
+        node_args["*"] += ["--startup-timeout", str(startup_timeout)]
+    for node, path in inputs.items():
+        node_args[node] = ["--predict-input", str(Path(path).resolve())]
+    run, resolved = _launch(topology_path, run_dir, free_ports, remote, weights_in=Path(weights),
+                            node_args=node_args, evaluate=False, log_level=log_level)
+    return follow_local(run, resolved, timeout)
+
+
+def evaluate_local(topology_path: Path, weights: Path, *, run_dir: Optional[Path] = None, free_ports: bool = False,
+                   startup_timeout: Optional[float] = None, timeout: Optional[float] = None,
+                   log_level: str = "WARNING") -> dict:
+    """`meshsl evaluate`: an evaluation round only (steps=0) on the held-out rows, from saved weights."""
+    node_args = {"*": ["--startup-timeout", str(startup_timeout)]} if startup_timeout else {}
+    run, resolved = _launch(topology_path, run_dir, free_ports, (), weights_in=Path(weights), steps=0,
+                            evaluate=True, node_args=node_args, log_level=log_level)
+    summary = follow_local(run, resolved, timeout)
+    summary["weights"] = str(Path(weights).resolve())
+    return summary
+
+
+def load_predictions(path: Path) -> dict[str, np.ndarray]:
+    """A predictions CSV as columns (row, [client,] prediction, prob_k / value_k)."""
+    with Path(path).open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    columns = {}
+    for i, name in enumerate(header):
+        values = [r[i] for r in body]
+        columns[name] = np.array(values) if name == "client" else np.array(values, dtype=np.float64)
+    return columns
