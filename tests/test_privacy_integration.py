@@ -228,7 +228,7 @@ def test_topk_forward_with_int8_backward_still_trains(vanilla):
     assert _payload(base, "backward") / _payload(summary, "backward") > 3.3
     history = summary["history"]
     assert history[-1]["tasks"]["digit"]["loss"] < 0.5 * history[0]["tasks"]["digit"]["loss"]
-    assert accuracy(summary) > 0.6
+    assert accuracy(summary) > accuracy(base) - 0.05  # no error feedback on activations by default
 
 
 def test_a_peer_with_another_codec_is_rejected():

@@ -21,7 +21,7 @@ class EdgeCodecs:
         self.aligned = aligned
         self._codecs = {}
         for edge in edges.values():
-            self._codecs[(edge.name, "act")] = make_codec(edge.forward_codec)
+            self._codecs[(edge.name, "act")] = make_codec(_forward_spec(edge.forward_codec))
             self._codecs[(edge.name, "grad")] = make_codec(edge.backward_codec)
 
     def codec(self, edge: str, direction: str):
@@ -53,6 +53,15 @@ class EdgeCodecs:
             tensor = parts[0].reshape(shape)  # zero-copy view of the received frame
             return tensor.clone() if self.aligned and tensor.data_ptr() % 64 else tensor
         return codec.decode(parts, shape, torch.float32)
+
+
+def _forward_spec(spec):
+    """Top-k error feedback on activations adds what one micro-batch's samples did not send to the NEXT
+    micro-batch's (other) samples: it corrupts the forward pass (digits, top-k 10%: 23% instead of 92%
+    accuracy). Activations therefore go without it unless the topology asks for it explicitly."""
+    if spec.codec == "topk" and "error_feedback" not in spec.model_fields_set:
+        return spec.model_copy(update={"error_feedback": False})
+    return spec
 
 
 def max_rows(batch_size: int, micro_batches: int) -> int:
