@@ -46,7 +46,7 @@ MAX_MESSAGE_BYTES = 256 * 1024
 EDGE = "bottom->top"
 WIDTH = 64  # per-sample width of the cut layer in vanilla.yaml
 EXAMPLES_IN_PROCESS = 300
-EXAMPLES_REAL_NODE = 120
+EXAMPLES_REAL_NODE = 60
 REPORT: dict[str, int] = {}
 
 

@@ -60,7 +60,7 @@ def _metric(port: int, name: str) -> float:
 
 def test_curve_run_trains_and_refuses_intruders(tmp_path: Path) -> None:
     """Right keys train to completion while an unknown-key and a plain-text DEALER are refused and counted."""
-    topology = _curve_topology(tmp_path, steps=40)
+    topology = _curve_topology(tmp_path, steps=30)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([*MESHSL, "run", str(topology), "--free-ports", "--run-dir", str(run_dir), "--no-progress",
                              "--summary-json", str(tmp_path / "summary.json")],
@@ -99,7 +99,7 @@ def test_curve_run_trains_and_refuses_intruders(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, out.decode()[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 40
+    assert summary["steps"] == 30
     assert summary["tasks"]["digit"]["eval"]["accuracy"] > 0.5
     log = (run_dir / "server.log").read_text()
     assert "refused a connection with unknown public key" in log and "handshake failed (protocol)" in log
