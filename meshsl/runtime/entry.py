@@ -87,7 +87,8 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
             sys.stdout.write(PROGRESS_PREFIX + json.dumps(row, default=float) + "\n")
             sys.stdout.flush()
         options.progress = emit
-    metrics = metrics if metrics is not None else make_metrics(topology, node)
+    if metrics is None and runtime_options.pop("serve_metrics", True):
+        metrics = make_metrics(topology, node)
 
     def coordinator_factory(runtime: NodeRuntime) -> Coordinator:
         return Coordinator(runtime, options)

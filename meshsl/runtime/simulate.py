@@ -24,7 +24,7 @@ async def simulate(topology, options: Optional[RunOptions] = None, traffic_hook=
         transport = InProcessTransport(name, book[name], book)
         transport.sent_hook = traffic_hook
         runtime, summary = await run_node(topology, name, options if name == topology.coordinator else None,
-                                          transport=transport, metrics=None)
+                                          transport=transport, metrics=None, serve_metrics=False)
         results[name] = (runtime, summary)
 
     async with asyncio.TaskGroup() as group:
