@@ -108,11 +108,6 @@ class Coordinator:
     def _observe_inbox(self) -> None:
         if self.node.metrics:
             self.node.metrics.queue_depth("coordinator_inbox", self.inbox.qsize())
-        self._observe_inbox()
-
-    def _observe_inbox(self) -> None:
-        if self.node.metrics:
-            self.node.metrics.queue_depth("coordinator_inbox", self.inbox.qsize())
 
     async def _collect(self, kind: Kind, senders: set[str], round_: Optional[int], what: str,
                        timeout: Optional[float] = None) -> dict[str, tuple]:
@@ -132,7 +127,6 @@ class Coordinator:
                     self.inbox.get(), timeout=min(left, self.policy.heartbeat_interval_s))
             except TimeoutError:
                 continue
-            self._observe_inbox()
             self._observe_inbox()
             if envelope.kind == Kind.FAILED:
                 raise PeerFailed(sender, str(envelope.meta.get("error", ""))[:500])
@@ -204,14 +198,6 @@ class Coordinator:
                 continue
             index += 1
             self.history.append(row)
-            log.info("step committed", extra={
-                "node": self.node.node, "step": row["step"], "epoch": row["epoch"],
-                "samples_per_s": round(row["samples_per_s"], 1),
-                **{f"{t}_loss": round(v["loss"], 5) for t, v in row["tasks"].items()}})
-            for task, result in row.get("eval", {}).items():
-                log.info("evaluated", extra={"node": self.node.node, "step": row["step"], "task": task, **{
-                    k: round(v, 5) for k, v in result.items() if k in ("loss", "accuracy", "f1", "auroc")
-                    and isinstance(v, float)}})
             log.info("step committed", extra={
                 "node": self.node.node, "step": row["step"], "epoch": row["epoch"],
                 "samples_per_s": round(row["samples_per_s"], 1),
@@ -296,9 +282,6 @@ class Coordinator:
             if self.restarts[name] > self.policy.max_restarts:
                 raise PeerFailed(name, f"{lost}; restart budget of {self.policy.max_restarts} spent")
         log.warning("%s; recovering", lost)
-        if self.node.metrics:
-            for name in lost.nodes:
-                self.node.metrics.peer_up(name, False)
         if self.node.metrics:
             for name in lost.nodes:
                 self.node.metrics.peer_up(name, False)

@@ -92,7 +92,6 @@ class NodeRuntime:
         self._round_meta: dict = {}
         self._round_started = 0.0
         self._train_step: Optional[int] = None  # last training step begun (eval rounds follow it)
-        self._train_step: Optional[int] = None  # last training step begun (eval rounds follow it)
         self._hello_acked = asyncio.Event()
         self._shutdown_requested = False
         self.failure: Optional[str] = None
@@ -142,8 +141,6 @@ class NodeRuntime:
         if self.resume and steps:
             self.worker.restore(checkpoint.load(self.checkpoint_dir, self.node, steps[-1]))
             log.warning("%s: resumed from checkpoint of step %d", self.node, steps[-1])
-            if self.metrics:
-                self.metrics.restart()
             if self.metrics:
                 self.metrics.restart()
             return
@@ -257,8 +254,6 @@ class NodeRuntime:
         await box.put((frames, edge_direction))
         if self.metrics:
             self.metrics.queue_depth(f"outbox:{peer}", box.qsize())
-        if self.metrics:
-            self.metrics.queue_depth(f"outbox:{peer}", box.qsize())
 
     async def _sender(self, peer: str, box: asyncio.Queue) -> None:
         """One sender per peer keeps per-peer order and never blocks the receive loop."""
@@ -339,7 +334,6 @@ class NodeRuntime:
             if self.metrics:
                 self.metrics.heartbeat(sender)
                 self.metrics.peer_up(sender, True)
-                self.metrics.peer_up(sender, True)
         else:
             raise ProtocolError("unexpected", f"{kind.value} is not handled by a node", sender)
 
@@ -389,12 +383,6 @@ class NodeRuntime:
             await loop.run_in_executor(self.executor, self.worker.begin, context)
             self._round_meta = meta
             self._round_started = time.perf_counter()
-            if envelope.phase == "train":
-                self._train_step = context.step
-                if self.metrics:
-                    self.metrics.progress(context.step, context.epoch)
-            log.debug("round begins", extra={"node": self.node, "step": self._train_step,
-                                             "round": envelope.step, "phase": envelope.phase})
             if envelope.phase == "train":
                 self._train_step = context.step
                 if self.metrics:
@@ -531,11 +519,6 @@ class NodeRuntime:
                 self.metrics.bubble(segment, max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0)
         if self.metrics:
             self._observe_round(action.phase, summary, wall)
-        log.info("round done", extra={"node": self.node, "step": self._train_step, "round": action.round,
-                                      "phase": action.phase, "seconds": round(wall, 4),
-                                      "busy_seconds": round(summary["compute_seconds"], 4)})
-        if self.metrics:
-            self._observe_round(action.phase, summary, wall)
             for edge, dcor in summary.get("leakage", {}).items():
                 self.metrics.leakage(edge, dcor)
         log.info("round done", extra={"node": self.node, "step": self._train_step, "round": action.round,
@@ -567,30 +550,8 @@ class NodeRuntime:
                 metrics = {k: float(v) for k, v in stats.items() if k in ("accuracy", "f1", "auroc") and _finite(v)}
                 self.metrics.task(task, float(stats["loss"]), metrics, "eval")
 
-    def _observe_round(self, phase: str, summary: dict, wall: float) -> None:
-        """Prometheus: this node's samples and step time, and the loss/metrics of each task it owns."""
-        if phase == "train":
-            lanes = [lane for lane in self._round_meta.get("lanes", [])
-                     if any(self.topology.node_of(s, lane) == self.node for s in self.worker.segments)]
-            samples = self.topology.spec.training.batch_size * len(lanes)
-            if samples:
-                self.metrics.step_done(wall, samples)
-        kinds = {t.name: t.loss for t in self.topology.spec.tasks}
-        for task, stats in summary.get("tasks", {}).items():
-            if phase == "train" and stats.get("count"):
-                count = stats["count"]
-                metrics = {} if kinds.get(task) == "mse" else {"accuracy": stats.get("correct", 0) / count}
-                self.metrics.task(task, stats.get("loss_sum", 0.0) / count, metrics, "train")
-            elif phase == "eval" and _finite(stats.get("loss")):
-                metrics = {k: float(v) for k, v in stats.items() if k in ("accuracy", "f1", "auroc") and _finite(v)}
-                self.metrics.task(task, float(stats["loss"]), metrics, "eval")
-
     def _save_checkpoint(self, step: int) -> None:
         checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state())
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _finite(value) -> bool:
