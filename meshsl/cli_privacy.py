@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,8 @@ from rich.table import Table
 
 from meshsl.errors import MeshslError
 
-out = Console(soft_wrap=True)
+# Piped output gets 160 columns (not Rich's 80) so edge names are not cut.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 
 
 def _fmt(value, pattern: str = "{:.3f}") -> str:
