@@ -35,6 +35,45 @@ def key_path(loc: tuple[Any, ...], document: Any = None) -> str:
     return text or "(top level)"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key; SafeLoader reports it below
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r} (first defined on line {first.line + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(text: str, source: str = "<topology>") -> Any:
+    """Parse YAML safely (no Python objects, no duplicate keys); errors name `source:line:column`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: never builds Python objects
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", where) from None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", source) from None
+
+
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
 def parse_spec(document: Any, source: str = "<topology>") -> TopologySpec:
     if not isinstance(document, dict):
         raise ConfigError("the topology must be a mapping with keys nodes, data, segments, tasks", source)
@@ -45,6 +84,8 @@ def parse_spec(document: Any, source: str = "<topology>") -> TopologySpec:
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
             message = err["msg"]
+            for prefix in _PYDANTIC_PREFIXES:
+                message = message.removeprefix(prefix)
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
             elif err["type"] == "missing":
@@ -61,10 +102,4 @@ def load_spec(path: str | Path) -> TopologySpec:
         raise ConfigError("file not found", str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read file: {exc}", str(path)) from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", where) from None
-    return parse_spec(document, str(path))
+    return parse_spec(load_yaml(text, str(path)), str(path))

@@ -1,7 +1,26 @@
 """Human and JSON descriptions of a topology's plan (`meshsl plan`)."""
 from __future__ import annotations
 
+import math
+
 from meshsl.plan.nodeplan import build_edges, build_plans
+
+
+def wire_bytes_per_sample(shape: tuple[int, ...], codec_spec) -> int:
+    """Bytes one sample of a float32 tensor of `shape` takes on the wire after the edge's codec (headers aside)."""
+    import torch
+
+    from meshsl.compression import make_codec
+
+    samples = 64  # per-sample overhead (int8 scales, top-k indices) is averaged over a typical micro-batch
+    layout = make_codec(codec_spec).part_layout((samples, *shape), torch.float32)
+    total = sum(count * torch.empty(0, dtype=dtype).element_size() for dtype, count in layout)
+    return int(math.ceil(total / samples))
+
+
+def _span(values: list[str]) -> str:
+    """['clinic-0', 'clinic-1', 'clinic-2'] -> 'clinic-0..clinic-2'."""
+    return values[0] if len(values) == 1 else f"{values[0]}..{values[-1]}"
 
 
 def plan_document(topology) -> dict:
@@ -19,6 +38,8 @@ def plan_document(topology) -> dict:
             name: {"producer": e.producer, "consumer": e.consumer, "shape": list(e.shape),
                    "cross_party": e.cross_party, "remote": e.remote,
                    "forward_bytes_per_sample": e.bytes_per_sample, "backward_bytes_per_sample": e.bytes_per_sample,
+                   "forward_wire_bytes_per_sample": wire_bytes_per_sample(e.shape, e.forward_codec),
+                   "backward_wire_bytes_per_sample": wire_bytes_per_sample(e.shape, e.backward_codec),
                    "forward_codec": e.forward_codec.codec, "backward_codec": e.backward_codec.codec}
             for name, e in edges.items()
         },
@@ -40,9 +61,9 @@ def ascii_graph(topology) -> str:
             task = topology.tasks[name]
             lines.append(f"  [{task.output}] ==({task.loss} with {task.labels})==> task {name}")
             continue
-        nodes = sorted(set(topology.placement[name]))
-        where = nodes[0] if len(nodes) == 1 else f"{nodes[0]}..{nodes[-1]} ({len(nodes)} clients)"
-        party = topology.party_of(name)
+        nodes = list(dict.fromkeys(topology.placement[name]))  # lane order: clinic0, clinic1, ..., clinic10
+        where = nodes[0] if len(nodes) == 1 else f"{_span(nodes)} ({len(nodes)} clients)"
+        party = _span(list(dict.fromkeys(topology.nodes[n].party for n in nodes)))
         shape = topology.shapes.get(name, ())
         if kind == "data":
             lines.append(f"  (data {name}) @{where}/{party} {list(shape)}")
@@ -50,7 +71,8 @@ def ascii_graph(topology) -> str:
             inputs = topology.segments[name].inputs
             arrows = []
             for source in inputs:
-                crossing = topology.party_of(source) != party
+                crossing = any(topology.party_of(source, lane) != topology.party_of(name, lane)
+                               for lane in range(topology.lanes))
                 arrows.append(f"{source} {'~~>' if crossing else '-->'}")
             merge = f" merge={topology.segments[name].merge}" if len(inputs) > 1 else ""
             lines.append(f"  {' + '.join(arrows)} [{name}] @{where}/{party} -> {list(shape)}{merge}")

@@ -7,6 +7,20 @@ from meshsl.config.loader import ConfigErrors
 from meshsl.errors import ConfigError, TopologyError
 
 
+def _declared_keys(topology) -> dict[str, str]:
+    """Concrete node name -> key path of the declaring entry, e.g. 'clinic2' -> 'nodes[0](clinic)'."""
+    from meshsl.topology.expand import lane_node_name
+
+    replicated = set(topology.spec.clients.replicate) if topology.spec.clients else set()
+    keys: dict[str, str] = {}
+    for i, node in enumerate(topology.spec.nodes):
+        names = [lane_node_name(node.name, lane) for lane in range(topology.lanes)] if node.name in replicated \
+            else [node.name]
+        for name in names:
+            keys.setdefault(name, f"nodes[{i}]({node.name})")
+    return keys
+
+
 def check_topology(topology) -> None:
     problems: list[ConfigError] = []
     src = topology.source
@@ -21,11 +35,16 @@ def check_topology(topology) -> None:
         if node.name in names_seen:
             problem(f"duplicate node name {node.name!r} (also nodes[{names_seen[node.name]}])", f"nodes[{i}].name")
         names_seen[node.name] = i
+    declared = _declared_keys(topology)
+    replica_hint = " (copies of a replicated node use the declared port + client index)" if spec.clients else ""
     for name, node in topology.nodes.items():
-        for endpoint in [node.endpoint, *node.standby]:
+        for k, endpoint in enumerate([node.endpoint, *node.standby]):
+            key = f"{declared.get(name, f'nodes({name})')}." + ("endpoint" if k == 0 else f"standby[{k - 1}]")
             if endpoint in endpoints_seen:
-                problem(f"endpoint {endpoint} is used by both {endpoints_seen[endpoint]!r} and {name!r}",
-                        f"nodes({name}).endpoint")
+                other = endpoints_seen[endpoint]
+                problem(f"endpoint {endpoint} is used twice: by {other!r} and by {name!r}"
+                        + (replica_hint if other != name and (name not in names_seen or other not in names_seen)
+                           else ""), key)
             endpoints_seen[endpoint] = name
     ports: dict[tuple[str, int], str] = {}
     for name, node in topology.nodes.items():
@@ -33,7 +52,7 @@ def check_topology(topology) -> None:
             host = node.endpoint.split("://", 1)[1].rsplit(":", 1)[0] if node.endpoint.startswith("tcp") else "local"
             if (host, node.metrics_port) in ports:
                 problem(f"metrics_port {node.metrics_port} is used by both {ports[(host, node.metrics_port)]!r} "
-                        f"and {name!r}", f"nodes({name}).metrics_port")
+                        f"and {name!r}", f"{declared.get(name, f'nodes({name})')}.metrics_port")
             ports[(host, node.metrics_port)] = name
 
     for i, seg in enumerate(spec.segments):
@@ -86,7 +105,12 @@ def check_topology(topology) -> None:
         if name not in used:
             topology.warnings.append(f"{src}: data source {name!r} is not used by any segment or task")
 
+    privacy_seen: dict[str, int] = {}
     for i, edge in enumerate(spec.privacy):
+        if edge.segment in privacy_seen:
+            problem(f"segment {edge.segment!r} already has privacy settings (privacy[{privacy_seen[edge.segment]}]); "
+                    f"give one entry per segment", f"privacy[{i}].segment")
+        privacy_seen.setdefault(edge.segment, i)
         if edge.segment not in topology.segments:
             problem(f"unknown segment {edge.segment!r}", f"privacy[{i}].segment")
         elif not any(a == edge.segment for a, _ in topology.cut_edges()):
@@ -95,7 +119,11 @@ def check_topology(topology) -> None:
 
     coordinator = spec.training.coordinator
     if coordinator and coordinator not in topology.nodes:
-        problem(f"unknown node {coordinator!r}", "training.coordinator")
+        if spec.clients and coordinator in spec.clients.replicate:
+            problem(f"node {coordinator!r} is replicated once per client; the coordinator must be a single node "
+                    f"(one that clients.replicate does not list)", "training.coordinator")
+        else:
+            problem(f"unknown node {coordinator!r} (nodes: {', '.join(topology.nodes)})", "training.coordinator")
     if spec.security.curve and not spec.security.keys_dir and any(n.public_key is None for n in spec.nodes):
         problem("curve is on but neither keys_dir nor every node's public_key is given", "security")
     if problems:

@@ -128,6 +128,9 @@ class Topology:
         return max(longest.values(), default=0)
 
 
+_KIND_WORDS = {"data": "data source", "segment": "segment", "task": "task"}
+
+
 def build_graph(spec: TopologySpec, source: str) -> nx.DiGraph:
     graph = nx.DiGraph()
     problems: list[ConfigError] = []
@@ -136,14 +139,18 @@ def build_graph(spec: TopologySpec, source: str) -> nx.DiGraph:
         for i, item in enumerate(items):
             where = f"{source}: {'data' if kind == 'data' else kind + 's'}[{i}]({item.name}).name"
             if item.name in seen:
-                problems.append(ConfigError(f"name {item.name!r} is already used by a {seen[item.name]}", where))
+                problems.append(ConfigError(f"name {item.name!r} is already used by a {_KIND_WORDS[seen[item.name]]} "
+                                            f"(data sources, segments and tasks share one namespace)", where))
                 continue
             seen[item.name] = kind
             graph.add_node(item.name, kind=kind)
     for i, seg in enumerate(spec.segments):
         for j, src in enumerate(seg.inputs):
             where = f"{source}: segments[{i}]({seg.name}).inputs[{j}]"
-            if src not in graph or graph.nodes[src]["kind"] == "task":
+            if src in seg.inputs[:j]:
+                problems.append(ConfigError(f"input {src!r} is listed twice (also inputs[{seg.inputs.index(src)}])",
+                                            where))
+            elif src not in graph or graph.nodes[src]["kind"] == "task":
                 problems.append(ConfigError(f"unknown input {src!r} (not a data source or segment)", where))
             else:
                 graph.add_edge(src, seg.name)
@@ -198,11 +205,31 @@ def topology_from_spec(spec, source, base_dir, infer_shapes=True, check=None, sh
         from meshsl.topology.checks import check_topology as check
     if shape_inference is None:
         from meshsl.topology.shapes import infer_shapes as shape_inference
+    first_index: dict[str, int] = {}
+    duplicates = []
+    for i, node in enumerate(spec.nodes):
+        if node.name in first_index:
+            duplicates.append(ConfigError(f"duplicate node name {node.name!r} (also nodes[{first_index[node.name]}])",
+                                          f"{source}: nodes[{i}]({node.name}).name"))
+        first_index.setdefault(node.name, i)
+    if duplicates:  # checked first: expansion and placement would silently keep only one of them
+        raise ConfigErrors(duplicates)
     if spec.clients:
-        unknown = [n for n in spec.clients.replicate if n not in {node.name for node in spec.nodes}]
+        unknown = [n for n in spec.clients.replicate if n not in first_index]
         if unknown:
-            raise ConfigError(f"unknown node(s) {unknown}", f"{source}: clients.replicate")
+            raise ConfigError(f"unknown node(s) {', '.join(map(repr, unknown))} (nodes: {', '.join(first_index)})",
+                              f"{source}: clients.replicate")
     lanes, nodes, by_lane = expand_nodes(spec)
+    owners: dict[str, str] = {}
+    for declared, copies in by_lane.items():
+        for concrete in dict.fromkeys(copies):
+            other = owners.setdefault(concrete, declared)
+            if other != declared:
+                replicated = declared if concrete != declared else other
+                raise ConfigError(f"node name {concrete!r} would be used twice: by node {concrete!r} and by a copy "
+                                  f"of replicated node {replicated!r} (its copies are named "
+                                  f"{', '.join(dict.fromkeys(by_lane[replicated]))}); rename one of them",
+                                  f"{source}: clients.replicate")
     graph = build_graph(spec, source)
     placement = placement_of(spec, by_lane, source)
     topology = Topology(spec=spec, source=source, base_dir=Path(base_dir), lanes=lanes, nodes=nodes,

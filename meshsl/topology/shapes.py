@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from meshsl.compute.layers import build_segment_module, count_parameters, merge_inputs, trainable_layer_count
@@ -20,6 +21,48 @@ def _index(topology, kind: str, name: str) -> int:
     return next(i for i, item in enumerate(items) if item.name == name)
 
 
+# Layers with parameters that act element-wise (an invertible affine map per feature): they hide nothing,
+# so they do not count as protection between raw data and a party boundary.
+_ELEMENTWISE = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.PReLU)
+
+
+def protective_layer_count(module: nn.Module) -> int:
+    """Trainable leaf layers that mix features (Linear, Conv, RNN, Embedding, ...), not element-wise ones."""
+    return sum(1 for m in module.modules()
+               if not list(m.children()) and not isinstance(m, _ELEMENTWISE)
+               and any(p.requires_grad for p in m.parameters(recurse=False)))
+
+
+def _inner_key(where: str) -> str:
+    """'dataset \'csv\'.options.path' -> '.options.path' (the data registry names its own keys)."""
+    if where.startswith("dataset '"):
+        end = where.find("'", len("dataset '"))
+        if end != -1 and where[end + 1:].startswith("."):
+            return where[end + 1:]
+    return ""
+
+
+def _describe(layer: nn.Module) -> str:
+    text = repr(layer).splitlines()[0]
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _shape_problem(seg, module: nn.Module, merged: torch.Tensor, exc: Exception, where: str) -> TopologyError:
+    """Name the first layer of a layer list that does not accept its input, with the shape it got."""
+    if seg.layers is not None and isinstance(module, nn.Sequential):
+        x = merged
+        for i, layer in enumerate(module):
+            try:
+                with torch.no_grad():
+                    x = layer(x)
+            except Exception as inner:
+                return TopologyError(f"{_describe(layer)} cannot take input of shape {tuple(x.shape[1:])} "
+                                     f"(per sample; segment input {tuple(merged.shape[1:])}): {inner}",
+                                     f"{where}.layers[{i}]")
+    return TopologyError(f"input of shape {tuple(merged.shape[1:])} does not fit its layers: {exc}",
+                         f"{where}.{'layers' if seg.layers is not None else 'factory'}")
+
+
 def infer_shapes(topology) -> None:
     src = topology.source
     problems: list[ConfigError] = []
@@ -30,7 +73,11 @@ def infer_shapes(topology) -> None:
         try:
             table = load_dataset(data.dataset, topology.base_dir)
         except DataError as exc:
-            problems.append(DataError(exc.message, f"{where}.dataset"))
+            problems.append(DataError(exc.message, f"{where}.dataset{_inner_key(exc.where)}"))
+            continue
+        except Exception as exc:  # a registered or custom loader failed in its own way
+            problems.append(DataError(f"loading dataset {data.dataset.name!r} failed: {type(exc).__name__}: {exc}",
+                                      f"{where}.dataset"))
             continue
         rows[name] = len(table.features)
         if data.kind == "labels":
@@ -46,6 +93,9 @@ def infer_shapes(topology) -> None:
         except DataError as exc:
             problems.append(DataError(exc.message, f"{where}.columns"))
             continue
+        if features.ndim < 2 or features.shape[0] == 0:
+            problems.append(DataError(f"features of shape {features.shape} hold no samples", f"{where}.dataset"))
+            continue
         values[name] = torch.as_tensor(features[:PROBE_BATCH], dtype=torch.float32)
         topology.shapes[name] = tuple(features.shape[1:])
     if len(set(rows.values())) > 1:
@@ -55,17 +105,22 @@ def infer_shapes(topology) -> None:
     if problems:
         raise ConfigErrors(problems)
 
-    protection: dict[str, int] = {name: 0 for name in topology.data}  # trainable layers since raw data
+    protection: dict[str, int] = {name: 0 for name in topology.data}  # feature-mixing layers since raw data
     for name in topology.segment_order:
         seg = topology.segments[name]
         where = f"{src}: segments[{_index(topology, 'segment', name)}]({name})"
         if any(i not in values for i in seg.inputs):
             continue  # an upstream segment already failed
-        module = build_segment_module(seg, where)
+        try:
+            module = build_segment_module(seg, where)
+        except ConfigError as exc:
+            problems.append(exc)
+            continue
+        module.eval()  # probe without batch statistics or dropout (a dataset may hold a single row)
         inputs = [values[i] for i in seg.inputs]
         try:
             merged = merge_inputs(inputs, seg.merge)
-        except RuntimeError as exc:
+        except Exception as exc:
             shapes = [tuple(t.shape[1:]) for t in inputs]
             problems.append(TopologyError(f"cannot {seg.merge} inputs of shapes {shapes}: {exc}", f"{where}.merge"))
             continue
@@ -73,19 +128,18 @@ def infer_shapes(topology) -> None:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 out = module(merged)
         except Exception as exc:
-            problems.append(TopologyError(
-                f"input of shape {tuple(merged.shape[1:])} does not fit its layers: {exc}", f"{where}.layers"))
+            problems.append(_shape_problem(seg, module, merged, exc, where))
             continue
-        if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != PROBE_BATCH:
+        if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != merged.shape[0]:
             problems.append(TopologyError("must return one tensor with the batch as first dimension", where))
             continue
         values[name] = out
         topology.shapes[name] = tuple(out.shape[1:])
         layers = trainable_layer_count(module)
-        protection[name] = min(protection[i] for i in seg.inputs) + layers
+        protection[name] = min(protection[i] for i in seg.inputs) + protective_layer_count(module)
         topology.segment_info[name] = SegmentInfo(
             output_shape=tuple(out.shape[1:]), parameters=count_parameters(module), trainable_layers=layers,
-            forward_flops=int(math.ceil(counter.get_total_flops() / PROBE_BATCH)))
+            forward_flops=int(math.ceil(counter.get_total_flops() / merged.shape[0])))
     if problems:
         raise ConfigErrors(problems)
 
@@ -95,7 +149,8 @@ def infer_shapes(topology) -> None:
         if depth == 0:
             problems.append(TopologyError(
                 f"has no trainable layer between raw data and the party boundary to {consumer!r}: "
-                f"raw data would leak", where))
+                f"raw data would leak (add a feature-mixing layer such as Linear or Conv before the cut; "
+                f"normalisation layers and activations do not hide the input)", where))
         elif depth == 1:
             topology.warnings.append(f"{where}: shallow cut: only one trainable layer between raw data and the "
                                      f"party boundary to {consumer!r}; activations may reveal inputs (consider "
@@ -105,11 +160,27 @@ def infer_shapes(topology) -> None:
         if task.output not in topology.shapes:
             continue
         out_shape = topology.shapes[task.output]
+        label_shape = topology.shapes.get(task.labels, ())
         classes = topology.num_classes.get(task.labels)
+        if task.loss in ("cross_entropy", "bce_with_logits") and classes is None:
+            problems.append(TopologyError(
+                f"{task.loss} needs class labels (whole numbers >= 0), but {task.labels!r} holds real-valued "
+                f"targets of shape {label_shape}; use loss: mse for regression", f"{where}.loss"))
+            continue
         if task.loss == "cross_entropy" and (len(out_shape) != 1 or (classes and out_shape[0] != classes)):
             problems.append(TopologyError(
-                f"cross_entropy needs output shape ({classes},) for {classes} classes, got {out_shape}", where))
-        if task.loss == "bce_with_logits" and out_shape not in ((), (1,)):
-            problems.append(TopologyError(f"bce_with_logits needs one logit per sample, got {out_shape}", where))
+                f"cross_entropy needs output shape ({classes},) for {classes} classes, got {out_shape} from "
+                f"segment {task.output!r}", where))
+        if task.loss == "bce_with_logits":
+            if out_shape not in ((), (1,)):
+                problems.append(TopologyError(f"bce_with_logits needs one logit per sample, got {out_shape} from "
+                                              f"segment {task.output!r}", where))
+            elif classes is not None and classes > 2:
+                problems.append(TopologyError(f"bce_with_logits needs binary labels, but {task.labels!r} has "
+                                              f"{classes} classes; use cross_entropy", f"{where}.loss"))
+        if task.loss == "mse" and math.prod(out_shape) != math.prod(label_shape):
+            problems.append(TopologyError(
+                f"mse compares output {out_shape} of segment {task.output!r} with targets {label_shape} of "
+                f"{task.labels!r}: they need the same number of values per sample", where))
     if problems:
         raise ConfigErrors(problems)
