@@ -17,7 +17,8 @@ app = typer.Typer(help="meshsl: declarative, pipelined, fault-tolerant split lea
 monitoring_app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_help=True)
 app.add_typer(monitoring_app, name="monitoring")
 console = Console(stderr=True)
-out = Console(soft_wrap=True)
+# Piped or captured output (CI logs, `| less`) gets 160 columns instead of Rich's 80, so tables do not wrap.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in __import__("os").environ else 160)
 
 
 def fail(exc: Exception, code: int = 2) -> None:
@@ -102,7 +103,9 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
         edges.add_column(column)
     for name, e in document["edges"].items():
         edges.add_row(name, str(e["shape"]), "yes" if e["cross_party"] else "no",
-                      f"{e['forward_bytes_per_sample']:,}", f"{e['backward_bytes_per_sample']:,}",
+                      *(f"{e[f'{d}_bytes_per_sample']:,}" + (f" (wire {e[f'{d}_wire_bytes_per_sample']:,})"
+                                                                   if e[f"{d}_codec"] != "none" else "")
+                        for d in ("forward", "backward")),
                       f"{e['forward_codec']}/{e['backward_codec']}")
     out.print(edges)
     contract = Table(title="privacy contract: what each party sends and receives")
@@ -112,7 +115,7 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
         for verb, rows in (("sends", p["sends"]), ("receives", p["receives"])):
             for t in rows:
                 contract.add_row(p["party"], name, f"{verb} {t['direction']}", t["edge"],
-                                 f"{t['dtype']}{list(t['shape'])} ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
+                                 f"{t['dtype']}\\[{', '.join(map(str, t['shape']))}] ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
     out.print(contract)
     if cuts:
         table = Table(title="cut-layer candidates")
