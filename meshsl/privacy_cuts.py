@@ -111,6 +111,8 @@ def cut_candidates(topology, *, train_steps: int = TRAIN_STEPS, samples: int = S
         upstream = [s for s in nx.ancestors(topology.graph, segment)
                     if s in topology.segments and topology.party_of(s) == party]
         base_params = sum(topology.segment_info[s].parameters for s in upstream)
+        from meshsl.topology.shapes import count_flops
+        count_flops(topology)
         base_flops = sum(topology.segment_info[s].forward_flops for s in upstream)
         base_layers = sum(topology.segment_info[s].trainable_layers for s in upstream)
         sources = raw_sources(topology, segment)

@@ -160,27 +160,45 @@ def _positive_int(value: Any, name: str, where: str) -> int:
 
 # ---------------------------------------------------------------- built-in loaders
 
+def _sklearn_data_file(name: str) -> Path:
+    """A data file shipped inside scikit-learn, found without importing sklearn (which pulls in
+    scipy and costs seconds of start-up in every node process)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("scikit-learn is not installed (it ships this dataset)", f"dataset file {name!r}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    if not path.exists():
+        raise DataError(f"scikit-learn has no bundled file {path}", f"dataset file {name!r}")
+    return path
+
+
 @register_dataset("digits")
 def _load_digits(base_dir: Path, *, image: bool = False) -> Table:
     """8x8 handwritten digits bundled with scikit-learn: 1797 rows, 10 classes, pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits  # imported lazily: sklearn is slow to import
-
-    bunch = load_digits()
-    x = bunch.data.astype(np.float32) / 16.0
+    raw = np.loadtxt(_sklearn_data_file("digits.csv.gz"), delimiter=",")  # same file load_digits reads
+    x = raw[:, :-1].astype(np.float32) / 16.0
+    target = raw[:, -1].astype(np.int64)
     if image:
-        return make_table(x.reshape(-1, 1, 8, 8), bunch.target, "dataset 'digits'")
-    return make_table(x, bunch.target, "dataset 'digits'", list(bunch.feature_names))
+        return make_table(x.reshape(-1, 1, 8, 8), target, "dataset 'digits'")
+    names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+    return make_table(x, target, "dataset 'digits'", names)
 
 
 @register_dataset("breast_cancer")
 def _load_breast_cancer(base_dir: Path) -> Table:
     """Wisconsin breast cancer (bundled with scikit-learn): 569 rows, 30 z-scored columns, 2 classes."""
-    from sklearn.datasets import load_breast_cancer
-
-    bunch = load_breast_cancer()
-    x = bunch.data
+    raw = np.loadtxt(_sklearn_data_file("breast_cancer.csv"), delimiter=",", skiprows=1)
+    x, target = raw[:, :-1], raw[:, -1].astype(np.int64)
     x = (x - x.mean(axis=0)) / x.std(axis=0)
-    return make_table(x, bunch.target, "dataset 'breast_cancer'", list(bunch.feature_names))
+    return make_table(x, target, "dataset 'breast_cancer'", BREAST_CANCER_FEATURES)
+
+
+_MEASURES = ("radius", "texture", "perimeter", "area", "smoothness", "compactness", "concavity",
+             "concave points", "symmetry", "fractal dimension")
+BREAST_CANCER_FEATURES = ([f"mean {m}" for m in _MEASURES] + [f"{m} error" for m in _MEASURES]
+                          + [f"worst {m}" for m in _MEASURES])  # scikit-learn's names
 
 
 @register_dataset("synthetic")

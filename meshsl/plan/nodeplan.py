@@ -85,6 +85,8 @@ def build_edges(topology) -> dict[str, EdgePlan]:
 
 
 def build_plans(topology) -> dict[str, NodePlan]:
+    from meshsl.topology.shapes import count_flops
+    count_flops(topology)
     edges = build_edges(topology)
     plans = {}
     for name, node in topology.nodes.items():

@@ -5,7 +5,6 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from meshsl.compute.layers import build_segment_module, count_parameters, merge_inputs, trainable_layer_count
 from meshsl.config.loader import ConfigErrors
@@ -125,7 +124,7 @@ def infer_shapes(topology) -> None:
             problems.append(TopologyError(f"cannot {seg.merge} inputs of shapes {shapes}: {exc}", f"{where}.merge"))
             continue
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad():
                 out = module(merged)
         except Exception as exc:
             problems.append(_shape_problem(seg, module, merged, exc, where))
@@ -139,7 +138,8 @@ def infer_shapes(topology) -> None:
         protection[name] = min(protection[i] for i in seg.inputs) + protective_layer_count(module)
         topology.segment_info[name] = SegmentInfo(
             output_shape=tuple(out.shape[1:]), parameters=count_parameters(module), trainable_layers=layers,
-            forward_flops=int(math.ceil(counter.get_total_flops() / merged.shape[0])))
+            forward_flops=-1)
+        topology.__dict__.setdefault("_probes", {})[name] = (module, merged)
     if problems:
         raise ConfigErrors(problems)
 
@@ -184,3 +184,19 @@ def infer_shapes(topology) -> None:
                 f"{task.labels!r}: they need the same number of values per sample", where))
     if problems:
         raise ConfigErrors(problems)
+
+
+def count_flops(topology) -> None:
+    """Forward FLOPs per sample of every segment, on the shape-inference probes.
+
+    Done on demand (`meshsl plan`), not at every load: FlopCounterMode pulls in torch's compiler
+    stack, which costs seconds of start-up in every node process."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for name, (module, merged) in topology.__dict__.get("_probes", {}).items():
+        info = topology.segment_info[name]
+        if info.forward_flops >= 0:
+            continue
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(merged)
+        info.forward_flops = int(math.ceil(counter.get_total_flops() / merged.shape[0]))
