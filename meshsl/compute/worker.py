@@ -16,6 +16,7 @@ import torch
 
 from meshsl.compute.layers import build_segment_module, merge_inputs
 from meshsl.compute.node_data import NodeData
+from meshsl.compute.staging import to_device
 from meshsl.compute.tasks import correct_count, summarise, task_loss
 
 
@@ -139,7 +140,7 @@ class SegmentWorker:
             return self.data.get(source, rows, self.context.phase).to(self.device)
         local = self.store.outputs.get((r, source, lane, micro_batch))
         value = local if local is not None else self.store.inputs.pop((r, segment, source, lane, micro_batch))
-        value = value.detach().to(self.device)
+        value = to_device(value.detach(), self.device)  # pinned + non_blocking for CUDA; CPU: unchanged
         return value.requires_grad_(True) if self.context.phase == "train" else value
 
     # -- compute actions -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from meshsl import checkpoint
+from meshsl.compute.staging import to_host
 from meshsl.compute.worker import RoundContext, SegmentWorker
 from meshsl.errors import MeshslError, ProtocolError
 from meshsl.plan.nodeplan import build_edges, edge_name
@@ -496,6 +497,8 @@ class NodeRuntime:
         else:
             tensor = store.outgoing_grads.pop((action.round, action.producer, action.consumer, action.lane,
                                                action.micro_batch))
+        if tensor.device.type == "cuda":
+            tensor = to_host(tensor)  # through pinned memory; CPU tensors never get here
         direction = "act" if forward else "grad"
         descriptor, parts = self.codecs.encode(edge, direction, tensor, (action.lane, action.micro_batch))
         envelope = self.envelope(Kind.ACTIVATION if forward else Kind.GRADIENT, phase=self.machine.phase,

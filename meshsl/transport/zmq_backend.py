@@ -26,6 +26,7 @@ class ZmqTransport(Transport):
         self._owns_context = context is None
         self._router: Optional[zmq.asyncio.Socket] = None
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._shadows: dict = {}  # id(async socket) -> (socket, its blocking shadow)
         self._authenticator = None
         self._monitors: list = []
         self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
@@ -77,10 +78,30 @@ class ZmqTransport(Transport):
     async def send(self, peer: str, frames: Sequence) -> None:
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
-        await self._dealer(peer).send_multipart(frames, copy=False)
+        sock = self._dealer(peer)
+        try:  # fast path: no future, no event-loop round trip when the socket can take it now
+            self._sync(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            await asyncio.sleep(0)  # still a suspension point: a busy stream never starves other tasks
+            return
+        except zmq.Again:
+            pass
+        await sock.send_multipart(frames, copy=False)
+
+    def _sync(self, sock) -> zmq.Socket:
+        """A blocking-API shadow of an asyncio socket (same underlying socket; used with NOBLOCK only).
+
+        Safe because sends to one peer and receives are each issued by one task, one at a time."""
+        shadow = self._shadows.get(id(sock))
+        if shadow is None or shadow[0] is not sock:
+            shadow = self._shadows[id(sock)] = (sock, zmq.Socket.shadow(sock.underlying))
+        return shadow[1]
 
     async def recv(self) -> tuple[str, list]:
-        frames = await self._router.recv_multipart(copy=False)
+        try:
+            frames = self._sync(self._router).recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            await asyncio.sleep(0)
+        except zmq.Again:
+            frames = await self._router.recv_multipart(copy=False)
         identity = frames[0].bytes.decode("utf-8", "replace")
         if self.keyring is not None:
             # With CURVE the authenticator maps the peer's key to its node name: trust that, not the

@@ -1,0 +1,1 @@
+"""meshsl benchmark suite: `python -m benchmarks [--quick] [--out FILE.json] [--only SECTION ...]`."""

@@ -1,0 +1,117 @@
+"""Run every comparison side by side in one run, print a table of ratios, write JSON.
+
+    python -m benchmarks --quick --out runs/bench-quick.json     (< 2 minutes)
+    python -m benchmarks --out runs/bench.json                    (< 10 minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+SECTIONS = ("transport", "pipelining", "scale", "gpu")
+
+
+def machine() -> dict:
+    import torch
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(), "load_avg_1m_at_start": load}
+
+
+def table(results: dict) -> str:
+    lines = []
+
+    def add(*cols):
+        lines.append(" | ".join(str(c) for c in cols))
+
+    fmt = lambda v: f"{v:,.0f}" if isinstance(v, (int, float)) else str(v)
+    if "transport" in results:
+        add("transport (tcp loopback)", "raw PUSH/PULL MB/s", "raw DEALER/ROUTER MB/s", "meshsl MB/s", "ratio vs raw")
+        for r in results["transport"]:
+            if "meshsl_MBps" in r:
+                add(f"{r['size_bytes'] >> 10} KiB", fmt(r["raw_push_pull_MBps"]), fmt(r["raw_dealer_router_MBps"]),
+                    fmt(r["meshsl_MBps"]), f"{r['ratio_vs_push_pull']:.2f} / {r['ratio_vs_dealer_router']:.2f}")
+            else:
+                add(f"round trip {r['size_bytes'] >> 10} KiB", f"raw {r['raw_rtt_us']:.0f} us", "",
+                    f"meshsl {r['meshsl_rtt_us']:.0f} us", f"{r['ratio']:.2f}")
+    if "pipelining" in results:
+        p = results["pipelining"]
+        add("")
+        add("pipelining (node processes)", "samples/s", "x M=1", "bubble-only ideal", "peak RSS MiB/node")
+        for r in p["pipelining"]:
+            add(f"{r['stages']} stages M={r['micro_batches']} {r['schedule']}", fmt(r["samples_per_s"]),
+                f"{r['speedup_vs_m1']:.2f}", f"{r['gpipe_ideal']:.2f}",
+                " ".join(f"{v:.0f}" for v in r["peak_rss_mib"].values()))
+        add("micro-batch compute efficiency (1 thread)",
+            ", ".join(f"M={m}: {e:.2f}" for m, e in p["micro_batch_efficiency"].items()))
+        add("")
+        add("vs torch.distributed.pipelining", "meshsl samples/s", "torch samples/s", "ratio")
+        for r in p["vs_torch_pipelining"]:
+            add(r["case"], fmt(r["meshsl"]), fmt(r["torch_pipelining"]), f"{r['ratio']:.2f}")
+        add("")
+        add("vs one process (2 threads)", "meshsl 2 nodes samples/s", "one process samples/s", "ratio")
+        for r in p["vs_one_process"]:
+            add(f"{r['model']} (M={r['micro_batches']})", fmt(r["meshsl_2_nodes"]), fmt(r["one_process_2_threads"]),
+                f"{r['ratio']:.2f}")
+    if "scale" in results:
+        s = results["scale"]
+        add("")
+        add("hops (node processes)", "samples/s", "x 2 hops", "max RSS MiB/node", "total RSS MiB")
+        for r in s["hops"]:
+            add(r["hops"], fmt(r["samples_per_s"]), f"{r['relative_to_2_hops']:.2f}",
+                fmt(r["peak_rss_mib_max_node"]), fmt(r["peak_rss_mib_total"]))
+        add("")
+        add("SplitFed clients (one process, simulated)", "logical nodes", "samples/s", "wall s", "peak RSS MiB")
+        for r in s["clients_simulated"]:
+            if "error" in r:
+                add(r["clients"], "", "", "", r["error"])
+            else:
+                add(r["clients"], r["logical_nodes"], fmt(r["samples_per_s"]), f"{r['wall_s']:.1f}",
+                    fmt(r["peak_rss_mib"]))
+    if "gpu" in results:
+        add("")
+        g = results["gpu"]
+        add("GPU", g.get("skipped") or f"D2H 8 MiB pageable {g['d2h_pageable_ms']:.2f} ms, pinned "
+                                      f"{g['d2h_pinned_ms']:.2f} ms ({g['speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (< 2 minutes)")
+    parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    results: dict = {"machine": machine(), "quick": args.quick}
+    timings = {}
+    for section in args.only or SECTIONS:
+        started = time.perf_counter()
+        module = __import__(f"benchmarks.{section}", fromlist=["measure"])
+        print(f"== {section} ...", file=sys.stderr, flush=True)
+        results[section] = module.measure(quick=args.quick)
+        timings[section] = round(time.perf_counter() - started, 1)
+    results["seconds"] = timings
+    results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+    print(table(results))
+    print(f"\nmachine: {results['machine']}\nseconds per section: {timings}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+        print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
