@@ -563,3 +563,8 @@ def test_config_errors_are_value_errors_with_where(tmp_path, doc):
     assert isinstance(info.value, ValueError)
     assert str(info.value).splitlines() == [str(p) for p in info.value.problems]
     assert [p.where.split(": ", 1)[1] for p in info.value.problems] == ["nodes[0](client).x", "nodes[1](server).y"]
+
+
+def test_non_string_keys(tmp_path, doc):
+    doc["nodes"][0][1] = "one"
+    rejected(tmp_path, doc, "nodes[0](client).1", "Keys should be strings")

@@ -24,14 +24,18 @@ def key_path(loc: tuple[Any, ...], document: Any = None) -> str:
     text = ""
     cursor = document
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool) and not isinstance(cursor, dict):
             text += f"[{part}]"
-            cursor = cursor[part] if isinstance(cursor, list) and part < len(cursor) else None
+            cursor = cursor[part] if isinstance(cursor, list) and 0 <= part < len(cursor) else None
             if isinstance(cursor, dict) and isinstance(cursor.get("name"), str):
                 text += f"({cursor['name']})"
-        else:
-            text += f".{part}" if text else str(part)
-            cursor = cursor.get(part) if isinstance(cursor, dict) else None
+        else:  # a mapping key (YAML allows non-string keys such as 1, true or null; the schema does not)
+            label = part if isinstance(part, str) else repr(part)
+            text += f".{label}" if text else label
+            try:
+                cursor = cursor.get(part) if isinstance(cursor, dict) else None
+            except TypeError:
+                cursor = None
     return text or "(top level)"
 
 
