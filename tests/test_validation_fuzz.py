@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from meshsl.config.loader import load_yaml, parse_spec
 from meshsl.errors import ConfigError
+from meshsl.plan.explain import plan_document
 from meshsl.topology.model import Topology, topology_from_spec
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -85,7 +86,7 @@ def mutate(document, data) -> str:
 
 
 def check(document, source: str) -> None:
-    """The property: a valid Topology or a ConfigError whose text names where the problem is."""
+    """The property: a ConfigError whose text names where the problem is, or a valid Topology and its plan."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about zero-sized layers; irrelevant here
@@ -100,11 +101,13 @@ def check(document, source: str) -> None:
         return
     event("valid")
     assert isinstance(topology, Topology)
-    assert topology.recognised_configurations() is not None
     assert set(topology.segment_info) == set(topology.segments)
+    plan = plan_document(topology)  # a valid topology always has a plan
+    assert set(plan["nodes"]) == set(topology.nodes) and plan["configurations"]
+    assert all(info["forward_flops_per_sample"] >= 0 for info in plan["segments"].values())
 
 
-@settings(max_examples=150, deadline=None, database=None,
+@settings(max_examples=150, deadline=None, database=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(name=st.sampled_from(sorted(DOCUMENTS)), data=st.data(), count=st.integers(min_value=1, max_value=3))
 def test_mutated_documents_give_config_errors_or_valid_topologies(name, data, count):
@@ -116,7 +119,7 @@ def test_mutated_documents_give_config_errors_or_valid_topologies(name, data, co
     check(document, name)
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(TEXTS)), data=st.data())
 def test_mutated_yaml_text_gives_config_errors_or_valid_topologies(name, data):
     """Edits of the raw text (deleted, duplicated or replaced characters and lines) through the YAML parser."""
