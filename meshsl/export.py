@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from meshsl.compute.layers import merge_inputs as merge  # the same rule as in training
 from meshsl.errors import ConfigError
 
 SEGMENT_FORMAT = "meshsl-segment/1"
@@ -50,13 +51,6 @@ def build_segment(spec: dict) -> nn.Module:
     return getattr(importlib.import_module(module_name), function)(**spec["factory"].get("kwargs", {}))
 
 
-def merge(tensors: list[torch.Tensor], rule: str) -> torch.Tensor:
-    if len(tensors) == 1:
-        return tensors[0]
-    if rule == "concat":
-        return torch.cat([t.reshape(t.shape[0], -1) if t.dim() != tensors[0].dim() else t for t in tensors], dim=1)
-    stacked = torch.stack(tensors)
-    return stacked.sum(0) if rule == "sum" else stacked.mean(0)
 
 
 # ---- export (on the owner's machine) ------------------------------------------------------------
