@@ -102,7 +102,10 @@ def test_curve_run_trains_and_refuses_intruders(tmp_path: Path) -> None:
     assert summary["steps"] == 30
     assert summary["tasks"]["digit"]["eval"]["accuracy"] > 0.5
     log = (run_dir / "server.log").read_text()
-    assert "refused a connection with unknown public key" in log and "handshake failed (protocol)" in log
+    assert "refused a connection with unknown public key" in log
+    # libzmq reports a plain-text peer's failed handshake as a protocol error or, when the
+    # connection drops first, without detail: both are the refusal of the plain-text intruder.
+    assert "handshake failed (protocol)" in log or "refused a connection (no_detail)" in log
 
 
 def test_wrong_secret_key_is_caught_before_joining(tmp_path: Path) -> None:
