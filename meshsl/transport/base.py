@@ -27,6 +27,13 @@ class Transport(abc.ABC):
     async def send(self, peer: str, frames: Sequence) -> None:
         """Queue frames for `peer`; waits (backpressure) when the peer's queue is full."""
 
+    def try_send(self, peer: str, frames: Sequence) -> bool:
+        """Send now if that needs no waiting (the caller holds no earlier message for `peer`).
+
+        True: sent. False: nothing was sent; use `send` (which may wait). The node's hot path uses this
+        to skip a task switch per message when the peer keeps up."""
+        return False
+
     @abc.abstractmethod
     async def recv(self) -> tuple[str, list]:
         """The next message: (sender node name, frames)."""
