@@ -31,8 +31,14 @@ def raw_view(t: torch.Tensor) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype in _NUMPY_VIEWABLE:  # numpy() shares the storage and keeps the tensor alive
+        return memoryview(t.numpy()).cast("B")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+_NUMPY_VIEWABLE = frozenset(v for k, v in TORCH_DTYPES.items() if k != "bfloat16")
 
 
 def tensor_from_frame(buffer, dtype: str, count: int) -> torch.Tensor:
@@ -57,12 +63,25 @@ def describe(dtype: torch.dtype, shape: tuple[int, ...], codec: str, parts: Sequ
                             tuple((dtype_name(p.dtype), int(p.numel())) for p in parts))
 
 
+def _byte_view(frame) -> memoryview:
+    """A flat byte view of a frame (a received zmq.Frame, bytes, or a memoryview of any format)."""
+    view = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if view.format != "B" or view.ndim != 1:
+        try:
+            view = view.cast("B")
+        except TypeError:
+            raise ProtocolError("bad_size", "a frame is not one contiguous buffer") from None
+    return view
+
+
 def decode_message(frames: Sequence, max_bytes: int) -> tuple[Envelope, list[list[torch.Tensor]]]:
     """Parse the header, check frame count and every size, and view frames as tensors (no copies)."""
     if not frames:
         raise ProtocolError("bad_header", "empty message")
-    buffers = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
-    total = sum(len(b) for b in buffers)
+    buffers = [_byte_view(f) for f in frames]
+    total = 0
+    for b in buffers:
+        total += b.nbytes
     if total > max_bytes:
         raise ProtocolError("oversized", f"message of {total} bytes exceeds the cap of {max_bytes}")
     envelope = parse_envelope(bytes(buffers[0]))
