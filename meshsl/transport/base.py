@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from typing import Optional, Sequence
 
 # Sender identity a transport returns for a peer whose authenticated (CURVE) name and routing id
 # disagree; the node rejects it as "spoofed_sender". Routing ids may not start with a zero byte.
@@ -37,6 +37,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def recv(self) -> tuple[str, list]:
         """The next message: (sender node name, frames)."""
+
+    def recv_nowait(self) -> Optional[tuple[str, list]]:
+        """The next message if one is already here, else None; never waits. Not to be mixed with a
+        `recv` in flight. The default has none, so callers fall back to `recv`."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None: ...

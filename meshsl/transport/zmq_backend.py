@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable, Optional, Sequence
 
 import zmq
@@ -12,12 +13,16 @@ from meshsl.errors import TransportError
 from meshsl.transport.base import SPOOFED_PREFIX, Transport
 
 log = logging.getLogger("meshsl.transport")
+_clock = time.perf_counter
+
+# A task that sends or receives without ever waiting still yields to the event loop this often.
+YIELD_INTERVAL_S = 0.0005
 
 
 class ZmqTransport(Transport):
     def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
                  keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
-                 context: Optional[zmq.asyncio.Context] = None) -> None:
+                 context: Optional[zmq.asyncio.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD) -> None:
         super().__init__(node, endpoint, address_book)
         self.high_water_mark = high_water_mark
         self.keyring = keyring  # meshsl.security.keys.KeyRing when CURVE is on
@@ -31,6 +36,9 @@ class ZmqTransport(Transport):
         self._monitors: list = []
         self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
         self.sent_hook = None
+        self.copy_threshold = copy_threshold
+        self._identities: dict[bytes, str] = {}  # routing id -> its decoded name (bounded)
+        self._last_yield = _clock()
 
     async def start(self) -> None:
         router = self.context.socket(zmq.ROUTER)
@@ -81,11 +89,32 @@ class ZmqTransport(Transport):
         sock = self._dealer(peer)
         try:  # fast path: no future, no event-loop round trip when the socket can take it now
             self._sync(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            await asyncio.sleep(0)  # still a suspension point: a busy stream never starves other tasks
-            return
         except zmq.Again:
-            pass
-        await sock.send_multipart(frames, copy=False)
+            await sock.send_multipart(frames, copy=False)
+            return
+        await self._maybe_yield()
+
+    def try_send(self, peer: str, frames: Sequence) -> bool:
+        """Send now with NOBLOCK; False (nothing sent) when the peer's queue is full or not yet connected.
+
+        A multipart message is atomic under the HWM: libzmq checks it on the first frame only, so
+        EAGAIN means that no frame left."""
+        sock = self._dealer(peer)
+        try:
+            self._sync(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        if self.sent_hook:
+            self.sent_hook(self.node, peer, frames)
+        return True
+
+    async def _maybe_yield(self) -> None:
+        """A suspension point at least every YIELD_INTERVAL_S: a busy stream never starves other tasks,
+        without paying an event-loop iteration for every message."""
+        now = _clock()
+        if now - self._last_yield >= YIELD_INTERVAL_S:
+            await asyncio.sleep(0)
+            self._last_yield = _clock()
 
     def _sync(self, sock) -> zmq.Socket:
         """A blocking-API shadow of an asyncio socket (same underlying socket; used with NOBLOCK only).
@@ -94,15 +123,33 @@ class ZmqTransport(Transport):
         shadow = self._shadows.get(id(sock))
         if shadow is None or shadow[0] is not sock:
             shadow = self._shadows[id(sock)] = (sock, zmq.Socket.shadow(sock.underlying))
+            shadow[1].copy_threshold = self.copy_threshold
         return shadow[1]
 
     async def recv(self) -> tuple[str, list]:
         try:
             frames = self._sync(self._router).recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            await asyncio.sleep(0)
         except zmq.Again:
             frames = await self._router.recv_multipart(copy=False)
-        identity = frames[0].bytes.decode("utf-8", "replace")
+        else:
+            await self._maybe_yield()
+        return self._identify(frames)
+
+    def recv_nowait(self) -> Optional[tuple[str, list]]:
+        """The next message if one is already here, else None (never waits, never yields)."""
+        try:
+            frames = self._sync(self._router).recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        return self._identify(frames)
+
+    def _identify(self, frames: list) -> tuple[str, list]:
+        routing_id = frames[0].bytes
+        identity = self._identities.get(routing_id)
+        if identity is None:
+            identity = routing_id.decode("utf-8", "replace")
+            if len(self._identities) < 4096:
+                self._identities[routing_id] = identity
         if self.keyring is not None:
             # With CURVE the authenticator maps the peer's key to its node name: trust that, not the
             # routing id. A mismatch comes back as an identity no header can name, and the node
