@@ -1,7 +1,11 @@
 """Per-hop transport: meshsl's real path (encode_message -> ZmqTransport -> decode_message + edge decode)
 against raw pyzmq (PUSH/PULL and DEALER/ROUTER, zero-copy frames) on the same sizes, tcp loopback.
 
-Run as `python -m benchmarks.transport SIDE ...` for one side; `measure()` runs both sides as processes."""
+Both sides get the same socket settings (high-water mark HWM, zero-copy sends with the same copy threshold)
+and are measured the same way: at the receiver, after a warm-up, until the sender's end marker arrives.
+meshsl sends the way a node does: `try_send`, and `await send` only when that cannot go now.
+
+`measure()` runs every case as a pair of processes, interleaved, best of the repeats."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +16,45 @@ import socket
 import time
 
 import numpy as np
+
+HWM = 128  # both sides: meshsl's default high-water mark
+WARMUP_S = 0.1  # messages in the first WARMUP_S after the first one are not timed (connection, allocator)
+
+
+def _copy_threshold() -> int:
+    import os
+    import zmq
+    # what ZmqTransport uses by default; raw sockets get the same (env override for experiments)
+    return int(os.environ.get("MESHSL_BENCH_COPY_THRESHOLD", zmq.COPY_THRESHOLD))
+
+
+class _Meter:
+    """Receiver-side throughput after a warm-up, the same for meshsl and raw pyzmq."""
+
+    def __init__(self) -> None:
+        self.first = self.start = None
+        self.n = self.nbytes = 0
+        self.warm_n = self.warm_bytes = 0
+
+    def add(self, nbytes: int) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        if self.start is None:
+            if now - self.first < WARMUP_S:
+                self.warm_n += 1
+                self.warm_bytes += nbytes
+                return
+            self.start = now
+            return  # the clock starts when this one arrived: count what follows it
+        self.n += 1
+        self.nbytes += nbytes
+
+    def result(self) -> tuple:
+        end = time.perf_counter()
+        if self.start is None or self.n == 0:  # a stream shorter than the warm-up: time all of it
+            return self.warm_n, self.warm_bytes, end - (self.first or end)
+        return self.n, self.nbytes, end - self.start
 
 
 def _port() -> int:
@@ -35,28 +78,27 @@ async def _meshsl_recv(port: int, peer_port: int, size: int, queue, mode: str) -
     from meshsl.transport.zmq_backend import ZmqTransport
     edge, codecs = _edge_and_codecs(size)
     book = {"a": f"tcp://127.0.0.1:{peer_port}", "b": f"tcp://127.0.0.1:{port}"}
-    transport = ZmqTransport("b", book["b"], book, high_water_mark=128)
+    transport = ZmqTransport("b", book["b"], book, high_water_mark=HWM, copy_threshold=_copy_threshold())
     await transport.start()
     queue.put("ready")
-    n = nbytes = 0
-    start = None
+    meter = _Meter()
     while True:
         sender, frames = await transport.recv()
         envelope, tensors = decode_message(frames, 1 << 31)
         if envelope.kind == Kind.SHUTDOWN:
+            result = meter.result()
             await transport.send("a", encode_message(Envelope(kind=Kind.ACK, topology="t", sender="b")))
             break
         tensor = codecs.decode(edge, "act", envelope.tensors[0], tensors[0], 1)
         if mode == "rtt":
             back = Envelope(kind=Kind.GRADIENT, topology="t", sender="b", step=envelope.step, edge=edge.name,
                             tensors=envelope.tensors)
-            await transport.send("a", encode_message(back, [[tensor]]))
+            frames = encode_message(back, [[tensor]])
+            if not transport.try_send("a", frames):
+                await transport.send("a", frames)
             continue
-        if start is None:
-            start = time.perf_counter()
-        n += 1
-        nbytes += tensor.numel() * 4
-    queue.put((n, nbytes, time.perf_counter() - (start or time.perf_counter())))
+        meter.add(tensor.numel() * 4)
+    queue.put(result)
     await asyncio.sleep(0.5)
     await transport.close()
 
@@ -72,7 +114,7 @@ async def _meshsl_send(port: int, peer_port: int, size: int, seconds: float, mod
     from meshsl.transport.zmq_backend import ZmqTransport
     edge, codecs = _edge_and_codecs(size)
     book = {"a": f"tcp://127.0.0.1:{port}", "b": f"tcp://127.0.0.1:{peer_port}"}
-    transport = ZmqTransport("a", book["a"], book, high_water_mark=128)
+    transport = ZmqTransport("a", book["a"], book, high_water_mark=HWM, copy_threshold=_copy_threshold())
     await transport.start()
     tensor = torch.randn(1, size // 4)
     result = {}
@@ -83,7 +125,9 @@ async def _meshsl_send(port: int, peer_port: int, size: int, seconds: float, mod
             t0 = time.perf_counter()
             descriptor, parts = codecs.encode(edge.name, "act", tensor, (0, 0))
             env = Envelope(kind=Kind.ACTIVATION, topology="t", sender="a", step=i, edge=edge.name, tensors=(descriptor,))
-            await transport.send("b", encode_message(env, [parts]))
+            frames = encode_message(env, [parts])
+            if not transport.try_send("b", frames):
+                await transport.send("b", frames)
             _, frames = await transport.recv()
             envelope, tensors = decode_message(frames, 1 << 31)
             codecs.decode(edge, "grad", envelope.tensors[0], tensors[0], 1)
@@ -97,7 +141,9 @@ async def _meshsl_send(port: int, peer_port: int, size: int, seconds: float, mod
             descriptor, parts = codecs.encode(edge.name, "act", tensor, (0, 0))
             env = Envelope(kind=Kind.ACTIVATION, topology="t", sender="a", step=step, edge=edge.name,
                            tensors=(descriptor,))
-            await transport.send("b", encode_message(env, [parts]))
+            frames = encode_message(env, [parts])
+            if not transport.try_send("b", frames):  # as a node sends
+                await transport.send("b", frames)
     await transport.send("b", encode_message(Envelope(kind=Kind.SHUTDOWN, topology="t", sender="a")))
     await asyncio.wait_for(transport.recv(), timeout=120)  # the receiver saw everything (sockets have LINGER 0)
     await transport.close()
@@ -112,10 +158,11 @@ def raw_recv(port: int, peer_port: int, size: int, queue, mode: str) -> None:
         s = ctx.socket(zmq.ROUTER)
     else:
         s = ctx.socket(zmq.PULL if mode == "push" else zmq.ROUTER)
+    s.setsockopt(zmq.RCVHWM, HWM)
+    s.copy_threshold = _copy_threshold()
     s.bind(f"tcp://127.0.0.1:{port}")
     queue.put("ready")
-    n = nbytes = 0
-    start = None
+    meter = _Meter()
     while True:
         frames = s.recv_multipart(copy=False)
         payload = frames[-1]
@@ -124,12 +171,9 @@ def raw_recv(port: int, peer_port: int, size: int, queue, mode: str) -> None:
         if mode == "rtt":
             s.send_multipart([frames[0], payload], copy=False)
             continue
-        if start is None:
-            start = time.perf_counter()
         np.frombuffer(payload.buffer, dtype=np.float32)  # the same zero-copy view meshsl makes
-        n += 1
-        nbytes += len(payload)
-    queue.put((n, nbytes, time.perf_counter() - (start or time.perf_counter())))
+        meter.add(len(payload))
+    queue.put(meter.result())
     s.close(0)
     ctx.term()
 
@@ -138,6 +182,8 @@ def raw_send(port: int, peer_port: int, size: int, seconds: float, mode: str, re
     import zmq
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH if mode == "push" else zmq.DEALER)
+    s.setsockopt(zmq.SNDHWM, HWM)
+    s.copy_threshold = _copy_threshold()
     s.connect(f"tcp://127.0.0.1:{peer_port}")
     buf = memoryview(np.random.default_rng(0).standard_normal(size // 4).astype(np.float32))
     result = {}
