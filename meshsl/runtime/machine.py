@@ -11,6 +11,7 @@ action runs at a time (the node's compute thread); the schedule policy picks the
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -161,6 +162,23 @@ class _Unit:
     backwarded: bool = False
 
 
+class _SegmentQueue:
+    """The schedule's view of one segment's units in the current round, kept up to date per event so the
+    next compute action is found in O(log units) instead of a scan (a SplitFed server has a unit per client).
+
+    `ready_forwards`: (mb, lane) of units whose inputs are all there and that were not picked yet;
+    `ready_backwards`: the same for backwards (used when the order is not deterministic);
+    `open`: (mb, lane) of every unit not backwarded yet, lazily pruned: its head is the unit whose
+    backward must come next in deterministic order."""
+
+    __slots__ = ("ready_forwards", "ready_backwards", "open")
+
+    def __init__(self) -> None:
+        self.ready_forwards: list[tuple[int, int]] = []
+        self.ready_backwards: list[tuple[int, int]] = []
+        self.open: list[tuple[int, int]] = []
+
+
 @dataclass
 class NodeMachine:
     wiring: Wiring
@@ -175,6 +193,9 @@ class NodeMachine:
     in_flight: dict[str, int] = field(default_factory=dict)
     early: list[Event] = field(default_factory=list)  # events of the next round, replayed at its Begin
     pending_commit: Optional[int] = None
+    _queues: dict[str, _SegmentQueue] = field(default_factory=dict, repr=False)
+    _open_units: int = field(default=0, repr=False)  # units not backwarded yet
+    _early_seen: set = field(default_factory=set, repr=False)  # `early` as a set (duplicate check)
 
     # -- public API ------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
@@ -205,6 +226,7 @@ class NodeMachine:
         A compute action still on the thread finishes, but its result is ignored."""
         self.round, self.phase, self.done = round_, "", True
         self.units, self.early, self.in_flight = {}, [], {}
+        self._queues, self._open_units, self._early_seen = {}, 0, set()
         self.pending_commit = None
         self.stale_running, self.running = self.running, None
 
@@ -219,16 +241,27 @@ class NodeMachine:
         self.done = False
         self.units = {}
         self.in_flight = {name: 0 for name in self.wiring.segments}
+        self._queues = {}
         training = event.phase == "train"
+        round_lanes = set(event.lanes)
         for seg in self.wiring.segments.values():
+            queue = _SegmentQueue()
             for lane in seg.lanes:
-                if lane not in event.lanes:
+                if lane not in round_lanes:
                     continue
                 for mb in range(event.micro_batches):
                     self.units[(seg.name, lane, mb)] = _Unit(
                         inputs_missing=set(seg.segment_inputs),
                         grads_missing=set(seg.consumers) if training else set())
-        early, self.early = self.early, []
+                    queue.open.append((mb, lane))
+                    if not seg.segment_inputs:
+                        queue.ready_forwards.append((mb, lane))
+            if queue.open:
+                heapq.heapify(queue.open)
+                heapq.heapify(queue.ready_forwards)
+                self._queues[seg.name] = queue
+        self._open_units = len(self.units)
+        early, self.early, self._early_seen = self.early, [], set()
         for held in early:
             if held.round == self.round:
                 if isinstance(held, InputArrived):
@@ -245,9 +278,10 @@ class NodeMachine:
         # Bounded: at most one message per (segment, source, lane, micro-batch) of a round can be early.
         limit = 4 * max(1, self.micro_batches) * sum(
             len(s.lanes) * (len(s.segment_inputs) + len(s.consumers)) for s in self.wiring.segments.values())
-        if len(self.early) >= limit or event in self.early:
+        if len(self.early) >= limit or event in self._early_seen:
             raise ProtocolError("duplicate", "too many or repeated early messages")
         self.early.append(event)
+        self._early_seen.add(event)
         return []
 
     def _unit(self, segment: str, lane: int, micro_batch: int) -> _Unit:
@@ -261,6 +295,8 @@ class NodeMachine:
         if source not in unit.inputs_missing:
             raise ProtocolError("duplicate", f"input {source} of {segment} ({lane}, {micro_batch}) already here")
         unit.inputs_missing.discard(source)
+        if not unit.inputs_missing and not unit.forwarded:
+            heapq.heappush(self._queues[segment].ready_forwards, (micro_batch, lane))
 
     def _gradient(self, segment: str, consumer: str, lane: int, micro_batch: int) -> None:
         if self.phase != "train":
@@ -269,6 +305,12 @@ class NodeMachine:
         if consumer not in unit.grads_missing:
             raise ProtocolError("duplicate", f"gradient from {consumer} for {segment} ({lane}, {micro_batch})")
         unit.grads_missing.discard(consumer)
+        self._backward_ready(segment, lane, micro_batch, unit)
+
+    def _backward_ready(self, segment: str, lane: int, micro_batch: int, unit: _Unit) -> None:
+        """Deterministic order needs no heap of ready backwards: only a segment's first open unit may run."""
+        if not self.deterministic and unit.forwarded and not unit.backwarded and not unit.grads_missing:
+            heapq.heappush(self._queues[segment].ready_backwards, (micro_batch, lane))
 
     def _commit(self, event: Commit) -> list[Action]:
         if event.round != self.round or self.phase != "train" or not self.done:
@@ -299,8 +341,12 @@ class NodeMachine:
                                               self.wiring.node_of[consumer][action.lane]))
             if self.phase != "train":
                 unit.backwarded = True  # nothing more to do for this unit
+                self._open_units -= 1
+            else:
+                self._backward_ready(seg.name, action.lane, action.micro_batch, unit)
         else:
             unit.backwarded = True
+            self._open_units -= 1
             self.in_flight[seg.name] -= 1
             for producer in seg.segment_inputs:
                 if self.wiring.is_local(producer, action.lane):
@@ -311,7 +357,7 @@ class NodeMachine:
         return out + self._maybe_done() + self._dispatch()
 
     def _maybe_done(self) -> list[Action]:
-        if not self.done and all(u.backwarded for u in self.units.values()):
+        if not self.done and self._open_units == 0:
             self.done = True
             return [RoundDone(self.round, self.phase)]
         return []
@@ -327,36 +373,63 @@ class NodeMachine:
         return [action]
 
     def _next_compute(self) -> Optional[ComputeAction]:
+        """The ready unit with the smallest (micro-batch, lane, segment), by the rules in the module doc.
+
+        Deterministic order: a segment's backwards run in (micro-batch, lane) order, so only the unit at
+        the head of its `open` heap may run its backward. 1F1B: a ready backward first; a segment with
+        `window` forwards in flight may only run the forward of its next-backward unit (otherwise a later
+        lane's input that arrived first fills the window and nothing can move).
+
+        The heaps are pruned lazily: a picked action is on the compute thread until ComputeFinished
+        marks its unit, and nothing is picked meanwhile (one compute action at a time)."""
         if self.pending_commit is not None:
             round_, self.pending_commit = self.pending_commit, None
             return ApplyOptimizer(round_)
-        forwards, backwards = [], []
-        for (segment, lane, mb), unit in self.units.items():
-            if not unit.forwarded:
-                if not unit.inputs_missing:
-                    forwards.append((mb, lane, segment))
-            elif not unit.backwarded and not unit.grads_missing:
-                backwards.append((mb, lane, segment))
-        first_open: dict[str, tuple] = {}
-        if self.deterministic:
-            for (segment, lane, mb), unit in self.units.items():
-                if not unit.backwarded and (segment not in first_open or (mb, lane) < first_open[segment]):
-                    first_open[segment] = (mb, lane)
-            backwards = [b for b in backwards if (b[0], b[1]) == first_open[b[2]]]
-        if self.schedule == "1f1b":
-            if backwards:
-                mb, lane, segment = min(backwards)
-                return Backward(self.round, segment, lane, mb)
-            # The unit whose backward must come next may always run its forward, even past the window:
-            # otherwise a later lane's input that arrived first fills the window and nothing can move.
-            forwards = [f for f in forwards if self.in_flight[f[2]] < self.wiring.segments[f[2]].window
-                        or first_open.get(f[2]) == (f[0], f[1])]
-        if forwards:
-            mb, lane, segment = min(forwards)
-            return Forward(self.round, segment, lane, mb)
-        if backwards:
-            mb, lane, segment = min(backwards)
+        units = self.units
+        forward: Optional[tuple] = None
+        backward: Optional[tuple] = None
+        one_f_one_b = self.schedule == "1f1b"
+        for segment, queue in self._queues.items():
+            first_open = None
+            if self.deterministic:
+                heads = queue.open
+                while heads and units[(segment, heads[0][1], heads[0][0])].backwarded:
+                    heapq.heappop(heads)
+                if heads:
+                    first_open = heads[0]
+                    unit = units[(segment, first_open[1], first_open[0])]
+                    if unit.forwarded and not unit.grads_missing:
+                        candidate = (first_open[0], first_open[1], segment)
+                        if backward is None or candidate < backward:
+                            backward = candidate
+            else:
+                heads = queue.ready_backwards
+                while heads and units[(segment, heads[0][1], heads[0][0])].backwarded:
+                    heapq.heappop(heads)
+                if heads:
+                    candidate = (heads[0][0], heads[0][1], segment)
+                    if backward is None or candidate < backward:
+                        backward = candidate
+            ready = queue.ready_forwards
+            while ready and units[(segment, ready[0][1], ready[0][0])].forwarded:
+                heapq.heappop(ready)
+            if not ready:
+                continue
+            if not one_f_one_b or self.in_flight[segment] < self.wiring.segments[segment].window:
+                candidate = (ready[0][0], ready[0][1], segment)
+            elif first_open is not None and not units[(segment, first_open[1], first_open[0])].forwarded \
+                    and not units[(segment, first_open[1], first_open[0])].inputs_missing:
+                candidate = (first_open[0], first_open[1], segment)  # past the window: see the docstring
+            else:
+                continue
+            if forward is None or candidate < forward:
+                forward = candidate
+        if backward is not None and (one_f_one_b or forward is None):
+            mb, lane, segment = backward
             return Backward(self.round, segment, lane, mb)
+        if forward is not None:
+            mb, lane, segment = forward
+            return Forward(self.round, segment, lane, mb)
         return None
 
 
