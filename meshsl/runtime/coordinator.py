@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -58,7 +59,9 @@ class Coordinator:
         self.node_stats: dict[str, dict] = {}
         self.committed: dict[str, int] = {}  # node -> last round whose optimizer step it applied
         self.last_train_round = 0
-        self.last_seen: dict[str, float] = {}
+        # node -> when it was last heard from, oldest first (seen() moves a node to the end): the lost-node
+        # check, done for every message collected, looks only at the head instead of at every node.
+        self.last_seen: OrderedDict[str, float] = OrderedDict()
         self.checkpoints: dict[str, set[int]] = {}  # node -> checkpoint steps it reported
         self.endpoints: dict[str, str] = {}  # node -> endpoint it announced (standbys move nodes)
         self.predict_rows: dict[str, int] = {}  # node -> rows of its prediction input (predict runs)
@@ -78,10 +81,31 @@ class Coordinator:
 
     def seen(self, node: str) -> None:
         self.last_seen[node] = time.monotonic()
+        self.last_seen.move_to_end(node)
 
     def _lost_nodes(self) -> set[str]:
+        """Nodes not heard from within the heartbeat timeout (never heard from: not lost)."""
         limit = time.monotonic() - self.policy.heartbeat_timeout_s
-        return {n for n in self.nodes if n != self.node.node and self.last_seen.get(n, time.monotonic()) < limit}
+        lost = set()
+        for name, when in self.last_seen.items():
+            if when >= limit:
+                break  # every later entry was seen later still
+            if name != self.node.node and name in self._node_set:
+                lost.add(name)
+        return lost
+
+    @property
+    def _node_set(self) -> frozenset:
+        if getattr(self, "_node_set_of", None) is not self.nodes:
+            self._node_set_of, self._node_set_cache = self.nodes, frozenset(self.nodes)
+        return self._node_set_cache
+
+    async def _next_message(self, timeout: float) -> tuple:
+        """The next inbox message (TimeoutError after `timeout`); no timer when one is already waiting."""
+        try:
+            return self.inbox.get_nowait()
+        except asyncio.QueueEmpty:
+            return await asyncio.wait_for(self.inbox.get(), timeout=timeout)
 
     def _note_hello(self, sender: str, meta: dict) -> None:
         steps = meta.get("checkpoints")
@@ -123,8 +147,7 @@ class Coordinator:
             if lost:
                 raise NodesLost(lost, f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s")
             try:
-                sender, envelope, tensors = await asyncio.wait_for(
-                    self.inbox.get(), timeout=min(left, self.policy.heartbeat_interval_s))
+                sender, envelope, tensors = await self._next_message(min(left, self.policy.heartbeat_interval_s))
             except TimeoutError:
                 continue
             self._observe_inbox()
@@ -223,7 +246,7 @@ class Coordinator:
         while pending:
             left = deadline - time.monotonic()
             try:
-                sender, envelope, _ = await asyncio.wait_for(self.inbox.get(), timeout=max(left, 0.001))
+                sender, envelope, _ = await self._next_message(max(left, 0.001))
             except TimeoutError:
                 raise PeerTimeout(", ".join(sorted(pending)), startup_timeout, "start") from None
             if envelope.kind == Kind.HELLO:
@@ -382,10 +405,11 @@ class Coordinator:
     # -- many clients ----------------------------------------------------------------------------
     def _client_node(self, lane: int) -> str:
         """The node that is client `lane` (hosts the lane's replicated segment or data)."""
-        for name in [*self._replicated_segments(), *self.topology.data]:
-            if self.topology.is_replicated(name):
-                return self.topology.node_of(name, lane)
-        return f"lane{lane}"
+        names = self.__dict__.get("_client_names")
+        if names is None:
+            names = self._client_names = [n for n in [*self._replicated_segments(), *self.topology.data]
+                                          if self.topology.is_replicated(n)]
+        return self.topology.node_of(names[0], lane) if names else f"lane{lane}"
 
     def _replicated_segments(self) -> list[str]:
         return [s for s in self.topology.segment_order if self.topology.is_replicated(s)]
@@ -403,11 +427,33 @@ class Coordinator:
             await self._hand_over(info.lanes[0], following.lanes[0])
 
     async def _pull(self, segment: str, lane: int) -> list[torch.Tensor]:
-        node = self.topology.node_of(segment, lane)
-        await self.node.send_control(node, Kind.WEIGHTS_PULL, meta={"segment": segment}, step=self.round)
-        got = await self._collect(Kind.WEIGHTS, {node}, self.round, f"send weights of {segment}")
-        envelope, tensors = got[node]
-        return [parts[0].reshape(d.shape).clone() for parts, d in zip(tensors, envelope.tensors)]
+        return (await self._pull_many(segment, [lane]))[0]
+
+    async def _pull_many(self, segment: str, lanes: list[int]) -> list[list[torch.Tensor]]:
+        """The weights of `segment` from the node of each lane (distinct nodes), asked all at once."""
+        nodes = [self.topology.node_of(segment, lane) for lane in lanes]
+        for node in nodes:
+            await self.node.send_control(node, Kind.WEIGHTS_PULL, meta={"segment": segment}, step=self.round)
+        got = await self._collect(Kind.WEIGHTS, set(nodes), self.round, f"send weights of {segment}")
+        return [[parts[0].reshape(d.shape).clone() for parts, d in zip(got[node][1], got[node][0].tensors)]
+                for node in nodes]
+
+    def _pull_batches(self, segment: str, lanes: range, size: int = 64) -> list[list[int]]:
+        """Lanes in order, cut into batches of at most `size` lanes on distinct nodes (pulled together, so
+        at most `size` clients' weights are held at once)."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        nodes: set[str] = set()
+        for lane in lanes:
+            node = self.topology.node_of(segment, lane)
+            if len(current) >= size or node in nodes:
+                batches.append(current)
+                current, nodes = [], set()
+            current.append(lane)
+            nodes.add(node)
+        if current:
+            batches.append(current)
+        return batches
 
     async def _push(self, segment: str, lanes, weights: list[torch.Tensor]) -> None:
         from meshsl.runtime.node import _describe_all
@@ -424,11 +470,11 @@ class Coordinator:
         total = sum(len(p) for p in pools)
         for segment in self._replicated_segments():
             average = None
-            for lane in range(self.topology.lanes):
-                weights = await self._pull(segment, lane)
-                share = len(pools[lane]) / total
-                scaled = [w.double() * share for w in weights]
-                average = scaled if average is None else [a + s for a, s in zip(average, scaled)]
+            for batch in self._pull_batches(segment, range(self.topology.lanes)):
+                for lane, weights in zip(batch, await self._pull_many(segment, batch)):  # summed in lane order
+                    share = len(pools[lane]) / total
+                    scaled = [w.double() * share for w in weights]
+                    average = scaled if average is None else [a + s for a, s in zip(average, scaled)]
             typed = [a.to(w.dtype) for a, w in zip(average, weights)]
             await self._push(segment, range(self.topology.lanes), typed)
 
