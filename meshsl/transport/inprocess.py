@@ -15,23 +15,40 @@ class InProcessTransport(Transport):
         super().__init__(node, endpoint, address_book)
         self.queue_size = queue_size
         self.sent_hook = None  # tests record traffic here: hook(sender, peer, frames)
+        self._mailbox: asyncio.Queue | None = None
 
     async def start(self) -> None:
         if self.endpoint in _MAILBOXES:
             raise TransportError(f"endpoint {self.endpoint} is already bound")
-        _MAILBOXES[self.endpoint] = asyncio.Queue(maxsize=self.queue_size)
+        self._mailbox = _MAILBOXES[self.endpoint] = asyncio.Queue(maxsize=self.queue_size)
 
-    async def send(self, peer: str, frames: Sequence) -> None:
+    def _queue(self, peer: str) -> asyncio.Queue:
         endpoint = self.address_book.get(peer)
         queue = _MAILBOXES.get(endpoint) if endpoint else None
         if queue is None:
             raise TransportError(f"peer {peer!r} is not reachable at {endpoint}")
+        return queue
+
+    async def send(self, peer: str, frames: Sequence) -> None:
+        queue = self._queue(peer)
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
         await queue.put((self.node, [bytes(f) for f in frames]))
 
+    def try_send(self, peer: str, frames: Sequence) -> bool:
+        if type(self).send is not InProcessTransport.send:
+            return False  # a subclass that overrides `send` (tests hold messages back) sees every message
+        queue = self._queue(peer)
+        if queue.full():
+            return False
+        if self.sent_hook:
+            self.sent_hook(self.node, peer, frames)
+        queue.put_nowait((self.node, [bytes(f) for f in frames]))
+        return True
+
     async def recv(self) -> tuple[str, list]:
-        return await _MAILBOXES[self.endpoint].get()
+        return await self._mailbox.get()
 
     async def close(self) -> None:
-        _MAILBOXES.pop(self.endpoint, None)
+        if _MAILBOXES.get(self.endpoint) is self._mailbox:
+            _MAILBOXES.pop(self.endpoint, None)
