@@ -73,10 +73,22 @@ class Topology:
         return self.placement[name][lane]
 
     def lanes_of(self, name: str, node: str) -> list[int]:
-        return [lane for lane, n in enumerate(self.placement[name]) if n == node]
+        return list(self._lanes_by_node(name).get(node, ()))
 
     def is_replicated(self, name: str) -> bool:
-        return len(set(self.placement[name])) > 1
+        return len(self._lanes_by_node(name)) > 1
+
+    def _lanes_by_node(self, name: str) -> dict[str, list[int]]:
+        """node -> its lanes of `name`, built once per name (every node of a 1,000-client topology asks)."""
+        index = self.__dict__.setdefault("_lanes_index", {})
+        placement = self.placement[name]
+        cached = index.get(name)
+        if cached is None or cached[0] is not placement:
+            by_node: dict[str, list[int]] = {}
+            for lane, node in enumerate(placement):
+                by_node.setdefault(node, []).append(lane)
+            cached = index[name] = (placement, by_node)
+        return cached[1]
 
     @cached_property
     def coordinator(self) -> str:
@@ -86,6 +98,13 @@ class Topology:
 
     def cut_edges(self) -> list[tuple[str, str]]:
         """(producer segment, consumer segment) pairs whose ends sit on different parties in some lane."""
+        key = (id(self.placement), id(self.nodes))
+        cached = self.__dict__.get("_cut_edges")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_cut_edges"] = (key, self._find_cut_edges())
+        return list(cached[1])
+
+    def _find_cut_edges(self) -> list[tuple[str, str]]:
         edges = []
         for seg in self.spec.segments:
             for src in seg.inputs:
