@@ -47,10 +47,12 @@ def table(results: dict) -> str:
     if "pipelining" in results:
         p = results["pipelining"]
         add("")
-        add("pipelining (node processes)", "samples/s", "x M=1", "bubble-only ideal", "peak RSS MiB/node")
+        add("pipelining (node processes)", "samples/s", "x M=1", "bubble-only ideal", "x GEMM efficiency",
+            "peak RSS MiB/node")
         for r in p["pipelining"]:
             add(f"{r['stages']} stages M={r['micro_batches']} {r['schedule']}", fmt(r["samples_per_s"]),
                 f"{r['speedup_vs_m1']:.2f}", f"{r['gpipe_ideal']:.2f}",
+                f"{r['attainable']:.2f}" if r.get("attainable") else "",
                 " ".join(f"{v:.0f}" for v in r["peak_rss_mib"].values()))
         add("micro-batch compute efficiency (1 thread)",
             ", ".join(f"M={m}: {e:.2f}" for m, e in p["micro_batch_efficiency"].items()))

@@ -24,8 +24,7 @@ def train_reference(topology, steps: int | None = None) -> tuple[dict[str, dict[
     for node in topology.nodes:
         node_data = NodeData(topology, node)
         data.update(node_data.tensors)
-    rows_of = NodeData.__new__(NodeData)
-    rows_of.training, rows_of.pools = topology.spec.training, node_data.pools
+    rows_of = node_data  # any node's sampler: row ids depend only on the topology
     losses = []
     for info in training_steps(topology, steps):
         rows = rows_of.rows("train", 0, info.epoch, info.step_in_epoch, 0, 1)

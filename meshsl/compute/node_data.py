@@ -24,6 +24,10 @@ class NodeData:
                 self.tensors[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)),
                                                      dtype=torch.float32)
         self.predict_inputs: dict[str, torch.Tensor] = {}
+        # Micro-batch row ids are asked for by every forward and backward; computing them means a
+        # permutation of the lane's pool, so the split of the current batches is kept (bounded).
+        self._splits: dict[tuple, list[np.ndarray]] = {}
+        self._splits_limit = 4 * max(1, topology.lanes) + 8
 
     def rows(self, phase: str, lane: int, epoch: int, step_in_epoch: int, micro_batch: int,
              micro_batches: int, offset: int = 0, count: int = 0) -> np.ndarray:
@@ -31,13 +35,23 @@ class NodeData:
 
         Predict rounds cover rows [offset, offset + count) of every party's own input file (rows are
         aligned by position across parties); the owner of a task output needs no input to know them."""
+        key = (phase, lane, epoch, step_in_epoch, micro_batches, offset, count)
+        splits = self._splits.get(key)
+        if splits is None:
+            if len(self._splits) >= self._splits_limit:
+                self._splits.clear()
+            splits = self._splits[key] = self._split(phase, lane, epoch, step_in_epoch, micro_batches, offset, count)
+        return splits[micro_batch]
+
+    def _split(self, phase: str, lane: int, epoch: int, step_in_epoch: int, micro_batches: int, offset: int,
+               count: int) -> list[np.ndarray]:
         if phase == "train":
             batch = batch_indices(self.pools.train[lane], self.training.batch_size, self.training.seed,
                                   epoch, step_in_epoch, lane)
-            return np.array_split(batch, micro_batches)[micro_batch]
+            return np.array_split(batch, micro_batches)
         if phase == "eval":
-            return eval_batches(self.pools.test, self.training.eval_batch_size)[micro_batch]
-        return np.array_split(np.arange(offset, offset + count, dtype=np.int64), micro_batches)[micro_batch]
+            return eval_batches(self.pools.test, self.training.eval_batch_size)
+        return np.array_split(np.arange(offset, offset + count, dtype=np.int64), micro_batches)
 
     def get(self, name: str, rows: np.ndarray, phase: str) -> torch.Tensor:
         if phase == "predict":

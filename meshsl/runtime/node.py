@@ -3,12 +3,20 @@
 Every task it starts belongs to its TaskGroup; every queue is bounded; compute never runs on the
 event loop. A message that fails validation is counted by reason, logged and dropped; the node
 keeps running.
+
+Hot path: the compute thread runs a *chain* of compute actions. When one finishes it asks the state
+machine (under a lock shared with the event loop) for the next, encodes the tensors to send, hands
+them to the loop in one call and goes straight on, so a busy pipeline stage never waits on the event
+loop between micro-batches. The loop receives, validates and sends; a message to a peer whose queue is
+empty goes straight to the socket (`Transport.try_send`).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +33,14 @@ from meshsl.plan.nodeplan import build_edges, edge_name
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, encode_message
 from meshsl.runtime import machine as m
+from meshsl.runtime.outbox import Outbox
 from meshsl.runtime.wire import EdgeCodecs, max_rows
 from meshsl.transport import Transport, make_transport
 from meshsl.transport.base import SPOOFED_PREFIX
 
 log = logging.getLogger("meshsl.node")
 
+COMPUTE_ACTIONS = (m.Forward, m.Backward, m.ApplyOptimizer)
 CONTROL_FROM_COORDINATOR = {Kind.BEGIN, Kind.COMMIT, Kind.ABORT, Kind.RESTORE, Kind.WEIGHTS_PULL, Kind.SHUTDOWN}
 TO_COORDINATOR = {Kind.HELLO, Kind.DONE, Kind.ACK, Kind.FAILED}
 
@@ -54,9 +64,11 @@ class NodeRuntime:
     def __init__(self, topology, node: str, transport: Optional[Transport] = None, metrics=None,
                  coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
                  resume: bool = False, endpoint: Optional[str] = None, weights_dir: Optional[Path] = None,
-                 inference=None) -> None:
+                 inference=None, executor: Optional[concurrent.futures.Executor] = None) -> None:
         """`weights_dir`: start from saved segment weights (see entry.load_saved_weights); `inference`: a
-        meshsl.predict.NodeInference (this node's own prediction input/output; no checkpoints are written)."""
+        meshsl.predict.NodeInference (this node's own prediction input/output; no checkpoints are written);
+        `executor`: where compute runs, one task at a time per node (default: a thread of its own; a
+        simulation hosting many nodes passes one shared single-thread executor)."""
         self.topology = topology
         self.weights_dir = weights_dir
         self.inference = inference
@@ -84,9 +96,13 @@ class NodeRuntime:
         self.worker: Optional[SegmentWorker] = None
         self.counters = NodeCounters()
         self.max_message_bytes = topology.spec.security.max_message_bytes
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{node}")
+        self._owns_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{node}")
+        # The state machine is fed from the loop (arrivals, control) and the compute thread (finished work).
+        self._machine_lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.coordinator = coordinator_factory(self) if coordinator_factory and node == self.coordinator_node else None
-        self._outboxes: dict[str, asyncio.Queue] = {}
+        self._outboxes: dict[str, Outbox] = {}
         self._senders: dict[str, asyncio.Task] = {}
         self._group: Optional[asyncio.TaskGroup] = None
         self._stopped = asyncio.Event()
@@ -103,7 +119,7 @@ class NodeRuntime:
 
     # -- life cycle ------------------------------------------------------------------------------
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.worker = await loop.run_in_executor(self.executor, self._build_worker)
         await loop.run_in_executor(self.executor, self._prepare_checkpoints)
         await self.transport.start()
@@ -122,7 +138,8 @@ class NodeRuntime:
                     task.cancel()
         finally:
             await self.transport.close()
-            self.executor.shutdown(wait=True)
+            if self._owns_executor:
+                self.executor.shutdown(wait=True)
 
     def _build_worker(self) -> SegmentWorker:
         torch.set_num_threads(self.spec.threads)
@@ -175,9 +192,9 @@ class NodeRuntime:
     def _send_heartbeat(self, peer: str) -> None:
         """Never waits: a heartbeat that does not fit a full outbox is skipped (the peer is busy or gone)."""
         box = self._outboxes.get(peer)
-        if box is not None and box.full():
+        if box is not None and box.full:
             return
-        self._group.create_task(self.send_control(peer, Kind.HEARTBEAT))
+        self._post(peer, encode_message(self.envelope(Kind.HEARTBEAT)), None)
 
     def _finish_if_idle(self) -> None:
         """Stop once the compute thread has nothing left (a commit's optimizer step must not be lost)."""
@@ -234,7 +251,7 @@ class NodeRuntime:
                     return
 
     async def _drain_outboxes(self) -> None:
-        for box in self._outboxes.values():
+        for box in list(self._outboxes.values()):
             try:
                 await asyncio.wait_for(box.join(), timeout=5)
             except TimeoutError:
@@ -247,34 +264,57 @@ class NodeRuntime:
     async def send_control(self, peer: str, kind: Kind, parts=(), **fields) -> None:
         await self._enqueue(peer, encode_message(self.envelope(kind, **fields), parts), None)
 
-    async def _enqueue(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> None:
+    def _outbox(self, peer: str) -> Outbox:
         box = self._outboxes.get(peer)
         if box is None:
-            box = self._outboxes[peer] = asyncio.Queue(maxsize=self._outbox_size)
+            box = self._outboxes[peer] = Outbox(self._outbox_size)
             self._senders[peer] = self._group.create_task(self._sender(peer, box), name=f"{self.node}-send-{peer}")
-        await box.put((frames, edge_direction))
-        if self.metrics:
-            self.metrics.queue_depth(f"outbox:{peer}", box.qsize())
+        return box
 
-    async def _sender(self, peer: str, box: asyncio.Queue) -> None:
+    async def _enqueue(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> None:
+        """Send in order after what is queued for `peer`; waits while its queue is full."""
+        box = self._outbox(peer)
+        if not box.idle or not self._try_send(peer, frames, edge_direction):
+            await box.put((frames, edge_direction))
+
+    def _post(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> None:
+        """Like `_enqueue` but never waits: the caller bounds what it posts (see `_wait_for_room`)."""
+        box = self._outbox(peer)
+        if not box.idle or not self._try_send(peer, frames, edge_direction):
+            box.post((frames, edge_direction))
+
+    def _try_send(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> bool:
+        try:
+            sent = self.transport.try_send(peer, frames)
+        except MeshslError as exc:
+            log.warning("%s: dropped a message to %s: %s", self.node, peer, exc)
+            return True
+        if sent:
+            self._count_sent(frames, edge_direction)
+        return sent
+
+    def _count_sent(self, frames: list, edge_direction: Optional[tuple]) -> None:
+        if edge_direction is not None:
+            nbytes = sum(len(f) if isinstance(f, (bytes, memoryview)) else f.nbytes for f in frames)
+            self.counters.add_bytes(*edge_direction, nbytes)
+            if self.metrics:
+                self.metrics.message(edge_direction[0], "sent", nbytes)
+
+    async def _sender(self, peer: str, box: Outbox) -> None:
         """One sender per peer keeps per-peer order and never blocks the receive loop."""
         while True:
             frames, edge_direction = await box.get()
             if self.metrics:
-                self.metrics.queue_depth(f"outbox:{peer}", box.qsize())
+                self.metrics.queue_depth(f"outbox:{peer}", len(box))
             try:
                 # A peer that cannot take a message within the policy's timeout is gone; the
                 # coordinator's recovery replays the round, so the message is dropped, not queued forever.
                 await asyncio.wait_for(self.transport.send(peer, frames), timeout=self.policy.timeout_s)
-                if edge_direction is not None:
-                    nbytes = sum(len(f) if isinstance(f, (bytes, memoryview)) else f.nbytes for f in frames)
-                    self.counters.add_bytes(*edge_direction, nbytes)
-                    if self.metrics:
-                        self.metrics.message(edge_direction[0], "sent", nbytes)
+                self._count_sent(frames, edge_direction)
             except (MeshslError, TimeoutError) as exc:
                 log.warning("%s: dropped a message to %s: %s", self.node, peer, exc or "timed out")
             finally:
-                box.task_done()
+                box.done()
 
     def reroute(self, peer: str, endpoint: str) -> None:
         """`peer` now lives at `endpoint` (a standby took over): drop what was queued for the old one."""
@@ -360,12 +400,13 @@ class NodeRuntime:
             event = m.InputArrived(envelope.step, edge.consumer, edge.producer, lane, mb)
         else:
             event = m.GradientArrived(envelope.step, edge.producer, edge.consumer, lane, mb)
-        actions = self.machine.handle(event)  # raises (and stores nothing) for unexpected messages
         store = self.worker.store
-        if forward:
-            store.inputs[(envelope.step, edge.consumer, edge.producer, lane, mb)] = tensor
-        else:
-            store.grads[(envelope.step, edge.producer, lane, mb)].append((edge.consumer, tensor))
+        with self._machine_lock:  # the compute thread may pick the unit up as soon as the lock is released
+            actions = self.machine.handle(event)  # raises (and stores nothing) for unexpected messages
+            if forward:
+                store.inputs[(envelope.step, edge.consumer, edge.producer, lane, mb)] = tensor
+            else:
+                store.grads[(envelope.step, edge.producer, lane, mb)].append((edge.consumer, tensor))
         nbytes = sum(p.nbytes for p in tensors[0])
         self.counters.add_bytes(edge.name, ("forward" if forward else "backward") + "_received", nbytes)
         if self.metrics:
@@ -390,17 +431,18 @@ class NodeRuntime:
                     self.metrics.progress(context.step, context.epoch)
             log.debug("round begins", extra={"node": self.node, "step": self._train_step,
                                              "round": envelope.step, "phase": envelope.phase})
-            self._execute(self.machine.handle(
-                m.Begin(envelope.step, envelope.phase, context.lanes, context.micro_batches)))
+            self._execute(self._handle(m.Begin(envelope.step, envelope.phase, context.lanes, context.micro_batches)))
         elif kind == Kind.COMMIT:
-            actions = self.machine.handle(m.Commit(envelope.step))
-            if isinstance(meta.get("checkpoint"), int):
-                self._checkpoint_after[envelope.step] = meta["checkpoint"]
+            with self._machine_lock:
+                actions = self.machine.handle(m.Commit(envelope.step))
+                if isinstance(meta.get("checkpoint"), int):
+                    self._checkpoint_after[envelope.step] = meta["checkpoint"]
             self._execute(actions)
         elif kind == Kind.RESTORE:
             await self._restore(meta)
         elif kind == Kind.ABORT:
-            self.machine.reset(self.machine.round)
+            with self._machine_lock:
+                self.machine.reset(self.machine.round)
             await loop.run_in_executor(self.executor, self.worker.discard_gradients)
         elif kind == Kind.WEIGHTS_PULL:
             segment = str(meta.get("segment"))
@@ -422,7 +464,8 @@ class NodeRuntime:
         for peer, endpoint in (meta.get("endpoints") or {}).items():
             if peer in self.topology.nodes and peer != self.node and self.transport.address_book.get(peer) != endpoint:
                 self.reroute(peer, str(endpoint))
-        self.machine.reset(base)
+        with self._machine_lock:
+            self.machine.reset(base)
         state = await asyncio.get_running_loop().run_in_executor(
             self.executor, checkpoint.load, self.checkpoint_dir, self.node, step)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.restore, state)
@@ -445,51 +488,123 @@ class NodeRuntime:
                                 step=envelope.step)
 
     # -- executing the machine's actions ---------------------------------------------------------
+    def _handle(self, event) -> list:
+        with self._machine_lock:
+            return self.machine.handle(event)
+
     def _execute(self, actions: list) -> None:
+        """On the loop: start compute (a chain on the compute thread), send tensors, report rounds."""
         for action in actions:
-            if isinstance(action, (m.Forward, m.Backward, m.ApplyOptimizer)):
-                self._group.create_task(self._compute(action))
-            elif isinstance(action, m.SendActivation):
-                self._group.create_task(self._send_tensor(action, forward=True))
-            elif isinstance(action, m.SendGradient):
-                self._group.create_task(self._send_tensor(action, forward=False))
+            if isinstance(action, COMPUTE_ACTIONS):
+                self.executor.submit(self._compute_chain, action)
+            elif isinstance(action, (m.SendActivation, m.SendGradient)):
+                self._post(*self._tensor_message(action, self.machine.phase))
             elif isinstance(action, m.RoundDone):
                 self._group.create_task(self._report_done(action))
 
-    async def _compute(self, action) -> None:
-        loop = asyncio.get_running_loop()
+    def _compute_chain(self, action) -> None:
+        """On the compute thread: run `action`, then whatever the machine says comes next, until nothing does.
+
+        Outgoing tensors are encoded here (codecs are compute) and handed to the loop once per action."""
+        while action is not None:
+            start = time.perf_counter()
+            try:
+                self._run_compute(action)
+            except Exception as exc:  # a local compute failure: report it, do not hang the topology
+                log.exception("%s: %s failed", self.node, type(action).__name__)
+                self._on_loop(self._spawn_send_control, self.coordinator_node, Kind.FAILED,
+                              {"error": f"{type(exc).__name__}: {exc}"[:500]}, 0)
+                return
+            seconds = time.perf_counter() - start
+            self.counters.busy_seconds += seconds
+            if self.metrics and not isinstance(action, m.ApplyOptimizer):
+                self.metrics.microbatch(action.segment, "forward" if isinstance(action, m.Forward) else "backward",
+                                        seconds)
+            with self._machine_lock:
+                actions = self.machine.handle(m.ComputeFinished(action))
+                checkpoint_step = self._checkpoint_after.pop(action.round, None) \
+                    if isinstance(action, m.ApplyOptimizer) else None
+                phase = self.machine.phase
+            finished, action, messages, others = action, None, [], []
+            for follow in actions:
+                if isinstance(follow, COMPUTE_ACTIONS):
+                    action = follow
+                elif isinstance(follow, (m.SendActivation, m.SendGradient)):
+                    messages.append(self._tensor_message(follow, phase))
+                else:
+                    others.append(follow)
+            ack = None
+            if isinstance(finished, m.ApplyOptimizer):
+                ack = {"of": "commit"}
+                if checkpoint_step is not None:
+                    started = time.perf_counter()
+                    self._save_checkpoint(checkpoint_step)
+                    ack["checkpoint"] = checkpoint_step
+                    if self.metrics:
+                        self.metrics.checkpoint(time.perf_counter() - started, checkpoint_step)
+                ack = (ack, finished.round)
+            if messages or others or ack is not None or action is None:  # a wake-up only when there is news
+                self._on_loop(self._after_compute, messages, others, ack)
+            if action is not None and messages:
+                self._wait_for_room([peer for peer, _, _ in messages])
+
+    def _run_compute(self, action) -> None:
         worker = self.worker
         if isinstance(action, m.Forward):
-            call = (worker.forward, action.segment, action.lane, action.micro_batch)
+            worker.forward(action.segment, action.lane, action.micro_batch)
         elif isinstance(action, m.Backward):
-            call = (worker.backward, action.segment, action.lane, action.micro_batch)
+            worker.backward(action.segment, action.lane, action.micro_batch)
         else:
-            call = (worker.apply_optimizer,)
-        start = time.perf_counter()
+            worker.apply_optimizer()
+
+    def _on_loop(self, callback, *args) -> None:
+        """Run `callback(*args)` on the node's event loop (from the compute thread)."""
         try:
-            await loop.run_in_executor(self.executor, *call)
-        except Exception as exc:  # a local compute failure: report it, do not hang the topology
-            log.exception("%s: %s failed", self.node, type(action).__name__)
-            await self.send_control(self.coordinator_node, Kind.FAILED, meta={"error": f"{type(exc).__name__}: {exc}"[:500]})
-            return
-        seconds = time.perf_counter() - start
-        self.counters.busy_seconds += seconds
-        if self.metrics and not isinstance(action, m.ApplyOptimizer):
-            self.metrics.microbatch(action.segment, "forward" if isinstance(action, m.Forward) else "backward", seconds)
-        self._execute(self.machine.handle(m.ComputeFinished(action)))
-        if isinstance(action, m.ApplyOptimizer):
-            ack = {"of": "commit"}
-            step = self._checkpoint_after.pop(action.round, None)
-            if step is not None:
-                started = time.perf_counter()
-                await loop.run_in_executor(self.executor, self._save_checkpoint, step)
-                ack["checkpoint"] = step
-                if self.metrics:
-                    self.metrics.checkpoint(time.perf_counter() - started, step)
-            await self.send_control(self.coordinator_node, Kind.ACK, meta=ack, step=action.round)
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: the node is shutting down
+            pass
+
+    def _after_compute(self, messages: list, others: list, ack) -> None:
+        for message in messages:
+            self._post(*message)
+        if others:
+            self._execute(others)
+        if ack is not None:
+            meta, round_ = ack
+            self._spawn_send_control(self.coordinator_node, Kind.ACK, meta, round_)
         self._finish_if_idle()
 
-    async def _send_tensor(self, action, forward: bool) -> None:
+    def _spawn_send_control(self, peer: str, kind: Kind, meta: dict, step: int) -> None:
+        if self._group is not None and not self._stopped.is_set():
+            self._group.create_task(self.send_control(peer, kind, meta=meta, step=step))
+
+    def _wait_for_room(self, peers: list) -> None:
+        """Backpressure on the compute thread: do not produce more for a peer whose queue is full."""
+        boxes = [self._outboxes.get(peer) for peer in peers]
+        if not any(box is not None and box.full for box in boxes):
+            return
+        if self._loop is None or self._owns_executor is False:
+            return  # a shared executor must never block on one node's peer (a simulation's loop runs it)
+
+        async def room() -> None:
+            for peer in peers:
+                box = self._outboxes.get(peer)
+                if box is not None:
+                    await box.wait_for_room()
+
+        while not self._stopped.is_set():
+            future = asyncio.run_coroutine_threadsafe(room(), self._loop)
+            try:
+                future.result(timeout=1.0)
+                return
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return
+
+    def _tensor_message(self, action, phase: str) -> tuple:
+        """(peer, frames, (edge, direction)) for a SendActivation/SendGradient."""
+        forward = isinstance(action, m.SendActivation)
         edge = edge_name(action.producer, action.consumer)
         store = self.worker.store
         if forward:
@@ -501,11 +616,10 @@ class NodeRuntime:
             tensor = to_host(tensor)  # through pinned memory; CPU tensors never get here
         direction = "act" if forward else "grad"
         descriptor, parts = self.codecs.encode(edge, direction, tensor, (action.lane, action.micro_batch))
-        envelope = self.envelope(Kind.ACTIVATION if forward else Kind.GRADIENT, phase=self.machine.phase,
+        envelope = self.envelope(Kind.ACTIVATION if forward else Kind.GRADIENT, phase=phase,
                                  step=action.round, lane=action.lane, micro_batch=action.micro_batch, edge=edge,
                                  tensors=(descriptor,))
-        await self._enqueue(action.peer, encode_message(envelope, [parts]),
-                            (edge, "forward" if forward else "backward"))
+        return action.peer, encode_message(envelope, [parts]), (edge, "forward" if forward else "backward")
 
     async def _report_done(self, action: m.RoundDone) -> None:
         loop = asyncio.get_running_loop()
