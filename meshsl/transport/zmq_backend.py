@@ -17,6 +17,41 @@ _clock = time.perf_counter
 
 # A task that sends or receives without ever waiting still yields to the event loop this often.
 YIELD_INTERVAL_S = 0.0005
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+def _send_now(sock: zmq.Socket, frames: Sequence) -> bool:
+    """Send a multipart message with NOBLOCK (zero-copy above the socket's copy threshold); False when
+    it cannot go now, in which case libzmq sent none of it."""
+    last = len(frames) - 1
+    if last < 0:
+        raise TransportError("an empty message")
+    try:
+        for i in range(last):
+            sock.send(frames[i], _NOBLOCK_MORE, copy=False)
+        sock.send(frames[last], _NOBLOCK, copy=False)
+    except zmq.Again:
+        return False
+    return True
+
+
+def _recv_now(sock: zmq.Socket) -> Optional[list]:
+    """All frames of the next message (zero-copy zmq.Frames), or None when none is waiting."""
+    try:
+        frame = sock.recv(_NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames = [frame]
+    while frame.more:  # the rest of a multipart message is already here
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class ZmqTransport(Transport):
@@ -39,6 +74,7 @@ class ZmqTransport(Transport):
         self.copy_threshold = copy_threshold
         self._identities: dict[bytes, str] = {}  # routing id -> its decoded name (bounded)
         self._last_yield = _clock()
+        self._waiters: dict[int, tuple] = {}  # fd -> (future, loop) of the task waiting on that socket
 
     async def start(self) -> None:
         router = self.context.socket(zmq.ROUTER)
@@ -86,23 +122,22 @@ class ZmqTransport(Transport):
     async def send(self, peer: str, frames: Sequence) -> None:
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
-        sock = self._dealer(peer)
-        try:  # fast path: no future, no event-loop round trip when the socket can take it now
-            self._sync(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            await sock.send_multipart(frames, copy=False)
+        sock = self._sync(self._dealer(peer))
+        if _send_now(sock, frames):  # no future, no event-loop round trip when the socket can take it now
+            await self._maybe_yield()
             return
-        await self._maybe_yield()
+        while True:  # backpressure: the peer's queue is at its high-water mark (or not connected yet)
+            if not sock.get(zmq.EVENTS) & zmq.POLLOUT:
+                await self._readable(sock)
+            if _send_now(sock, frames):
+                return
 
     def try_send(self, peer: str, frames: Sequence) -> bool:
         """Send now with NOBLOCK; False (nothing sent) when the peer's queue is full or not yet connected.
 
-        A multipart message is atomic under the HWM: libzmq checks it on the first frame only, so
-        EAGAIN means that no frame left."""
-        sock = self._dealer(peer)
-        try:
-            self._sync(sock).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        A multipart message is atomic under the HWM: libzmq checks it on the first frame only, and rolls
+        back a message whose later frame cannot go, so EAGAIN means that no frame left."""
+        if not _send_now(self._sync(self._dealer(peer)), frames):
             return False
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
@@ -116,10 +151,41 @@ class ZmqTransport(Transport):
             await asyncio.sleep(0)
             self._last_yield = _clock()
 
-    def _sync(self, sock) -> zmq.Socket:
-        """A blocking-API shadow of an asyncio socket (same underlying socket; used with NOBLOCK only).
+    async def _readable(self, sock: zmq.Socket) -> None:
+        """Wait until the socket's event fd signals (zmq's fd is edge-triggered: callers re-check EVENTS).
 
-        Safe because sends to one peer and receives are each issued by one task, one at a time."""
+        A one-shot reader on the blocking shadow, instead of the zmq.asyncio future machinery: half the
+        CPU per wait. Sends to one peer and receives are each issued by one task, one at a time, so a
+        socket has at most one waiter."""
+        loop = asyncio.get_running_loop()
+        fd = sock.FD
+        waiter = loop.create_future()
+        loop.add_reader(fd, _wake, waiter)
+        self._waiters[fd] = (waiter, loop)
+        try:
+            await waiter
+        finally:
+            if self._waiters.get(fd, (None,))[0] is waiter:
+                del self._waiters[fd]
+                loop.remove_reader(fd)
+
+    def _stop_waiting(self, sock) -> None:
+        """Before a socket closes: drop its fd reader and cancel a task waiting on it (as zmq.asyncio did)."""
+        shadow = self._shadows.pop(id(sock), None)
+        if shadow is None or shadow[0] is not sock:
+            return
+        try:
+            fd = shadow[1].FD
+        except zmq.ZMQError:
+            return
+        entry = self._waiters.pop(fd, None)
+        if entry is not None:
+            waiter, loop = entry
+            loop.remove_reader(fd)
+            waiter.cancel()
+
+    def _sync(self, sock) -> zmq.Socket:
+        """A blocking-API shadow of an asyncio socket (same underlying socket; used with NOBLOCK only)."""
         shadow = self._shadows.get(id(sock))
         if shadow is None or shadow[0] is not sock:
             shadow = self._shadows[id(sock)] = (sock, zmq.Socket.shadow(sock.underlying))
@@ -127,21 +193,21 @@ class ZmqTransport(Transport):
         return shadow[1]
 
     async def recv(self) -> tuple[str, list]:
-        try:
-            frames = self._sync(self._router).recv_multipart(flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            frames = await self._router.recv_multipart(copy=False)
-        else:
+        sock = self._sync(self._router)
+        frames = _recv_now(sock)
+        if frames is not None:
             await self._maybe_yield()
+            return self._identify(frames)
+        while frames is None:
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                await self._readable(sock)
+            frames = _recv_now(sock)
         return self._identify(frames)
 
     def recv_nowait(self) -> Optional[tuple[str, list]]:
         """The next message if one is already here, else None (never waits, never yields)."""
-        try:
-            frames = self._sync(self._router).recv_multipart(flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return None
-        return self._identify(frames)
+        frames = _recv_now(self._sync(self._router))
+        return None if frames is None else self._identify(frames)
 
     def _identify(self, frames: list) -> tuple[str, list]:
         routing_id = frames[0].bytes
@@ -181,6 +247,7 @@ class ZmqTransport(Transport):
                 for monitor in [m for m in self._monitors if m._sock is sock]:
                     self._monitors.remove(monitor)
                     monitor.close_now()
+            self._stop_waiting(sock)
             sock.close(0)
 
     async def close(self) -> None:
@@ -188,9 +255,11 @@ class ZmqTransport(Transport):
             await monitor.stop()
         self._monitors.clear()
         for sock in self._dealers.values():
+            self._stop_waiting(sock)
             sock.close(0)
         self._dealers.clear()
         if self._router is not None:
+            self._stop_waiting(self._router)
             self._router.close(0)
             self._router = None
         if self._authenticator is not None:
