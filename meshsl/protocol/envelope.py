@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -182,8 +183,16 @@ assert tuple(f.name for f in fields(Envelope)) == _ENVELOPE_FIELDS  # parse_enve
 
 
 def parse_envelope(raw: bytes) -> Envelope:
+    """The validated header. Headers in the exact compact form `Envelope.to_bytes` writes take a fast
+    path that accepts only what the full parse accepts, with the same result; anything else (and any
+    doubt) goes through the full parse, which gives the typed ProtocolError."""
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("oversized", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    envelope = _parse_canonical(raw)
+    return envelope if envelope is not None else _parse_full(raw)
+
+
+def _parse_full(raw: bytes) -> Envelope:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -233,6 +242,48 @@ def parse_envelope(raw: bytes) -> Envelope:
 
 
 _new_envelope = object.__new__
+
+# The compact form to_bytes writes, field by field. Strings without escapes or control characters
+# (JSON reads those bytes literally), integers without sign or leading zeros and at most 12 digits
+# (so < 2**40), meta empty. `x` is everything up to the fixed tail; it must then be one JSON array.
+_NAME = rb'"((?:[^"\\\x00-\x1f])*)"'
+_INT = rb"(0|[1-9][0-9]{0,11})"
+_CANONICAL = re.compile(
+    rb'\{"v":' + str(VERSION).encode()
+    + rb',"k":"(' + b"|".join(re.escape(k.value.encode()) for k in Kind) + rb')","t":' + _NAME + rb',"s":' + _NAME
+    + rb',"p":"(' + b"|".join(re.escape(p.encode()) for p in PHASES) + rb')","st":' + _INT + rb',"l":' + _INT
+    + rb',"mb":' + _INT + rb',"e":' + _NAME + rb',"x":(\[.*\]),"m":\{\}\}\Z', re.S)
+_TENSOR_LISTS: dict[bytes, tuple] = {}  # raw "x" value -> its validated descriptors
+_TENSOR_LIST_CACHE_BYTES = 1024
+
+
+def _parse_canonical(raw) -> Envelope | None:
+    match = _CANONICAL.match(raw)
+    if match is None:
+        return None
+    kind, topology, sender, phase, step, lane, micro_batch, edge, tensors = match.groups()
+    descriptors = _TENSOR_LISTS.get(tensors)
+    if descriptors is None:
+        try:
+            listed = json.loads(tensors)
+            if type(listed) is not list or len(listed) > MAX_TENSORS:
+                return None
+            descriptors = tuple([_descriptor(t) for t in listed])
+        except (ValueError, ProtocolError):
+            return None  # the full parse reports it
+        if len(tensors) <= _TENSOR_LIST_CACHE_BYTES:
+            if len(_TENSOR_LISTS) >= _CACHE_LIMIT:
+                _TENSOR_LISTS.clear()
+            _TENSOR_LISTS[tensors] = descriptors
+    try:
+        topology, sender, edge = topology.decode(), sender.decode(), edge.decode()
+    except UnicodeDecodeError:
+        return None
+    envelope = _new_envelope(Envelope)
+    envelope.__dict__.update(kind=_KINDS[kind.decode()], topology=topology, sender=sender, phase=phase.decode(),
+                             step=int(step), lane=int(lane), micro_batch=int(micro_batch), edge=edge,
+                             tensors=descriptors, meta={})
+    return envelope
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -28,8 +28,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def raw_view(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
-    t = t.detach()
-    if t.device.type != "cpu":
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu:
         t = t.cpu()
     if not t.is_contiguous():
         t = t.contiguous()
@@ -47,7 +48,7 @@ def tensor_from_frame(buffer, dtype: str, count: int) -> torch.Tensor:
         raise ProtocolError("bad_size", f"frame of {len(buffer)} bytes, descriptor says {expected}")
     if count == 0:
         return torch.empty(0, dtype=TORCH_DTYPES[dtype])
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(TORCH_DTYPES[dtype])
+    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[dtype])  # the size is checked above
 
 
 def encode_message(envelope: Envelope, parts: Sequence[Sequence[torch.Tensor]] = ()) -> list:
