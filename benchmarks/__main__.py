@@ -83,6 +83,17 @@ def table(results: dict) -> str:
     if "gpu" in results:
         add("")
         g = results["gpu"]
+        if g.get("split"):
+            u = g["unsplit"]
+            add(f"GPU {g.get('device_name', '')}: ResNet-18 CIFAR, batch {g.get('batch')}", "samples/s",
+                "ratio vs unsplit", "cut floats/sample", "peak RSS MiB/node")
+            add("unsplit, one process", fmt(u["samples_per_s"]), "1.00", "",
+                f"(again at end: {fmt(g['unsplit_again']['samples_per_s'])})" if g.get("unsplit_again") else "")
+            for r in g["split"]:
+                label = "node" if r["parts"] == 1 else "nodes"
+                add(f"meshsl {r['parts']} {label} M={r['micro_batches']} {r['schedule']}", fmt(r["samples_per_s"]),
+                    f"{r['ratio_vs_unsplit']:.2f}", " ".join(fmt(v) for v in r.get("cut_floats_per_sample", [])),
+                    " ".join(f"{v:.0f}" for v in r.get("peak_rss_mib", {}).values()))
         add("GPU", g.get("skipped") or f"D2H 8 MiB pageable {g['d2h_pageable_ms']:.2f} ms, pinned "
                                       f"{g['d2h_pinned_ms']:.2f} ms ({g['speedup']:.2f}x)")
     return "\n".join(lines)
