@@ -100,6 +100,10 @@ class NodeRuntime:
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{node}")
         # The state machine is fed from the loop (arrivals, control) and the compute thread (finished work).
         self._machine_lock = threading.Lock()
+        # Socket use by the loop's fast path and the compute thread's direct sends is serialised by this
+        # lock; the compute thread only sends to a peer whose outbox is idle (no async send in flight).
+        self._send_lock = threading.Lock()
+        self._direct_send = getattr(self.transport, "try_send_threadsafe", None)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.coordinator = coordinator_factory(self) if coordinator_factory and node == self.coordinator_node else None
         self._outboxes: dict[str, Outbox] = {}
@@ -285,12 +289,30 @@ class NodeRuntime:
 
     def _try_send(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> bool:
         try:
-            sent = self.transport.try_send(peer, frames)
+            with self._send_lock:
+                sent = self.transport.try_send(peer, frames)
+                if sent:
+                    self._count_sent(frames, edge_direction)
         except MeshslError as exc:
             log.warning("%s: dropped a message to %s: %s", self.node, peer, exc)
             return True
-        if sent:
-            self._count_sent(frames, edge_direction)
+        return sent
+
+    def _send_from_compute(self, peer: str, frames: list, edge_direction: tuple) -> bool:
+        """On the compute thread: put a tensor message straight on the socket when nothing for `peer` is
+        queued or being sent (True), saving the event loop a wake-up per message; else False."""
+        box = self._outboxes.get(peer)
+        if self._direct_send is None or box is None:
+            return False
+        with self._send_lock:
+            if not box.idle:
+                return False
+            try:
+                sent = self._direct_send(peer, frames)
+            except MeshslError:
+                return False
+            if sent:
+                self._count_sent(frames, edge_direction)
         return sent
 
     def _count_sent(self, frames: list, edge_direction: Optional[tuple]) -> None:
@@ -310,7 +332,8 @@ class NodeRuntime:
                 # A peer that cannot take a message within the policy's timeout is gone; the
                 # coordinator's recovery replays the round, so the message is dropped, not queued forever.
                 await asyncio.wait_for(self.transport.send(peer, frames), timeout=self.policy.timeout_s)
-                self._count_sent(frames, edge_direction)
+                with self._send_lock:  # the compute thread counts its direct sends too
+                    self._count_sent(frames, edge_direction)
             except (MeshslError, TimeoutError) as exc:
                 log.warning("%s: dropped a message to %s: %s", self.node, peer, exc or "timed out")
             finally:
@@ -530,7 +553,9 @@ class NodeRuntime:
                 if isinstance(follow, COMPUTE_ACTIONS):
                     action = follow
                 elif isinstance(follow, (m.SendActivation, m.SendGradient)):
-                    messages.append(self._tensor_message(follow, phase))
+                    message = self._tensor_message(follow, phase)
+                    if not self._send_from_compute(*message):
+                        messages.append(message)
                 else:
                     others.append(follow)
             ack = None
