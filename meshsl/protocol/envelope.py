@@ -52,7 +52,10 @@ class TensorDescriptor:
         return [self.dtype, list(self.shape), self.codec, [list(p) for p in self.parts]]
 
 
-@dataclass(frozen=True)
+_NO_META: Any = object()
+
+
+@dataclass(frozen=True, init=False)
 class Envelope:
     kind: Kind
     topology: str
@@ -64,6 +67,15 @@ class Envelope:
     edge: str = ""
     tensors: tuple[TensorDescriptor, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, kind: Kind, topology: str, sender: str, phase: str = "control", step: int = 0,
+                 lane: int = 0, micro_batch: int = 0, edge: str = "", tensors: tuple[TensorDescriptor, ...] = (),
+                 meta: dict[str, Any] = _NO_META) -> None:
+        # What the generated frozen __init__ does (one object.__setattr__ per field), in one dict update:
+        # an envelope is built for every message.
+        self.__dict__.update(kind=kind, topology=topology, sender=sender, phase=phase, step=step, lane=lane,
+                             micro_batch=micro_batch, edge=edge, tensors=tensors,
+                             meta={} if meta is _NO_META else meta)
 
     def to_bytes(self) -> bytes:
         """Compact JSON, byte for byte what `json.dumps(body, separators=(",", ":"))` gives; the parts that

@@ -60,34 +60,50 @@ def encode_message(envelope: Envelope, parts: Sequence[Sequence[torch.Tensor]] =
 
 
 def describe(dtype: torch.dtype, shape: tuple[int, ...], codec: str, parts: Sequence[torch.Tensor]) -> TensorDescriptor:
-    return TensorDescriptor(dtype_name(dtype), tuple(int(d) for d in shape), codec,
-                            tuple((dtype_name(p.dtype), int(p.numel())) for p in parts))
+    key = (dtype, tuple(shape), codec, tuple([(p.dtype, p.numel()) for p in parts]))
+    try:
+        return _DESCRIBED[key]
+    except (KeyError, TypeError):
+        pass
+    descriptor = TensorDescriptor(dtype_name(dtype), tuple(int(d) for d in shape), codec,
+                                  tuple((dtype_name(p.dtype), int(p.numel())) for p in parts))
+    if type(codec) is str:
+        if len(_DESCRIBED) >= 1024:
+            _DESCRIBED.clear()
+        _DESCRIBED[key] = descriptor
+    return descriptor
 
 
-def _byte_view(frame) -> memoryview:
-    """A flat byte view of a frame (a received zmq.Frame, bytes, or a memoryview of any format)."""
-    view = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    if view.format != "B" or view.ndim != 1:
-        try:
-            view = view.cast("B")
-        except TypeError:
-            raise ProtocolError("bad_size", "a frame is not one contiguous buffer") from None
-    return view
+_DESCRIBED: dict[tuple, TensorDescriptor] = {}  # descriptors are immutable: one per distinct layout
+
+
+def _flat(view: memoryview) -> memoryview:
+    try:
+        return view.cast("B")
+    except TypeError:
+        raise ProtocolError("bad_size", "a frame is not one contiguous buffer") from None
 
 
 def decode_message(frames: Sequence, max_bytes: int) -> tuple[Envelope, list[list[torch.Tensor]]]:
     """Parse the header, check frame count and every size, and view frames as tensors (no copies)."""
     if not frames:
         raise ProtocolError("bad_header", "empty message")
-    buffers = [_byte_view(f) for f in frames]
+    buffers = []  # flat byte views of received zmq.Frames, bytes or memoryviews of any format
     total = 0
-    for b in buffers:
-        total += b.nbytes
+    for frame in frames:
+        view = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+        if view.format != "B" or view.ndim != 1:
+            view = _flat(view)
+        total += view.nbytes
+        buffers.append(view)
     if total > max_bytes:
         raise ProtocolError("oversized", f"message of {total} bytes exceeds the cap of {max_bytes}")
     envelope = parse_envelope(bytes(buffers[0]))
-    if envelope.frame_count != len(buffers) - 1:
-        raise ProtocolError("bad_frame_count", f"{len(buffers) - 1} frames, header describes {envelope.frame_count}")
+    described = 0
+    for descriptor in envelope.tensors:
+        described += len(descriptor.parts)
+    if described != len(buffers) - 1:
+        raise ProtocolError("bad_frame_count", f"{len(buffers) - 1} frames, header describes {described}")
     tensors, index = [], 1
     for descriptor in envelope.tensors:
         parts = []
