@@ -101,3 +101,15 @@ async def test_try_send_to_an_unknown_peer_is_a_transport_error(pair) -> None:
     a, _ = pair
     with pytest.raises(TransportError):
         a.try_send("nobody", _message(1, 64))
+
+
+async def test_try_send_threadsafe_from_another_thread(pair) -> None:
+    a, b = pair
+    assert a.try_send_threadsafe("b", _message(1, 64)) is False  # no socket yet: it creates none
+    assert "b" not in a._dealers
+    await asyncio.wait_for(a.send("b", _message(2, 64)), TIMEOUT)
+    assert await _recv_step(b) == 2
+    sent = await asyncio.to_thread(a.try_send_threadsafe, "b", _message(3, 64))
+    assert sent is True
+    assert await _recv_step(b) == 3
+    assert await asyncio.to_thread(a.try_send_threadsafe, "nobody", _message(4, 64)) is False

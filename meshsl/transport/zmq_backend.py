@@ -27,13 +27,18 @@ def _send_now(sock: zmq.Socket, frames: Sequence) -> bool:
     last = len(frames) - 1
     if last < 0:
         raise TransportError("an empty message")
-    try:
-        for i in range(last):
-            sock.send(frames[i], _NOBLOCK_MORE, copy=False)
-        sock.send(frames[last], _NOBLOCK, copy=False)
-    except zmq.Again:
-        return False
-    return True
+    for attempt in (0, 1):
+        try:
+            for i in range(last):
+                sock.send(frames[i], _NOBLOCK_MORE, copy=False)
+            sock.send(frames[last], _NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            # libzmq processes its command queue (the peer's "read up to here" credit among them) at
+            # most about once a millisecond on a non-blocking send; EVENTS processes it now.
+            if attempt or not sock.get(zmq.EVENTS) & zmq.POLLOUT:
+                return False
+    return False
 
 
 def _recv_now(sock: zmq.Socket) -> Optional[list]:
@@ -41,7 +46,12 @@ def _recv_now(sock: zmq.Socket) -> Optional[list]:
     try:
         frame = sock.recv(_NOBLOCK, copy=False)
     except zmq.Again:
-        return None
+        if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # (see _send_now: pending commands processed now)
+            return None
+        try:
+            frame = sock.recv(_NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
     frames = [frame]
     while frame.more:  # the rest of a multipart message is already here
         frame = sock.recv(_NOBLOCK, copy=False)
@@ -138,6 +148,20 @@ class ZmqTransport(Transport):
         A multipart message is atomic under the HWM: libzmq checks it on the first frame only, and rolls
         back a message whose later frame cannot go, so EAGAIN means that no frame left."""
         if not _send_now(self._sync(self._dealer(peer)), frames):
+            return False
+        if self.sent_hook:
+            self.sent_hook(self.node, peer, frames)
+        return True
+
+    def try_send_threadsafe(self, peer: str, frames: Sequence) -> bool:
+        """`try_send` for a thread other than the event loop's (a node's compute thread). It creates
+        nothing: a peer without a socket yet gives False. The caller serialises every send to `peer`
+        (no `send` or `try_send` in flight for it) and does not race `reroute`/`close`."""
+        sock = self._dealers.get(peer)
+        shadow = self._shadows.get(id(sock)) if sock is not None else None
+        if shadow is None or shadow[0] is not sock:
+            return False
+        if not _send_now(shadow[1], frames):
             return False
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
