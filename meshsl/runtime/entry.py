@@ -77,12 +77,6 @@ def load_saved_weights(worker, directory: Path) -> list[Path]:
     return paths
 
 
-def accepts_executor() -> bool:
-    """Whether NodeRuntime can run its compute on an executor it is given (a shared one in simulations)."""
-    import inspect
-    return "executor" in inspect.signature(NodeRuntime.__init__).parameters
-
-
 async def run_node(topology, node: str, options: Optional[RunOptions] = None, progress_stream: bool = False,
                    transport=None, metrics=None, weights_out: Optional[Path] = None, executor=None,
                    **runtime_options) -> tuple[NodeRuntime, dict]:
@@ -90,8 +84,7 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
 
     `executor`: a concurrent.futures.Executor the node runs its compute on (a simulation shares one
     single-thread executor between all its nodes); None: the node's own compute thread."""
-    if executor is not None:
-        runtime_options["executor"] = executor
+    runtime_options["executor"] = executor
     options = options or RunOptions()
     if progress_stream:
         def emit(row: dict) -> None:

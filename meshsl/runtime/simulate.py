@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.entry import accepts_executor, run_node
+from meshsl.runtime.entry import run_node
 from meshsl.transport.inprocess import InProcessTransport
 
 _run_ids = itertools.count()
@@ -22,8 +22,7 @@ async def simulate(topology, options: Optional[RunOptions] = None, traffic_hook=
     run = next(_run_ids)
     book = {name: f"inproc://meshsl-{run}-{name}" for name in topology.nodes}
     results = {}
-    shared = accepts_executor()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"simulate-{run}-compute") if shared else None
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"simulate-{run}-compute")
 
     async def one(name: str):
         transport = InProcessTransport(name, book[name], book)
@@ -38,8 +37,7 @@ async def simulate(topology, options: Optional[RunOptions] = None, traffic_hook=
             for name in topology.nodes:
                 group.create_task(one(name))
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True)
+        executor.shutdown(wait=True)
     failures = {n: r.failure for n, (r, _) in results.items() if r.failure}
     if failures:
         from meshsl.errors import PeerFailed
