@@ -1,4 +1,7 @@
-"""In-process transport: bounded asyncio queues keyed by endpoint, for tests and many-node simulation."""
+"""In-process transport: bounded asyncio queues keyed by endpoint, for tests and many-node simulation.
+
+It has no `try_send_threadsafe`: asyncio queues belong to the event loop, so a node's compute thread
+hands its messages to the loop (the node falls back to that when the transport lacks the method)."""
 from __future__ import annotations
 
 import asyncio
