@@ -33,6 +33,7 @@ from meshsl.plan.nodeplan import build_edges, edge_name
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, encode_message
 from meshsl.runtime import machine as m
+from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.outbox import Outbox
 from meshsl.runtime.wire import EdgeCodecs, max_rows
 from meshsl.transport import Transport, make_transport
@@ -107,6 +108,8 @@ class NodeRuntime:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.coordinator = coordinator_factory(self) if coordinator_factory and node == self.coordinator_node else None
         self._outboxes: dict[str, Outbox] = {}
+        self._last_sent: dict[str, float] = {}  # peer -> when a message for it was last handed over
+        self._last_heartbeat: dict[str, float] = {}
         self._senders: dict[str, asyncio.Task] = {}
         self._group: Optional[asyncio.TaskGroup] = None
         self._stopped = asyncio.Event()
@@ -124,6 +127,7 @@ class NodeRuntime:
     # -- life cycle ------------------------------------------------------------------------------
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
+        self._poster = poster_for(loop)
         self.worker = await loop.run_in_executor(self.executor, self._build_worker)
         await loop.run_in_executor(self.executor, self._prepare_checkpoints)
         await self.transport.start()
@@ -194,10 +198,18 @@ class NodeRuntime:
                 self._group.create_task(self._announce(), name=f"{self.node}-hello-again")
 
     def _send_heartbeat(self, peer: str) -> None:
-        """Never waits: a heartbeat that does not fit a full outbox is skipped (the peer is busy or gone)."""
+        """Never waits: a heartbeat that does not fit a full outbox is skipped (the peer is busy or gone).
+
+        Any message proves liveness, so a peer sent something within the interval gets a heartbeat only
+        every half timeout (a coordinator of 1,000 clients would otherwise send 1,000 every interval)."""
         box = self._outboxes.get(peer)
         if box is not None and box.full:
             return
+        now = time.monotonic()
+        if now - self._last_sent.get(peer, 0.0) < self.policy.heartbeat_interval_s and \
+                now - self._last_heartbeat.get(peer, 0.0) < self.policy.heartbeat_timeout_s / 2:
+            return
+        self._last_heartbeat[peer] = now
         self._post(peer, encode_message(self.envelope(Kind.HEARTBEAT)), None)
 
     def _finish_if_idle(self) -> None:
@@ -278,12 +290,14 @@ class NodeRuntime:
     async def _enqueue(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> None:
         """Send in order after what is queued for `peer`; waits while its queue is full."""
         box = self._outbox(peer)
+        self._last_sent[peer] = time.monotonic()
         if not box.idle or not self._try_send(peer, frames, edge_direction):
             await box.put((frames, edge_direction))
 
     def _post(self, peer: str, frames: list, edge_direction: Optional[tuple]) -> None:
         """Like `_enqueue` but never waits: the caller bounds what it posts (see `_wait_for_room`)."""
         box = self._outbox(peer)
+        self._last_sent[peer] = time.monotonic()
         if not box.idle or not self._try_send(peer, frames, edge_direction):
             box.post((frames, edge_direction))
 
@@ -313,6 +327,7 @@ class NodeRuntime:
                 return False
             if sent:
                 self._count_sent(frames, edge_direction)
+                self._last_sent[peer] = time.monotonic()
         return sent
 
     def _count_sent(self, frames: list, edge_direction: Optional[tuple]) -> None:
@@ -583,11 +598,8 @@ class NodeRuntime:
             worker.apply_optimizer()
 
     def _on_loop(self, callback, *args) -> None:
-        """Run `callback(*args)` on the node's event loop (from the compute thread)."""
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: the node is shutting down
-            pass
+        """Run `callback(*args)` on the node's event loop (from the compute thread), in order."""
+        self._poster.post(callback, *args)
 
     def _after_compute(self, messages: list, others: list, ack) -> None:
         for message in messages:
