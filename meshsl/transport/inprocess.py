@@ -11,6 +11,16 @@ from meshsl.errors import TransportError
 from meshsl.transport.base import Transport
 
 _MAILBOXES: dict[str, asyncio.Queue] = {}
+# Like a ZeroMQ DEALER with IMMEDIATE, a send to a peer that has not bound yet waits for it (bounded by
+# the caller's send timeout) instead of failing: nodes of a simulation start in any order.
+_BOUND: dict[str, asyncio.Event] = {}
+
+
+def _bound(endpoint: str) -> asyncio.Event:
+    event = _BOUND.get(endpoint)
+    if event is None:
+        event = _BOUND[endpoint] = asyncio.Event()
+    return event
 
 
 class InProcessTransport(Transport):
@@ -24,6 +34,7 @@ class InProcessTransport(Transport):
         if self.endpoint in _MAILBOXES:
             raise TransportError(f"endpoint {self.endpoint} is already bound")
         self._mailbox = _MAILBOXES[self.endpoint] = asyncio.Queue(maxsize=self.queue_size)
+        _bound(self.endpoint).set()
 
     def _queue(self, peer: str) -> asyncio.Queue:
         endpoint = self.address_book.get(peer)
@@ -33,6 +44,9 @@ class InProcessTransport(Transport):
         return queue
 
     async def send(self, peer: str, frames: Sequence) -> None:
+        endpoint = self.address_book.get(peer)
+        if endpoint and endpoint not in _MAILBOXES:
+            await _bound(endpoint).wait()
         queue = self._queue(peer)
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
@@ -41,6 +55,9 @@ class InProcessTransport(Transport):
     def try_send(self, peer: str, frames: Sequence) -> bool:
         if type(self).send is not InProcessTransport.send:
             return False  # a subclass that overrides `send` (tests hold messages back) sees every message
+        endpoint = self.address_book.get(peer)
+        if endpoint and endpoint not in _MAILBOXES:
+            return False  # not bound yet: `send` waits for it
         queue = self._queue(peer)
         if queue.full():
             return False
@@ -55,3 +72,4 @@ class InProcessTransport(Transport):
     async def close(self) -> None:
         if _MAILBOXES.get(self.endpoint) is self._mailbox:
             _MAILBOXES.pop(self.endpoint, None)
+            _BOUND.pop(self.endpoint, None)
