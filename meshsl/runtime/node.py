@@ -145,6 +145,8 @@ class NodeRuntime:
                 for task in list(group._tasks) if hasattr(group, "_tasks") else []:
                     task.cancel()
         finally:
+            with self._send_lock:  # the compute thread must not touch a socket once it may be closed
+                self._direct_send = None
             await self.transport.close()
             if self._owns_executor:
                 self.executor.shutdown(wait=True)
@@ -319,11 +321,12 @@ class NodeRuntime:
         if self._direct_send is None or box is None:
             return False
         with self._send_lock:
-            if not box.idle:
+            send = self._direct_send  # None once the transport is closing
+            if send is None or not box.idle:
                 return False
             try:
-                sent = self._direct_send(peer, frames)
-            except MeshslError:
+                sent = send(peer, frames)
+            except Exception:  # noqa: BLE001 - e.g. a socket closed under us: the loop's path reports it
                 return False
             if sent:
                 self._count_sent(frames, edge_direction)
@@ -356,7 +359,8 @@ class NodeRuntime:
 
     def reroute(self, peer: str, endpoint: str) -> None:
         """`peer` now lives at `endpoint` (a standby took over): drop what was queued for the old one."""
-        self.transport.reroute(peer, endpoint)
+        with self._send_lock:  # not while the compute thread is sending on the old socket
+            self.transport.reroute(peer, endpoint)
         sender = self._senders.pop(peer, None)
         if sender is not None:
             sender.cancel()
