@@ -47,10 +47,12 @@ def table(results: dict) -> str:
     if "pipelining" in results:
         p = results["pipelining"]
         add("")
-        add("pipelining (node processes)", "samples/s", "x M=1", "bubble-only ideal", "x GEMM efficiency",
+        add("pipelining (node processes; median of interleaved runs)", "samples/s", "x M=1", "bubble-only ideal", "x GEMM efficiency",
             "peak RSS MiB/node")
         for r in p["pipelining"]:
-            add(f"{r['stages']} stages M={r['micro_batches']} {r['schedule']}", fmt(r["samples_per_s"]),
+            runs = r.get("runs") or []
+            spread = f" ({fmt(min(runs))}-{fmt(max(runs))}, {len(runs)} runs)" if len(runs) > 1 else ""
+            add(f"{r['stages']} stages M={r['micro_batches']} {r['schedule']}", fmt(r["samples_per_s"]) + spread,
                 f"{r['speedup_vs_m1']:.2f}", f"{r['gpipe_ideal']:.2f}",
                 f"{r['attainable']:.2f}" if r.get("attainable") else "",
                 " ".join(f"{v:.0f}" for v in r["peak_rss_mib"].values()))

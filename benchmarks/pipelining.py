@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from benchmarks.common import chain_document, mlp_stages, run_processes, run_python
+from benchmarks.common import chain_document, median, mlp_stages, run_processes, run_python
 
 
 def micro_batch_efficiency(width: int, layers: int, batch: int, micro_batches: int, reps: int = 3,
@@ -33,30 +33,81 @@ def micro_batch_efficiency(width: int, layers: int, batch: int, micro_batches: i
     return run(1) / run(micro_batches)
 
 
-# Equal-cost stages: every stage is `LAYERS` Linear(WIDTH, WIDTH) + ReLU (the input is WIDTH wide too;
-# the last stage adds a Linear(WIDTH, 10) head, 1% of its cost). Micro-batches of 128-256 rows keep
-# one-thread GEMM efficiency near that of the whole batch, so the figures show the runtime, not BLAS.
+# Equal-cost stages: every stage is `LAYERS` Linear(WIDTH, WIDTH) + ReLU and the last adds a
+# Linear(WIDTH, 10) head (1% of its cost). A stage behind a cut also computes its input's gradient (to
+# send it back) while the first stage's input is data, so the first layer is IN_DIM = 1.5 x WIDTH wide:
+# fwd 2.5 + bwd 3.5 = 6 GEMM units on stage 0, fwd 2 + bwd 4 = 6 on stage 1 (the same holds for 4 stages
+# of one layer: 3 units each). Micro-batches of 128-256 rows keep one-thread GEMM efficiency near that
+# of the whole batch, so the figures show the runtime, not BLAS.
 WIDTH, LAYERS = 1024, 2
+IN_DIM = WIDTH * 3 // 2
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def measure(quick: bool = False) -> dict:
-    width = WIDTH
-    steps, warm = (7, 2) if quick else (14, 3)
-    batch = 1024 if quick else 2048
-    cases = [(2, 1, "gpipe"), (2, 8, "gpipe")] if quick else [
-        (2, 1, "gpipe"), (2, 4, "gpipe"), (2, 8, "gpipe"), (2, 16, "gpipe"), (2, 8, "1f1b"), (2, 16, "1f1b"),
-        (4, 1, "gpipe"), (4, 8, "gpipe"), (4, 8, "1f1b"), (4, 16, "1f1b")]
+    """Machines like this one (a 2-vCPU VM) drift by 20-30% between runs of the same thing, so the
+    figures every target is judged on are measured interleaved (A, B, C, A, B, C, ...) and compared
+    as medians; the other cases run once."""
+    width, in_dim = WIDTH, IN_DIM
+    steps, warm = (6, 2) if quick else (12, 3)
+    batch = 2048
+    rounds = 2 if quick else 3
 
     def document(stages: int, micro_batches: int, schedule: str) -> dict:
         # 4-stage chains have one layer per stage: the same model depth as 2 stages of 2 layers
         return chain_document(stages, micro_batches, schedule, steps=steps, batch_size=batch, width=width,
-                              in_dim=width, layers_per_stage=LAYERS if stages == 2 else 1)
+                              in_dim=in_dim, layers_per_stage=LAYERS if stages == 2 else 1)
+
+    last: dict[tuple, dict] = {}
+
+    def meshsl(stages: int, micro_batches: int, schedule: str):
+        def run() -> float:
+            result = run_processes(document(stages, micro_batches, schedule), warmup_steps=warm)
+            last[(stages, micro_batches, schedule)] = result
+            return result["samples_per_s"]
+        return run
+
+    def torch_pipelining(stages: int, micro_batches: int, schedule: str):
+        layers = LAYERS if stages == 2 else 1
+        return lambda: run_python("benchmarks.torch_baselines", [
+            "pipeline", "--stages", str(stages), "--micro-batches", str(micro_batches), "--schedule", schedule,
+            "--width", str(width), "--in-dim", str(in_dim), "--layers", str(layers), "--batch", str(batch),
+            "--steps", str(steps), "--warmup", str(warm)])["samples_per_s"]
+
+    def one_process():
+        return lambda: run_python("benchmarks.torch_baselines", [
+            "single", "--threads", "2", "--stages", "2", "--width", str(width), "--layers", str(LAYERS),
+            "--in-dim", str(in_dim), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warm)])["samples_per_s"]
+
+    core = {("meshsl", 2, 1, "gpipe"): meshsl(2, 1, "gpipe"), ("meshsl", 2, 8, "gpipe"): meshsl(2, 8, "gpipe"),
+            ("torch", 2, 8, "gpipe"): torch_pipelining(2, 8, "gpipe"), ("one_process",): one_process()}
+    if not quick:
+        core.update({("meshsl", 2, 8, "1f1b"): meshsl(2, 8, "1f1b"), ("torch", 2, 8, "1f1b"): torch_pipelining(2, 8, "1f1b")})
+    samples: dict[tuple, list[float]] = {key: [] for key in core}
+    for _ in range(rounds):
+        for key, run in core.items():
+            samples[key].append(run())
+    measured = {key: _spread(values) for key, values in samples.items()}
+
+    once = [] if quick else [(2, 4, "gpipe"), (2, 16, "gpipe"), (2, 16, "1f1b"), (4, 1, "gpipe"), (4, 8, "gpipe"),
+                             (4, 8, "1f1b"), (4, 16, "1f1b")]
+    for case in once:
+        measured[("meshsl", *case)] = _spread([meshsl(*case)()])
+    if not quick:  # the 4-stage peer, once
+        measured[("torch", 4, 8, "1f1b")] = _spread([torch_pipelining(4, 8, "1f1b")()])
 
     rows = []
-    for stages, micro_batches, schedule in cases:
-        result = run_processes(document(stages, micro_batches, schedule), warmup_steps=warm)
+    for key, figures in measured.items():
+        if key[0] != "meshsl":
+            continue
+        stages, micro_batches, schedule = key[1:]
         rows.append({"stages": stages, "micro_batches": micro_batches, "schedule": schedule, "batch": batch,
-                     "samples_per_s": result["samples_per_s"], "peak_rss_mib": result["peak_rss_mib"]})
+                     "samples_per_s": figures["median"], "runs": figures["runs"],
+                     "peak_rss_mib": last[(stages, micro_batches, schedule)]["peak_rss_mib"]})
+    rows.sort(key=lambda r: (r["stages"], r["schedule"] != "gpipe", r["micro_batches"]))
     efficiency = {m: micro_batch_efficiency(width, LAYERS, batch, m) for m in sorted({r["micro_batches"] for r in rows})}
     for row in rows:
         base = next(r for r in rows if r["stages"] == row["stages"] and r["micro_batches"] == 1)
@@ -64,43 +115,36 @@ def measure(quick: bool = False) -> dict:
         m, s = row["micro_batches"], row["stages"]
         row["gpipe_ideal"] = m * s / (m + s - 1)  # bubble-only bound, equal stages, free transfers
         row["attainable"] = row["gpipe_ideal"] * efficiency[m] if s == 2 else None  # x one-thread GEMM efficiency
-    out = {"pipelining": rows, "micro_batch_efficiency": efficiency}
+    out = {"pipelining": rows, "micro_batch_efficiency": efficiency, "rounds": rounds, "steps": steps,
+           "warmup_steps": warm, "model": {"width": width, "in_dim": in_dim, "layers_per_stage_2": LAYERS, "batch": batch}}
 
-    # the same model, stage cut, batch and micro-batches under torch.distributed.pipelining (gloo)
     peers = []
-    pp_cases = [(2, 8, "gpipe")] if quick else [(2, 8, "gpipe"), (2, 8, "1f1b"), (4, 8, "1f1b")]
-    for stages, micro_batches, schedule in pp_cases:
-        layers = LAYERS if stages == 2 else 1
-        torch_pp = run_python("benchmarks.torch_baselines", [
-            "pipeline", "--stages", str(stages), "--micro-batches", str(micro_batches), "--schedule", schedule,
-            "--width", str(width), "--in-dim", str(width), "--layers", str(layers), "--batch", str(batch),
-            "--steps", str(steps), "--warmup", str(warm)])
-        mine = next(r for r in rows if (r["stages"], r["micro_batches"], r["schedule"]) ==
-                    (stages, micro_batches, schedule))
-        peers.append({"case": f"{stages} stages M={micro_batches} {schedule}", "meshsl": mine["samples_per_s"],
-                      "torch_pipelining": torch_pp["samples_per_s"],
-                      "ratio": mine["samples_per_s"] / torch_pp["samples_per_s"]})
+    for key, figures in measured.items():
+        if key[0] != "torch":
+            continue
+        mine = measured[("meshsl", *key[1:])]
+        peers.append({"case": f"{key[1]} stages M={key[2]} {key[3]}", "meshsl": mine["median"],
+                      "torch_pipelining": figures["median"], "ratio": mine["median"] / figures["median"],
+                      "meshsl_runs": mine["runs"], "torch_runs": figures["runs"]})
     out["vs_torch_pipelining"] = peers
 
-    # one process with the same total cores (2 intra-op threads), the whole model unsplit, same batch
-    single = []
-    # a user picks the micro-batch count that runs best: the fastest 2-stage configuration measured above
-    heavy = max((r for r in rows if r["stages"] == 2), key=lambda r: r["samples_per_s"])
-    base = run_python("benchmarks.torch_baselines", [
-        "single", "--threads", "2", "--stages", "2", "--width", str(width), "--layers", str(LAYERS),
-        "--in-dim", str(width), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warm)])
-    single.append({"model": f"compute-heavy MLP ({2 * LAYERS} x Linear {width}, batch {batch})", "width": width,
-                   "micro_batches": heavy["micro_batches"], "schedule": heavy["schedule"],
-                   "one_process_2_threads": base["samples_per_s"],
-                   "meshsl_2_nodes": heavy["samples_per_s"], "ratio": heavy["samples_per_s"] / base["samples_per_s"]})
+    # one process with the same total cores (2 intra-op threads), the whole model unsplit, same batch;
+    # a user picks the micro-batch count that runs best: the fastest interleaved 2-stage configuration
+    base = measured[("one_process",)]
+    best_key = max((k for k in samples if k[0] == "meshsl" and k[2] > 1), key=lambda k: measured[k]["median"])
+    best = measured[best_key]
+    single = [{"model": f"compute-heavy MLP ({in_dim}->{width}, {2 * LAYERS - 1} x Linear {width}, batch {batch})",
+               "width": width, "micro_batches": best_key[2], "schedule": best_key[3],
+               "one_process_2_threads": base["median"], "meshsl_2_nodes": best["median"],
+               "ratio": best["median"] / base["median"], "one_process_runs": base["runs"], "meshsl_runs": best["runs"]}]
     small_steps = steps * 3
-    base = run_python("benchmarks.torch_baselines", [
+    small_base = run_python("benchmarks.torch_baselines", [
         "single", "--threads", "2", "--stages", "2", "--width", "64", "--layers", "2", "--in-dim", "64",
         "--batch", "256", "--steps", str(small_steps * 2), "--warmup", str(warm)])
-    mine = run_processes(chain_document(2, 1, "gpipe", steps=small_steps, batch_size=256, width=64, in_dim=64),
-                         warmup_steps=warm)
+    small = run_processes(chain_document(2, 1, "gpipe", steps=small_steps, batch_size=256, width=64, in_dim=64),
+                          warmup_steps=warm)
     single.append({"model": "small MLP (4 x Linear 64, batch 256)", "width": 64, "micro_batches": 1,
-                   "one_process_2_threads": base["samples_per_s"], "meshsl_2_nodes": mine["samples_per_s"],
-                   "ratio": mine["samples_per_s"] / base["samples_per_s"]})
+                   "one_process_2_threads": small_base["samples_per_s"], "meshsl_2_nodes": small["samples_per_s"],
+                   "ratio": small["samples_per_s"] / small_base["samples_per_s"]})
     out["vs_one_process"] = single
     return out
