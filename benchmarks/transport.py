@@ -229,8 +229,8 @@ def _one(kind: str, mode: str, size: int, seconds: float, reps: int) -> dict:
 
 def measure(quick: bool = False) -> list[dict]:
     sizes = [64 << 10, 1 << 20, 16 << 20]
-    seconds = 0.5 if quick else 2.0
-    rounds = 2 if quick else 3  # interleaved: raw, meshsl, raw, meshsl ... best of each (a shared machine is noisy)
+    seconds = 0.5 if quick else 1.0
+    rounds = 1 if quick else 3  # interleaved: raw, meshsl, raw, meshsl ... best of each (a shared machine is noisy)
     rows = []
     for size in sizes:
         best = {"push": 0.0, "dealer": 0.0, "meshsl": 0.0}
