@@ -70,6 +70,10 @@ def _edge_and_codecs(size: int):
     return edge, EdgeCodecs({edge.name: edge})
 
 
+def _rtt_summary(samples: list[float]) -> dict:
+    return {"rtt_us_median": float(np.median(samples) * 1e6), "rtt_us_p99": float(np.percentile(samples, 99) * 1e6)}
+
+
 # ---- meshsl -------------------------------------------------------------------------------------
 async def _meshsl_recv(port: int, peer_port: int, size: int, queue, mode: str) -> None:
     import torch
@@ -133,7 +137,7 @@ async def _meshsl_send(port: int, peer_port: int, size: int, seconds: float, mod
             codecs.decode(edge, "grad", envelope.tensors[0], tensors[0], 1)
             if i >= 20:
                 samples.append(time.perf_counter() - t0)
-        result = {"rtt_us_median": float(np.median(samples) * 1e6), "rtt_us_p99": float(np.percentile(samples, 99) * 1e6)}
+        result = _rtt_summary(samples)
     else:
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
@@ -195,7 +199,7 @@ def raw_send(port: int, peer_port: int, size: int, seconds: float, mode: str, re
             s.recv(copy=False)
             if i >= 20:
                 samples.append(time.perf_counter() - t0)
-        result = {"rtt_us_median": float(np.median(samples) * 1e6), "rtt_us_p99": float(np.percentile(samples, 99) * 1e6)}
+        result = _rtt_summary(samples)
     else:
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
