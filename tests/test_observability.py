@@ -14,7 +14,6 @@ the tests need and is stopped when they are done. While it trains:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -156,18 +155,6 @@ def test_every_dashboard_metric_gets_a_sample_in_a_real_run(live_run):
     # Event-only metrics are still announced, so Grafana and alert rules can refer to them.
     for name in EVENT_ONLY:
         assert name in families, f"{name} not exported as a family"
-
-
-@pytest.fixture
-def restore_logging():
-    """The CLI's root callback installs a stderr handler; take it away again after the test."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_real_prometheus_scrapes_a_running_topology(live_run, tmp_path, monkeypatch, restore_logging):

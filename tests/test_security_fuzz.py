@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from meshsl.runtime.simulate import simulate
 from meshsl.topology.model import load_topology
 from meshsl.transport import inprocess
 from meshsl.transport.inprocess import InProcessTransport
+from scrape import metric_sum  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -356,14 +356,6 @@ def test_fuzz_live_in_process_node_rejects_everything_and_trains_identically(tmp
 # ------------------------------------------------------------------------------- real node process
 
 
-def _metric(port: int, name: str) -> float:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return -1.0
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def _node(resolved: Path, name: str, base: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     log = open(run_dir / f"{name}.log", "wb")
     cmd = [sys.executable, "-m", "meshsl", "node", name, "--topology", str(resolved), "--base-dir", str(base),
@@ -392,7 +384,7 @@ def test_fuzz_real_zeromq_node_process(tmp_path: Path) -> None:
     ctx = zmq.Context()
     sockets = {}
     try:
-        _wait(lambda: _metric(port, "meshsl_up") == 1 or server.poll() is not None, 60, "the server's metrics")
+        _wait(lambda: metric_sum(port, "meshsl_up") == 1 or server.poll() is not None, 60, "the server's metrics")
         assert server.poll() is None, (tmp_path / "server.log").read_text()
         for identity in ("client", "mallory", "eve", "client2", "server "):
             sock = ctx.socket(zmq.DEALER)
@@ -411,12 +403,12 @@ def test_fuzz_real_zeromq_node_process(tmp_path: Path) -> None:
             _, identity, frames = attack
             sockets[identity].send_multipart(frames)
             counted["n"] += 1
-            _wait(lambda: _metric(port, "meshsl_rejected_messages_total") >= counted["n"] or server.poll() is not None,
+            _wait(lambda: metric_sum(port, "meshsl_rejected_messages_total") >= counted["n"] or server.poll() is not None,
                   15, "the rejection to be counted")
             assert server.poll() is None, "the node process died"
 
         fuzz()
-        assert _metric(port, "meshsl_rejected_messages_total") == counted["n"]
+        assert metric_sum(port, "meshsl_rejected_messages_total") == counted["n"]
         for sock in sockets.values():
             sock.close(0)
         sockets.clear()

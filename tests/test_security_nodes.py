@@ -13,13 +13,13 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 import zmq
 from typer.testing import CliRunner
+from scrape import metric_sum  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "meshsl"
@@ -50,14 +50,6 @@ def _wait(predicate, timeout_s: float, what: str):
         time.sleep(0.05)
 
 
-def _metric(port: int, name: str) -> float:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return -1.0
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def test_curve_run_trains_and_refuses_intruders(tmp_path: Path) -> None:
     """Right keys train to completion while an unknown-key and a plain-text DEALER are refused and counted."""
     topology = _curve_topology(tmp_path, steps=30)
@@ -71,9 +63,9 @@ def test_curve_run_trains_and_refuses_intruders(tmp_path: Path) -> None:
             (run_dir / "topology.yaml").read_text()), 30, "the resolved topology")
         server = next(n for n in resolved["nodes"] if n["name"] == "server")
         port = server["metrics_port"]
-        _wait(lambda: _metric(port, "meshsl_up") == 1 or proc.poll() is not None, 60, "the server's metrics")
+        _wait(lambda: metric_sum(port, "meshsl_up") == 1 or proc.poll() is not None, 60, "the server's metrics")
         assert proc.poll() is None, proc.stdout.read().decode()
-        assert _metric(port, "meshsl_auth_refusals_total") == 0
+        assert metric_sum(port, "meshsl_auth_refusals_total") == 0
 
         intruder = ctx.socket(zmq.DEALER)  # a well-formed CURVE client whose key is not on the allow-list
         public, secret = zmq.curve_keypair()
@@ -85,9 +77,9 @@ def test_curve_run_trains_and_refuses_intruders(tmp_path: Path) -> None:
         for sock in (intruder, plain):
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(server["endpoint"])
-        _wait(lambda: _metric(port, "meshsl_auth_refusals_total") >= 2 or proc.poll() is not None, 60,
+        _wait(lambda: metric_sum(port, "meshsl_auth_refusals_total") >= 2 or proc.poll() is not None, 60,
               "the server to count both refusals")
-        refused = _metric(port, "meshsl_auth_refusals_total")
+        refused = metric_sum(port, "meshsl_auth_refusals_total")
         assert refused >= 2, f"refusals counted: {refused}"
         intruder.close(0)
         plain.close(0)
