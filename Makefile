@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 TOPOLOGY ?= topologies/vanilla.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run test venv bench bench-quick clean
+.PHONY: run test test-fast venv bench bench-quick clean
 
 $(BIN)/meshsl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# unit + integration tiers only (no node processes, namespaces or Prometheus)
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m benchmarks --out runs/bench.json
