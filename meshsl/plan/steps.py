@@ -60,6 +60,16 @@ def epoch_steps(topology) -> list[StepInfo]:
     return steps
 
 
+def step_info(topology, step: int) -> StepInfo:
+    """Training step `step` (from 0) on its own: every node derives the same one (self-driven steps)."""
+    one_epoch = topology.__dict__.get("_epoch_steps")
+    if one_epoch is None:
+        one_epoch = topology.__dict__["_epoch_steps"] = epoch_steps(topology)
+    epoch, within = divmod(step, len(one_epoch))
+    base = one_epoch[within]
+    return StepInfo(step, epoch, base.step_in_epoch, base.lanes)
+
+
 def training_steps(topology, max_steps: int | None = None, epochs: int | None = None) -> list[StepInfo]:
     training = topology.spec.training
     one_epoch = epoch_steps(topology)
