@@ -159,3 +159,30 @@ def test_the_1f1b_window_is_the_micro_batch_count_by_default():
     document["training"]["window"] = 3
     wiring = m.Wiring.from_topology(topology_from_spec(parse_spec(document), "<test>", root), "client")
     assert wiring.segments["bottom"].window == 3
+
+
+# ---- checkpoints at weight-changing barriers (issue 15, item 1) ---------------------------------
+def test_splitfed_checkpoints_at_an_averaging_step_hold_the_averaged_weights(tmp_path):
+    """A checkpoint of step k where FedAvg follows step k is written after the averaging (by the next Run),
+    so a restore from it never skips the averaging: every client's copy of it holds the same weights."""
+    import asyncio
+
+    import torch
+
+    from benchmarks.common import splitfed_document, topology_from_document
+    from meshsl import checkpoint
+    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.simulate import simulate
+
+    document = splitfed_document(4, steps=5, average_every=2)
+    document["checkpoint"] = {"every": 1, "directory": str(tmp_path / "ck")}
+    topology = topology_from_document(document)
+    asyncio.run(simulate(topology, RunOptions(evaluate=False)))
+    clients = [topology.node_of("bottom", lane) for lane in range(4)]
+    kept = checkpoint.available_steps(tmp_path / "ck", clients[0])  # the newest few of steps 0..5
+    assert {3, 4} <= set(kept)
+    for step in [s for s in kept if s > 0]:
+        states = [checkpoint.load(tmp_path / "ck", c, step)["modules"]["bottom"] for c in clients]
+        same = all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in s)
+        # After an averaging step every client holds the average; in between each trained on its own shard.
+        assert same == (step % 2 == 0), f"checkpoint {step}: clients {'agree' if same else 'differ'}"
