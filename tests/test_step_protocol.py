@@ -78,7 +78,7 @@ def run_step(machine: m.NodeMachine, first: list) -> list:
 
 
 def test_a_node_applies_and_begins_the_next_step_itself_within_the_lag():
-    machine = m.NodeMachine(client_wiring(), "1f1b")
+    machine = m.NodeMachine(client_wiring(), "1f1b", lag=2)
     first = machine.handle(m.Run(first_round=11, steps=((0, (0,)), (1, (0,)), (2, (0,)), (3, (0,))), micro_batches=2))
     assert first == [m.Prepare(11, 0, (0,))]
     seen = run_step(machine, first)

@@ -223,7 +223,7 @@ class NodeMachine:
     in_flight: dict[str, int] = field(default_factory=dict)
     early: list[Event] = field(default_factory=list)  # events of the next round, replayed at its Begin
     pending_commit: Optional[int] = None
-    lag: int = 2  # self-driven steps: begin round r only once round r - lag is committed
+    lag: int = 3  # self-driven steps: begin round r only once round r - lag is committed (docs/wan.md)
     auto: bool = False  # the current round is a self-driven training step
     applied: int = 0  # the last self-driven round whose optimizer step was applied
     committed: int = 0  # the last round the coordinator confirmed every node applied
