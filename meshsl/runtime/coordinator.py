@@ -201,6 +201,14 @@ class Coordinator:
         if round_ and missing:
             await self._collect(Kind.DONE, missing, round_, "finish its step")
 
+    async def forward_round(self, phase: str, begin: control.Begin, what: str) -> dict[str, tuple]:
+        """One coordinator-driven round (evaluation, prediction): BEGIN to every node, then every node's
+        DONE as {node: (envelope, tensors)}. The public way for an application (meshsl.predict) to drive
+        rounds; the round number is the coordinator's business."""
+        self.round += 1
+        await self.broadcast(Kind.BEGIN, phase=phase, step=self.round, meta=begin.to_meta())
+        return await self._collect(Kind.DONE, set(self.nodes), self.round, what)
+
     async def broadcast(self, kind: Kind, targets=None, **fields) -> None:
         for name in targets or self.nodes:
             await self.node.send_control(name, kind, **fields)
@@ -403,12 +411,6 @@ class Coordinator:
                                    "seconds": self.recovery_seconds[-1]})
         return index
 
-    def _begin_meta(self, info: Optional[StepInfo], lanes, micro_batches: int) -> dict:
-        meta = {"lanes": list(lanes), "micro_batches": micro_batches}
-        if info is not None:
-            meta.update(epoch=info.epoch, train_step=info.step, step_in_epoch=info.step_in_epoch)
-        return meta
-
     def _step_row(self, info: StepInfo, done: dict) -> dict:
         """The history row of a committed step, from every node's DONE statistics."""
         tasks: dict[str, dict] = {}
@@ -429,13 +431,11 @@ class Coordinator:
         return row
 
     async def _evaluate(self) -> dict:
-        self.round += 1
         from meshsl.data import eval_batches
         pools = sample_pools(self.topology)
         batches = len(eval_batches(pools.test, self.topology.spec.training.eval_batch_size))
-        lanes = list(range(self.topology.lanes))
-        await self.broadcast(Kind.BEGIN, phase="eval", step=self.round, meta=self._begin_meta(None, lanes, batches))
-        done = await self._collect(Kind.DONE, set(self.nodes), self.round, "finish evaluation")
+        lanes = tuple(range(self.topology.lanes))
+        done = await self.forward_round("eval", control.Begin(lanes=lanes, micro_batches=batches), "finish evaluation")
         results: dict[str, dict] = {}
         for sender, (envelope, _) in done.items():
             for name, metrics in envelope.meta.get("tasks", {}).items():

@@ -30,7 +30,7 @@ from meshsl.compute.staging import to_host
 from meshsl.compute.worker import RoundContext, SegmentWorker
 from meshsl.errors import MeshslError, ProtocolError
 from meshsl.plan.nodeplan import build_edges, edge_name
-from meshsl.plan.steps import step_info
+from meshsl.plan.steps import epoch_steps, step_at
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, encode_message
@@ -162,6 +162,7 @@ class NodeRuntime:
             load_saved_weights(worker, Path(self.weights_dir))
         if self.inference is not None:
             self.inference.attach(worker)
+        self._one_epoch = epoch_steps(self.topology)  # the step schedule every node derives alike
         return worker
 
     def _prepare_checkpoints(self) -> None:
@@ -505,7 +506,7 @@ class NodeRuntime:
         """Self-driven training steps (docs/wan.md): first the checkpoint the coordinator deferred past a
         barrier (FedAvg, hand-off), then the machine begins each step on its own."""
         last = run.first_step + run.count - 1
-        steps = tuple((s, step_info(self.topology, s).lanes) for s in range(run.first_step, last + 1))
+        steps = tuple((s, step_at(self._one_epoch, s).lanes) for s in range(run.first_step, last + 1))
         if self.machine.queued or not self.machine.done or base < self.machine.round:
             raise ProtocolError("unexpected", f"run from round {base + 1} while at round {self.machine.round}",
                                 self.coordinator_node)
@@ -631,7 +632,7 @@ class NodeRuntime:
         elif isinstance(action, m.Backward):
             worker.backward(action.segment, action.lane, action.micro_batch)
         elif isinstance(action, m.Prepare):
-            info = step_info(self.topology, action.step)
+            info = step_at(self._one_epoch, action.step)
             worker.begin(RoundContext(round=action.round, phase="train", micro_batches=self.machine.micro_batches,
                                       lanes=action.lanes, epoch=info.epoch, step=info.step,
                                       step_in_epoch=info.step_in_epoch))
