@@ -446,7 +446,8 @@ def test_fuzz_real_zeromq_node_process(tmp_path: Path) -> None:
             sock.connect(server_spec.endpoint)
             sockets[identity] = sock
         target = Target(topology_hash=topology.hash, peer="client", round=0,
-                        rows=topology.spec.training.batch_size // topology.spec.training.micro_batches)
+                        rows=topology.spec.training.batch_size // topology.spec.training.micro_batches,
+                        coordinator="client")  # no second connection may claim the server's own name
         counted = {"n": 0}
 
         @settings(max_examples=EXAMPLES_REAL_NODE, deadline=None, database=None, derandomize=True,
