@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("transport", "pipelining", "scale", "gpu")
+OPTIONAL = ("wan",)  # needs root, network namespaces and nft: run with --only wan
 
 
 def machine() -> dict:
@@ -98,6 +99,10 @@ def table(results: dict) -> str:
                     " ".join(f"{v:.0f}" for v in r.get("peak_rss_mib", {}).values()))
         add("GPU", g.get("skipped") or f"D2H 8 MiB pageable {g['d2h_pageable_ms']:.2f} ms, pinned "
                                       f"{g['d2h_pinned_ms']:.2f} ms ({g['speedup']:.2f}x)")
+    if "wan" in results:
+        from benchmarks.wan import table as wan_table
+        add("")
+        lines.append(wan_table(results["wan"]))
     return "\n".join(lines)
 
 
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (< 2 minutes)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL, help="run only these sections")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     results: dict = {"machine": machine(), "quick": args.quick}

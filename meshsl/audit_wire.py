@@ -35,7 +35,7 @@ from meshsl.protocol.frames import TORCH_DTYPES, decode_message
 
 TENSOR_KINDS = {Kind.ACTIVATION: "activation", Kind.GRADIENT: "gradient"}
 CONTROL_KINDS = {Kind.HELLO, Kind.BEGIN, Kind.DONE, Kind.COMMIT, Kind.ABORT, Kind.WEIGHTS_PULL, Kind.ACK,
-                 Kind.HEARTBEAT, Kind.SHUTDOWN, Kind.FAILED, Kind.RESTORE}
+                 Kind.HEARTBEAT, Kind.SHUTDOWN, Kind.FAILED, Kind.RESTORE, Kind.RUN}
 META_LIST_EXEMPT = {"checkpoints"}  # HELLO: checkpoint step numbers the node holds (not sample data)
 
 

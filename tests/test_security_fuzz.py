@@ -31,6 +31,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshsl.errors import ProtocolError
+from meshsl.protocol import control
 from meshsl.protocol.envelope import PHASES, VERSION, Kind
 from meshsl.runtime.coordinator import Coordinator, RunOptions
 from meshsl.runtime.node import NodeRuntime
@@ -78,6 +80,7 @@ class Target:
     round: int  # the target's current round (future rounds start at round + 2; round + 1 is held)
     rows: int  # rows of a training micro-batch
     replays: list = field(default_factory=list)  # real (identity, frames) from earlier rounds
+    coordinator: str = "server"  # the node hosting the coordinator (the target itself here)
 
 
 def _header(target: Target, **changes) -> dict:
@@ -109,7 +112,7 @@ def attacks(draw, target: Target) -> tuple[str, str, list[bytes]]:
         "random_header", "truncated_json", "wrong_type", "bad_version", "bad_kind", "wrong_topology",
         "wrong_sender", "unknown_peer", "unknown_edge", "wrong_lane", "bad_dtype", "bad_shape", "bad_codec",
         "byte_mismatch", "extra_frame", "missing_frame", "oversized", "future_round", "wrong_direction",
-        "not_coordinator", "negative_number", "replay"]))
+        "not_coordinator", "negative_number", "replay", "bad_control"]))
     if category == "random_header":
         head = draw(st.binary(max_size=512))
         return category, peer, [head, *draw(st.lists(st.binary(max_size=64), max_size=3))]
@@ -185,10 +188,56 @@ def attacks(draw, target: Target) -> tuple[str, str, list[bytes]]:
     if category == "negative_number":
         key = draw(st.sampled_from(_INT_FIELDS))
         return category, peer, _frames(_header(target, **{key: draw(st.integers(max_value=-1))}))
+    if category == "bad_control":  # well-formed header, malformed control meta (typed in protocol/control.py)
+        kind, identity, meta = draw(_bad_control_meta(target))
+        body = _header(target, k=kind.value, s=identity, x=[], m=meta,
+                       p="train" if kind == Kind.DONE else "eval" if kind == Kind.BEGIN else "control")
+        return category, identity, [json.dumps(body).encode()]
     if category == "replay" and target.replays:
         identity, frames = draw(st.sampled_from(target.replays))
         return category, identity, frames
     return "future_round", peer, _frames(_header(target, st=target.round + 2))
+
+
+# Valid control meta per kind (from the coordinator, or from the client to the coordinator); one field is
+# then dropped or replaced with a value of the wrong type, and kept only if the typed parser rejects it.
+_CONTROL_META = {
+    Kind.BEGIN: {"lanes": [0], "micro_batches": 2, "epoch": 0, "train_step": 0},
+    Kind.RUN: {"first_step": 0, "count": 2, "micro_batches": 2, "hold_checkpoint": False},
+    Kind.RESTORE: {"checkpoint": 0, "round": 5, "endpoints": {}},
+    Kind.WEIGHTS_PULL: {"segment": "bottom"},
+    Kind.DONE: {"tasks": {"digit": {"loss_sum": 1.0, "correct": 1, "count": 2}}, "bytes": {}},
+    Kind.HELLO: {"checkpoints": [0], "endpoint": "tcp://127.0.0.1:1"},
+    Kind.ACK: {"of": "weights", "segment": "bottom"},
+}
+
+
+def _rejected(kind: Kind, meta) -> bool:
+    try:
+        control.MESSAGES[kind].from_meta(meta)
+    except ProtocolError as exc:
+        return exc.reason == "bad_control"
+    return False
+
+
+@st.composite
+def _bad_control_meta(draw, target: Target):
+    kind = draw(st.sampled_from(sorted(_CONTROL_META, key=lambda k: k.value)))
+    identity = target.peer if kind in (Kind.DONE, Kind.HELLO, Kind.ACK) else target.coordinator
+    valid = _CONTROL_META[kind]
+    key = draw(st.sampled_from(sorted(valid)))
+    nested = kind == Kind.DONE and key == "tasks" and draw(st.booleans())
+    value = draw(_WRONG_TYPED | st.integers(-5, -1) | st.floats(allow_nan=True))
+    meta = dict(valid)
+    if nested:  # a task statistic of the wrong type (the coordinator sums them)
+        meta["tasks"] = {"digit": {**valid["tasks"]["digit"], draw(st.sampled_from(["count", "correct", "loss_sum"])): value}}
+    elif draw(st.booleans()):
+        meta.pop(key)
+    else:
+        meta[key] = value
+    if not _rejected(kind, meta):
+        meta = value if not isinstance(value, dict) else None  # not an object at all
+    return kind, identity, meta
 
 
 def _total(counters: dict) -> int:
@@ -298,8 +347,12 @@ def test_fuzz_live_in_process_node_rejects_everything_and_trains_identically(tmp
 
     harness = Harness(topology, hold=3)
     harness.thread.start()
-    held = harness.held_round()  # the coordinator node now waits, mid-training, for the client
+    held = harness.held_round()  # the coordinator now waits, mid-training, for the client's DONE of `held`
     server = harness.runtimes[topology.coordinator]
+    # Self-driven steps: the nodes go on until `lag` steps are not committed, then wait (docs/wan.md).
+    held += server.machine.lag - 1
+    _wait(lambda: server.machine.round == held and server.machine.done and not server.machine.busy
+          and {r for r, _ in harness.sent} == set(range(1, held + 1)), 60, f"the server to finish round {held}")
     target = Target(topology_hash=topology.hash, peer="client", round=held,
                     rows=topology.spec.training.batch_size // topology.spec.training.micro_batches,
                     replays=[("client", frames) for _, frames in harness.sent])
@@ -393,7 +446,8 @@ def test_fuzz_real_zeromq_node_process(tmp_path: Path) -> None:
             sock.connect(server_spec.endpoint)
             sockets[identity] = sock
         target = Target(topology_hash=topology.hash, peer="client", round=0,
-                        rows=topology.spec.training.batch_size // topology.spec.training.micro_batches)
+                        rows=topology.spec.training.batch_size // topology.spec.training.micro_batches,
+                        coordinator="client")  # no second connection may claim the server's own name
         counted = {"n": 0}
 
         @settings(max_examples=EXAMPLES_REAL_NODE, deadline=None, database=None, derandomize=True,

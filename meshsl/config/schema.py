@@ -138,6 +138,8 @@ class TrainingSpec(Strict):
     batch_size: int = Field(default=64, ge=1)
     micro_batches: int = Field(default=1, ge=1)
     schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    window: Optional[int] = Field(default=None, ge=1, description="1F1B: micro-batches in flight per segment "
+                                  "(default: micro_batches, so a WAN round trip is paid once per step)")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     seed: int = 0
     eval_every: int = Field(default=0, ge=0, description="evaluate every N steps (0: at the end of each epoch)")

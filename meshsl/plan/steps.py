@@ -60,6 +60,14 @@ def epoch_steps(topology) -> list[StepInfo]:
     return steps
 
 
+def step_at(one_epoch: list[StepInfo], step: int) -> StepInfo:
+    """Training step `step` (from 0) given one epoch's steps (`epoch_steps`): every node derives the same
+    one on its own (self-driven steps, docs/wan.md)."""
+    epoch, within = divmod(step, len(one_epoch))
+    base = one_epoch[within]
+    return StepInfo(step, epoch, base.step_in_epoch, base.lanes)
+
+
 def training_steps(topology, max_steps: int | None = None, epochs: int | None = None) -> list[StepInfo]:
     training = topology.spec.training
     one_epoch = epoch_steps(topology)
@@ -67,9 +75,4 @@ def training_steps(topology, max_steps: int | None = None, epochs: int | None = 
     n_epochs = epochs if epochs is not None else training.epochs
     if total is None:
         total = len(one_epoch) * n_epochs
-    steps = []
-    for step in range(total):
-        epoch, within = divmod(step, len(one_epoch))
-        base = one_epoch[within]
-        steps.append(StepInfo(step, epoch, base.step_in_epoch, base.lanes))
-    return steps
+    return [step_at(one_epoch, step) for step in range(total)]

@@ -36,6 +36,7 @@ class Kind(str, enum.Enum):
     SHUTDOWN = "shutdown"
     FAILED = "failed"        # node -> coordinator: a fatal local error (message in meta)
     RESTORE = "restore"      # coordinator -> nodes: drop the round, load checkpoint step k, continue from round r
+    RUN = "run"              # coordinator -> nodes: train steps i..j on your own (see docs/wan.md)
 
 
 PHASES = ("train", "eval", "predict", "control")

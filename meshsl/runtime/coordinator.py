@@ -1,6 +1,12 @@
-"""The coordinator: starts rounds, waits until every node finished, commits steps, drives epochs,
-evaluation, client averaging/hand-off and shutdown. Lives in the process of one node (the plan's
-coordinator, by default the first task's label holder) and talks through that node's transport."""
+"""The coordinator: hands the nodes runs of training steps, confirms (commits) each step once every node
+reported it, drives evaluation, client averaging/hand-off, recovery and shutdown. Lives in the process of
+one node (the plan's coordinator, by default the first task's label holder) and talks through that
+node's transport.
+
+Training steps are self-driven (docs/wan.md): the coordinator sends one Run per stretch of steps between
+barriers (evaluation, FedAvg, sequential hand-off, the end); the nodes begin each step themselves and
+report DONE after applying it; COMMIT travels behind the data. No control round trip stands between two
+steps of a run."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +22,7 @@ import torch
 from meshsl import checkpoint
 from meshsl.errors import MeshslError, PeerFailed, PeerTimeout, ProtocolError
 from meshsl.plan.steps import StepInfo, sample_pools, training_steps
+from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
 
 log = logging.getLogger("meshsl.coordinator")
@@ -68,7 +75,10 @@ class Coordinator:
         self.restarts: dict[str, int] = {}
         self.failovers = 0
         self.recovery_seconds: list[float] = []
-        self.last_lanes: tuple[int, ...] = ()  # clients of the last training step (sequential: the live model)
+        self._ahead: dict[tuple[Kind, int], dict[str, tuple]] = {}  # messages of rounds not collected yet
+        self.last_lanes: tuple[int, ...] = ()
+        self._deferred_checkpoint: Optional[int] = None  # written by the next Run (after FedAvg/hand-off)
+        self._train_seconds, self._samples = 0.0, 0  # clients of the last training step (sequential: the live model)
         self.leakage: dict[str, float] = {}  # cut edge -> last sampled dCor(raw input, activation)
         self.leakage_edges = {f"{p}->{c}" for p, c in self.topology.cut_edges()}
         self.checkpoint_every = self.topology.spec.checkpoint.every
@@ -123,6 +133,7 @@ class Coordinator:
 
     # -- messages --------------------------------------------------------------------------------
     def deliver(self, sender: str, envelope, tensors) -> None:
+        control.parse(envelope)  # malformed meta: ProtocolError, counted by the node, never reaches the run
         try:
             self.inbox.put_nowait((sender, envelope, tensors))
         except asyncio.QueueFull:
@@ -138,6 +149,11 @@ class Coordinator:
         """Wait for one `kind` message from each of `senders` (for `round_`); FAILED aborts the run."""
         pending = set(senders)
         got: dict[str, tuple] = {}
+        if round_ is not None:
+            for sender, message in self._ahead.pop((kind, round_), {}).items():
+                if sender in pending:
+                    pending.discard(sender)
+                    got[sender] = message
         deadline = time.monotonic() + (timeout or self.policy.timeout_s)
         while pending:
             left = deadline - time.monotonic()
@@ -160,12 +176,18 @@ class Coordinator:
                     pending.discard(sender)
                     got[sender] = (envelope, tensors)
                 continue
-            if envelope.kind == Kind.ACK and envelope.meta.get("of") == "commit":
-                self.committed[sender] = max(self.committed.get(sender, 0), envelope.step)
+            if envelope.kind == Kind.ACK and envelope.meta.get("of") == "checkpoint":
                 if isinstance(envelope.meta.get("checkpoint"), int):
                     self.checkpoints.setdefault(sender, set()).add(envelope.meta["checkpoint"])
-                if kind == Kind.ACK and "commit" in what and envelope.step == round_:
-                    pending.discard(sender)
+                continue
+            if envelope.kind == Kind.DONE and envelope.phase == "train":
+                self.committed[sender] = max(self.committed.get(sender, 0), envelope.step)  # applied there
+                if isinstance(envelope.meta.get("checkpoint"), int):
+                    self.checkpoints.setdefault(sender, set()).add(envelope.meta["checkpoint"])
+            if round_ is not None and envelope.step > round_ and envelope.step <= self.round \
+                    and envelope.kind == kind == Kind.DONE:
+                # A node already finished a later self-driven step: keep it for that step's collection.
+                self._ahead.setdefault((kind, envelope.step), {})[sender] = (envelope, tensors)
                 continue
             if envelope.kind != kind or sender not in pending or (round_ is not None and envelope.step != round_):
                 continue  # late duplicates of earlier rounds
@@ -174,10 +196,18 @@ class Coordinator:
         return got
 
     async def _await_commits(self, round_: int) -> None:
-        """Phase two of the step commit: every node confirmed it applied the optimizer step."""
+        """Every node reported (DONE) that it applied the optimizer step of `round_`."""
         missing = {n for n in self.nodes if self.committed.get(n, 0) < round_}
         if round_ and missing:
-            await self._collect(Kind.ACK, missing, round_, "confirm the commit")
+            await self._collect(Kind.DONE, missing, round_, "finish its step")
+
+    async def forward_round(self, phase: str, begin: control.Begin, what: str) -> dict[str, tuple]:
+        """One coordinator-driven round (evaluation, prediction): BEGIN to every node, then every node's
+        DONE as {node: (envelope, tensors)}. The public way for an application (meshsl.predict) to drive
+        rounds; the round number is the coordinator's business."""
+        self.round += 1
+        await self.broadcast(Kind.BEGIN, phase=phase, step=self.round, meta=begin.to_meta())
+        return await self._collect(Kind.DONE, set(self.nodes), self.round, what)
 
     async def broadcast(self, kind: Kind, targets=None, **fields) -> None:
         for name in targets or self.nodes:
@@ -198,46 +228,98 @@ class Coordinator:
         steps = [] if self.options.steps == 0 else training_steps(self.topology, self.options.steps, self.options.epochs)
         index = await self._restore_consistent() if self.checkpoint_every > 0 else 0
         started = time.perf_counter()
-        train_seconds = 0.0
-        samples = 0
-        eval_every = self.topology.spec.training.eval_every
-        epoch_len = len(training_steps(self.topology, epochs=1)) or 1
         while index < len(steps):
-            info = steps[index]
+            end = self._barrier_after(steps, index) + 1
             try:
-                t0 = time.perf_counter()
-                row = await self._train_step(info)
-                train_seconds += time.perf_counter() - t0
-                samples += self.topology.spec.training.batch_size * len(info.lanes)
-                row["samples_per_s"] = samples / train_seconds if train_seconds else 0.0
-                await self._sync_clients(info, steps)
-                last = info.step == steps[-1].step
-                due = (eval_every and (info.step + 1) % eval_every == 0) or \
-                      (not eval_every and (info.step + 1) % epoch_len == 0)
-                if self.options.evaluate and (due or last):
+                await self._run_steps(steps, index, end)
+                info = steps[end - 1]
+                row = self.history[-1]
+                if await self._sync_clients(info, steps) and self.checkpoint_every > 0 \
+                        and end % self.checkpoint_every == 0:
+                    self._deferred_checkpoint = end  # written by the next Run, after the averaging/hand-off
+                if self.options.evaluate and self._eval_due(info, steps):
                     row["eval"] = await self._evaluate()
+                    for task, result in row["eval"].items():
+                        log.info("evaluated", extra={"node": self.node.node, "step": row["step"], "task": task, **{
+                            k: round(v, 5) for k, v in result.items() if k in ("loss", "accuracy", "f1", "auroc")
+                            and isinstance(v, float)}})
             except NodesLost as lost:
                 index = await self._recover(lost)
                 continue
-            index += 1
+            if self.options.progress:
+                self.options.progress(row)
+            index = end
+        await self._await_commits(self.last_train_round)
+        eval_only = await self._evaluate() if not steps and self.options.evaluate else None
+        self.summary = self._summarise(steps, time.perf_counter() - started, self._train_seconds, self._samples)
+        if eval_only is not None:
+            for name, result in eval_only.items():
+                self.summary["tasks"].setdefault(name, {"train": {}})["eval"] = result
+        await self.broadcast_shutdown()
+
+    # -- self-driven training steps --------------------------------------------------------------
+    def _eval_due(self, info: StepInfo, steps: list[StepInfo]) -> bool:
+        eval_every = self.topology.spec.training.eval_every
+        if eval_every:
+            due = (info.step + 1) % eval_every == 0
+        else:
+            due = (info.step + 1) % self._epoch_length() == 0
+        return due or info.step == steps[-1].step
+
+    def _epoch_length(self) -> int:
+        if getattr(self, "_epoch_len", None) is None:
+            self._epoch_len = len(training_steps(self.topology, epochs=1)) or 1
+        return self._epoch_len
+
+    def _sync_due(self, info: StepInfo, steps: list[StepInfo]) -> bool:
+        """After this step the coordinator changes weights (FedAvg, sequential hand-off)."""
+        clients = self.topology.spec.clients
+        if clients is None:
+            return False
+        if clients.mode == "splitfed":
+            return (info.step + 1) % clients.average_every == 0
+        following = steps[info.step + 1] if info.step + 1 < len(steps) else None
+        return following is not None and following.lanes != info.lanes
+
+    def _barrier_after(self, steps: list[StepInfo], index: int) -> int:
+        """The first step from `index` after which the nodes wait for the coordinator: evaluation,
+        weight synchronisation or the last step."""
+        for i in range(index, len(steps)):
+            info = steps[i]
+            if self._sync_due(info, steps) or (self.options.evaluate and self._eval_due(info, steps)):
+                return i
+        return len(steps) - 1
+
+    async def _run_steps(self, steps: list[StepInfo], index: int, end: int) -> None:
+        """Steps [index, end) run self-driven: one Run out, then a DONE per node and step back, each
+        answered by a COMMIT (the nodes stay within `lag` steps of the last commit)."""
+        base = self.round
+        self.round = base + (end - index)  # rounds base+1 .. base+count are this run's steps
+        hold = self._sync_due(steps[end - 1], steps)
+        run = control.Run(first_step=index, count=end - index, micro_batches=self.topology.spec.training.micro_batches,
+                          checkpoint=self._deferred_checkpoint, hold_checkpoint=hold)
+        await self.broadcast(Kind.RUN, step=base, meta=run.to_meta())
+        self._deferred_checkpoint = None
+        mark = time.perf_counter()
+        for i in range(index, end):
+            info, round_ = steps[i], base + 1 + (i - index)
+            done = await self._collect(Kind.DONE, set(self.nodes), round_, "finish its step")
+            await self.broadcast(Kind.COMMIT, phase="train", step=round_)
+            now = time.perf_counter()
+            self._train_seconds += now - mark
+            mark = now
+            self._samples += self.topology.spec.training.batch_size * len(info.lanes)
+            self.last_train_round = round_
+            self.last_lanes = tuple(info.lanes)
+            row = self._step_row(info, done)
+            row["samples_per_s"] = self._samples / self._train_seconds if self._train_seconds else 0.0
             self.history.append(row)
             log.info("step committed", extra={
                 "node": self.node.node, "step": row["step"], "epoch": row["epoch"],
                 "samples_per_s": round(row["samples_per_s"], 1),
                 **{f"{t}_loss": round(v["loss"], 5) for t, v in row["tasks"].items()}})
-            for task, result in row.get("eval", {}).items():
-                log.info("evaluated", extra={"node": self.node.node, "step": row["step"], "task": task, **{
-                    k: round(v, 5) for k, v in result.items() if k in ("loss", "accuracy", "f1", "auroc")
-                    and isinstance(v, float)}})
-            if self.options.progress:
-                self.options.progress(row)
-        await self._await_commits(self.last_train_round)
-        eval_only = await self._evaluate() if not steps and self.options.evaluate else None
-        self.summary = self._summarise(steps, time.perf_counter() - started, train_seconds, samples)
-        if eval_only is not None:
-            for name, result in eval_only.items():
-                self.summary["tasks"].setdefault(name, {"train": {}})["eval"] = result
-        await self.broadcast_shutdown()
+            if self.options.progress and i < end - 1:
+                self.options.progress(row)  # the run's last row goes out after its evaluation
 
     async def _wait_for_nodes(self, nodes: Optional[set[str]] = None) -> None:
         pending = set(nodes or self.nodes)
@@ -266,6 +348,8 @@ class Coordinator:
     async def _restore_consistent(self) -> int:
         """Every node loads the newest checkpoint they all have; returns the index of the next step."""
         step = self._common_checkpoint()
+        self._ahead.clear()
+        self._deferred_checkpoint = None  # the restored checkpoint is where the run resumes
         self.round += 1
         await self.broadcast(Kind.RESTORE, step=self.round,
                              meta={"checkpoint": step, "round": self.round, "endpoints": self.endpoints})
@@ -327,24 +411,8 @@ class Coordinator:
                                    "seconds": self.recovery_seconds[-1]})
         return index
 
-    def _begin_meta(self, info: Optional[StepInfo], lanes, micro_batches: int) -> dict:
-        meta = {"lanes": list(lanes), "micro_batches": micro_batches}
-        if info is not None:
-            meta.update(epoch=info.epoch, train_step=info.step, step_in_epoch=info.step_in_epoch)
-        return meta
-
-    async def _train_step(self, info: StepInfo) -> dict:
-        self.round += 1
-        micro_batches = self.topology.spec.training.micro_batches
-        await self.broadcast(Kind.BEGIN, phase="train", step=self.round,
-                             meta=self._begin_meta(info, info.lanes, micro_batches))
-        done = await self._collect(Kind.DONE, set(self.nodes), self.round, "finish its step")
-        commit_meta = {}
-        if self.checkpoint_every > 0 and (info.step + 1) % self.checkpoint_every == 0:
-            commit_meta["checkpoint"] = info.step + 1  # steps committed so far
-        await self.broadcast(Kind.COMMIT, phase="train", step=self.round, meta=commit_meta)
-        self.last_train_round = self.round
-        self.last_lanes = tuple(info.lanes)
+    def _step_row(self, info: StepInfo, done: dict) -> dict:
+        """The history row of a committed step, from every node's DONE statistics."""
         tasks: dict[str, dict] = {}
         leakage: dict[str, float] = {}
         for sender, (envelope, _) in done.items():
@@ -363,13 +431,11 @@ class Coordinator:
         return row
 
     async def _evaluate(self) -> dict:
-        self.round += 1
         from meshsl.data import eval_batches
         pools = sample_pools(self.topology)
         batches = len(eval_batches(pools.test, self.topology.spec.training.eval_batch_size))
-        lanes = list(range(self.topology.lanes))
-        await self.broadcast(Kind.BEGIN, phase="eval", step=self.round, meta=self._begin_meta(None, lanes, batches))
-        done = await self._collect(Kind.DONE, set(self.nodes), self.round, "finish evaluation")
+        lanes = tuple(range(self.topology.lanes))
+        done = await self.forward_round("eval", control.Begin(lanes=lanes, micro_batches=batches), "finish evaluation")
         results: dict[str, dict] = {}
         for sender, (envelope, _) in done.items():
             for name, metrics in envelope.meta.get("tasks", {}).items():
@@ -414,17 +480,15 @@ class Coordinator:
     def _replicated_segments(self) -> list[str]:
         return [s for s in self.topology.segment_order if self.topology.is_replicated(s)]
 
-    async def _sync_clients(self, info: StepInfo, steps: list[StepInfo]) -> None:
-        clients = self.topology.spec.clients
-        if clients is None:
-            return
-        if clients.mode == "splitfed":
-            if (info.step + 1) % clients.average_every == 0:
-                await self._federated_average()
-            return
-        following = next((s for s in steps if s.step == info.step + 1), None)
-        if following is not None and following.lanes != info.lanes:
-            await self._hand_over(info.lanes[0], following.lanes[0])
+    async def _sync_clients(self, info: StepInfo, steps: list[StepInfo]) -> bool:
+        """FedAvg or sequential hand-off after this step, if due; True when weights changed."""
+        if not self._sync_due(info, steps):
+            return False
+        if self.topology.spec.clients.mode == "splitfed":
+            await self._federated_average()
+        else:
+            await self._hand_over(info.lanes[0], steps[info.step + 1].lanes[0])
+        return True
 
     async def _pull(self, segment: str, lane: int) -> list[torch.Tensor]:
         return (await self._pull_many(segment, [lane]))[0]

@@ -6,12 +6,23 @@ its inputs are there, backward (training only) when every consumer's gradient is
 action runs at a time (the node's compute thread); the schedule policy picks the next one:
 
 - gpipe: all ready forwards before any backward;
-- 1f1b: a ready backward first, and at most `window` forwards in flight per segment (the number of
-  pipeline stages from the segment to the loss), which bounds stashed activations.
+- 1f1b: a ready backward first, and at most `window` forwards in flight per segment, which bounds
+  stashed activations. The window is `training.window`, by default the micro-batch count (never less
+  than the number of pipeline stages from the segment to the loss): a window of 2 would cost about M/2
+  data round trips per step on a wide-area link, while M in flight cost one (docs/wan.md).
+
+Training steps are self-driven (docs/wan.md): a `Run` hands the machine a list of steps; it begins each
+on its own (a `Prepare` compute action sets up the step's micro-batches), applies the optimizer as soon
+as its own part of the step is complete (its gradients are final) and reports `RoundDone` after that.
+It begins the next step only while at most `lag` steps are not yet committed by the coordinator
+(`Commit` events, which travel behind the data), so control never stands between two steps, yet a
+node never runs far ahead of what the coordinator has confirmed. Evaluation and prediction rounds are
+begun by the coordinator (`Begin`); a training `Begin` still waits for a `Commit` before applying.
 """
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -55,10 +66,19 @@ class ComputeFinished:
 
 @dataclass(frozen=True)
 class Commit:
+    """Training Begin: apply the optimizer for `round`. Self-driven steps: every node applied `round`."""
     round: int
 
 
-Event = Union[Begin, InputArrived, GradientArrived, ComputeFinished, Commit]
+@dataclass(frozen=True)
+class Run:
+    """Train `steps` ((step index, lanes) each) as rounds first_round, first_round + 1, ... on our own."""
+    first_round: int
+    steps: tuple[tuple[int, tuple[int, ...]], ...]
+    micro_batches: int
+
+
+Event = Union[Begin, InputArrived, GradientArrived, ComputeFinished, Commit, Run]
 
 
 # ---- actions ------------------------------------------------------------------------------------
@@ -83,7 +103,15 @@ class ApplyOptimizer:
     round: int
 
 
-ComputeAction = Union[Forward, Backward, ApplyOptimizer]
+@dataclass(frozen=True)
+class Prepare:
+    """Set up training step `step` as round `round` (which rows each micro-batch has) on the compute thread."""
+    round: int
+    step: int
+    lanes: tuple[int, ...]
+
+
+ComputeAction = Union[Forward, Backward, ApplyOptimizer, Prepare]
 
 
 @dataclass(frozen=True)
@@ -112,7 +140,7 @@ class RoundDone:
     phase: str
 
 
-Action = Union[Forward, Backward, ApplyOptimizer, SendActivation, SendGradient, RoundDone]
+Action = Union[Forward, Backward, ApplyOptimizer, Prepare, SendActivation, SendGradient, RoundDone]
 
 
 # ---- wiring (from the topology, fixed for the node's life) -------------------------------------
@@ -123,7 +151,7 @@ class SegmentWiring:
     inputs: tuple[str, ...]  # data sources and segments
     segment_inputs: tuple[str, ...]
     consumers: tuple[str, ...]  # segments consuming the output
-    window: int  # 1F1B in-flight bound
+    window: int  # 1F1B in-flight bound (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -134,6 +162,8 @@ class Wiring:
 
     @classmethod
     def from_topology(cls, topology, node: str) -> "Wiring":
+        training = topology.spec.training
+        declared = getattr(training, "window", None) or training.micro_batches
         depth: dict[str, int] = {}
         for name in reversed(topology.segment_order):
             depth[name] = 1 + max((depth[c] for c in topology.consumers(name)), default=0)
@@ -146,7 +176,7 @@ class Wiring:
             segments[name] = SegmentWiring(
                 name=name, lanes=lanes, inputs=tuple(spec.inputs),
                 segment_inputs=tuple(i for i in spec.inputs if i in topology.segments),
-                consumers=tuple(topology.consumers(name)), window=depth[name])
+                consumers=tuple(topology.consumers(name)), window=max(depth[name], declared))
         return cls(node=node, segments=segments,
                    node_of={s: topology.placement[s] for s in topology.segments})
 
@@ -193,6 +223,11 @@ class NodeMachine:
     in_flight: dict[str, int] = field(default_factory=dict)
     early: list[Event] = field(default_factory=list)  # events of the next round, replayed at its Begin
     pending_commit: Optional[int] = None
+    lag: int = 3  # self-driven steps: begin round r only once round r - lag is committed (docs/wan.md)
+    auto: bool = False  # the current round is a self-driven training step
+    applied: int = 0  # the last self-driven round whose optimizer step was applied
+    committed: int = 0  # the last round the coordinator confirmed every node applied
+    queued: deque = field(default_factory=deque)  # self-driven rounds still to begin: (round, step, lanes)
     _queues: dict[str, _SegmentQueue] = field(default_factory=dict, repr=False)
     _open_units: int = field(default=0, repr=False)  # units not backwarded yet
     _early_seen: set = field(default_factory=set, repr=False)  # `early` as a set (duplicate check)
@@ -204,6 +239,8 @@ class NodeMachine:
             return self._begin(event)
         if isinstance(event, Commit):
             return self._commit(event)
+        if isinstance(event, Run):
+            return self._run(event)
         if isinstance(event, ComputeFinished):
             return self._finished(event.action)
         if event.round > self.round:
@@ -228,16 +265,45 @@ class NodeMachine:
         self.units, self.early, self.in_flight = {}, [], {}
         self._queues, self._open_units, self._early_seen = {}, 0, set()
         self.pending_commit = None
+        self.auto, self.applied, self.committed, self.queued = False, round_, round_, deque()
         self.stale_running, self.running = self.running, None
 
     def expected_units(self) -> int:
         return len(self.units)
 
     # -- transitions -----------------------------------------------------------------------------
-    def _begin(self, event: Begin) -> list[Action]:
+    def _run(self, event: Run) -> list[Action]:
+        if not self.done or self.running is not None or self.queued or self.pending_commit is not None:
+            raise ProtocolError("unexpected", f"run from round {event.first_round} "
+                                              f"while round {self.round} is in progress")
+        if event.first_round <= self.round:
+            raise ProtocolError("stale_round", f"run from round {event.first_round} after round {self.round}")
+        self.queued = deque((event.first_round + i, step, tuple(lanes)) for i, (step, lanes) in enumerate(event.steps))
+        self.micro_batches = event.micro_batches
+        self.committed = max(self.committed, event.first_round - 1)  # the coordinator settled every earlier round
+        return self._advance()
+
+    def _advance(self) -> list[Action]:
+        """Begin the next self-driven step if this node is free and within `lag` of the last commit."""
+        if not self.queued or not self.done or self.running is not None or self.pending_commit is not None:
+            return []
+        if self.auto and self.applied < self.round:
+            return []
+        round_, step, lanes = self.queued[0]
+        if round_ - self.lag > self.committed:
+            return []
+        self.queued.popleft()
+        self._begin(Begin(round_, "train", lanes, self.micro_batches), prepare=True)
+        self.running = Prepare(round_, step, lanes)
+        return [self.running]
+
+    def _begin(self, event: Begin, prepare: bool = False) -> list[Action]:
         if event.round <= self.round:
             raise ProtocolError("stale_round", f"begin of round {event.round} after round {self.round}")
+        if self.queued and not prepare:
+            raise ProtocolError("unexpected", f"begin of round {event.round} during self-driven training")
         self.round, self.phase, self.micro_batches = event.round, event.phase, event.micro_batches
+        self.auto = prepare
         self.done = False
         self.units = {}
         self.in_flight = {name: 0 for name in self.wiring.segments}
@@ -268,6 +334,8 @@ class NodeMachine:
                     self._input(held.segment, held.source, held.lane, held.micro_batch)
                 else:
                     self._gradient(held.segment, held.consumer, held.lane, held.micro_batch)
+        if prepare:
+            return []  # the Prepare action runs first; its ComputeFinished dispatches
         if not self.units:
             return self._maybe_done()
         return self._dispatch()
@@ -313,17 +381,30 @@ class NodeMachine:
             heapq.heappush(self._queues[segment].ready_backwards, (micro_batch, lane))
 
     def _commit(self, event: Commit) -> list[Action]:
-        if event.round != self.round or self.phase != "train" or not self.done:
-            raise ProtocolError("unexpected", f"commit of round {event.round} (at {self.round}, done={self.done})")
-        self.pending_commit = event.round
-        return self._dispatch()
+        if not self.auto and event.round == self.round and self.phase == "train" and self.done \
+                and self.pending_commit is None and event.round > self.applied:
+            self.pending_commit = event.round  # a coordinator-driven step: apply now
+            return self._dispatch()
+        if event.round <= self.applied:  # self-driven steps: the coordinator confirms what we applied
+            if event.round > self.committed:
+                self.committed = event.round
+                return self._advance()
+            return []
+        if event.round < self.round:
+            return []  # a late commit of a round abandoned by a restore
+        raise ProtocolError("unexpected", f"commit of round {event.round} (at {self.round}, done={self.done})")
 
     def _finished(self, action: ComputeAction) -> list[Action]:
         if action != self.running:
             return []  # finished after a reset: the thread is free again, nothing else changes
         self.running = None
         out: list[Action] = []
+        if isinstance(action, Prepare):
+            return self._maybe_done() + self._dispatch()
         if isinstance(action, ApplyOptimizer):
+            if self.auto and action.round == self.round:
+                self.applied = action.round
+                return [RoundDone(action.round, "train"), *self._advance()]
             return self._dispatch()
         if action.round != self.round:
             return self._dispatch()  # the round was abandoned while computing
@@ -359,6 +440,9 @@ class NodeMachine:
     def _maybe_done(self) -> list[Action]:
         if not self.done and self._open_units == 0:
             self.done = True
+            if self.auto:  # our gradients of the step are complete: apply, then report (RoundDone)
+                self.pending_commit = self.round
+                return []
             return [RoundDone(self.round, self.phase)]
         return []
 
@@ -435,6 +519,6 @@ class NodeMachine:
 
 __all__ = [
     "Action", "ApplyOptimizer", "Backward", "Begin", "Commit", "ComputeFinished", "Event", "Forward",
-    "GradientArrived", "InputArrived", "NodeMachine", "RoundDone", "SendActivation", "SendGradient",
+    "GradientArrived", "InputArrived", "NodeMachine", "Prepare", "RoundDone", "Run", "SendActivation", "SendGradient",
     "SegmentWiring", "Wiring", "edge_name",
 ]

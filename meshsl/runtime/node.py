@@ -30,6 +30,8 @@ from meshsl.compute.staging import to_host
 from meshsl.compute.worker import RoundContext, SegmentWorker
 from meshsl.errors import MeshslError, ProtocolError
 from meshsl.plan.nodeplan import build_edges, edge_name
+from meshsl.plan.steps import epoch_steps, step_at
+from meshsl.protocol import control
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, encode_message
 from meshsl.runtime import machine as m
@@ -41,8 +43,9 @@ from meshsl.transport.base import SPOOFED_PREFIX
 
 log = logging.getLogger("meshsl.node")
 
-COMPUTE_ACTIONS = (m.Forward, m.Backward, m.ApplyOptimizer)
-CONTROL_FROM_COORDINATOR = {Kind.BEGIN, Kind.COMMIT, Kind.ABORT, Kind.RESTORE, Kind.WEIGHTS_PULL, Kind.SHUTDOWN}
+COMPUTE_ACTIONS = (m.Forward, m.Backward, m.ApplyOptimizer, m.Prepare)
+CONTROL_FROM_COORDINATOR = {Kind.BEGIN, Kind.RUN, Kind.COMMIT, Kind.ABORT, Kind.RESTORE, Kind.WEIGHTS_PULL,
+                            Kind.SHUTDOWN}
 TO_COORDINATOR = {Kind.HELLO, Kind.DONE, Kind.ACK, Kind.FAILED}
 
 
@@ -87,7 +90,7 @@ class NodeRuntime:
         self.resume = resume
         self.policy = topology.spec.retry
         self._coordinator_seen = time.monotonic()
-        self._checkpoint_after: dict[int, int] = {}  # round -> checkpoint step to write after its commit
+        self._run: Optional[control.Run] = None  # the self-driven training steps in progress (docs/wan.md)
         self.metrics = metrics
         self.edges = build_edges(topology)
         self.codecs = EdgeCodecs(self.edges, aligned=topology.spec.training.deterministic)
@@ -159,6 +162,7 @@ class NodeRuntime:
             load_saved_weights(worker, Path(self.weights_dir))
         if self.inference is not None:
             self.inference.attach(worker)
+        self._one_epoch = epoch_steps(self.topology)  # the step schedule every node derives alike
         return worker
 
     def _prepare_checkpoints(self) -> None:
@@ -216,7 +220,8 @@ class NodeRuntime:
 
     def _finish_if_idle(self) -> None:
         """Stop once the compute thread has nothing left (a commit's optimizer step must not be lost)."""
-        if self._shutdown_requested and not self.machine.busy and self.machine.pending_commit is None:
+        if self._shutdown_requested and not self.machine.busy and self.machine.pending_commit is None \
+                and not self.machine.queued:
             self.stop()
 
     def stop(self, failure: Optional[str] = None) -> None:
@@ -407,7 +412,8 @@ class NodeRuntime:
             else:
                 raise ProtocolError("unexpected", "weights sent to a node that is not the coordinator", sender)
         elif kind in TO_COORDINATOR:
-            if kind == Kind.ACK and envelope.meta.get("of") == "hello" and sender == self.coordinator_node:
+            message = control.parse(envelope)  # typed and checked: a malformed one is rejected, counted
+            if kind == Kind.ACK and message.of == "hello" and sender == self.coordinator_node:
                 self._hello_acked.set()
             elif self.coordinator is None:
                 raise ProtocolError("unexpected", f"{kind.value} sent to a node that is not the coordinator", sender)
@@ -457,62 +463,74 @@ class NodeRuntime:
 
     async def _on_control(self, envelope: Envelope, tensors: list) -> None:
         loop = asyncio.get_running_loop()
-        kind, meta = envelope.kind, envelope.meta
-        if kind == Kind.BEGIN:
-            context = RoundContext(round=envelope.step, phase=envelope.phase,
-                                   micro_batches=int(meta["micro_batches"]), lanes=tuple(meta["lanes"]),
-                                   epoch=int(meta.get("epoch", 0)), step=int(meta.get("train_step", 0)),
-                                   step_in_epoch=int(meta.get("step_in_epoch", 0)),
-                                   offset=int(meta.get("offset", 0)), count=int(meta.get("count", 0)))
+        message = control.parse(envelope)  # ProtocolError (counted, node keeps running) when malformed
+        if isinstance(message, control.Begin):
+            context = RoundContext(round=envelope.step, phase=envelope.phase, micro_batches=message.micro_batches,
+                                   lanes=message.lanes, epoch=message.epoch, step=message.train_step,
+                                   step_in_epoch=message.step_in_epoch, offset=message.offset, count=message.count)
+            if envelope.phase not in ("eval", "predict"):  # training steps come in a Run
+                raise ProtocolError("bad_control", f"begin of a {envelope.phase!r} round", envelope.sender)
+            if envelope.step <= self.machine.round or self.machine.queued:
+                raise ProtocolError("stale_round", f"begin of round {envelope.step} at round {self.machine.round}",
+                                    envelope.sender)
             await loop.run_in_executor(self.executor, self.worker.begin, context)
-            self._round_meta = meta
+            self._round_meta = {"lanes": list(message.lanes)}
             self._round_started = time.perf_counter()
-            if envelope.phase == "train":
-                self._train_step = context.step
-                if self.metrics:
-                    self.metrics.progress(context.step, context.epoch)
             log.debug("round begins", extra={"node": self.node, "step": self._train_step,
                                              "round": envelope.step, "phase": envelope.phase})
             self._execute(self._handle(m.Begin(envelope.step, envelope.phase, context.lanes, context.micro_batches)))
-        elif kind == Kind.COMMIT:
-            with self._machine_lock:
-                actions = self.machine.handle(m.Commit(envelope.step))
-                if isinstance(meta.get("checkpoint"), int):
-                    self._checkpoint_after[envelope.step] = meta["checkpoint"]
-            self._execute(actions)
-        elif kind == Kind.RESTORE:
-            await self._restore(meta)
-        elif kind == Kind.ABORT:
+        elif isinstance(message, control.Run):
+            await self._on_run(envelope.step, message)
+        elif isinstance(message, control.Commit):
+            self._execute(self._handle(m.Commit(envelope.step)))
+        elif isinstance(message, control.Restore):
+            await self._restore(message)
+        elif isinstance(message, control.Abort):
             with self._machine_lock:
                 self.machine.reset(self.machine.round)
+            self._run = None
             await loop.run_in_executor(self.executor, self.worker.discard_gradients)
-        elif kind == Kind.WEIGHTS_PULL:
-            segment = str(meta.get("segment"))
+        elif isinstance(message, control.WeightsPull):
+            segment = message.segment
             if segment not in self.worker.modules:
                 raise ProtocolError("unexpected", f"no segment {segment[:64]!r} here", envelope.sender)
             weights = await loop.run_in_executor(self.executor, self.worker.weights, segment)
             await self.send_control(self.coordinator_node, Kind.WEIGHTS, parts=[[w] for w in weights],
                                     tensors=tuple(_describe_all(weights)), meta={"segment": segment},
                                     step=envelope.step)
-        elif kind == Kind.SHUTDOWN:
+        elif isinstance(message, control.Shutdown):
             self._shutdown_requested = True
             self._finish_if_idle()
 
-    async def _restore(self, meta: dict) -> None:
+    async def _on_run(self, base: int, run: control.Run) -> None:
+        """Self-driven training steps (docs/wan.md): first the checkpoint the coordinator deferred past a
+        barrier (FedAvg, hand-off), then the machine begins each step on its own."""
+        last = run.first_step + run.count - 1
+        steps = tuple((s, step_at(self._one_epoch, s).lanes) for s in range(run.first_step, last + 1))
+        if self.machine.queued or not self.machine.done or base < self.machine.round:
+            raise ProtocolError("unexpected", f"run from round {base + 1} while at round {self.machine.round}",
+                                self.coordinator_node)
+        if run.checkpoint is not None and self.checkpoint_every > 0:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_checkpoint, run.checkpoint)
+            await self.send_control(self.coordinator_node, Kind.ACK,
+                                    meta={"of": "checkpoint", "checkpoint": run.checkpoint}, step=base)
+        self._run = run
+        self._round_started = time.perf_counter()
+        self._execute(self._handle(m.Run(base + 1, steps, run.micro_batches)))
+
+    async def _restore(self, restore: control.Restore) -> None:
         """Recovery: drop the round in progress, load the agreed checkpoint, re-route to moved peers."""
-        step, base = meta.get("checkpoint"), meta.get("round")
-        if not isinstance(step, int) or not isinstance(base, int):
-            raise ProtocolError("bad_header", "restore needs integer checkpoint and round", self.coordinator_node)
-        for peer, endpoint in (meta.get("endpoints") or {}).items():
+        step, base = restore.checkpoint, restore.round
+        for peer, endpoint in restore.endpoints.items():
             if peer in self.topology.nodes and peer != self.node and self.transport.address_book.get(peer) != endpoint:
                 self.reroute(peer, str(endpoint))
         with self._machine_lock:
             self.machine.reset(base)
+        self._run = None
         state = await asyncio.get_running_loop().run_in_executor(
             self.executor, checkpoint.load, self.checkpoint_dir, self.node, step)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.restore, state)
         self.worker.store.drop_before(base + 1)
-        self._checkpoint_after.clear()
         log.warning("%s: restored checkpoint of step %d", self.node, step)
         await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "restore", "checkpoint": step}, step=base)
 
@@ -559,15 +577,13 @@ class NodeRuntime:
                 return
             seconds = time.perf_counter() - start
             self.counters.busy_seconds += seconds
-            if self.metrics and not isinstance(action, m.ApplyOptimizer):
+            if self.metrics and isinstance(action, (m.Forward, m.Backward)):
                 self.metrics.microbatch(action.segment, "forward" if isinstance(action, m.Forward) else "backward",
                                         seconds)
             with self._machine_lock:
                 actions = self.machine.handle(m.ComputeFinished(action))
-                checkpoint_step = self._checkpoint_after.pop(action.round, None) \
-                    if isinstance(action, m.ApplyOptimizer) else None
                 phase = self.machine.phase
-            finished, action, messages, others = action, None, [], []
+            action, messages, others, done = None, [], [], None
             for follow in actions:
                 if isinstance(follow, COMPUTE_ACTIONS):
                     action = follow
@@ -575,22 +591,39 @@ class NodeRuntime:
                     message = self._tensor_message(follow, phase)
                     if not self._send_from_compute(*message):
                         messages.append(message)
+                elif isinstance(follow, m.RoundDone) and follow.phase == "train":
+                    try:  # before the next step's Prepare resets the statistics
+                        done = self._step_applied(follow)
+                    except Exception as exc:  # e.g. the checkpoint could not be written: the run must know
+                        log.exception("%s: finishing step of round %d failed", self.node, follow.round)
+                        self._on_loop(self._spawn_send_control, self.coordinator_node, Kind.FAILED,
+                                      {"error": f"{type(exc).__name__}: {exc}"[:500]}, 0)
+                        return
                 else:
                     others.append(follow)
-            ack = None
-            if isinstance(finished, m.ApplyOptimizer):
-                ack = {"of": "commit"}
-                if checkpoint_step is not None:
-                    started = time.perf_counter()
-                    self._save_checkpoint(checkpoint_step)
-                    ack["checkpoint"] = checkpoint_step
-                    if self.metrics:
-                        self.metrics.checkpoint(time.perf_counter() - started, checkpoint_step)
-                ack = (ack, finished.round)
-            if messages or others or ack is not None or action is None:  # a wake-up only when there is news
-                self._on_loop(self._after_compute, messages, others, ack)
+            if messages or others or done is not None or action is None:  # a wake-up only when there is news
+                self._on_loop(self._after_compute, messages, others, done)
             if action is not None and messages:
                 self._wait_for_room([peer for peer, _, _ in messages])
+
+    def _step_applied(self, action: m.RoundDone) -> tuple:
+        """On the compute thread, right after a self-driven step's optimizer step: its statistics, and its
+        checkpoint when due (a step ending at a weight-changing barrier leaves that to the next Run)."""
+        step = self.worker.context.step
+        summary = self._round_summary(action)
+        run = self._run
+        held = run is not None and run.hold_checkpoint and step == run.first_step + run.count - 1
+        if self.checkpoint_every > 0 and (step + 1) % self.checkpoint_every == 0 and not held:
+            self._timed_checkpoint(step + 1)
+            summary["checkpoint"] = step + 1
+        self._round_started = time.perf_counter()
+        return summary, action.round
+
+    def _timed_checkpoint(self, step: int) -> None:
+        started = time.perf_counter()
+        self._save_checkpoint(step)
+        if self.metrics:
+            self.metrics.checkpoint(time.perf_counter() - started, step)
 
     def _run_compute(self, action) -> None:
         worker = self.worker
@@ -598,6 +631,15 @@ class NodeRuntime:
             worker.forward(action.segment, action.lane, action.micro_batch)
         elif isinstance(action, m.Backward):
             worker.backward(action.segment, action.lane, action.micro_batch)
+        elif isinstance(action, m.Prepare):
+            info = step_at(self._one_epoch, action.step)
+            worker.begin(RoundContext(round=action.round, phase="train", micro_batches=self.machine.micro_batches,
+                                      lanes=action.lanes, epoch=info.epoch, step=info.step,
+                                      step_in_epoch=info.step_in_epoch))
+            self._round_meta = {"lanes": list(action.lanes)}
+            self._train_step = info.step
+            if self.metrics:
+                self.metrics.progress(info.step, info.epoch)
         else:
             worker.apply_optimizer()
 
@@ -605,14 +647,15 @@ class NodeRuntime:
         """Run `callback(*args)` on the node's event loop (from the compute thread), in order."""
         self._poster.post(callback, *args)
 
-    def _after_compute(self, messages: list, others: list, ack) -> None:
+    def _after_compute(self, messages: list, others: list, done) -> None:
         for message in messages:
             self._post(*message)
         if others:
             self._execute(others)
-        if ack is not None:
-            meta, round_ = ack
-            self._spawn_send_control(self.coordinator_node, Kind.ACK, meta, round_)
+        if done is not None:
+            summary, round_ = done
+            self._post(self.coordinator_node, encode_message(self.envelope(
+                Kind.DONE, phase="train", step=round_, meta=summary)), None)
         self._finish_if_idle()
 
     def _spawn_send_control(self, peer: str, kind: Kind, meta: dict, step: int) -> None:
@@ -663,13 +706,24 @@ class NodeRuntime:
         return action.peer, encode_message(envelope, [parts]), (edge, "forward" if forward else "backward")
 
     async def _report_done(self, action: m.RoundDone) -> None:
+        """A coordinator-driven round (evaluation, prediction) is finished: report it."""
         loop = asyncio.get_running_loop()
-        summary = await loop.run_in_executor(self.executor, self.worker.round_summary)
+        summary = await loop.run_in_executor(self.executor, self._round_summary, action)
+        if action.phase == "predict":
+            # Predictions stay with the owner of the task output: written to its own file, only counts leave.
+            writer = self.inference.write if self.inference is not None else None
+            summary["predicted"] = await loop.run_in_executor(self.executor, writer, self.worker) if writer else {}
+        await self.send_control(self.coordinator_node, Kind.DONE, phase=action.phase, step=action.round,
+                                meta=summary)
+
+    def _round_summary(self, action: m.RoundDone) -> dict:
+        """On the compute thread: what the coordinator learns about a finished round (no sample data)."""
+        summary = self.worker.round_summary()
         wall = time.perf_counter() - self._round_started
         compute = dict(self.worker.compute_seconds)
         summary["compute_seconds"] = sum(compute.values())
         summary["wall_seconds"] = wall
-        summary["bytes"] = {f"{e}|{d}": n for (e, d), n in self.counters.bytes.items()}
+        summary["bytes"] = {f"{e}|{d}": n for (e, d), n in list(self.counters.bytes.items())}
         summary["rejected"] = dict(self.counters.rejected)
         if self.metrics and action.phase == "train":
             for segment in self.worker.segments:
@@ -682,13 +736,7 @@ class NodeRuntime:
         log.info("round done", extra={"node": self.node, "step": self._train_step, "round": action.round,
                                       "phase": action.phase, "seconds": round(wall, 4),
                                       "busy_seconds": round(summary["compute_seconds"], 4)})
-        if action.phase == "predict":
-            # Predictions stay with the owner of the task output: written to its own file, only counts leave.
-            writer = self.inference.write if self.inference is not None else None
-            summary["predicted"] = await loop.run_in_executor(self.executor, writer, self.worker) if writer else {}
-        await self.send_control(self.coordinator_node, Kind.DONE, phase=action.phase, step=action.round,
-                                meta=summary)
-
+        return summary
 
     def _observe_round(self, phase: str, summary: dict, wall: float) -> None:
         """Prometheus: this node's samples and step time, and the loss/metrics of each task it owns."""

@@ -1,0 +1,271 @@
+"""Typed control messages: one frozen dataclass per control kind, parsed from `Envelope.meta`.
+
+Tensor headers are checked field by field (envelope.py); control messages get the same treatment here.
+`parse(envelope)` returns the message object or raises ProtocolError with a bounded reason
+(`bad_control`), which the receiving node counts and drops: a malformed control message never takes
+a node down. The round a message belongs to travels in `Envelope.step`, not in the meta.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from meshsl.errors import ProtocolError
+from meshsl.protocol.envelope import Envelope, Kind
+
+MAX_LANES = 1 << 20
+MAX_COUNT = 1 << 31
+MAX_TEXT = 4096
+
+
+def _bad(kind: Kind, detail: str) -> ProtocolError:
+    return ProtocolError("bad_control", f"{kind.value}: {detail}")
+
+
+def _int(kind: Kind, meta: dict, key: str, default: Optional[int] = None, low: int = 0,
+         high: int = MAX_COUNT) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise _bad(kind, f"needs {key!r}")
+    if type(value) is not int or not low <= value <= high:
+        raise _bad(kind, f"{key!r} must be an integer in [{low}, {high}], not {str(value)[:40]!r}")
+    return value
+
+
+def _optional_int(kind: Kind, meta: dict, key: str) -> Optional[int]:
+    return None if meta.get(key) is None else _int(kind, meta, key)
+
+
+def _bool(kind: Kind, meta: dict, key: str, default: bool = False) -> bool:
+    value = meta.get(key, default)
+    if type(value) is not bool:
+        raise _bad(kind, f"{key!r} must be true or false")
+    return value
+
+
+def _text(kind: Kind, meta: dict, key: str, default: Optional[str] = None) -> str:
+    value = meta.get(key, default)
+    if value is None:
+        raise _bad(kind, f"needs {key!r}")
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise _bad(kind, f"{key!r} must be a string of at most {MAX_TEXT} characters")
+    return value
+
+
+def _lanes(kind: Kind, meta: dict, key: str = "lanes") -> tuple[int, ...]:
+    value = meta.get(key)
+    if not isinstance(value, list) or not value or len(value) > MAX_LANES or \
+            any(type(v) is not int or v < 0 for v in value):
+        raise _bad(kind, f"{key!r} must be a non-empty list of lane numbers")
+    return tuple(value)
+
+
+class ControlMessage:
+    kind: ClassVar[Kind]
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> "ControlMessage":
+        if not isinstance(meta, dict):
+            raise _bad(cls.kind, "meta must be an object")
+        return cls._parse(meta)
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "ControlMessage":
+        return cls()
+
+    def to_meta(self) -> dict:
+        return {}
+
+
+# ---- coordinator -> node ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Begin(ControlMessage):
+    """Start one round the coordinator drives itself: evaluation or prediction (training uses Run)."""
+    kind: ClassVar[Kind] = Kind.BEGIN
+    lanes: tuple[int, ...]
+    micro_batches: int
+    epoch: int = 0
+    train_step: int = 0
+    step_in_epoch: int = 0
+    offset: int = 0  # predict: first input row of the round
+    count: int = 0  # predict: input rows in the round
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Begin":
+        k = cls.kind
+        return cls(lanes=_lanes(k, meta), micro_batches=_int(k, meta, "micro_batches", low=1),
+                   epoch=_int(k, meta, "epoch", 0), train_step=_int(k, meta, "train_step", 0),
+                   step_in_epoch=_int(k, meta, "step_in_epoch", 0), offset=_int(k, meta, "offset", 0),
+                   count=_int(k, meta, "count", 0))
+
+    def to_meta(self) -> dict:
+        return {"lanes": list(self.lanes), "micro_batches": self.micro_batches, "epoch": self.epoch,
+                "train_step": self.train_step, "step_in_epoch": self.step_in_epoch, "offset": self.offset,
+                "count": self.count}
+
+
+@dataclass(frozen=True)
+class Run(ControlMessage):
+    """Train steps [first_step, first_step + count) without waiting for the coordinator between them.
+
+    The round of step `first_step + i` is `Envelope.step + 1 + i`. `checkpoint`: save the checkpoint of
+    that many committed steps before starting (one deferred past a weight-changing barrier: FedAvg or a
+    sequential hand-off). `hold_checkpoint`: the last step of this run ends at such a barrier, so its
+    checkpoint is not written when the step is applied (the next Run asks for it)."""
+    kind: ClassVar[Kind] = Kind.RUN
+    first_step: int
+    count: int
+    micro_batches: int
+    checkpoint: Optional[int] = None
+    hold_checkpoint: bool = False
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Run":
+        k = cls.kind
+        return cls(first_step=_int(k, meta, "first_step"), count=_int(k, meta, "count", low=1),
+                   micro_batches=_int(k, meta, "micro_batches", low=1), checkpoint=_optional_int(k, meta, "checkpoint"),
+                   hold_checkpoint=_bool(k, meta, "hold_checkpoint"))
+
+    def to_meta(self) -> dict:
+        meta = {"first_step": self.first_step, "count": self.count, "micro_batches": self.micro_batches,
+                "hold_checkpoint": self.hold_checkpoint}
+        if self.checkpoint is not None:
+            meta["checkpoint"] = self.checkpoint
+        return meta
+
+
+@dataclass(frozen=True)
+class Commit(ControlMessage):
+    """Every node applied the step of round `Envelope.step` (phase two of the step commit)."""
+    kind: ClassVar[Kind] = Kind.COMMIT
+
+
+@dataclass(frozen=True)
+class Abort(ControlMessage):
+    """Drop the rounds in progress and wait for a Restore."""
+    kind: ClassVar[Kind] = Kind.ABORT
+
+
+@dataclass(frozen=True)
+class Restore(ControlMessage):
+    """Load the checkpoint of `checkpoint` committed steps; the next round is after `round`; training
+    resumes at step `checkpoint` (with the same micro-batches as before, so a replay is exact)."""
+    kind: ClassVar[Kind] = Kind.RESTORE
+    checkpoint: int
+    round: int
+    endpoints: dict = field(default_factory=dict)
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Restore":
+        k = cls.kind
+        endpoints = meta.get("endpoints") or {}
+        if not isinstance(endpoints, dict) or len(endpoints) > MAX_LANES or \
+                any(not isinstance(n, str) or not isinstance(e, str) or len(e) > MAX_TEXT for n, e in endpoints.items()):
+            raise _bad(k, "'endpoints' must map node names to endpoint strings")
+        return cls(checkpoint=_int(k, meta, "checkpoint"), round=_int(k, meta, "round"), endpoints=dict(endpoints))
+
+    def to_meta(self) -> dict:
+        return {"checkpoint": self.checkpoint, "round": self.round, "endpoints": dict(self.endpoints)}
+
+
+@dataclass(frozen=True)
+class WeightsPull(ControlMessage):
+    kind: ClassVar[Kind] = Kind.WEIGHTS_PULL
+    segment: str
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "WeightsPull":
+        return cls(segment=_text(cls.kind, meta, "segment"))
+
+    def to_meta(self) -> dict:
+        return {"segment": self.segment}
+
+
+@dataclass(frozen=True)
+class Shutdown(ControlMessage):
+    kind: ClassVar[Kind] = Kind.SHUTDOWN
+
+
+# ---- node -> coordinator ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hello(ControlMessage):
+    kind: ClassVar[Kind] = Kind.HELLO
+    checkpoints: tuple[int, ...] = ()
+    endpoint: str = ""
+    predict_rows: Optional[int] = None
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Hello":
+        k = cls.kind
+        steps = meta.get("checkpoints", [])
+        if not isinstance(steps, list) or len(steps) > MAX_LANES or any(type(s) is not int or s < 0 for s in steps):
+            raise _bad(k, "'checkpoints' must be a list of step numbers")
+        return cls(checkpoints=tuple(steps), endpoint=_text(k, meta, "endpoint", ""),
+                   predict_rows=_optional_int(k, meta, "predict_rows"))
+
+
+@dataclass(frozen=True)
+class Ack(ControlMessage):
+    kind: ClassVar[Kind] = Kind.ACK
+    of: str
+    checkpoint: Optional[int] = None
+    segment: str = ""
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Ack":
+        k = cls.kind
+        return cls(of=_text(k, meta, "of"), checkpoint=_optional_int(k, meta, "checkpoint"),
+                   segment=_text(k, meta, "segment", ""))
+
+
+@dataclass(frozen=True)
+class Done(ControlMessage):
+    """A node finished its part of a round (training: and applied its optimizer step). The statistics
+    are checked for shape here so that the coordinator can sum them without guarding every key."""
+    kind: ClassVar[Kind] = Kind.DONE
+    checkpoint: Optional[int] = None  # training: the checkpoint written after this step, if any
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Done":
+        k = cls.kind
+        tasks = meta.get("tasks", {})
+        if not isinstance(tasks, dict) or any(not isinstance(v, dict) for v in tasks.values()):
+            raise _bad(k, "'tasks' must map task names to statistics")
+        for stats in tasks.values():
+            for key in ("count", "correct"):
+                if key in stats and (type(stats[key]) is not int or stats[key] < 0):
+                    raise _bad(k, f"task statistic {key!r} must be a non-negative integer")
+            loss = stats.get("loss_sum", 0.0)
+            if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+                if "loss_sum" in stats:
+                    raise _bad(k, "task statistic 'loss_sum' must be a finite number")
+        for key in ("leakage", "bytes"):
+            if not isinstance(meta.get(key, {}), dict):
+                raise _bad(k, f"{key!r} must be an object")
+        return cls(checkpoint=_optional_int(k, meta, "checkpoint"))
+
+
+@dataclass(frozen=True)
+class Failed(ControlMessage):
+    kind: ClassVar[Kind] = Kind.FAILED
+    error: str = ""
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Failed":
+        error = meta.get("error", "")
+        return cls(error=str(error)[:500])
+
+
+MESSAGES: dict[Kind, type[ControlMessage]] = {cls.kind: cls for cls in (
+    Begin, Run, Commit, Abort, Restore, WeightsPull, Shutdown, Hello, Ack, Done, Failed)}
+
+
+def parse(envelope: Envelope) -> Optional[ControlMessage]:
+    """The typed message of a control envelope (None for kinds without one: tensors, weights, heartbeats)."""
+    cls = MESSAGES.get(envelope.kind)
+    return None if cls is None else cls.from_meta(envelope.meta)
+
+
+__all__ = ["Abort", "Ack", "Begin", "Commit", "ControlMessage", "Done", "Failed", "Hello", "MESSAGES", "Restore",
+           "Run", "Shutdown", "WeightsPull", "parse"]
