@@ -304,6 +304,7 @@ def _raise_from_summary(summary: dict, topology) -> None:
 def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
     """Wait for the local processes; the coordinator's typed error (offline party, bad input) is re-raised."""
     import json
+    from meshsl.runtime.entry import EXIT_ABORTED
     deadline = time.monotonic() + timeout if timeout else None
     coordinator = topology.coordinator
     summary_path = run.run_dir / "summary.json"
@@ -315,7 +316,7 @@ def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
             if head is None and all(p.poll() is not None for p in run.processes.values()):
                 break
             for name, proc in run.processes.items():
-                if name != coordinator and proc.poll() not in (None, 0):
+                if name != coordinator and proc.poll() not in (None, 0, EXIT_ABORTED):  # aborted: the coordinator says why
                     raise PeerFailed(name, run.log_tail(name))
             if deadline and time.monotonic() > deadline:
                 raise PeerTimeout(coordinator, timeout, "finish")

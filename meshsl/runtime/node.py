@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -119,6 +120,9 @@ class NodeRuntime:
         self._hello_acked = asyncio.Event()
         self._shutdown_requested = False
         self.failure: Optional[str] = None
+        self.aborted = False  # the run was aborted (by the coordinator, or it went silent): exit non-zero
+        self.incarnation = secrets.token_hex(6)  # a restarted process announces a new one
+        self._restored_round: Optional[int] = None
         lanes = topology.lanes
         training = topology.spec.training
         # Messages per round per peer are bounded by the plan; outboxes hold a full round's worth.
@@ -191,6 +195,8 @@ class NodeRuntime:
                 continue
             self._send_heartbeat(self.coordinator_node)
             silent = time.monotonic() - self._coordinator_seen
+            if self._give_up_on_coordinator(silent):
+                return
             if self._hello_acked.is_set() and silent > self.policy.heartbeat_timeout_s:
                 log.warning("%s: coordinator %s silent for %.1fs; announcing again", self.node,
                             self.coordinator_node, silent)
@@ -227,11 +233,14 @@ class NodeRuntime:
     async def _run_coordinator(self) -> None:
         try:
             await self.coordinator.run()
-        except MeshslError as exc:
+        except Exception as exc:  # noqa: BLE001 - any coordinator error aborts the run on every node
+            if not isinstance(exc, MeshslError):
+                log.exception("%s: coordinator crashed", self.node)
             log.error("%s: coordinator stopped: %s", self.node, exc)
-            self.coordinator.error = str(exc)
+            self.coordinator.error = str(exc) or type(exc).__name__
             self.coordinator.exception = exc
-            await self.coordinator.broadcast_shutdown()
+            self.aborted = True
+            await self.coordinator.broadcast_abort(self.coordinator.error)
         if self.coordinator.error:
             self.stop(self.coordinator.error)
         else:
@@ -254,18 +263,56 @@ class NodeRuntime:
             return True
         return False
 
+    # -- reliability: an aborted run, a silent coordinator, a crash on the compute thread ---------
+    def _give_up_on_coordinator(self, silent: float) -> bool:
+        """The coordinator has not been heard from past every declared timeout: the run is lost."""
+        limit = coordinator_silence_limit(self.policy)
+        if silent <= limit:
+            return False
+        self.aborted = True
+        self.stop(f"coordinator {self.coordinator_node!r} silent for {silent:.1f}s (limit {limit:.1f}s = "
+                  f"retry.heartbeat_timeout_s + retry.startup_timeout_s); giving up on the run")
+        return True
+
+    def _stop_if_coordinator_absent(self, since: float) -> bool:
+        """Announcing with no acknowledgement for as long as the coordinator would wait for us: give up."""
+        waited = time.monotonic() - since
+        if waited <= coordinator_silence_limit(self.policy):
+            return False
+        self.aborted = True
+        self.stop(f"coordinator {self.coordinator_node!r} did not acknowledge node {self.node!r} within "
+                  f"{waited:.1f}s (retry.heartbeat_timeout_s + retry.startup_timeout_s); is it running?")
+        return True
+
+    def _on_run_aborted(self, reason: str) -> None:
+        """The coordinator stopped the run on an error: a failure here too (no final weights, exit non-zero)."""
+        self.aborted = True
+        log.error("%s: run aborted by the coordinator (%s): %s", self.node, self.coordinator_node, reason)
+        self.stop(f"run aborted by the coordinator ({self.coordinator_node}): {reason}")
+
+    def _report_compute_crash(self, future: concurrent.futures.Future) -> None:
+        """A compute chain raised outside its own guard (e.g. a checkpoint write: disk full, read-only):
+        the coordinator must hear the OS error, not wait for a step that never ends."""
+        exc = None if future.cancelled() else future.exception()
+        if exc is None:
+            return
+        log.error("%s: compute thread failed: %s: %s", self.node, type(exc).__name__, exc)
+        self._on_loop(self._spawn_send_control, self.coordinator_node, Kind.FAILED,
+                      {"error": f"{type(exc).__name__}: {exc}"[:500]}, 0)
+
     async def _announce(self) -> None:
         """Say hello to the coordinator until it acknowledges (it may start after us)."""
         delay, since = 0.05, time.monotonic()
         while not self._hello_acked.is_set() and not self._stopped.is_set():
             await self.send_control(self.coordinator_node, Kind.HELLO, meta={
                 "checkpoints": self._checkpoint_steps(), "endpoint": self.transport.endpoint,
+                "incarnation": self.incarnation,
                 **({"predict_rows": self.inference.rows} if self.inference and self.inference.rows is not None else {})})
             try:
                 await asyncio.wait_for(self._hello_acked.wait(), timeout=delay)
             except TimeoutError:
                 delay = min(delay * 2, 1.0)
-                if self._stop_if_key_refused(since):
+                if self._stop_if_key_refused(since) or self._stop_if_coordinator_absent(since):
                     return
 
     async def _drain_outboxes(self) -> None:
@@ -495,6 +542,9 @@ class NodeRuntime:
                                     tensors=tuple(_describe_all(weights)), meta={"segment": segment},
                                     step=envelope.step)
         elif kind == Kind.SHUTDOWN:
+            if meta.get("abort"):
+                self._on_run_aborted(str(meta["abort"]))
+                return
             self._shutdown_requested = True
             self._finish_if_idle()
 
@@ -503,6 +553,10 @@ class NodeRuntime:
         step, base = meta.get("checkpoint"), meta.get("round")
         if not isinstance(step, int) or not isinstance(base, int):
             raise ProtocolError("bad_header", "restore needs integer checkpoint and round", self.coordinator_node)
+        if self._restored_round == base:  # a retried RESTORE (our ack was lost): acknowledge again, load once
+            await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "restore", "checkpoint": step},
+                                    step=base)
+            return
         for peer, endpoint in (meta.get("endpoints") or {}).items():
             if peer in self.topology.nodes and peer != self.node and self.transport.address_book.get(peer) != endpoint:
                 self.reroute(peer, str(endpoint))
@@ -513,6 +567,7 @@ class NodeRuntime:
         await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.restore, state)
         self.worker.store.drop_before(base + 1)
         self._checkpoint_after.clear()
+        self._restored_round = base
         log.warning("%s: restored checkpoint of step %d", self.node, step)
         await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "restore", "checkpoint": step}, step=base)
 
@@ -538,7 +593,7 @@ class NodeRuntime:
         """On the loop: start compute (a chain on the compute thread), send tensors, report rounds."""
         for action in actions:
             if isinstance(action, COMPUTE_ACTIONS):
-                self.executor.submit(self._compute_chain, action)
+                self.executor.submit(self._compute_chain, action).add_done_callback(self._report_compute_crash)
             elif isinstance(action, (m.SendActivation, m.SendGradient)):
                 self._post(*self._tensor_message(action, self.machine.phase))
             elif isinstance(action, m.RoundDone):
@@ -710,6 +765,11 @@ class NodeRuntime:
 
     def _save_checkpoint(self, step: int) -> None:
         checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state())
+
+
+def coordinator_silence_limit(policy) -> float:
+    """How long a node waits for a silent coordinator (it may be restarted meanwhile) before giving up."""
+    return policy.heartbeat_timeout_s + policy.startup_timeout_s
 
 
 def _finite(value) -> bool:
