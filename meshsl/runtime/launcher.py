@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -207,7 +208,7 @@ class LocalRun:
     def _aborted(self, topology, first: str) -> RunAborted:
         """Every party stops by itself once the run is aborted; give them a moment to say why, then
         stop what is left. The coordinator's own error, when it wrote one, names the cause."""
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         for proc in self.processes.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -264,6 +265,10 @@ class LocalRun:
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.terminate()
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)  # a paused (SIGSTOP) process wakes up to die
+                except ProcessLookupError:
+                    pass
         for proc in self.processes.values():
             try:
                 proc.wait(timeout=10)

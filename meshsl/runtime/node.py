@@ -33,6 +33,7 @@ from meshsl.errors import MeshslError, ProtocolError
 from meshsl.plan.nodeplan import build_edges, edge_name
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, encode_message
+from meshsl.runtime import faults
 from meshsl.runtime import machine as m
 from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.outbox import Outbox
@@ -327,6 +328,8 @@ class NodeRuntime:
         return Envelope(kind=kind, topology=self.topology.hash, sender=self.node, **fields)
 
     async def send_control(self, peer: str, kind: Kind, parts=(), **fields) -> None:
+        if faults.ACTIVE and faults.drop(self.node, kind, fields.get("meta")):
+            return  # chaos tests only (MESHSL_FAULTS): this message is lost
         await self._enqueue(peer, encode_message(self.envelope(kind, **fields), parts), None)
 
     def _outbox(self, peer: str) -> Outbox:
@@ -661,6 +664,8 @@ class NodeRuntime:
         self._poster.post(callback, *args)
 
     def _after_compute(self, messages: list, others: list, ack) -> None:
+        if self._stopped.is_set():
+            return  # stopping (an aborted run): the transport may be closing under us
         for message in messages:
             self._post(*message)
         if others:

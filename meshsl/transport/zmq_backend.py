@@ -19,6 +19,7 @@ _clock = time.perf_counter
 YIELD_INTERVAL_S = 0.0005
 _NOBLOCK = int(zmq.NOBLOCK)
 FRAME_SLACK_BYTES = 64 * 1024
+CLOSE_LINGER_MS = 500
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
@@ -297,7 +298,7 @@ class ZmqTransport(Transport):
         self._monitors.clear()
         for sock in self._dealers.values():
             self._stop_waiting(sock)
-            sock.close(0)
+            sock.close(CLOSE_LINGER_MS)  # the last words (an abort, a final ack) still go out
         self._dealers.clear()
         if self._router is not None:
             self._stop_waiting(self._router)
