@@ -172,14 +172,15 @@ class NodeRuntime:
             return
         steps = checkpoint.available_steps(self.checkpoint_dir, self.node)
         if self.resume and steps:
-            self.worker.restore(checkpoint.load(self.checkpoint_dir, self.node, steps[-1]))
-            log.warning("%s: resumed from checkpoint of step %d", self.node, steps[-1])
+            newest, state = checkpoint.load_newest(self.checkpoint_dir, self.node, self._model_hash)
+            self.worker.restore(state)
+            log.warning("%s: resumed from checkpoint of step %d", self.node, newest)
             if self.metrics:
                 self.metrics.restart()
             return
         for step in steps:  # a fresh run must not mix with an earlier run's files
             (checkpoint.node_dir(self.checkpoint_dir, self.node) / f"step-{step}.pt").unlink(missing_ok=True)
-        checkpoint.save(self.checkpoint_dir, self.node, 0, self.worker.state())
+        checkpoint.save(self.checkpoint_dir, self.node, 0, self.worker.state(), self._model_hash)
 
     def _checkpoint_steps(self) -> list[int]:
         return checkpoint.available_steps(self.checkpoint_dir, self.node) if self.checkpoint_every > 0 else []
@@ -566,7 +567,7 @@ class NodeRuntime:
         with self._machine_lock:
             self.machine.reset(base)
         state = await asyncio.get_running_loop().run_in_executor(
-            self.executor, checkpoint.load, self.checkpoint_dir, self.node, step)
+            self.executor, checkpoint.load, self.checkpoint_dir, self.node, step, self._model_hash)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.restore, state)
         self.worker.store.drop_before(base + 1)
         self._checkpoint_after.clear()
@@ -769,7 +770,15 @@ class NodeRuntime:
                 self.metrics.task(task, float(stats["loss"]), metrics, "eval")
 
     def _save_checkpoint(self, step: int) -> None:
-        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state())
+        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state(), self._model_hash)
+
+    @property
+    def _model_hash(self) -> str:
+        """What this node's checkpoints hold (checkpoint.model_hash), computed once."""
+        cached = self.__dict__.get("_model_hash_value")
+        if cached is None:
+            cached = self.__dict__["_model_hash_value"] = checkpoint.model_hash(self.topology)
+        return cached
 
 
 def coordinator_silence_limit(policy) -> float:
