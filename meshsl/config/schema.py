@@ -126,10 +126,22 @@ class CheckpointSpec(Strict):
     directory: str = "checkpoints"
 
 
+class MetricsTLSSpec(Strict):
+    """HTTPS for the metrics endpoint; with `client_cafile`, only scrapers holding a certificate signed
+    by that CA may read it (mutual TLS)."""
+
+    certfile: str
+    keyfile: str
+    client_cafile: Optional[str] = Field(default=None, description="CA of the scrapers' client certificates")
+
+
 class SecuritySpec(Strict):
     curve: bool = False
     keys_dir: Optional[str] = None
     max_message_bytes: int = Field(default=256 * 2**20, gt=0)
+    metrics_bind: str = Field(default="127.0.0.1", description="address the metrics endpoints listen on "
+                              "(0.0.0.0: every interface; pair it with metrics_tls)")
+    metrics_tls: Optional[MetricsTLSSpec] = None
 
 
 class TrainingSpec(Strict):

@@ -30,11 +30,16 @@ def make_metrics(topology, node: str):
     from meshsl.metrics import NodeMetrics
     role = "coordinator" if node == topology.coordinator else "node"
     metrics = NodeMetrics(node, spec.party, role, topology.spec.name, topology.hash)
-    host = "127.0.0.1"
-    if spec.endpoint.startswith("tcp://"):
-        bound = spec.endpoint[len("tcp://"):].rsplit(":", 1)[0]
-        host = "0.0.0.0" if bound in ("*", "0.0.0.0") else bound
-    metrics.serve(spec.metrics_port, host)
+    security = topology.spec.security
+    # Training figures (the label holder's loss and accuracy) are readable by whoever reaches this
+    # port: loopback unless the topology says otherwise, and HTTPS with client certificates if asked.
+    tls = {}
+    if security.metrics_tls is not None:
+        base = Path(topology.base_dir)
+        tls = {"certfile": str(base / security.metrics_tls.certfile), "keyfile": str(base / security.metrics_tls.keyfile)}
+        if security.metrics_tls.client_cafile:
+            tls.update(client_cafile=str(base / security.metrics_tls.client_cafile), client_auth_required=True)
+    metrics.serve(spec.metrics_port, security.metrics_bind, **tls)
     return metrics
 
 
