@@ -124,6 +124,7 @@ class NodeRuntime:
         self.aborted = False  # the run was aborted (by the coordinator, or it went silent): exit non-zero
         self.incarnation = secrets.token_hex(6)  # a restarted process announces a new one
         self._restored_round: Optional[int] = None
+        self._joined = False  # the coordinator acknowledged us at least once
         lanes = topology.lanes
         training = topology.spec.training
         # Messages per round per peer are bounded by the plan; outboxes hold a full round's worth.
@@ -269,7 +270,7 @@ class NodeRuntime:
     def _give_up_on_coordinator(self, silent: float) -> bool:
         """The coordinator has not been heard from past every declared timeout: the run is lost."""
         limit = coordinator_silence_limit(self.policy)
-        if silent <= limit:
+        if not self._joined or silent <= limit:  # before joining, _announce waits (longer: start-up)
             return False
         self.aborted = True
         self.stop(f"coordinator {self.coordinator_node!r} silent for {silent:.1f}s (limit {limit:.1f}s = "
@@ -279,11 +280,14 @@ class NodeRuntime:
     def _stop_if_coordinator_absent(self, since: float) -> bool:
         """Announcing with no acknowledgement for as long as the coordinator would wait for us: give up."""
         waited = time.monotonic() - since
-        if waited <= coordinator_silence_limit(self.policy):
+        # Before joining, the coordinator may still be starting (importing torch on a busy machine).
+        limit = coordinator_silence_limit(self.policy) + (0 if self._joined else self.policy.startup_timeout_s)
+        if waited <= limit:
             return False
         self.aborted = True
         self.stop(f"coordinator {self.coordinator_node!r} did not acknowledge node {self.node!r} within "
-                  f"{waited:.1f}s (retry.heartbeat_timeout_s + retry.startup_timeout_s); is it running?")
+                  f"{waited:.1f}s (limit {limit:.1f}s from retry.heartbeat_timeout_s and startup_timeout_s); "
+                  f"is it running?")
         return True
 
     def _on_run_aborted(self, reason: str) -> None:
@@ -316,6 +320,8 @@ class NodeRuntime:
                 delay = min(delay * 2, 1.0)
                 if self._stop_if_key_refused(since) or self._stop_if_coordinator_absent(since):
                     return
+        if self._hello_acked.is_set():
+            self._joined = True
 
     async def _drain_outboxes(self) -> None:
         for box in list(self._outboxes.values()):
