@@ -126,3 +126,29 @@ def test_resume_falls_back_to_an_older_step_every_node_has(tmp_path):
     finally:
         resumed.stop()
     assert_same_weights(weights(run_dir), weights(tmp_path / "clean"))
+
+
+def test_meshsl_run_checkpoints_by_default_into_a_documented_run_dir(tmp_path, monkeypatch):
+    """Failover on out of the box: the resolved topology checkpoints unless the YAML or the user says
+    otherwise; runs go to runs/<topology>-<time>."""
+    from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY, default_run_dir
+
+    def resolved_every(every_in_yaml, launcher_every):
+        document = yaml.safe_load((ROOT / "topologies" / "multi_hop.yaml").read_text())
+        if every_in_yaml is not None:
+            document["checkpoint"] = {"every": every_in_yaml}
+        path = tmp_path / f"t-{every_in_yaml}-{launcher_every}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        run = LocalRun(path, tmp_path / f"run-{every_in_yaml}-{launcher_every}", checkpoint_every=launcher_every)
+        return load_spec(run.prepare()).checkpoint.every
+
+    assert resolved_every(None, DEFAULT_CHECKPOINT_EVERY) == DEFAULT_CHECKPOINT_EVERY
+    assert resolved_every(3, DEFAULT_CHECKPOINT_EVERY) == 3  # the topology's own choice wins
+    assert resolved_every(0, DEFAULT_CHECKPOINT_EVERY) == 0  # explicitly off stays off
+    assert resolved_every(5, 0) == 0  # --no-checkpoint
+    monkeypatch.chdir(tmp_path)
+    first, second = default_run_dir("multi-hop"), None
+    first.mkdir(parents=True)
+    second = default_run_dir("multi-hop")
+    assert first.parent == second.parent == Path("runs") and first != second
+    assert first.name.startswith("multi-hop-")
