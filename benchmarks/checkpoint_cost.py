@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         for name in args.topologies:
             for setting, every in SETTINGS.items():
                 doc = document(name, args.steps, every)
-                result = run_processes(doc, warmup_steps=5)
+                result = run_processes(doc, warmup_steps=5, timeout=900)
                 batch = doc["training"]["batch_size"] * (doc.get("clients") or {}).get("count", 1)
                 ms = 1000.0 * batch / result["samples_per_s"]
                 per_step.setdefault(name, {}).setdefault(setting, []).append(ms)

@@ -74,7 +74,7 @@ def _fill(directory: Path) -> None:
         os.close(fd)
 
 
-def run_once(path: Path, run_dir: Path, plan: dict | None, timeout: float = 240.0) -> dict:
+def run_once(path: Path, run_dir: Path, plan: dict | None, timeout: float = 900.0) -> dict:
     run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False)
     resolved = run.prepare()
     topology = topology_from_spec(load_spec(resolved), str(resolved), path.parent)
