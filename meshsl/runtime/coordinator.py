@@ -366,8 +366,12 @@ class Coordinator:
             self.seen(name)
         live = [n for n in self.nodes if n not in lost.nodes]
         await self.broadcast(Kind.ABORT, targets=live, step=self.round)
-        if lost.nodes - lost.rejoined.keys():
-            await self._wait_for_nodes(lost.nodes - lost.rejoined.keys())
+        missing = lost.nodes - lost.rejoined.keys()
+        if missing:
+            try:
+                await self._wait_for_nodes(missing)
+            except PeerTimeout as exc:  # say what happened first, not only that it did not come back
+                raise PeerFailed(exc.peer, f"{lost}; it did not come back within {exc.waited_s:.1f}s") from None
         index = await self._restore_consistent()
         self.failovers += 1
         self.recovery_seconds.append(time.perf_counter() - started)
