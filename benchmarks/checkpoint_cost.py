@@ -14,7 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import run_processes
+import tempfile
+import time
+
+from meshsl.runtime.launcher import LocalRun
+from meshsl.topology.model import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"never": 0, "every_10": 10, "every_step": 1}
@@ -33,6 +37,25 @@ def document(name: str, steps: int, every: int) -> dict:
     return doc
 
 
+def ms_per_step(doc: dict, warmup_steps: int = 5, timeout: float = 900.0) -> float:
+    """Steady-state wall time per committed step, from the coordinator's progress rows."""
+    with tempfile.TemporaryDirectory(prefix="meshsl-bench-") as tmp:
+        path = Path(tmp) / "topology.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        launcher = LocalRun(path, Path(tmp) / "run", free_ports=True, evaluate=False)
+        resolved = launcher.prepare()
+        topology = load_topology(resolved)
+        stamps: list[float] = []
+        launcher.on_progress = lambda row: stamps.append(time.perf_counter()) if "step" in row and not row.get("event") else None
+        launcher.start(topology, resolved)
+        try:
+            launcher.follow(topology, timeout)
+        finally:
+            launcher.stop()
+    steady = stamps[warmup_steps:]
+    return 1000.0 * (steady[-1] - steady[0]) / (len(steady) - 1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -45,9 +68,7 @@ def main(argv=None) -> int:
         for name in args.topologies:
             for setting, every in SETTINGS.items():
                 doc = document(name, args.steps, every)
-                result = run_processes(doc, warmup_steps=5, timeout=900)
-                batch = doc["training"]["batch_size"] * (doc.get("clients") or {}).get("count", 1)
-                ms = 1000.0 * batch / result["samples_per_s"]
+                ms = ms_per_step(doc)
                 per_step.setdefault(name, {}).setdefault(setting, []).append(ms)
                 print(json.dumps({"round": round_, "topology": name, "checkpoint": setting,
                                   "ms_per_step": round(ms, 2)}), flush=True)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGIES = {"chain": "multi_hop.yaml", "splitfed": "splitfed.yaml"}
 FAULTS = ("kill", "pause", "freeze", "disk_full")
 STEPS = 14
-RETRY = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0, "timeout_s": 20, "startup_timeout_s": 12,
+RETRY = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0, "timeout_s": 20, "startup_timeout_s": 45,
          "max_restarts": 3}
 
 
