@@ -270,8 +270,9 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
             options.predict, runtime_options["inference"] = node_predict_options(
                 topo, name, predict_input, predict_output, predict_batch_size)
         code = node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
-    except MeshslError as exc:
-        fail(exc, 1)
+    except MeshslError as exc:  # bad keys, data or checkpoints: a restart would fail the same way
+        from meshsl.runtime.entry import EXIT_ABORTED
+        fail(exc, EXIT_ABORTED)
     raise typer.Exit(code)
 
 

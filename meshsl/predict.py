@@ -301,6 +301,14 @@ def _raise_from_summary(summary: dict, topology) -> None:
     raise PeerFailed(topology.coordinator, message)
 
 
+def _exits_soon(proc, seconds: float = 10.0) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+        return False
+    return True
+
+
 def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
     """Wait for the local processes; the coordinator's typed error (offline party, bad input) is re-raised."""
     import json
@@ -316,7 +324,9 @@ def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
             if head is None and all(p.poll() is not None for p in run.processes.values()):
                 break
             for name, proc in run.processes.items():
-                if name != coordinator and proc.poll() not in (None, 0, EXIT_ABORTED):  # aborted: the coordinator says why
+                if name != coordinator and proc.poll() not in (None, 0):
+                    if proc.returncode == EXIT_ABORTED and head is not None and _exits_soon(head):
+                        break  # an abort the coordinator started: its summary says why
                     raise PeerFailed(name, run.log_tail(name))
             if deadline and time.monotonic() > deadline:
                 raise PeerTimeout(coordinator, timeout, "finish")
