@@ -28,13 +28,13 @@ from meshsl.topology.model import topology_from_spec
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def topology(tmp: Path, steps: int, name: str = "vanilla.yaml", every: int = 1) -> Path:
+def topology(tmp: Path, steps: int, name: str = "vanilla.yaml", every: int = 1, startup_s: float = 30) -> Path:
     document = yaml.safe_load((ROOT / "topologies" / name).read_text())
     document["training"].update(steps=steps, eval_every=0)
     document["checkpoint"] = {"every": every}
     document["training"].pop("epochs", None)
     document["retry"] = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0, "timeout_s": 20,
-                         "startup_timeout_s": 30, "max_restarts": 3}
+                         "startup_timeout_s": startup_s, "max_restarts": 3}
     for node in document["nodes"]:
         node.pop("metrics_port", None)
     path = tmp / name
@@ -77,9 +77,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--topology", default="vanilla.yaml", help="e.g. multi_hop.yaml --victim relay_2")
     parser.add_argument("--every", type=int, default=1, help="checkpoint interval")
+    parser.add_argument("--startup-timeout", type=float, default=30, help="retry.startup_timeout_s (busy machines)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="meshsl-failover-"))
-    path = topology(tmp, args.steps, args.topology, args.every)
+    path = topology(tmp, args.steps, args.topology, args.every, args.startup_timeout)
     clean = one_run(path, tmp / "clean", None, 0)["weights"]
     rows = []
     for i in range(args.runs):
