@@ -87,7 +87,7 @@ def test_an_abort_ends_meshsl_run_with_the_cause(tmp_path):
 def test_a_frozen_coordinator_ends_the_run_on_every_node(tmp_path):
     """The coordinator's process stops for good (SIGSTOP): each node gives up after the declared timeouts
     with an error naming it, and the launcher ends non-zero instead of hanging."""
-    path = chaos_topology(tmp_path, every=2, heartbeat_timeout_s=2.0, startup_timeout_s=15)
+    path = chaos_topology(tmp_path, every=2, heartbeat_timeout_s=2.0, coordinator_timeout_s=8.0)
     run, topology = _launch(path, tmp_path / "run", kill_at("server", 4, signal.SIGSTOP))
     started = time.monotonic()
     try:

@@ -119,6 +119,9 @@ class RetryPolicy(Strict):
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     max_restarts: int = Field(default=3, ge=0)
     startup_timeout_s: float = Field(default=60.0, gt=0)
+    coordinator_timeout_s: Optional[float] = Field(
+        default=None, gt=0, description="a node gives up on a coordinator silent this long "
+                                        "(default: heartbeat_timeout_s + startup_timeout_s)")
 
 
 class CheckpointSpec(Strict):

@@ -273,8 +273,8 @@ class NodeRuntime:
         if not self._joined or silent <= limit:  # before joining, _announce waits (longer: start-up)
             return False
         self.aborted = True
-        self.stop(f"coordinator {self.coordinator_node!r} silent for {silent:.1f}s (limit {limit:.1f}s = "
-                  f"retry.heartbeat_timeout_s + retry.startup_timeout_s); giving up on the run")
+        self.stop(f"coordinator {self.coordinator_node!r} silent for {silent:.1f}s (limit {limit:.1f}s: "
+                  f"retry.coordinator_timeout_s); giving up on the run")
         return True
 
     def _stop_if_coordinator_absent(self, since: float) -> bool:
@@ -789,7 +789,8 @@ class NodeRuntime:
 
 def coordinator_silence_limit(policy) -> float:
     """How long a node waits for a silent coordinator (it may be restarted meanwhile) before giving up."""
-    return policy.heartbeat_timeout_s + policy.startup_timeout_s
+    declared = getattr(policy, "coordinator_timeout_s", None)
+    return declared if declared else policy.heartbeat_timeout_s + policy.startup_timeout_s
 
 
 def _finite(value) -> bool:
