@@ -6,6 +6,7 @@ killed while writing leaves the previous checkpoint intact; the newest few are k
 nodes can agree on a step every one of them has."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -69,12 +70,27 @@ def save(directory: Path, node: str, step: int, state: dict, model: Optional[str
             os.fsync(dir_fd)  # the rename itself must survive a crash
         finally:
             os.close(dir_fd)
+    except RuntimeError as exc:  # torch's zip writer reports a short write as RuntimeError, not OSError
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        Path(tmp).unlink(missing_ok=True)
+        if _disk_full(folder, written):
+            raise OSError(errno.ENOSPC, f"No space left on device writing {target} ({exc})") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     for old in available_steps(directory, node)[:-KEEP]:
         (folder / f"step-{old}.pt").unlink(missing_ok=True)
     return target
+
+
+def _disk_full(folder: Path, written: int) -> bool:
+    """Was the space left (now that the partial file is gone) about what the failed write had taken?"""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize <= written + (1 << 20)
 
 
 def load(directory: Path, node: str, step: int, model: Optional[str] = None) -> dict:

@@ -23,22 +23,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _dealer(context: zmq.Context, name: str, endpoint: str) -> zmq.Socket:
+def _dealer(context: zmq.Context, name: str, endpoint: str, wait_for_handshake: bool = False) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, name.encode())
-    sock.connect(endpoint)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED) if wait_for_handshake else None
+    sock.connect(endpoint)  # after the monitor: its event cannot be missed
+    if monitor is not None:
+        try:
+            assert monitor.poll(TIMEOUT * 1000), "no handshake"
+            zmq.utils.monitor.recv_monitor_message(monitor)
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
     return sock
-
-
-def _wait_for_handshake(sock: zmq.Socket) -> None:
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    try:
-        assert monitor.poll(TIMEOUT * 1000), "no handshake"
-        zmq.utils.monitor.recv_monitor_message(monitor)
-    finally:
-        sock.disable_monitor()
-        monitor.close(0)
 
 
 async def test_a_second_connection_cannot_take_over_a_node_name() -> None:
@@ -52,8 +50,7 @@ async def test_a_second_connection_cannot_take_over_a_node_name() -> None:
         sender, frames = await asyncio.wait_for(router.recv(), TIMEOUT)
         assert (sender, frames[0].bytes) == ("client", b"real-0")
 
-        impostor = _dealer(context, "client", endpoint)  # e.g. a holder of some valid key, as "client"
-        _wait_for_handshake(impostor)
+        impostor = _dealer(context, "client", endpoint, wait_for_handshake=True)  # as "client", a second time
         impostor.send(b"impostor")
         got = []
         for seq in range(1, 21):  # the real client keeps talking; the impostor's message must never appear
