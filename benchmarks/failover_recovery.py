@@ -28,15 +28,16 @@ from meshsl.topology.model import topology_from_spec
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def topology(tmp: Path, steps: int) -> Path:
-    document = yaml.safe_load((ROOT / "topologies" / "vanilla.yaml").read_text())
+def topology(tmp: Path, steps: int, name: str = "vanilla.yaml", every: int = 1, startup_s: float = 30) -> Path:
+    document = yaml.safe_load((ROOT / "topologies" / name).read_text())
     document["training"].update(steps=steps, eval_every=0)
-    document["checkpoint"] = {"every": 1}
+    document["checkpoint"] = {"every": every}
+    document["training"].pop("epochs", None)
     document["retry"] = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0, "timeout_s": 20,
-                         "startup_timeout_s": 30, "max_restarts": 3}
+                         "startup_timeout_s": startup_s, "max_restarts": 3}
     for node in document["nodes"]:
         node.pop("metrics_port", None)
-    path = tmp / "vanilla.yaml"
+    path = tmp / name
     path.write_text(yaml.safe_dump(document))
     return path
 
@@ -54,6 +55,7 @@ def one_run(path: Path, run_dir: Path, victim: str | None, kill_step: int) -> di
             os.kill(run.processes[victim].pid, signal.SIGKILL)
         elif row.get("event") == "recovered":
             marks.setdefault("recovered", now)
+            marks.setdefault("coordinator_recovery_s", row.get("seconds"))
         elif "kill" in marks and "step" in row and "resumed" not in marks and row["step"] != kill_step:
             marks["resumed"] = now
 
@@ -73,9 +75,12 @@ def main(argv=None) -> None:
     parser.add_argument("--victim", default="client")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--topology", default="vanilla.yaml", help="e.g. multi_hop.yaml --victim relay_2")
+    parser.add_argument("--every", type=int, default=1, help="checkpoint interval")
+    parser.add_argument("--startup-timeout", type=float, default=30, help="retry.startup_timeout_s (busy machines)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="meshsl-failover-"))
-    path = topology(tmp, args.steps)
+    path = topology(tmp, args.steps, args.topology, args.every, args.startup_timeout)
     clean = one_run(path, tmp / "clean", None, 0)["weights"]
     rows = []
     for i in range(args.runs):
@@ -84,10 +89,11 @@ def main(argv=None) -> None:
         marks = result["marks"]
         rows.append({"run": i, "identical_weights": identical,
                      "kill_to_recovered_s": marks.get("recovered", float("nan")) - marks["kill"],
-                     "kill_to_next_step_s": marks.get("resumed", float("nan")) - marks["kill"]})
+                     "kill_to_next_step_s": marks.get("resumed", float("nan")) - marks["kill"],
+                     "detection_to_restored_s": marks.get("coordinator_recovery_s")})
         print(json.dumps(rows[-1]), flush=True)
     summary = {
-        "victim": args.victim, "runs": len(rows),
+        "topology": args.topology, "victim": args.victim, "runs": len(rows),
         "all_identical": all(r["identical_weights"] for r in rows),
         "median_kill_to_recovered_s": statistics.median(r["kill_to_recovered_s"] for r in rows),
         "median_kill_to_next_step_s": statistics.median(r["kill_to_next_step_s"] for r in rows),

@@ -157,11 +157,16 @@ def run(topology: Path = typer.Argument(...),
         epochs: Optional[int] = typer.Option(None, help="train this many epochs"),
         summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the summary here"),
         report: Optional[Path] = typer.Option(None, "--report", help="write plots and summary.json to DIR"),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="logs and resolved topology (default: temp)"),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                               help="logs, checkpoints, resolved topology (default: runs/<name>-<time>)"),
         free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports instead of the declared ones"),
         weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="each node saves its final segment weights here"),
         weights: Optional[Path] = typer.Option(None, "--weights", help="start from the segment weights saved in DIR (fine-tuning)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the last consistent checkpoint in --run-dir"),
+        checkpoint_every: Optional[int] = typer.Option(
+            None, "--checkpoint-every", min=1,
+            help="checkpoint every N steps where the topology sets no checkpoint.every (default 10: failover on)"),
+        no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="no checkpoints: a lost node ends the run"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
         log_level: Optional[str] = typer.Option(None, "--log-level",
@@ -174,11 +179,15 @@ def run(topology: Path = typer.Argument(...),
         print(f"warning: {warning}", file=sys.stderr)
     from meshsl.plan.steps import training_steps
     total = len(training_steps(topo, steps, epochs))
-    launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports,
-                        weights_out=weights_out, resume=resume, log_level=level, weights_in=weights)
+    from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY
     if resume and run_dir is None:
         fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
+    every = 0 if no_checkpoint else (checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
+    launcher = LocalRun(topology, run_dir or default_run_dir(topo.spec.name), steps=steps, epochs=epochs,
+                        free_ports=free_ports, weights_out=weights_out, resume=resume, log_level=level,
+                        weights_in=weights, checkpoint_every=every)
     resolved = launcher.prepare()
+    console.print(f"run directory: {launcher.run_dir} (logs, checkpoints, summary)")
     resolved_topo = load(resolved, topology.parent)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -225,6 +234,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          steps: Optional[int] = typer.Option(None), epochs: Optional[int] = typer.Option(None),
          no_eval: bool = typer.Option(False, "--no-eval"),
          weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="save final segment weights here"),
+         partial_weights_out: Optional[Path] = typer.Option(
+             None, "--partial-weights-out", help="if the run fails, save this node's weights here (never to --weights-out)"),
          resume: bool = typer.Option(False, "--resume", help="continue from this node's last complete checkpoint"),
          checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="overrides checkpoint.directory"),
          endpoint: Optional[str] = typer.Option(None, "--endpoint", help="bind here instead (a declared standby endpoint)"),
@@ -249,6 +260,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
     runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights}
+    if partial_weights_out is not None:
+        runtime_options["partial_weights_out"] = partial_weights_out
     if checkpoint_dir is not None:
         runtime_options["checkpoint_dir"] = checkpoint_dir
     try:
@@ -257,8 +270,9 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
             options.predict, runtime_options["inference"] = node_predict_options(
                 topo, name, predict_input, predict_output, predict_batch_size)
         code = node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
-    except MeshslError as exc:
-        fail(exc, 1)
+    except MeshslError as exc:  # bad keys, data or checkpoints: a restart would fail the same way
+        from meshsl.runtime.entry import EXIT_ABORTED
+        fail(exc, EXIT_ABORTED)
     raise typer.Exit(code)
 
 

@@ -62,6 +62,16 @@ class PeerFailed(TransportError):
         super().__init__(f"node {peer!r} failed and could not be recovered" + (f": {detail}" if detail else ""))
 
 
+class RunAborted(MeshslError):
+    """The run was aborted on an error; every party stopped without final weights. `peer` names the
+    party that reported the cause (the coordinator, or the node that gave up on it)."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"run aborted ({peer}): {reason}")
+
+
 class CheckpointError(MeshslError):
     """A checkpoint is missing, incomplete or inconsistent across nodes."""
 

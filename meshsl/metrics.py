@@ -56,6 +56,8 @@ _HISTOGRAMS = {
         "Compute time of one micro-batch in one segment", ("segment", "direction"), STAGE_BUCKETS),
     "meshsl_step_seconds": ("Wall time of one committed step", (), STEP_BUCKETS),
     "meshsl_checkpoint_seconds": ("Time to write one checkpoint", (), CHECKPOINT_BUCKETS),
+    "meshsl_recovery_seconds": ("Time from a lost node being noticed to every node restored", (),
+                                CHECKPOINT_BUCKETS),
 }
 _GAUGES = {
     "meshsl_node_info": ("Static facts about this node (value is always 1)",
@@ -143,11 +145,14 @@ class NodeMetrics:
 
     # -- exporting ---------------------------------------------------------------------------
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Start the HTTP exporter in a daemon thread; port 0 picks a free port. Returns the port."""
+    def serve(self, port: int, addr: str = "127.0.0.1", **tls) -> int:
+        """Start the HTTP exporter in a daemon thread; port 0 picks a free port. Returns the port.
+
+        `tls`: prometheus_client's certfile, keyfile, client_cafile, client_auth_required (HTTPS, and
+        with a client CA only scrapers holding a certificate it signed get an answer)."""
         if self._server is not None:
             return self._server.server_port
-        started = start_http_server(port, addr=addr, registry=self.registry)
+        started = start_http_server(port, addr=addr, registry=self.registry, **tls)
         if started is None:  # prometheus_client < 0.17 returns nothing; the port is then fixed
             return port
         self._server, self._thread = started
@@ -165,6 +170,10 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
     # -- recording ---------------------------------------------------------------------------
+
+    def recovery(self, seconds: float) -> None:
+        """One failover: from the loss being noticed to every node restored."""
+        self._m["meshsl_recovery_seconds"].labels(self.node).observe(seconds)
 
     def microbatch(self, segment: str, direction: str, seconds: float) -> None:
         labels = (self.node, self._label(segment), direction)

@@ -301,9 +301,18 @@ def _raise_from_summary(summary: dict, topology) -> None:
     raise PeerFailed(topology.coordinator, message)
 
 
+def _exits_soon(proc, seconds: float = 10.0) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+        return False
+    return True
+
+
 def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
     """Wait for the local processes; the coordinator's typed error (offline party, bad input) is re-raised."""
     import json
+    from meshsl.runtime.entry import EXIT_ABORTED
     deadline = time.monotonic() + timeout if timeout else None
     coordinator = topology.coordinator
     summary_path = run.run_dir / "summary.json"
@@ -316,6 +325,8 @@ def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
                 break
             for name, proc in run.processes.items():
                 if name != coordinator and proc.poll() not in (None, 0):
+                    if proc.returncode == EXIT_ABORTED and head is not None and _exits_soon(head):
+                        break  # an abort the coordinator started: its summary says why
                     raise PeerFailed(name, run.log_tail(name))
             if deadline and time.monotonic() > deadline:
                 raise PeerTimeout(coordinator, timeout, "finish")

@@ -119,6 +119,9 @@ class RetryPolicy(Strict):
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     max_restarts: int = Field(default=3, ge=0)
     startup_timeout_s: float = Field(default=60.0, gt=0)
+    coordinator_timeout_s: Optional[float] = Field(
+        default=None, gt=0, description="a node gives up on a coordinator silent this long "
+                                        "(default: heartbeat_timeout_s + startup_timeout_s)")
 
 
 class CheckpointSpec(Strict):
@@ -126,10 +129,22 @@ class CheckpointSpec(Strict):
     directory: str = "checkpoints"
 
 
+class MetricsTLSSpec(Strict):
+    """HTTPS for the metrics endpoint; with `client_cafile`, only scrapers holding a certificate signed
+    by that CA may read it (mutual TLS)."""
+
+    certfile: str
+    keyfile: str
+    client_cafile: Optional[str] = Field(default=None, description="CA of the scrapers' client certificates")
+
+
 class SecuritySpec(Strict):
     curve: bool = False
     keys_dir: Optional[str] = None
     max_message_bytes: int = Field(default=256 * 2**20, gt=0)
+    metrics_bind: str = Field(default="127.0.0.1", description="address the metrics endpoints listen on "
+                              "(0.0.0.0: every interface; pair it with metrics_tls)")
+    metrics_tls: Optional[MetricsTLSSpec] = None
 
 
 class TrainingSpec(Strict):

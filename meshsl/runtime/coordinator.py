@@ -33,8 +33,12 @@ ROUNDS_PER_INCARNATION = 1 << 24  # round numbers of a restarted coordinator are
 class NodesLost(MeshslError):
     """Nodes stopped answering (heartbeat timeout) or timed out mid-round; recovery may bring them back."""
 
-    def __init__(self, nodes: set[str], why: str) -> None:
+    def __init__(self, nodes: set[str], why: str, cause: str = "timeout", rejoined: Optional[dict] = None) -> None:
         self.nodes = set(nodes)
+        self.why = why
+        self.cause = cause  # timeout | heartbeat | restarted (a bounded label: metrics and the summary)
+        self.rejoined = dict(rejoined or {})  # node -> the HELLO meta its new process already sent
+        self.detected = time.time()
         super().__init__(f"lost node(s) {', '.join(sorted(nodes))}: {why}")
 
 
@@ -76,9 +80,12 @@ class Coordinator:
         self.failovers = 0
         self.recovery_seconds: list[float] = []
         self._ahead: dict[tuple[Kind, int], dict[str, tuple]] = {}  # messages of rounds not collected yet
-        self.last_lanes: tuple[int, ...] = ()
         self._deferred_checkpoint: Optional[int] = None  # written by the next Run (after FedAvg/hand-off)
-        self._train_seconds, self._samples = 0.0, 0  # clients of the last training step (sequential: the live model)
+        self._train_seconds, self._samples = 0.0, 0
+        self.failover_events: list[dict] = []  # node, cause, detected (unix time), recovery_seconds
+        self.incarnations: dict[str, str] = {}  # node -> the process token of its last HELLO
+        self._last_liveness_check = time.monotonic()
+        self.last_lanes: tuple[int, ...] = ()  # clients of the last training step (sequential: the live model)
         self.leakage: dict[str, float] = {}  # cut edge -> last sampled dCor(raw input, activation)
         self.leakage_edges = {f"{p}->{c}" for p, c in self.topology.cut_edges()}
         self.checkpoint_every = self.topology.spec.checkpoint.every
@@ -95,7 +102,14 @@ class Coordinator:
 
     def _lost_nodes(self) -> set[str]:
         """Nodes not heard from within the heartbeat timeout (never heard from: not lost)."""
-        limit = time.monotonic() - self.policy.heartbeat_timeout_s
+        now = time.monotonic()
+        if now - self._last_liveness_check > self.policy.heartbeat_timeout_s / 2:
+            # We ourselves did not run (process paused, loop starved): the silence is ours, and the
+            # peers' heartbeats may still sit unread in the socket. Start their clocks afresh.
+            for name in self.last_seen:
+                self.last_seen[name] = now
+        self._last_liveness_check = now
+        limit = now - self.policy.heartbeat_timeout_s
         lost = set()
         for name, when in self.last_seen.items():
             if when >= limit:
@@ -117,7 +131,14 @@ class Coordinator:
         except asyncio.QueueEmpty:
             return await asyncio.wait_for(self.inbox.get(), timeout=timeout)
 
-    def _note_hello(self, sender: str, meta: dict) -> None:
+    def _note_hello(self, sender: str, meta: dict) -> bool:
+        """Record what a HELLO says; True when it comes from a new process of a node seen before."""
+        token = meta.get("incarnation")
+        restarted = False
+        if isinstance(token, str):
+            previous = self.incarnations.get(sender)
+            self.incarnations[sender] = token
+            restarted = previous is not None and previous != token
         steps = meta.get("checkpoints")
         if isinstance(steps, list):
             self.checkpoints[sender] = {s for s in steps if isinstance(s, int)}
@@ -130,6 +151,7 @@ class Coordinator:
         rows = meta.get("predict_rows")
         if isinstance(rows, int) and not isinstance(rows, bool):
             self.predict_rows[sender] = rows  # how many rows its own prediction input has (not the rows)
+        return restarted
 
     # -- messages --------------------------------------------------------------------------------
     def deliver(self, sender: str, envelope, tensors) -> None:
@@ -161,7 +183,7 @@ class Coordinator:
                 raise NodesLost(pending, f"did not {what} within {timeout or self.policy.timeout_s:.1f}s")
             lost = self._lost_nodes()
             if lost:
-                raise NodesLost(lost, f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s")
+                raise NodesLost(lost, f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s", cause="heartbeat")
             try:
                 sender, envelope, tensors = await self._next_message(min(left, self.policy.heartbeat_interval_s))
             except TimeoutError:
@@ -170,8 +192,10 @@ class Coordinator:
             if envelope.kind == Kind.FAILED:
                 raise PeerFailed(sender, str(envelope.meta.get("error", ""))[:500])
             if envelope.kind == Kind.HELLO:
-                self._note_hello(sender, envelope.meta)
+                restarted = self._note_hello(sender, envelope.meta)
                 await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
+                if restarted and sender != self.node.node:
+                    raise self._restarted(sender, envelope.meta)
                 if kind == Kind.HELLO and sender in pending:
                     pending.discard(sender)
                     got[sender] = (envelope, tensors)
@@ -215,6 +239,16 @@ class Coordinator:
 
     async def broadcast_shutdown(self) -> None:
         await self.broadcast(Kind.SHUTDOWN)
+
+    async def broadcast_abort(self, reason: str) -> None:
+        """The run failed: every other node stops with this reason, writes no final weights, exits non-zero."""
+        others = [n for n in self.nodes if n != self.node.node]
+        await self.broadcast(Kind.SHUTDOWN, targets=others, meta={"abort": reason[:500]})
+
+    def _restarted(self, node: str, hello: dict) -> "NodesLost":
+        """A new process of `node` said hello mid-round: its old one is gone with the round's state."""
+        return NodesLost({node}, "restarted (a new process announced itself)", cause="restarted",
+                         rejoined={node: hello})
 
     # -- the run ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -351,22 +385,33 @@ class Coordinator:
         self._ahead.clear()
         self._deferred_checkpoint = None  # the restored checkpoint is where the run resumes
         self.round += 1
-        await self.broadcast(Kind.RESTORE, step=self.round,
-                             meta={"checkpoint": step, "round": self.round, "endpoints": self.endpoints})
-        await self._collect_restore_acks(self.round)
+        restore_meta = {"checkpoint": step, "round": self.round, "endpoints": self.endpoints}
+        await self.broadcast(Kind.RESTORE, step=self.round, meta=restore_meta)
+        await self._collect_restore_acks(self.round, restore_meta)
         if step:
             log.warning("resumed every node from the checkpoint of step %d", step)
         return step
 
-    async def _collect_restore_acks(self, round_: int) -> None:
+    async def _collect_restore_acks(self, round_: int, restore_meta: Optional[dict] = None) -> None:
+        """Every node acknowledges the RESTORE of `round_`. The exchange is idempotent and retried: a
+        node that has not answered within the heartbeat timeout, or that announces itself again (a
+        lost message, a new process), is sent the same RESTORE again."""
         pending = set(self.nodes)
         deadline = time.monotonic() + self.policy.startup_timeout_s
+        retry_every = self.policy.heartbeat_timeout_s
+        next_retry = time.monotonic() + retry_every
         while pending:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
-                raise PeerFailed(sorted(pending)[0], "did not restore its checkpoint")
+                raise PeerFailed(sorted(pending)[0], f"did not restore its checkpoint within "
+                                                     f"{self.policy.startup_timeout_s:.1f}s")
+            if restore_meta is not None and now >= next_retry:
+                await self.broadcast(Kind.RESTORE, targets=sorted(pending), step=round_, meta=restore_meta)
+                next_retry = now + retry_every
             try:
-                sender, envelope, _ = await asyncio.wait_for(self.inbox.get(), timeout=left)
+                sender, envelope, _ = await asyncio.wait_for(self.inbox.get(),
+                                                             timeout=max(0.001, min(left, next_retry - now)))
             except TimeoutError:
                 continue
             if envelope.kind == Kind.FAILED:
@@ -374,6 +419,9 @@ class Coordinator:
             if envelope.kind == Kind.HELLO:
                 self._note_hello(sender, envelope.meta)
                 await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
+                if restore_meta is not None and sender in self._node_set:
+                    pending.add(sender)  # restarted after its ack, or its RESTORE got lost: again
+                    await self.node.send_control(sender, Kind.RESTORE, step=round_, meta=restore_meta)
             elif envelope.kind == Kind.ACK and envelope.meta.get("of") == "restore" and envelope.step == round_:
                 pending.discard(sender)
 
@@ -397,19 +445,36 @@ class Coordinator:
         for name in lost.nodes:
             self.checkpoints.pop(name, None)
             self.last_seen.pop(name, None)
+        for name, hello in lost.rejoined.items():  # its new process already announced itself
+            self._note_hello(name, hello)
+            self.seen(name)
         live = [n for n in self.nodes if n not in lost.nodes]
         await self.broadcast(Kind.ABORT, targets=live, step=self.round)
-        await self._wait_for_nodes(lost.nodes)
+        missing = lost.nodes - lost.rejoined.keys()
+        if missing:
+            try:
+                await self._wait_for_nodes(missing)
+            except PeerTimeout as exc:  # say what happened first, not only that it did not come back
+                raise PeerFailed(exc.peer, f"{lost}; it did not come back within {exc.waited_s:.1f}s") from None
         index = await self._restore_consistent()
         self.failovers += 1
         self.recovery_seconds.append(time.perf_counter() - started)
-        if self.node.metrics:
-            for name in lost.nodes:
-                self.node.metrics.failover("restart")
+        self._record_failover(lost, self.recovery_seconds[-1], index)
         if self.options.progress:
             self.options.progress({"event": "recovered", "nodes": sorted(lost.nodes), "checkpoint": index,
                                    "seconds": self.recovery_seconds[-1]})
         return index
+
+    def _record_failover(self, lost: "NodesLost", seconds: float, checkpoint_step: int) -> None:
+        """One entry per failover for the summary, and Prometheus counters/histograms by cause."""
+        self.failover_events.append({"nodes": sorted(lost.nodes), "cause": lost.cause, "reason": lost.why,
+                                     "detected": lost.detected, "recovery_seconds": seconds,
+                                     "checkpoint": checkpoint_step})
+        if self.node.metrics:
+            self.node.metrics.failover(lost.cause)
+            recovered = getattr(self.node.metrics, "recovery", None)
+            if recovered is not None:
+                recovered(seconds)
 
     def _step_row(self, info: StepInfo, done: dict) -> dict:
         """The history row of a committed step, from every node's DONE statistics."""
@@ -577,6 +642,7 @@ class Coordinator:
             "rejected_messages": {n: s.get("rejected", {}) for n, s in self.node_stats.items() if s.get("rejected")},
             "failovers": self.failovers,
             "recovery_seconds": self.recovery_seconds,
+            "failover_events": list(self.failover_events),
             "privacy": [p.model_dump() for p in self.topology.spec.privacy],
             "label_dp": self.topology.spec.training.label_dp.model_dump() if self.topology.spec.training.label_dp else None,
             "leakage": dict(self.leakage),

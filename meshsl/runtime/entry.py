@@ -15,6 +15,13 @@ log = logging.getLogger("meshsl.node")
 
 PROGRESS_PREFIX = "MESHSL_PROGRESS "
 
+# Exit codes of `meshsl node`. A node that crashed (1, or killed by a signal) may be restarted from its
+# checkpoint; a run that was aborted (3: the coordinator stopped it on an error, or went silent past
+# every timeout) is over for every party, and a launcher must not restart anything.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ABORTED = 3
+
 
 def make_metrics(topology, node: str):
     spec = topology.nodes[node]
@@ -23,11 +30,16 @@ def make_metrics(topology, node: str):
     from meshsl.metrics import NodeMetrics
     role = "coordinator" if node == topology.coordinator else "node"
     metrics = NodeMetrics(node, spec.party, role, topology.spec.name, topology.hash)
-    host = "127.0.0.1"
-    if spec.endpoint.startswith("tcp://"):
-        bound = spec.endpoint[len("tcp://"):].rsplit(":", 1)[0]
-        host = "0.0.0.0" if bound in ("*", "0.0.0.0") else bound
-    metrics.serve(spec.metrics_port, host)
+    security = topology.spec.security
+    # Training figures (the label holder's loss and accuracy) are readable by whoever reaches this
+    # port: loopback unless the topology says otherwise, and HTTPS with client certificates if asked.
+    tls = {}
+    if security.metrics_tls is not None:
+        base = Path(topology.base_dir)
+        tls = {"certfile": str(base / security.metrics_tls.certfile), "keyfile": str(base / security.metrics_tls.keyfile)}
+        if security.metrics_tls.client_cafile:
+            tls.update(client_cafile=str(base / security.metrics_tls.client_cafile), client_auth_required=True)
+    metrics.serve(spec.metrics_port, security.metrics_bind, **tls)
     return metrics
 
 
@@ -79,7 +91,7 @@ def load_saved_weights(worker, directory: Path) -> list[Path]:
 
 async def run_node(topology, node: str, options: Optional[RunOptions] = None, progress_stream: bool = False,
                    transport=None, metrics=None, weights_out: Optional[Path] = None, executor=None,
-                   **runtime_options) -> tuple[NodeRuntime, dict]:
+                   partial_weights_out: Optional[Path] = None, **runtime_options) -> tuple[NodeRuntime, dict]:
     """`runtime_options` go to NodeRuntime: checkpoint_dir, resume, endpoint (a standby's).
 
     `executor`: a concurrent.futures.Executor the node runs its compute on (a simulation shares one
@@ -102,6 +114,9 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
     await runtime.run()
     if weights_out is not None and not runtime.failure:
         save_weights(runtime, weights_out)
+    elif partial_weights_out is not None and runtime.failure and runtime.worker is not None:
+        save_weights(runtime, partial_weights_out)  # asked for: the weights of a failed run, kept apart
+        log.warning("%s: the run failed; partial weights saved to %s", node, partial_weights_out)
     summary = runtime.coordinator.summary if runtime.coordinator else {}
     if runtime.coordinator is not None:
         summary = dict(summary, history=runtime.coordinator.history)
@@ -114,13 +129,15 @@ def node_main(topology, node: str, summary_json: Optional[Path], options: RunOpt
                                             **runtime_options))
     if runtime.failure:
         print(f"error: {runtime.failure}", file=sys.stderr)
+        if weights_out is not None:
+            print(f"error: node {node!r} wrote no weights to {weights_out} (the run failed)", file=sys.stderr)
         exc = getattr(runtime.coordinator, "exception", None)
         if summary_json and runtime.coordinator is not None:  # the launcher re-raises it typed
             summary_json.parent.mkdir(parents=True, exist_ok=True)
             summary_json.write_text(json.dumps({"error": runtime.failure, "error_type": type(exc).__name__ if exc else None,
                                                 "peer": getattr(exc, "peer", None),
                                                 "waited_s": getattr(exc, "waited_s", None)}))
-        return 1
+        return EXIT_ABORTED  # an orderly failure with a reason: restarting this node would not help
     if summary and summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2, default=float))

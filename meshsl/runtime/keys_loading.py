@@ -60,9 +60,13 @@ def keyring_for(topology, node: str) -> Optional[KeyRing]:
 
 
 def transport_security(topology, node: str, on_refused: Optional[Callable[[str], None]] = None) -> dict:
-    """Keyword options for `make_transport` (empty in plain-text mode)."""
+    """Keyword options for `make_transport`: the socket limits, and the CURVE keyring when it is on."""
+    retry = topology.spec.retry
+    limits = {"max_message_bytes": topology.spec.security.max_message_bytes,
+              # a connection silent past the round timeout plus the heartbeat timeout is dead: drop it
+              "connection_timeout_s": retry.timeout_s + retry.heartbeat_timeout_s}
     keyring = keyring_for(topology, node)
     if keyring is None:
-        return {}
+        return limits
     log.info("%s: CURVE on, %d peers on the allow-list", node, len(keyring.peers))
-    return {"keyring": keyring, "on_auth_refused": on_refused}
+    return {"keyring": keyring, "on_auth_refused": on_refused, **limits}

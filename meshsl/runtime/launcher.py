@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,8 +15,12 @@ from typing import Callable, Optional
 
 import yaml
 
-from meshsl.errors import MeshslError, PeerFailed
-from meshsl.runtime.entry import PROGRESS_PREFIX
+from meshsl.errors import MeshslError, PeerFailed, RunAborted
+from meshsl.runtime.entry import EXIT_ABORTED, PROGRESS_PREFIX
+
+# `meshsl run` checkpoints every this many steps unless the topology says otherwise or --no-checkpoint
+# (docs/failover.md has the measured cost per step).
+DEFAULT_CHECKPOINT_EVERY = 10
 
 
 def free_port() -> int:
@@ -73,6 +77,9 @@ class LocalRun:
     weights_in: Optional[Path] = None  # every node starts from these saved weights (`--weights`)
     node_args: dict = field(default_factory=dict)  # node name (or "*" for all) -> extra `meshsl node` arguments
     resume: bool = False
+    # None: as the topology says; N > 0: checkpoint every N steps where the topology declares no
+    # checkpoint.every (failover on by default); 0: never (overrides the topology).
+    checkpoint_every: Optional[int] = None
     restarts: dict = field(default_factory=dict)
     events: list = field(default_factory=list)  # failover events with monotonic timestamps
     _lost: list = field(default_factory=list)
@@ -87,9 +94,21 @@ class LocalRun:
         document = yaml.safe_load(self.topology_path.read_text())
         if self.free_ports:
             document = with_free_ports(document)
+        self._apply_checkpoint_default(document)
         resolved = self.run_dir / "topology.yaml"
         resolved.write_text(yaml.safe_dump(document, sort_keys=False))
         return resolved
+
+    def _apply_checkpoint_default(self, document: dict) -> None:
+        if self.checkpoint_every is None or not isinstance(document, dict):
+            return
+        section = document.get("checkpoint")
+        section = section if isinstance(section, dict) else {}
+        if self.checkpoint_every == 0:
+            section["every"] = 0
+        elif "every" not in section:
+            section["every"] = self.checkpoint_every
+        document["checkpoint"] = section
 
     def command(self, resolved: Path, node: str, coordinator: bool, resume: bool = False,
                 endpoint: Optional[str] = None) -> list[str]:
@@ -165,6 +184,8 @@ class LocalRun:
                 code = proc.poll()
                 if code is None or (code == 0 and name != topology.coordinator):
                     continue
+                if code == EXIT_ABORTED:  # an orderly failure: the run is over for every party
+                    raise self._aborted(topology, name)
                 if not recoverable or self.restarts.get(name, 0) >= budget:
                     self.stop()
                     why = "" if recoverable else " (set checkpoint.every to recover from node loss)"
@@ -183,6 +204,34 @@ class LocalRun:
         if bad:
             raise PeerFailed(bad[0], self.log_tail(bad[0]))
         return json.loads((self.run_dir / "summary.json").read_text())
+
+    def _aborted(self, topology, first: str) -> RunAborted:
+        """Every party stops by itself once the run is aborted; give them a moment to say why, then
+        stop what is left. The coordinator's own error, when it wrote one, names the cause."""
+        deadline = time.monotonic() + 5
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.stop()
+        reason = ""
+        path = self.run_dir / "summary.json"
+        if path.exists():
+            try:
+                reason = str(json.loads(path.read_text()).get("error") or "")
+            except ValueError:
+                reason = ""
+        if not reason:
+            reason = self._last_error_line(first) or self.log_tail(first)
+        codes = ", ".join(f"{n}={p.returncode}" for n, p in self.processes.items())
+        return RunAborted(topology.coordinator if path.exists() else first, f"{reason} (exit codes: {codes})")
+
+    def _last_error_line(self, node: str) -> str:
+        path = self.run_dir / f"{node}.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+        return errors[0] if errors else ""
 
     def _lost_by_coordinator(self) -> list[str]:
         lost = []
@@ -216,6 +265,10 @@ class LocalRun:
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.terminate()
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)  # a paused (SIGSTOP) process wakes up to die
+                except ProcessLookupError:
+                    pass
         for proc in self.processes.values():
             try:
                 proc.wait(timeout=10)
@@ -224,5 +277,16 @@ class LocalRun:
                 proc.wait()
 
 
-def default_run_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="meshsl-run-"))
+RUNS_DIR = Path("runs")
+
+
+def default_run_dir(topology_name: str = "run") -> Path:
+    """runs/<topology>-<UTC timestamp> under the working directory (printed by `meshsl run`): logs,
+    resolved topology, checkpoints and summary stay where the user can find them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = RUNS_DIR / f"{topology_name}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = RUNS_DIR / f"{topology_name}-{stamp}-{suffix}"
+    return path

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from meshsl.plan.steps import epoch_steps, step_at
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, encode_message
+from meshsl.runtime import faults
 from meshsl.runtime import machine as m
 from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.outbox import Outbox
@@ -122,6 +124,10 @@ class NodeRuntime:
         self._hello_acked = asyncio.Event()
         self._shutdown_requested = False
         self.failure: Optional[str] = None
+        self.aborted = False  # the run was aborted (by the coordinator, or it went silent): exit non-zero
+        self.incarnation = secrets.token_hex(6)  # a restarted process announces a new one
+        self._restored_round: Optional[int] = None
+        self._joined = False  # the coordinator acknowledged us at least once
         lanes = topology.lanes
         training = topology.spec.training
         # Messages per round per peer are bounded by the plan; outboxes hold a full round's worth.
@@ -171,14 +177,15 @@ class NodeRuntime:
             return
         steps = checkpoint.available_steps(self.checkpoint_dir, self.node)
         if self.resume and steps:
-            self.worker.restore(checkpoint.load(self.checkpoint_dir, self.node, steps[-1]))
-            log.warning("%s: resumed from checkpoint of step %d", self.node, steps[-1])
+            newest, state = checkpoint.load_newest(self.checkpoint_dir, self.node, self._model_hash)
+            self.worker.restore(state)
+            log.warning("%s: resumed from checkpoint of step %d", self.node, newest)
             if self.metrics:
                 self.metrics.restart()
             return
         for step in steps:  # a fresh run must not mix with an earlier run's files
             (checkpoint.node_dir(self.checkpoint_dir, self.node) / f"step-{step}.pt").unlink(missing_ok=True)
-        checkpoint.save(self.checkpoint_dir, self.node, 0, self.worker.state())
+        checkpoint.save(self.checkpoint_dir, self.node, 0, self.worker.state(), self._model_hash)
 
     def _checkpoint_steps(self) -> list[int]:
         return checkpoint.available_steps(self.checkpoint_dir, self.node) if self.checkpoint_every > 0 else []
@@ -195,6 +202,8 @@ class NodeRuntime:
                 continue
             self._send_heartbeat(self.coordinator_node)
             silent = time.monotonic() - self._coordinator_seen
+            if self._give_up_on_coordinator(silent):
+                return
             if self._hello_acked.is_set() and silent > self.policy.heartbeat_timeout_s:
                 log.warning("%s: coordinator %s silent for %.1fs; announcing again", self.node,
                             self.coordinator_node, silent)
@@ -232,11 +241,14 @@ class NodeRuntime:
     async def _run_coordinator(self) -> None:
         try:
             await self.coordinator.run()
-        except MeshslError as exc:
+        except Exception as exc:  # noqa: BLE001 - any coordinator error aborts the run on every node
+            if not isinstance(exc, MeshslError):
+                log.exception("%s: coordinator crashed", self.node)
             log.error("%s: coordinator stopped: %s", self.node, exc)
-            self.coordinator.error = str(exc)
+            self.coordinator.error = str(exc) or type(exc).__name__
             self.coordinator.exception = exc
-            await self.coordinator.broadcast_shutdown()
+            self.aborted = True
+            await self.coordinator.broadcast_abort(self.coordinator.error)
         if self.coordinator.error:
             self.stop(self.coordinator.error)
         else:
@@ -259,19 +271,62 @@ class NodeRuntime:
             return True
         return False
 
+    # -- reliability: an aborted run, a silent coordinator, a crash on the compute thread ---------
+    def _give_up_on_coordinator(self, silent: float) -> bool:
+        """The coordinator has not been heard from past every declared timeout: the run is lost."""
+        limit = coordinator_silence_limit(self.policy)
+        if not self._joined or silent <= limit:  # before joining, _announce waits (longer: start-up)
+            return False
+        self.aborted = True
+        self.stop(f"coordinator {self.coordinator_node!r} silent for {silent:.1f}s (limit {limit:.1f}s: "
+                  f"retry.coordinator_timeout_s); giving up on the run")
+        return True
+
+    def _stop_if_coordinator_absent(self, since: float) -> bool:
+        """Announcing with no acknowledgement for as long as the coordinator would wait for us: give up."""
+        waited = time.monotonic() - since
+        # Before joining, the coordinator may still be starting (importing torch on a busy machine).
+        limit = coordinator_silence_limit(self.policy) + (0 if self._joined else self.policy.startup_timeout_s)
+        if waited <= limit:
+            return False
+        self.aborted = True
+        self.stop(f"coordinator {self.coordinator_node!r} did not acknowledge node {self.node!r} within "
+                  f"{waited:.1f}s (limit {limit:.1f}s from retry.heartbeat_timeout_s and startup_timeout_s); "
+                  f"is it running?")
+        return True
+
+    def _on_run_aborted(self, reason: str) -> None:
+        """The coordinator stopped the run on an error: a failure here too (no final weights, exit non-zero)."""
+        self.aborted = True
+        log.error("%s: run aborted by the coordinator (%s): %s", self.node, self.coordinator_node, reason)
+        self.stop(f"run aborted by the coordinator ({self.coordinator_node}): {reason}")
+
+    def _report_compute_crash(self, future: concurrent.futures.Future) -> None:
+        """A compute chain raised outside its own guard (e.g. a checkpoint write: disk full, read-only):
+        the coordinator must hear the OS error, not wait for a step that never ends."""
+        exc = None if future.cancelled() else future.exception()
+        if exc is None:
+            return
+        log.error("%s: compute thread failed: %s: %s", self.node, type(exc).__name__, exc)
+        self._on_loop(self._spawn_send_control, self.coordinator_node, Kind.FAILED,
+                      {"error": f"{type(exc).__name__}: {exc}"[:500]}, 0)
+
     async def _announce(self) -> None:
         """Say hello to the coordinator until it acknowledges (it may start after us)."""
         delay, since = 0.05, time.monotonic()
         while not self._hello_acked.is_set() and not self._stopped.is_set():
             await self.send_control(self.coordinator_node, Kind.HELLO, meta={
                 "checkpoints": self._checkpoint_steps(), "endpoint": self.transport.endpoint,
+                "incarnation": self.incarnation,
                 **({"predict_rows": self.inference.rows} if self.inference and self.inference.rows is not None else {})})
             try:
                 await asyncio.wait_for(self._hello_acked.wait(), timeout=delay)
             except TimeoutError:
                 delay = min(delay * 2, 1.0)
-                if self._stop_if_key_refused(since):
+                if self._stop_if_key_refused(since) or self._stop_if_coordinator_absent(since):
                     return
+        if self._hello_acked.is_set():
+            self._joined = True
 
     async def _drain_outboxes(self) -> None:
         for box in list(self._outboxes.values()):
@@ -285,6 +340,8 @@ class NodeRuntime:
         return Envelope(kind=kind, topology=self.topology.hash, sender=self.node, **fields)
 
     async def send_control(self, peer: str, kind: Kind, parts=(), **fields) -> None:
+        if faults.ACTIVE and faults.drop(self.node, kind, fields.get("meta")):
+            return  # chaos tests only (MESHSL_FAULTS): this message is lost
         await self._enqueue(peer, encode_message(self.envelope(kind, **fields), parts), None)
 
     def _outbox(self, peer: str) -> Outbox:
@@ -499,6 +556,9 @@ class NodeRuntime:
                                     tensors=tuple(_describe_all(weights)), meta={"segment": segment},
                                     step=envelope.step)
         elif isinstance(message, control.Shutdown):
+            if message.abort:
+                self._on_run_aborted(message.abort)
+                return
             self._shutdown_requested = True
             self._finish_if_idle()
 
@@ -521,6 +581,10 @@ class NodeRuntime:
     async def _restore(self, restore: control.Restore) -> None:
         """Recovery: drop the round in progress, load the agreed checkpoint, re-route to moved peers."""
         step, base = restore.checkpoint, restore.round
+        if self._restored_round == base:  # a retried RESTORE (our ack was lost): acknowledge again, load once
+            await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "restore", "checkpoint": step},
+                                    step=base)
+            return
         for peer, endpoint in restore.endpoints.items():
             if peer in self.topology.nodes and peer != self.node and self.transport.address_book.get(peer) != endpoint:
                 self.reroute(peer, str(endpoint))
@@ -528,9 +592,10 @@ class NodeRuntime:
             self.machine.reset(base)
         self._run = None
         state = await asyncio.get_running_loop().run_in_executor(
-            self.executor, checkpoint.load, self.checkpoint_dir, self.node, step)
+            self.executor, checkpoint.load, self.checkpoint_dir, self.node, step, self._model_hash)
         await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.restore, state)
         self.worker.store.drop_before(base + 1)
+        self._restored_round = base
         log.warning("%s: restored checkpoint of step %d", self.node, step)
         await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "restore", "checkpoint": step}, step=base)
 
@@ -556,7 +621,7 @@ class NodeRuntime:
         """On the loop: start compute (a chain on the compute thread), send tensors, report rounds."""
         for action in actions:
             if isinstance(action, COMPUTE_ACTIONS):
-                self.executor.submit(self._compute_chain, action)
+                self.executor.submit(self._compute_chain, action).add_done_callback(self._report_compute_crash)
             elif isinstance(action, (m.SendActivation, m.SendGradient)):
                 self._post(*self._tensor_message(action, self.machine.phase))
             elif isinstance(action, m.RoundDone):
@@ -648,6 +713,8 @@ class NodeRuntime:
         self._poster.post(callback, *args)
 
     def _after_compute(self, messages: list, others: list, done) -> None:
+        if self._stopped.is_set():
+            return  # stopping (an aborted run): the transport may be closing under us
         for message in messages:
             self._post(*message)
         if others:
@@ -757,7 +824,21 @@ class NodeRuntime:
                 self.metrics.task(task, float(stats["loss"]), metrics, "eval")
 
     def _save_checkpoint(self, step: int) -> None:
-        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state())
+        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state(), self._model_hash)
+
+    @property
+    def _model_hash(self) -> str:
+        """What this node's checkpoints hold (checkpoint.model_hash), computed once."""
+        cached = self.__dict__.get("_model_hash_value")
+        if cached is None:
+            cached = self.__dict__["_model_hash_value"] = checkpoint.model_hash(self.topology)
+        return cached
+
+
+def coordinator_silence_limit(policy) -> float:
+    """How long a node waits for a silent coordinator (it may be restarted meanwhile) before giving up."""
+    declared = getattr(policy, "coordinator_timeout_s", None)
+    return declared if declared else policy.heartbeat_timeout_s + policy.startup_timeout_s
 
 
 def _finite(value) -> bool:

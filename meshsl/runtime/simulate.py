@@ -41,6 +41,7 @@ async def simulate(topology, options: Optional[RunOptions] = None, traffic_hook=
     failures = {n: r.failure for n, (r, _) in results.items() if r.failure}
     if failures:
         from meshsl.errors import PeerFailed
-        node, detail = next(iter(failures.items()))
+        node = topology.coordinator if topology.coordinator in failures else next(iter(failures))  # the cause
+        detail = failures[node]
         raise PeerFailed(node, detail)
     return results[topology.coordinator][1], {n: r for n, (r, _) in results.items()}

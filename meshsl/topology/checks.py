@@ -21,6 +21,29 @@ def _declared_keys(topology) -> dict[str, str]:
     return keys
 
 
+_LOOPBACK_NAMES = {"localhost": "127.0.0.1", "localhost.localdomain": "127.0.0.1", "ip6-localhost": "[::1]",
+                   "::1": "[::1]"}
+
+
+def same_endpoint_key(endpoint: str) -> str:
+    """One spelling per socket address: `tcp://localhost:P` and `tcp://127.0.0.1:P` are the same port."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host = _LOOPBACK_NAMES.get(host.lower(), host.lower())
+    return f"tcp://{host}:{port}"
+
+
+def check_batch_size(topology) -> None:
+    """A batch larger than all training rows together can never be filled: a typo, not a setting."""
+    from meshsl.plan.steps import sample_pools
+    rows = sum(len(pool) for pool in sample_pools(topology).train)
+    batch = topology.spec.training.batch_size
+    if batch > rows:
+        raise TopologyError(f"batch_size {batch} exceeds the {rows} training rows of the data; "
+                            f"use at most {rows}", f"{topology.source}: training.batch_size")
+
+
 def check_topology(topology) -> None:
     problems: list[ConfigError] = []
     src = topology.source
@@ -38,11 +61,12 @@ def check_topology(topology) -> None:
     declared = _declared_keys(topology)
     replica_hint = " (copies of a replicated node use the declared port + client index)" if spec.clients else ""
     for name, node in topology.nodes.items():
-        for k, endpoint in enumerate([node.endpoint, *node.standby]):
+        for k, written in enumerate([node.endpoint, *node.standby]):
             key = f"{declared.get(name, f'nodes({name})')}." + ("endpoint" if k == 0 else f"standby[{k - 1}]")
+            endpoint = same_endpoint_key(written)
             if endpoint in endpoints_seen:
                 other = endpoints_seen[endpoint]
-                problem(f"endpoint {endpoint} is used twice: by {other!r} and by {name!r}"
+                problem(f"endpoint {written} is used twice: by {other!r} and by {name!r}"
                         + (replica_hint if other != name and (name not in names_seen or other not in names_seen)
                            else ""), key)
             endpoints_seen[endpoint] = name

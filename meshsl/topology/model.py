@@ -256,4 +256,6 @@ def topology_from_spec(spec, source, base_dir, infer_shapes=True, check=None, sh
     check(topology)
     if infer_shapes:
         shape_inference(topology)
+        from meshsl.topology.checks import check_batch_size
+        check_batch_size(topology)  # needs the data's row count, which shape inference has loaded
     return topology

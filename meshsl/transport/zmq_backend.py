@@ -18,6 +18,8 @@ _clock = time.perf_counter
 # A task that sends or receives without ever waiting still yields to the event loop this often.
 YIELD_INTERVAL_S = 0.0005
 _NOBLOCK = int(zmq.NOBLOCK)
+FRAME_SLACK_BYTES = 64 * 1024
+CLOSE_LINGER_MS = 500
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
@@ -67,7 +69,11 @@ def _wake(waiter: asyncio.Future) -> None:
 class ZmqTransport(Transport):
     def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
                  keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
-                 context: Optional[zmq.asyncio.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD) -> None:
+                 context: Optional[zmq.asyncio.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD,
+                 max_message_bytes: Optional[int] = None, connection_timeout_s: Optional[float] = None) -> None:
+        """`max_message_bytes`: the socket drops (disconnects) a peer whose frame is larger, before it is
+        buffered; `connection_timeout_s`: ZMTP heartbeats drop a connection silent that long, so a node
+        restarted elsewhere can claim its name after a half-open connection (names are never taken over)."""
         super().__init__(node, endpoint, address_book)
         self.high_water_mark = high_water_mark
         self.keyring = keyring  # meshsl.security.keys.KeyRing when CURVE is on
@@ -82,6 +88,8 @@ class ZmqTransport(Transport):
         self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
         self.sent_hook = None
         self.copy_threshold = copy_threshold
+        self.max_message_bytes = max_message_bytes
+        self.connection_timeout_s = connection_timeout_s
         self._identities: dict[bytes, str] = {}  # routing id -> its decoded name (bounded)
         self._last_yield = _clock()
         self._waiters: dict[int, tuple] = {}  # fd -> (future, loop) of the task waiting on that socket
@@ -90,7 +98,17 @@ class ZmqTransport(Transport):
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, self.high_water_mark)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes over its identity
+        # A routing id stays with the connection that first claimed it: another connection naming an
+        # existing node is refused (no takeover). A restarted node reconnects once its old connection
+        # is closed (process gone) or timed out by ZMTP heartbeats (half-open, machine gone).
+        router.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        if self.max_message_bytes is not None:
+            # Checked on each frame's header, before anything is buffered; the slack covers CURVE's box.
+            router.setsockopt(zmq.MAXMSGSIZE, int(self.max_message_bytes) + FRAME_SLACK_BYTES)
+        if self.connection_timeout_s is not None:
+            ivl = max(100, int(self.connection_timeout_s * 1000 / 10))
+            router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.connection_timeout_s * 1000))
         if self.keyring is not None:
             from meshsl.security.curve import configure_server, start_authenticator
             self._authenticator = await start_authenticator(self.context, self.keyring, self.on_auth_refused)
@@ -280,7 +298,7 @@ class ZmqTransport(Transport):
         self._monitors.clear()
         for sock in self._dealers.values():
             self._stop_waiting(sock)
-            sock.close(0)
+            sock.close(CLOSE_LINGER_MS)  # the last words (an abort, a final ack) still go out
         self._dealers.clear()
         if self._router is not None:
             self._stop_waiting(self._router)
