@@ -95,7 +95,7 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
     for column in ("node", "party", "endpoint", "segments", "params", "fwd FLOPs/sample", "peers"):
         nodes.add_column(column)
     for name, p in document["nodes"].items():
-        nodes.add_row(name, p["party"], p["endpoint"], ", ".join(p["segments"]), f"{p['parameters']:,}",
+        nodes.add_row(name, p["party"], p["endpoint"] or "(dials out)", ", ".join(p["segments"]), f"{p['parameters']:,}",
                       f"{p['forward_flops_per_sample']:,}", ", ".join(p["peers"]))
     out.print(nodes)
     edges = Table(title="hops (bytes per sample)")
@@ -244,7 +244,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     _configure_logging(_logging["level"], node=name)  # every line of this process names its node
     from meshsl.security.curve import warn_if_plaintext_exposed
     import logging
-    warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
+    if topo.nodes[name].endpoint:  # a dial-out node binds nothing
+        warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
     options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval, startup_timeout_s=startup_timeout)
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
@@ -271,7 +272,7 @@ def monitoring_prometheus(topology: Path = typer.Argument(...),
     rows = []
     for name, n in topo.nodes.items():
         if n.metrics_port:
-            host = n.endpoint[len("tcp://"):].rsplit(":", 1)[0] if n.endpoint.startswith("tcp://") else "127.0.0.1"
+            host = n.endpoint[len("tcp://"):].rsplit(":", 1)[0] if (n.endpoint or "").startswith("tcp://") else "127.0.0.1"
             rows.append((name, n.party, "127.0.0.1" if host in ("*", "0.0.0.0") else host, n.metrics_port))
     text = json.dumps(scrape_targets(rows, topo.spec.name), indent=2)
     if output:

@@ -24,7 +24,7 @@ def make_metrics(topology, node: str):
     role = "coordinator" if node == topology.coordinator else "node"
     metrics = NodeMetrics(node, spec.party, role, topology.spec.name, topology.hash)
     host = "127.0.0.1"
-    if spec.endpoint.startswith("tcp://"):
+    if spec.endpoint and spec.endpoint.startswith("tcp://"):  # a dial-out node (no endpoint) serves loopback
         bound = spec.endpoint[len("tcp://"):].rsplit(":", 1)[0]
         host = "0.0.0.0" if bound in ("*", "0.0.0.0") else bound
     metrics.serve(spec.metrics_port, host)

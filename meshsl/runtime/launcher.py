@@ -31,7 +31,7 @@ def with_free_ports(document: dict) -> dict:
     replicated = set((document.get("clients") or {}).get("replicate", []))
     for node in document["nodes"]:
         span = replicas if node["name"] in replicated else 1
-        if str(node["endpoint"]).startswith("tcp://"):
+        if str(node.get("endpoint")).startswith("tcp://"):  # a dial-out node (inbound: false) has none
             base = _free_block(span)
             node["endpoint"] = f"tcp://127.0.0.1:{base}"
             node["standby"] = [f"tcp://127.0.0.1:{_free_block(span)}" for _ in node.get("standby", [])]
