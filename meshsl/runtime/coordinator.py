@@ -183,8 +183,9 @@ class Coordinator:
         for name in targets or self.nodes:
             await self.node.send_control(name, kind, **fields)
 
-    async def broadcast_shutdown(self) -> None:
-        await self.broadcast(Kind.SHUTDOWN)
+    async def broadcast_shutdown(self, error: Optional[str] = None) -> None:
+        """`error`: the run failed; every node stops with it (non-zero exit) instead of a clean finish."""
+        await self.broadcast(Kind.SHUTDOWN, **({"meta": {"error": error[:500]}} if error else {}))
 
     # -- the run ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -315,7 +316,10 @@ class Coordinator:
             self.last_seen.pop(name, None)
         live = [n for n in self.nodes if n not in lost.nodes]
         await self.broadcast(Kind.ABORT, targets=live, step=self.round)
-        await self._wait_for_nodes(lost.nodes)
+        try:
+            await self._wait_for_nodes(lost.nodes)
+        except PeerTimeout as exc:  # unreachable (partition) or dead, and not back in time
+            raise PeerTimeout(exc.peer, exc.waited_s, "come back after it became unreachable") from None
         index = await self._restore_consistent()
         self.failovers += 1
         self.recovery_seconds.append(time.perf_counter() - started)

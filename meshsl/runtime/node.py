@@ -191,6 +191,12 @@ class NodeRuntime:
                 continue
             self._send_heartbeat(self.coordinator_node)
             silent = time.monotonic() - self._coordinator_seen
+            if silent > self.policy.heartbeat_timeout_s + self.policy.startup_timeout_s:
+                # The coordinator gave up on us by now (it waits startup_timeout_s for a lost node): a
+                # partition or a dead coordinator must end this side too, never hang it.
+                self.stop(f"coordinator {self.coordinator_node!r} unreachable for {silent:.0f}s (network "
+                          f"partition or node down); giving up")
+                return
             if self._hello_acked.is_set() and silent > self.policy.heartbeat_timeout_s:
                 log.warning("%s: coordinator %s silent for %.1fs; announcing again", self.node,
                             self.coordinator_node, silent)
@@ -231,7 +237,7 @@ class NodeRuntime:
             log.error("%s: coordinator stopped: %s", self.node, exc)
             self.coordinator.error = str(exc)
             self.coordinator.exception = exc
-            await self.coordinator.broadcast_shutdown()
+            await self.coordinator.broadcast_shutdown(str(exc))
         if self.coordinator.error:
             self.stop(self.coordinator.error)
         else:
@@ -495,6 +501,9 @@ class NodeRuntime:
                                     tensors=tuple(_describe_all(weights)), meta={"segment": segment},
                                     step=envelope.step)
         elif kind == Kind.SHUTDOWN:
+            if meta.get("error"):  # the run failed: this side ends with the coordinator's error, non-zero
+                self.stop(f"coordinator {self.coordinator_node!r} stopped the run: {str(meta['error'])[:500]}")
+                return
             self._shutdown_requested = True
             self._finish_if_idle()
 

@@ -10,6 +10,7 @@ node's, so another key holder cannot take the route over; the dial-out node pins
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import secrets
@@ -102,6 +103,7 @@ class ZmqTransport(Transport):
         self._connections = 0
         self._routes: dict[str, bytes] = {}  # accepting: dial-out peer -> routing id it announced (authenticated)
         self._dial_monitor: Optional[asyncio.Task] = None
+        self._loopback: collections.deque = collections.deque()  # dial-out: messages to itself (bounded by HWM)
 
     async def start(self) -> None:
         if self.dial_out:
@@ -208,6 +210,14 @@ class ZmqTransport(Transport):
         return not self.address_book[peer]
 
     def _send_routed_now(self, peer: str, frames: Sequence) -> bool:
+        if peer == self.node:  # a dial-out coordinator's control messages to its own node
+            if len(self._loopback) >= self.high_water_mark:
+                return False
+            self._loopback.append([bytes(f) for f in frames])
+            entry = self._waiters.get(self._sync(self._router).FD)
+            if entry is not None:
+                _wake(entry[0])
+            return True
         route = self._aliases.get(peer) if self.dial_out else self._routes.get(peer)
         if route is None:
             if self.dial_out:
@@ -361,14 +371,19 @@ class ZmqTransport(Transport):
 
     async def recv(self) -> tuple[str, list]:
         while True:
+            if self._loopback:
+                await self._maybe_yield()
+                return self.node, self._loopback.popleft()
             sock = self._sync(self._router)
             frames = _recv_now(sock)
             if frames is not None:
                 await self._maybe_yield()
-            while frames is None:
+            while frames is None and not self._loopback:
                 if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                     await self._readable(sock)
                 frames = _recv_now(sock)
+            if frames is None:
+                continue  # a message to itself woke us
             if len(frames) == 2 and len(frames[1]) == 0:  # a dial-out peer's announcement: route only
                 self._identify(frames)
                 continue
@@ -377,6 +392,8 @@ class ZmqTransport(Transport):
     def recv_nowait(self) -> Optional[tuple[str, list]]:
         """The next message if one is already here, else None (never waits, never yields)."""
         while True:
+            if self._loopback:
+                return self.node, self._loopback.popleft()
             frames = _recv_now(self._sync(self._router))
             if frames is None:
                 return None
