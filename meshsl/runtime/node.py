@@ -65,7 +65,8 @@ class NodeRuntime:
     def __init__(self, topology, node: str, transport: Optional[Transport] = None, metrics=None,
                  coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
                  resume: bool = False, endpoint: Optional[str] = None, weights_dir: Optional[Path] = None,
-                 inference=None, executor: Optional[concurrent.futures.Executor] = None) -> None:
+                 inference=None, executor: Optional[concurrent.futures.Executor] = None,
+                 bind: Optional[str] = None, peer_endpoints: Optional[dict] = None) -> None:
         """`weights_dir`: start from saved segment weights (see entry.load_saved_weights); `inference`: a
         meshsl.predict.NodeInference (this node's own prediction input/output; no checkpoints are written);
         `executor`: where compute runs, one task at a time per node (default: a thread of its own; a
@@ -77,10 +78,12 @@ class NodeRuntime:
         self.spec = topology.nodes[node]
         self.coordinator_node = topology.coordinator
         address_book = {name: n.endpoint for name, n in topology.nodes.items()}
+        address_book.update(peer_endpoints or {})  # per-node overrides (`meshsl node --peer`)
         if transport is None:  # CURVE (when the topology asks for it) authenticates against its allow-list
             from meshsl.runtime.keys_loading import transport_security
             transport = make_transport(node, endpoint or self.spec.endpoint, address_book,
-                                       **transport_security(topology, node, self._on_auth_refused))
+                                       **transport_security(topology, node, self._on_auth_refused),
+                                       **({"bind": bind} if bind else {}))
         self.transport = transport
         self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
         self.checkpoint_every = topology.spec.checkpoint.every if inference is None else 0

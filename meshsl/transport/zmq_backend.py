@@ -78,8 +78,10 @@ def _wake(waiter: asyncio.Future) -> None:
 class ZmqTransport(Transport):
     def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
                  keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
-                 context: Optional[zmq.asyncio.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD) -> None:
+                 context: Optional[zmq.asyncio.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD,
+                 bind: Optional[str] = None) -> None:
         super().__init__(node, endpoint, address_book)
+        self.bind = bind  # where the ROUTER binds when that differs from the endpoint peers use (containers)
         self.high_water_mark = high_water_mark
         self.keyring = keyring  # meshsl.security.keys.KeyRing when CURVE is on
         self.on_auth_refused = on_auth_refused
@@ -124,10 +126,10 @@ class ZmqTransport(Transport):
             # (plain-text clients, garbled handshakes).
             self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure))
         try:
-            router.bind(self.endpoint)
+            router.bind(self.bind or self.endpoint)
         except zmq.ZMQError as exc:
             router.close(0)
-            raise TransportError(f"cannot bind {self.endpoint}: {exc.strerror}") from None
+            raise TransportError(f"cannot bind {self.bind or self.endpoint}: {exc.strerror}") from None
         self._router = router
 
     # -- dial-out --------------------------------------------------------------------------------
