@@ -161,7 +161,8 @@ class LocalRun:
                 if proc is not None and proc.poll() is None and self.started_at[name] < noticed - silence:
                     proc.kill()
                     proc.wait()
-            for name, proc in list(self.processes.items()):
+            # The coordinator first: when it fails, the nodes it told stop too (non-zero), and the run is its.
+            for name, proc in sorted(self.processes.items(), key=lambda item: item[0] != topology.coordinator):
                 code = proc.poll()
                 if code is None or (code == 0 and name != topology.coordinator):
                     continue
