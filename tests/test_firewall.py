@@ -136,6 +136,40 @@ def test_dial_out_route_is_bound_to_the_authenticated_key(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_dial_out_node_with_a_key_off_the_allow_list_is_refused_and_told(tmp_path):
+    """The lab refuses a dial-out node whose key it does not list (counted there); the node learns that
+    the lab refused its key (what stops it after the startup timeout) and nothing it sends arrives."""
+    from meshsl.security.keys import KeyRing
+    from meshsl.transport.zmq_backend import ZmqTransport
+    lab_keys, known, impostor = zmq.curve_keypair(), zmq.curve_keypair(), zmq.curve_keypair()
+    port = _free_port()
+    refusals = []
+
+    async def scenario() -> None:
+        book = {"lab": f"tcp://127.0.0.1:{port}", "hospital_a": None}
+        lab = ZmqTransport("lab", book["lab"], book, on_auth_refused=refusals.append,
+                           keyring=KeyRing(own_node="lab", public_key=lab_keys[0], secret_key=lab_keys[1],
+                                           peers={"hospital_a": known[0]}))
+        hospital = ZmqTransport("hospital_a", None, book,
+                                keyring=KeyRing(own_node="hospital_a", public_key=impostor[0],
+                                                secret_key=impostor[1], peers={"lab": lab_keys[0]}))
+        await lab.start()
+        await hospital.start()
+        try:
+            hospital.try_send("lab", [b"x"])  # queued or not: it must never arrive
+            deadline = asyncio.get_running_loop().time() + 20
+            while not hospital.refused_by.get("lab") and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert hospital.refused_by.get("lab", 0) >= 1
+            assert lab.recv_nowait() is None and "hospital_a" not in lab._routes
+        finally:
+            await hospital.close()
+            await lab.close()
+
+    asyncio.run(scenario())
+    assert "unknown_key" in refusals
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -192,7 +192,7 @@ class ZmqTransport(Transport):
                 monitor.close(0)
                 return
             endpoint = event["endpoint"].decode("utf-8", "replace")
-            peer = self._alias_endpoints.get(endpoint)
+            peer = self._peer_at(endpoint)
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.debug("%s: connected to %s (%s)", self.node, peer or "a peer", endpoint)
                 for name in ([peer] if peer else list(self._aliases)):
@@ -202,6 +202,15 @@ class ZmqTransport(Transport):
                 self._on_refused_by(peer or endpoint, "auth")
             else:
                 log.warning("%s: handshake with %s failed (%s)", self.node, endpoint, event["event"])
+
+    def _peer_at(self, endpoint: str) -> Optional[str]:
+        """The peer we dialled at `endpoint` (libzmq may report a host name resolved: match the port)."""
+        peer = self._alias_endpoints.get(endpoint)
+        if peer is None:
+            port = endpoint.rsplit(":", 1)[-1]
+            matches = {p for address, p in self._alias_endpoints.items() if address.rsplit(":", 1)[-1] == port}
+            peer = matches.pop() if len(matches) == 1 else None
+        return peer
 
     def _routed(self, peer: str) -> bool:
         """Does traffic to `peer` go through the ROUTER (we dial out, or `peer` does)?"""
