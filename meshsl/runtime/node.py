@@ -504,7 +504,7 @@ class NodeRuntime:
                                     tensors=tuple(_describe_all(weights)), meta={"segment": segment},
                                     step=envelope.step)
         elif kind == Kind.SHUTDOWN:
-            if meta.get("error"):  # the run failed: this side ends with the coordinator's error, non-zero
+            if meta.get("error") and self.coordinator is None:  # the run failed: end with its error, non-zero
                 self.stop(f"coordinator {self.coordinator_node!r} stopped the run: {str(meta['error'])[:500]}")
                 return
             self._shutdown_requested = True
