@@ -311,6 +311,10 @@ def monitoring_prometheus(topology: Path = typer.Argument(...),
     topo = load(topology)
     rows = []
     for name, n in topo.nodes.items():
+        if n.metrics_port and not n.inbound:  # behind its firewall: only a Prometheus on its own host reaches it
+            print(f"note: {name} dials out; its metrics are served on 127.0.0.1:{n.metrics_port} of its own host "
+                  f"(not listed)", file=sys.stderr)
+            continue
         if n.metrics_port:
             host = n.endpoint[len("tcp://"):].rsplit(":", 1)[0] if (n.endpoint or "").startswith("tcp://") else "127.0.0.1"
             rows.append((name, n.party, "127.0.0.1" if host in ("*", "0.0.0.0") else host, n.metrics_port))

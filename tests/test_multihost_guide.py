@@ -113,3 +113,20 @@ def test_multihost_guide_runs_as_written(tmp_path):
     topology = yaml.safe_load((folders["hospital_a"] / "topology.yaml").read_text())
     assert all(len(n["public_key"]) == 40 for n in topology["nodes"])
     shutil.rmtree(tmp_path / "bin")
+
+
+def test_compose_runs_the_dial_out_topology_unedited():
+    """nodes/compose.yaml names topology files and nodes that exist, and carries no endpoint of its own
+    except the lab's bind address (peers' endpoints come from the topology)."""
+    from meshsl.topology import load_topology
+    compose = yaml.safe_load((ROOT / "nodes" / "compose.yaml").read_text())
+    for service, spec in compose["services"].items():
+        command = spec["command"]
+        topology = load_topology(ROOT / "topologies" / Path(command[command.index("--topology") + 1]).name)
+        assert command[0] == "node" and command[1] == service and service in topology.nodes
+        assert "--resume" in command
+        assert not [arg for arg in command if "tcp://" in arg]
+        bind = (spec.get("environment") or {}).get("MESHSL_BIND")
+        assert (bind is not None) == topology.nodes[service].inbound
+        if not topology.nodes[service].inbound:
+            assert len(spec["networks"]) == 1  # a hospital shares a network with the lab only
