@@ -37,9 +37,12 @@ def topologies(folder: Path) -> dict[str, Path]:
 
 def samples_per_s(topology: Path, folder: Path, epochs: int) -> float:
     summary = folder / "summary.json"
-    subprocess.run([sys.executable, "-m", "meshsl", "run", str(topology), "--free-ports", "--no-progress",
-                    "--epochs", str(epochs), "--run-dir", str(folder / "run"), "--summary-json", str(summary)],
-                   check=True, capture_output=True, cwd=ROOT / "topologies")
+    done = subprocess.run([sys.executable, "-m", "meshsl", "run", str(topology), "--free-ports", "--no-progress",
+                           "--epochs", str(epochs), "--run-dir", str(folder / "run"), "--summary-json", str(summary)],
+                          capture_output=True, text=True, cwd=ROOT / "topologies")
+    if done.returncode != 0:
+        logs = "".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((folder / "run").glob("*.log")))
+        raise SystemExit(f"{topology.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}\n{logs}")
     return json.loads(summary.read_text())["samples_per_s"]
 
 

@@ -40,6 +40,7 @@ def dial_out_vertical(path: Path, **changes) -> Path:
 
 
 # -- validation and tooling (no network) -----------------------------------------------------------
+@pytest.mark.unit  # (the module's processes would make it e2e)
 def test_two_dial_out_nodes_that_must_talk_are_rejected_naming_both(tmp_path):
     from meshsl.config.loader import ConfigErrors
     from meshsl.topology import load_topology
@@ -57,6 +58,7 @@ def test_two_dial_out_nodes_that_must_talk_are_rejected_naming_both(tmp_path):
     assert "'hospital_a' and 'lab'" in text and "hospital_b" not in text  # hospital_b accepts inbound
 
 
+@pytest.mark.unit  # (the module's processes would make it e2e)
 def test_dial_out_node_declares_no_endpoint_and_inbound_nodes_need_one(tmp_path):
     from meshsl.config.loader import ConfigErrors
     from meshsl.topology import load_topology
@@ -89,6 +91,7 @@ def test_keys_public_prints_the_line_the_topology_takes(tmp_path):
     assert "Traceback" not in missing.stderr
 
 
+@pytest.mark.integration  # (the module's processes would make it e2e)
 def test_dial_out_route_is_bound_to_the_authenticated_key(tmp_path):
     """Another key on the allow-list claiming the dial-out node's route neither gets its messages nor
     moves the route; the genuine node's messages arrive named after it, and it receives the replies."""
@@ -136,6 +139,7 @@ def test_dial_out_route_is_bound_to_the_authenticated_key(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.integration  # (the module's processes would make it e2e)
 def test_a_dial_out_node_with_a_key_off_the_allow_list_is_refused_and_told(tmp_path):
     """The lab refuses a dial-out node whose key it does not list (counted there); the node learns that
     the lab refused its key (what stops it after the startup timeout) and nothing it sends arrives."""

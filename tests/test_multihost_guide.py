@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 import netns_hosts  # tests/ is on sys.path
@@ -41,6 +42,7 @@ def guide_hosts() -> dict[str, str]:
     return {node: address for address, node in rows}
 
 
+@pytest.mark.unit
 def test_guide_blocks_are_tagged_with_known_hosts():
     hosts = guide_hosts()
     assert set(hosts) == {"hospital_a", "hospital_b", "lab"}
@@ -88,7 +90,6 @@ def test_multihost_guide_runs_as_written(tmp_path):
                 result = subprocess.run(command, cwd=folders[tag], env=env, capture_output=True, text=True,
                                         timeout=120)
                 if result.returncode != 0 and "nft" in text and "Operation not permitted" in result.stderr:
-                    import pytest
                     pytest.skip(f"nft cannot load rules in a namespace: {result.stderr.strip()}")
                 assert result.returncode == 0, f"on {tag}:\n{text}\n{result.stdout}\n{result.stderr}"
                 printed[tag] += result.stdout
@@ -115,6 +116,7 @@ def test_multihost_guide_runs_as_written(tmp_path):
     shutil.rmtree(tmp_path / "bin")
 
 
+@pytest.mark.unit
 def test_compose_runs_the_dial_out_topology_unedited():
     """nodes/compose.yaml names topology files and nodes that exist, and carries no endpoint of its own
     except the lab's bind address (peers' endpoints come from the topology)."""
