@@ -37,7 +37,7 @@ def topologies(folder: Path) -> dict[str, Path]:
 
 def samples_per_s(topology: Path, folder: Path, epochs: int) -> float:
     summary = folder / "summary.json"
-    done = subprocess.run([sys.executable, "-m", "meshsl", "run", str(topology), "--free-ports", "--no-progress",
+    done = subprocess.run([sys.executable, "-m", "meshsl", "--log-level", "INFO", "run", str(topology), "--free-ports", "--no-progress",
                            "--epochs", str(epochs), "--run-dir", str(folder / "run"), "--summary-json", str(summary)],
                           capture_output=True, text=True, cwd=ROOT / "topologies")
     if done.returncode != 0:

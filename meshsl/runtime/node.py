@@ -90,6 +90,7 @@ class NodeRuntime:
         self.resume = resume
         self.policy = topology.spec.retry
         self._coordinator_seen = time.monotonic()
+        self._contacted = False  # heard from the coordinator at least once
         self._checkpoint_after: dict[int, int] = {}  # round -> checkpoint step to write after its commit
         self.metrics = metrics
         self.edges = build_edges(topology)
@@ -134,6 +135,7 @@ class NodeRuntime:
         self.worker = await loop.run_in_executor(self.executor, self._build_worker)
         await loop.run_in_executor(self.executor, self._prepare_checkpoints)
         await self.transport.start()
+        self._coordinator_seen = time.monotonic()  # our own start-up (torch, data) is no silence of its
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -194,9 +196,11 @@ class NodeRuntime:
                 continue
             self._send_heartbeat(self.coordinator_node)
             silent = time.monotonic() - self._coordinator_seen
-            if silent > self.policy.heartbeat_timeout_s + self.policy.startup_timeout_s:
-                # The coordinator gave up on us by now (it waits startup_timeout_s for a lost node): a
-                # partition or a dead coordinator must end this side too, never hang it.
+            # The coordinator gave up on us by now (it waits startup_timeout_s for a lost node): a
+            # partition or a dead coordinator must end this side too, never hang it. Before it was ever
+            # heard from, allow for its own slower start.
+            limit = self.policy.heartbeat_timeout_s + self.policy.startup_timeout_s * (1 if self._contacted else 2)
+            if silent > limit:
                 self.stop(f"coordinator {self.coordinator_node!r} unreachable for {silent:.0f}s (network "
                           f"partition or node down); giving up")
                 return
@@ -399,6 +403,7 @@ class NodeRuntime:
             raise ProtocolError("unknown_peer", "not a node of this topology", sender)
         if sender == self.coordinator_node:
             self._coordinator_seen = time.monotonic()
+            self._contacted = True
         if self.coordinator is not None:
             self.coordinator.seen(sender)
         kind = envelope.kind
