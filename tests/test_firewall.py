@@ -356,3 +356,25 @@ def test_dial_out_nodes_follow_a_peer_to_its_standby_and_come_back_from_anywhere
     assert restart["endpoint"] == relay["standby"][0]
     assert summary["failovers"] == 2
     same(weights(tmp_path / "chaos"), weights(tmp_path / "clean"))
+
+
+@pytest.mark.slow
+@LONG
+def test_a_dial_out_coordinator_drives_inbound_nodes(tmp_path):
+    """The label holder behind the firewall: the lab (coordinator) dials out to both hospitals, and its
+    control messages to its own node never leave the process."""
+    document = yaml.safe_load((ROOT / "topologies" / "vertical.yaml").read_text())
+    for node in document["nodes"]:
+        node.pop("metrics_port", None)
+        if node["name"] == "lab":
+            node.pop("endpoint")
+            node["inbound"] = False
+    document["training"]["epochs"] = 4
+    path = tmp_path / "vertical.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    done = subprocess.run([*MESHSL, "run", str(path), "--free-ports", "--no-progress", "--run-dir",
+                           str(tmp_path / "run"), "--summary-json", str(tmp_path / "summary.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT / "topologies")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["tasks"]["cancer"]["eval"]["accuracy"] >= 0.9
