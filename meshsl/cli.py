@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -95,7 +96,7 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
     for column in ("node", "party", "endpoint", "segments", "params", "fwd FLOPs/sample", "peers"):
         nodes.add_column(column)
     for name, p in document["nodes"].items():
-        nodes.add_row(name, p["party"], p["endpoint"], ", ".join(p["segments"]), f"{p['parameters']:,}",
+        nodes.add_row(name, p["party"], p["endpoint"] or "(dials out)", ", ".join(p["segments"]), f"{p['parameters']:,}",
                       f"{p['forward_flops_per_sample']:,}", ", ".join(p["peers"]))
     out.print(nodes)
     edges = Table(title="hops (bytes per sample)")
@@ -245,6 +246,11 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          predict_output: Optional[Path] = typer.Option(None, "--predict-output", help="write the predictions this node owns to DIR"),
          predict_batch_size: Optional[int] = typer.Option(None, "--predict-batch-size", min=1, help="rows per micro-batch"),
          startup_timeout: Optional[float] = typer.Option(None, "--startup-timeout", help="coordinator: wait this long for every node"),
+         bind: Optional[str] = typer.Option(None, "--bind", envvar="MESHSL_BIND",
+                                            help="bind the socket here (e.g. tcp://0.0.0.0:7003 in a container); "
+                                                 "peers keep using the topology's endpoint"),
+         peer: list[str] = typer.Option([], "--peer", help="NAME=ENDPOINT: reach peer NAME there instead of at the "
+                                         "topology's endpoint (repeatable; also MESHSL_PEERS=NAME=ENDPOINT,...)"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime.coordinator import RunOptions
@@ -252,14 +258,16 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     topo = load(topology, base_dir)
     if name not in topo.nodes:
         fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
+    overrides = _endpoint_overrides(topo, name, topology, bind, peer)
     _configure_logging(_logging["level"], node=name)  # every line of this process names its node
     from meshsl.security.curve import warn_if_plaintext_exposed
     import logging
-    warn_if_plaintext_exposed(topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
+    if topo.nodes[name].endpoint:  # a dial-out node binds nothing
+        warn_if_plaintext_exposed(bind or topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
     options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval, startup_timeout_s=startup_timeout)
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
-    runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights}
+    runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights, **overrides}
     if partial_weights_out is not None:
         runtime_options["partial_weights_out"] = partial_weights_out
     if checkpoint_dir is not None:
@@ -276,6 +284,39 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     raise typer.Exit(code)
 
 
+def _endpoint_overrides(topo, name: str, topology: Path, bind: Optional[str], peers: list[str]) -> dict:
+    """Per-node overrides (command line or environment) of where this node binds and where it reaches
+    its peers; the topology, and so its hash, stays the one every party agreed on."""
+    from meshsl.config.schema import _check_endpoint
+    where = str(topology)
+    options: dict = {}
+    if bind is not None:
+        if not topo.nodes[name].inbound:
+            fail(ConfigError(f"--bind/MESHSL_BIND: node {name!r} has `inbound: false` and binds nothing", where))
+        try:
+            options["bind"] = _check_endpoint(bind)
+        except ValueError as exc:
+            fail(ConfigError(f"--bind/MESHSL_BIND: {exc}", where))
+    entries = [*peers, *[e for e in os.environ.get("MESHSL_PEERS", "").split(",") if e.strip()]]
+    book: dict[str, str] = {}
+    for entry in entries:
+        peer_name, sep, endpoint = entry.strip().partition("=")
+        source = "--peer" if entry in peers else "MESHSL_PEERS"
+        if not sep or peer_name not in topo.nodes:
+            fail(ConfigError(f"{source} {entry!r}: expected NAME=ENDPOINT with NAME one of {', '.join(topo.nodes)}",
+                             where))
+        if not topo.nodes[peer_name].inbound:
+            fail(ConfigError(f"{source} {entry!r}: node {peer_name!r} dials out and has no endpoint to override",
+                             where))
+        try:
+            book.setdefault(peer_name, _check_endpoint(endpoint.strip()))  # the command line wins
+        except ValueError as exc:
+            fail(ConfigError(f"{source} {entry!r}: {exc}", where))
+    if book:
+        options["peer_endpoints"] = book
+    return options
+
+
 @monitoring_app.command("prometheus")
 def monitoring_prometheus(topology: Path = typer.Argument(...),
                           output: Optional[Path] = typer.Option(None, "-o", "--output", help="file_sd JSON path")) -> None:
@@ -284,8 +325,12 @@ def monitoring_prometheus(topology: Path = typer.Argument(...),
     topo = load(topology)
     rows = []
     for name, n in topo.nodes.items():
+        if n.metrics_port and not n.inbound:  # behind its firewall: only a Prometheus on its own host reaches it
+            print(f"note: {name} dials out; its metrics are served on 127.0.0.1:{n.metrics_port} of its own host "
+                  f"(not listed)", file=sys.stderr)
+            continue
         if n.metrics_port:
-            host = n.endpoint[len("tcp://"):].rsplit(":", 1)[0] if n.endpoint.startswith("tcp://") else "127.0.0.1"
+            host = n.endpoint[len("tcp://"):].rsplit(":", 1)[0] if (n.endpoint or "").startswith("tcp://") else "127.0.0.1"
             rows.append((name, n.party, "127.0.0.1" if host in ("*", "0.0.0.0") else host, n.metrics_port))
     text = json.dumps(scrape_targets(rows, topo.spec.name), indent=2)
     if output:

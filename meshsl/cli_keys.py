@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from meshsl.errors import MeshslError
-from meshsl.security.keys import generate_keys
+from meshsl.security.keys import generate_keys, load_public_key, load_secret_file, public_key_path, secret_key_path
 
 app = typer.Typer(help="Manage CURVE keys", no_args_is_help=True)
 
@@ -85,7 +85,25 @@ def generate(
     console.print("Reference the directory from the topology YAML:", markup=False)
     console.print(f"  security: {{curve: true, keys_dir: {directory}}}", markup=False, highlight=False, soft_wrap=True)
     console.print(
-        "Each node needs its own <node>.key_secret (keep it private, mode 0600) "
-        "and every node's <node>.key.",
+        "Each node needs its own <node>.key_secret (keep it private, mode 0600; it never leaves this machine). "
+        "Peers need only public keys: `meshsl keys public DIR --node NAME` prints the line for the "
+        "node's entry in the topology.",
         markup=False,
     )
+
+
+@app.command()
+def public(
+    directory: Path = typer.Argument(..., help="Directory holding <node>.key (or <node>.key_secret)"),
+    node: str = typer.Option(..., "--node", help="Node whose public key to print"),
+) -> None:
+    """Print a node's public key as the topology takes it: `public_key: "..."` (only public keys travel)."""
+    try:
+        if public_key_path(directory, node).is_file():
+            key = load_public_key(directory, node)
+        else:  # only the secret file kept: its public half
+            key = load_secret_file(secret_key_path(directory, node))[0]
+    except MeshslError as exc:
+        _fail(f"{exc} (create it with `meshsl keys generate {directory} --nodes {node}`)")
+    # z85 has no quote or backslash: a double-quoted YAML scalar holds it as is.
+    typer.echo(f'public_key: "{key.decode("ascii")}"')

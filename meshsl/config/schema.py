@@ -31,13 +31,26 @@ Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
 
 class NodeSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    endpoint: Endpoint
+    endpoint: Optional[Endpoint] = Field(default=None, description="where the node binds (required unless inbound: false)")
     party: str = Field(pattern=NAME_PATTERN, description="privacy domain (organisation) the node belongs to")
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535)
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     standby: list[Endpoint] = Field(default_factory=list, description="endpoints of hot standbys")
     public_key: Optional[str] = Field(default=None, description="CURVE public key (z85)")
     threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads of the compute thread")
+    inbound: bool = Field(default=True, description="accepts inbound connections; false: a dial-out node that "
+                          "binds nothing and reaches its peers over connections it opens (behind a firewall)")
+
+    @model_validator(mode="after")
+    def _endpoint_if_inbound(self) -> "NodeSpec":
+        if self.inbound and self.endpoint is None:
+            raise ValueError(f"node {self.name!r} needs an endpoint (or `inbound: false` for a node that only "
+                             f"dials out)")
+        if not self.inbound and (self.endpoint is not None or self.standby):
+            raise ValueError(f"node {self.name!r} has `inbound: false` and binds nothing: remove its "
+                             f"{'endpoint' if self.endpoint is not None else 'standby endpoints'} (a restarted "
+                             f"dial-out node simply connects again, from any address)")
+        return self
 
 
 class DataSpec(Strict):

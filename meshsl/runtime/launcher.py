@@ -35,7 +35,7 @@ def with_free_ports(document: dict) -> dict:
     replicated = set((document.get("clients") or {}).get("replicate", []))
     for node in document["nodes"]:
         span = replicas if node["name"] in replicated else 1
-        if str(node["endpoint"]).startswith("tcp://"):
+        if str(node.get("endpoint")).startswith("tcp://"):  # a dial-out node (inbound: false) has none
             base = _free_block(span)
             node["endpoint"] = f"tcp://127.0.0.1:{base}"
             node["standby"] = [f"tcp://127.0.0.1:{_free_block(span)}" for _ in node.get("standby", [])]
@@ -180,7 +180,8 @@ class LocalRun:
                 if proc is not None and proc.poll() is None and self.started_at[name] < noticed - silence:
                     proc.kill()
                     proc.wait()
-            for name, proc in list(self.processes.items()):
+            # The coordinator first: when it fails, the nodes it told stop too (non-zero), and the run is its.
+            for name, proc in sorted(self.processes.items(), key=lambda item: item[0] != topology.coordinator):
                 code = proc.poll()
                 if code is None or (code == 0 and name != topology.coordinator):
                     continue

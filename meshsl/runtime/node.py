@@ -70,7 +70,8 @@ class NodeRuntime:
     def __init__(self, topology, node: str, transport: Optional[Transport] = None, metrics=None,
                  coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
                  resume: bool = False, endpoint: Optional[str] = None, weights_dir: Optional[Path] = None,
-                 inference=None, executor: Optional[concurrent.futures.Executor] = None) -> None:
+                 inference=None, executor: Optional[concurrent.futures.Executor] = None,
+                 bind: Optional[str] = None, peer_endpoints: Optional[dict] = None) -> None:
         """`weights_dir`: start from saved segment weights (see entry.load_saved_weights); `inference`: a
         meshsl.predict.NodeInference (this node's own prediction input/output; no checkpoints are written);
         `executor`: where compute runs, one task at a time per node (default: a thread of its own; a
@@ -82,10 +83,12 @@ class NodeRuntime:
         self.spec = topology.nodes[node]
         self.coordinator_node = topology.coordinator
         address_book = {name: n.endpoint for name, n in topology.nodes.items()}
+        address_book.update(peer_endpoints or {})  # per-node overrides (`meshsl node --peer`)
         if transport is None:  # CURVE (when the topology asks for it) authenticates against its allow-list
             from meshsl.runtime.keys_loading import transport_security
             transport = make_transport(node, endpoint or self.spec.endpoint, address_book,
-                                       **transport_security(topology, node, self._on_auth_refused))
+                                       **transport_security(topology, node, self._on_auth_refused),
+                                       **({"bind": bind} if bind else {}))
         self.transport = transport
         self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
         self.checkpoint_every = topology.spec.checkpoint.every if inference is None else 0
@@ -93,6 +96,7 @@ class NodeRuntime:
         self.policy = topology.spec.retry
         self._coordinator_seen = time.monotonic()
         self._run: Optional[control.Run] = None  # the self-driven training steps in progress (docs/wan.md)
+        self._contacted = False  # heard from the coordinator at least once
         self.metrics = metrics
         self.edges = build_edges(topology)
         self.codecs = EdgeCodecs(self.edges, aligned=topology.spec.training.deterministic)
@@ -140,6 +144,7 @@ class NodeRuntime:
         self.worker = await loop.run_in_executor(self.executor, self._build_worker)
         await loop.run_in_executor(self.executor, self._prepare_checkpoints)
         await self.transport.start()
+        self._coordinator_seen = time.monotonic()  # our own start-up (torch, data) is no silence of its
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -278,8 +283,8 @@ class NodeRuntime:
         if not self._joined or silent <= limit:  # before joining, _announce waits (longer: start-up)
             return False
         self.aborted = True
-        self.stop(f"coordinator {self.coordinator_node!r} silent for {silent:.1f}s (limit {limit:.1f}s: "
-                  f"retry.coordinator_timeout_s); giving up on the run")
+        self.stop(f"coordinator {self.coordinator_node!r} silent for {silent:.1f}s, unreachable (network partition "
+                  f"or node down; limit {limit:.1f}s: retry.coordinator_timeout_s); giving up on the run")
         return True
 
     def _stop_if_coordinator_absent(self, since: float) -> bool:
@@ -452,6 +457,7 @@ class NodeRuntime:
             raise ProtocolError("unknown_peer", "not a node of this topology", sender)
         if sender == self.coordinator_node:
             self._coordinator_seen = time.monotonic()
+            self._contacted = True
         if self.coordinator is not None:
             self.coordinator.seen(sender)
         kind = envelope.kind

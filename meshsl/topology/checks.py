@@ -42,6 +42,41 @@ def check_batch_size(topology) -> None:
     if batch > rows:
         raise TopologyError(f"batch_size {batch} exceeds the {rows} training rows of the data; "
                             f"use at most {rows}", f"{topology.source}: training.batch_size")
+def talking_pairs(topology) -> dict[frozenset, str]:
+    """Pairs of nodes that exchange messages directly -> why (the first reason found): the coordinator
+    with every node (control, heartbeats, recovery), and the two ends of every segment edge that crosses
+    nodes (activations one way, gradients back)."""
+    pairs: dict[frozenset, str] = {}
+    declared = topology.spec.training.coordinator
+    coordinator = topology.coordinator if not declared or declared in topology.nodes else None
+    if coordinator in topology.nodes:
+        for name in topology.nodes:
+            if name != coordinator:
+                pairs.setdefault(frozenset((coordinator, name)), f"{coordinator} coordinates {name}")
+    for seg in topology.spec.segments:
+        for source in seg.inputs:
+            if source not in topology.segments:
+                continue
+            for lane in range(topology.lanes):
+                producer, consumer = topology.node_of(source, lane), topology.node_of(seg.name, lane)
+                if producer != consumer:
+                    pairs.setdefault(frozenset((producer, consumer)), f"segment {source} feeds {seg.name}")
+    return pairs
+
+
+def _check_dial_out(topology, declared: dict[str, str], problem) -> None:
+    """Two dial-out nodes cannot reach each other: neither accepts the other's connection."""
+    try:
+        pairs = talking_pairs(topology)
+    except (KeyError, ValueError):  # placement problems are reported by the checks above
+        return
+    for pair, why in sorted(pairs.items(), key=lambda item: sorted(item[0])):
+        a, b = sorted(pair)
+        if topology.nodes[a].inbound or topology.nodes[b].inbound:
+            continue
+        problem(f"nodes {a!r} and {b!r} both have `inbound: false` but must talk directly ({why}); neither "
+                f"can accept the other's connection. Let one of them accept inbound connections (give it an "
+                f"endpoint)", f"{declared.get(a, a)}.inbound and {declared.get(b, b)}.inbound")
 
 
 def check_topology(topology) -> None:
@@ -62,6 +97,8 @@ def check_topology(topology) -> None:
     replica_hint = " (copies of a replicated node use the declared port + client index)" if spec.clients else ""
     for name, node in topology.nodes.items():
         for k, written in enumerate([node.endpoint, *node.standby]):
+            if written is None:  # a dial-out node binds nothing
+                continue
             key = f"{declared.get(name, f'nodes({name})')}." + ("endpoint" if k == 0 else f"standby[{k - 1}]")
             endpoint = same_endpoint_key(written)
             if endpoint in endpoints_seen:
@@ -73,7 +110,8 @@ def check_topology(topology) -> None:
     ports: dict[tuple[str, int], str] = {}
     for name, node in topology.nodes.items():
         if node.metrics_port:
-            host = node.endpoint.split("://", 1)[1].rsplit(":", 1)[0] if node.endpoint.startswith("tcp") else "local"
+            host = node.endpoint.split("://", 1)[1].rsplit(":", 1)[0] if (node.endpoint or "").startswith("tcp") \
+                else "local"
             if (host, node.metrics_port) in ports:
                 problem(f"metrics_port {node.metrics_port} is used by both {ports[(host, node.metrics_port)]!r} "
                         f"and {name!r}", f"{declared.get(name, f'nodes({name})')}.metrics_port")
@@ -148,6 +186,7 @@ def check_topology(topology) -> None:
                     f"(one that clients.replicate does not list)", "training.coordinator")
         else:
             problem(f"unknown node {coordinator!r} (nodes: {', '.join(topology.nodes)})", "training.coordinator")
+    _check_dial_out(topology, declared, problem)
     if spec.security.curve and not spec.security.keys_dir and any(n.public_key is None for n in spec.nodes):
         problem("curve is on but neither keys_dir nor every node's public_key is given", "security")
     if problems:

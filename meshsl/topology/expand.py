@@ -20,7 +20,7 @@ def lane_node_name(name: str, lane: int) -> str:
 def replicate_node(node: NodeSpec, lane: int) -> NodeSpec:
     return node.model_copy(update={
         "name": lane_node_name(node.name, lane),
-        "endpoint": lane_endpoint(node.endpoint, lane),
+        "endpoint": None if node.endpoint is None else lane_endpoint(node.endpoint, lane),
         "party": f"{node.party}-{lane}",  # every client is its own privacy domain
         "metrics_port": None if node.metrics_port is None else (node.metrics_port + lane if node.metrics_port else 0),
         "standby": [lane_endpoint(e, lane) for e in node.standby],

@@ -13,9 +13,12 @@ class Transport(abc.ABC):
     """Bound to one node's endpoint; sends frames to peers by node name, receives (sender, frames).
 
     The sender of a received message is the transport-level identity (authenticated with CURVE when on),
-    never a field the peer wrote into the header."""
+    never a field the peer wrote into the header.
 
-    def __init__(self, node: str, endpoint: str, address_book: dict[str, str]) -> None:
+    `endpoint` None: a dial-out node that binds nothing; an address-book entry None: a dial-out peer,
+    reached over the connection it opened to us."""
+
+    def __init__(self, node: str, endpoint: Optional[str], address_book: dict[str, Optional[str]]) -> None:
         self.node = node
         self.endpoint = endpoint
         self.address_book = dict(address_book)
@@ -51,8 +54,8 @@ class Transport(abc.ABC):
         self.address_book[peer] = endpoint
 
 
-def make_transport(node: str, endpoint: str, address_book: dict[str, str], **options) -> Transport:
-    if endpoint.startswith("inproc://") and options.get("in_process", True):
+def make_transport(node: str, endpoint: Optional[str], address_book: dict[str, Optional[str]], **options) -> Transport:
+    if endpoint and endpoint.startswith("inproc://") and options.get("in_process", True):
         from meshsl.transport.inprocess import InProcessTransport
         return InProcessTransport(node, endpoint, address_book, **{k: v for k, v in options.items() if k in ("queue_size",)})
     from meshsl.transport.zmq_backend import ZmqTransport

@@ -1,8 +1,19 @@
-"""ZeroMQ transport: one ROUTER bound on the node's endpoint, one DEALER per peer (routing id = node name)."""
+"""ZeroMQ transport: one ROUTER bound on the node's endpoint, one DEALER per peer (routing id = node name).
+
+Dial-out nodes (`inbound: false`, no endpoint) bind nothing. Such a node has one ROUTER that *connects*
+to every peer accepting inbound connections (one alias per connection, `peer#n`) and carries both
+directions over those connections. Its ROUTER presents the routing id `node#nonce`; a peer learns that
+route from the node's first message (an empty announcement sent on every handshake) and answers through
+its own bound ROUTER. With CURVE a route is learned only from a message whose authenticated key is that
+node's, so another key holder cannot take the route over; the dial-out node pins each server's key.
+"""
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import logging
+import secrets
 import time
 from typing import Callable, Optional, Sequence
 
@@ -70,11 +81,13 @@ class ZmqTransport(Transport):
     def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
                  keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
                  context: Optional[zmq.asyncio.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD,
-                 max_message_bytes: Optional[int] = None, connection_timeout_s: Optional[float] = None) -> None:
+                 max_message_bytes: Optional[int] = None, connection_timeout_s: Optional[float] = None,
+                 bind: Optional[str] = None) -> None:
         """`max_message_bytes`: the socket drops (disconnects) a peer whose frame is larger, before it is
         buffered; `connection_timeout_s`: ZMTP heartbeats drop a connection silent that long, so a node
         restarted elsewhere can claim its name after a half-open connection (names are never taken over)."""
         super().__init__(node, endpoint, address_book)
+        self.bind = bind  # where the ROUTER binds when that differs from the endpoint peers use (containers)
         self.high_water_mark = high_water_mark
         self.keyring = keyring  # meshsl.security.keys.KeyRing when CURVE is on
         self.on_auth_refused = on_auth_refused
@@ -93,8 +106,19 @@ class ZmqTransport(Transport):
         self._identities: dict[bytes, str] = {}  # routing id -> its decoded name (bounded)
         self._last_yield = _clock()
         self._waiters: dict[int, tuple] = {}  # fd -> (future, loop) of the task waiting on that socket
+        # Dial-out: this node binds nothing (no endpoint) and reaches every peer through one connecting ROUTER.
+        self.dial_out = not endpoint
+        self._aliases: dict[str, bytes] = {}  # dial-out: peer -> routing alias of our connection to it
+        self._alias_endpoints: dict[str, str] = {}  # dial-out: endpoint connected -> peer
+        self._connections = 0
+        self._routes: dict[str, bytes] = {}  # accepting: dial-out peer -> routing id it announced (authenticated)
+        self._dial_monitor: Optional[asyncio.Task] = None
+        self._loopback: collections.deque = collections.deque()  # dial-out: messages to itself (bounded by HWM)
 
     async def start(self) -> None:
+        if self.dial_out:
+            self._start_dial_out()
+            return
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, self.high_water_mark)
@@ -109,6 +133,8 @@ class ZmqTransport(Transport):
             ivl = max(100, int(self.connection_timeout_s * 1000 / 10))
             router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.connection_timeout_s * 1000))
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a dial-out peer not connected fails, not vanishes
+        router.setsockopt(zmq.SNDHWM, self.high_water_mark)
         if self.keyring is not None:
             from meshsl.security.curve import configure_server, start_authenticator
             self._authenticator = await start_authenticator(self.context, self.keyring, self.on_auth_refused)
@@ -118,11 +144,143 @@ class ZmqTransport(Transport):
             # (plain-text clients, garbled handshakes).
             self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure))
         try:
-            router.bind(self.endpoint)
+            router.bind(self.bind or self.endpoint)
         except zmq.ZMQError as exc:
             router.close(0)
-            raise TransportError(f"cannot bind {self.endpoint}: {exc.strerror}") from None
+            raise TransportError(f"cannot bind {self.bind or self.endpoint}: {exc.strerror}") from None
         self._router = router
+
+    # -- dial-out --------------------------------------------------------------------------------
+    def _start_dial_out(self) -> None:
+        router = self.context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVHWM, self.high_water_mark)
+        router.setsockopt(zmq.SNDHWM, self.high_water_mark)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.max_message_bytes is not None:  # as on the bound socket: refused before it is buffered
+            router.setsockopt(zmq.MAXMSGSIZE, int(self.max_message_bytes) + FRAME_SLACK_BYTES)
+        router.setsockopt(zmq.RECONNECT_IVL, 100)
+        router.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        # A fresh nonce per socket: a restarted node is a new route, never a takeover of an old one.
+        router.setsockopt(zmq.ROUTING_ID, f"{self.node}#{secrets.token_hex(6)}".encode())
+        if self.keyring is not None:
+            router.curve_publickey = self.keyring.public_key
+            router.curve_secretkey = self.keyring.secret_key
+        self._router = router
+        monitor = router.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._dial_monitor = asyncio.ensure_future(self._watch_dial_out(monitor))
+        for peer, endpoint in self.address_book.items():
+            if endpoint and peer != self.node:
+                self._dial(peer, endpoint)
+
+    def _dial(self, peer: str, endpoint: str) -> None:
+        """Connect to `peer` under a new alias (aliases are never reused, so a moved peer's old
+        connection can linger while the new one starts) and queue the announcement."""
+        self._connections += 1
+        alias = f"{peer}#{self._connections}".encode()
+        router = self._router
+        if self.keyring is not None:
+            router.curve_serverkey = self.keyring.public_key_of(peer)  # copied into this connection
+        router.setsockopt(zmq.CONNECT_ROUTING_ID, alias)
+        try:
+            router.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot connect to {peer} at {endpoint}: {exc.strerror}") from None
+        self._aliases[peer] = alias
+        self._alias_endpoints[endpoint] = peer
+        self._announce(peer)
+
+    def _announce(self, peer: str) -> None:
+        """An empty message tells `peer` the route back to us (queued until the connection is up)."""
+        alias = self._aliases.get(peer)
+        if alias is None:
+            return
+        try:
+            _send_now(self._sync(self._router), (alias, b""))
+        except zmq.ZMQError:
+            pass  # no room or no pipe: the next handshake announces again, any message carries the route
+
+    async def _watch_dial_out(self, monitor) -> None:
+        """Announce again after every (re)connection; count servers that refuse our CURVE key."""
+        from zmq.utils.monitor import recv_monitor_message
+        while True:
+            try:
+                event = await recv_monitor_message(monitor)
+            except (zmq.ZMQError, asyncio.CancelledError):
+                monitor.close(0)
+                return
+            endpoint = event["endpoint"].decode("utf-8", "replace")
+            peer = self._peer_at(endpoint)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                log.debug("%s: connected to %s (%s)", self.node, peer or "a peer", endpoint)
+                for name in ([peer] if peer else list(self._aliases)):
+                    self._announce(name)
+                self._kick(self._router)
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._on_refused_by(peer or endpoint, "auth")
+            else:
+                log.warning("%s: handshake with %s failed (%s)", self.node, endpoint, event["event"])
+
+    def _peer_at(self, endpoint: str) -> Optional[str]:
+        """The peer we dialled at `endpoint` (libzmq may report a host name resolved: match the port)."""
+        peer = self._alias_endpoints.get(endpoint)
+        if peer is None:
+            port = endpoint.rsplit(":", 1)[-1]
+            matches = {p for address, p in self._alias_endpoints.items() if address.rsplit(":", 1)[-1] == port}
+            peer = matches.pop() if len(matches) == 1 else None
+        return peer
+
+    def _routed(self, peer: str) -> bool:
+        """Does traffic to `peer` go through the ROUTER (we dial out, or `peer` does)?"""
+        if self.dial_out:
+            return True
+        if peer not in self.address_book:
+            raise TransportError(f"no endpoint known for peer {peer!r}")
+        return not self.address_book[peer]
+
+    def _send_routed_now(self, peer: str, frames: Sequence) -> bool:
+        if peer == self.node:  # a dial-out coordinator's control messages to its own node
+            if len(self._loopback) >= self.high_water_mark:
+                return False
+            self._loopback.append([bytes(f) for f in frames])
+            entry = self._waiters.get(self._sync(self._router).FD)
+            if entry is not None:
+                _wake(entry[0])
+            return True
+        route = self._aliases.get(peer) if self.dial_out else self._routes.get(peer)
+        if route is None:
+            if self.dial_out:
+                raise TransportError(f"node {self.node!r} dials out and knows no endpoint of {peer!r}: two "
+                                     f"dial-out nodes cannot talk directly")
+            return False  # the dial-out peer has not announced itself yet
+        sock = self._sync(self._router)
+        try:
+            sent = _send_now(sock, (route, *frames))
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise TransportError(f"cannot send to {peer}: {exc.strerror}") from None
+            sent = False  # its connection is gone (for now)
+        self._kick(self._router)
+        return sent
+
+    def _kick(self, sock) -> None:
+        """Sending on the socket we also receive on may consume the edge-triggered fd's signal: wake the
+        receiver when a message is waiting."""
+        shadow = self._shadows.get(id(sock))
+        if shadow is None or sock is None:
+            return
+        entry = self._waiters.get(shadow[1].FD)
+        if entry is not None and shadow[1].get(zmq.EVENTS) & zmq.POLLIN:
+            _wake(entry[0])
+
+    async def _send_routed(self, peer: str, frames: Sequence) -> None:
+        """Wait (polling, bounded by the caller's timeout) for room or for the peer's route."""
+        delay = 0.0005
+        while not self._send_routed_now(peer, frames):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _dealer(self, peer: str) -> zmq.asyncio.Socket:
         sock = self._dealers.get(peer)
@@ -150,6 +308,9 @@ class ZmqTransport(Transport):
     async def send(self, peer: str, frames: Sequence) -> None:
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
+        if self._routed(peer):
+            await self._send_routed(peer, frames)
+            return
         sock = self._sync(self._dealer(peer))
         if _send_now(sock, frames):  # no future, no event-loop round trip when the socket can take it now
             await self._maybe_yield()
@@ -165,7 +326,10 @@ class ZmqTransport(Transport):
 
         A multipart message is atomic under the HWM: libzmq checks it on the first frame only, and rolls
         back a message whose later frame cannot go, so EAGAIN means that no frame left."""
-        if not _send_now(self._sync(self._dealer(peer)), frames):
+        if self._routed(peer):
+            if not self._send_routed_now(peer, frames):
+                return False
+        elif not _send_now(self._sync(self._dealer(peer)), frames):
             return False
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
@@ -175,6 +339,8 @@ class ZmqTransport(Transport):
         """`try_send` for a thread other than the event loop's (a node's compute thread). It creates
         nothing: a peer without a socket yet gives False. The caller serialises every send to `peer`
         (no `send` or `try_send` in flight for it) and does not race `reroute`/`close`."""
+        if self.dial_out or not self.address_book.get(peer):
+            return False  # the ROUTER is the event loop's (it also receives there)
         sock = self._dealers.get(peer)
         shadow = self._shadows.get(id(sock)) if sock is not None else None
         if shadow is None or shadow[0] is not sock:
@@ -235,29 +401,49 @@ class ZmqTransport(Transport):
         return shadow[1]
 
     async def recv(self) -> tuple[str, list]:
-        sock = self._sync(self._router)
-        frames = _recv_now(sock)
-        if frames is not None:
-            await self._maybe_yield()
-            return self._identify(frames)
-        while frames is None:
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
-                await self._readable(sock)
+        while True:
+            if self._loopback:
+                await self._maybe_yield()
+                return self.node, self._loopback.popleft()
+            sock = self._sync(self._router)
             frames = _recv_now(sock)
-        return self._identify(frames)
+            if frames is not None:
+                await self._maybe_yield()
+            while frames is None and not self._loopback:
+                if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                    await self._readable(sock)
+                frames = _recv_now(sock)
+            if frames is None:
+                continue  # a message to itself woke us
+            if len(frames) == 2 and len(frames[1]) == 0:  # a dial-out peer's announcement: route only
+                self._identify(frames)
+                continue
+            return self._identify(frames)
 
     def recv_nowait(self) -> Optional[tuple[str, list]]:
         """The next message if one is already here, else None (never waits, never yields)."""
-        frames = _recv_now(self._sync(self._router))
-        return None if frames is None else self._identify(frames)
+        while True:
+            if self._loopback:
+                return self.node, self._loopback.popleft()
+            frames = _recv_now(self._sync(self._router))
+            if frames is None:
+                return None
+            if len(frames) == 2 and len(frames[1]) == 0:
+                self._identify(frames)
+                continue
+            return self._identify(frames)
 
     def _identify(self, frames: list) -> tuple[str, list]:
         routing_id = frames[0].bytes
         identity = self._identities.get(routing_id)
         if identity is None:
-            identity = routing_id.decode("utf-8", "replace")
+            # `name#...`: a dial-out node's route (or, on a dial-out node, its alias of a connection)
+            identity = routing_id.split(b"#", 1)[0].decode("utf-8", "replace")
             if len(self._identities) < 4096:
                 self._identities[routing_id] = identity
+        if self.dial_out:
+            # Every connection is one we opened to a pinned server key (CURVE): the alias names the peer.
+            return identity, frames[1:]
         if self.keyring is not None:
             # With CURVE the authenticator maps the peer's key to its node name: trust that, not the
             # routing id. A mismatch comes back as an identity no header can name, and the node
@@ -268,7 +454,11 @@ class ZmqTransport(Transport):
                 user = None
             if user != identity:
                 log.warning("%s: peer authenticated as %r claims routing id %r", self.node, user, identity[:64])
-                identity = f"{SPOOFED_PREFIX}{user}:{identity[:64]}"
+                return f"{SPOOFED_PREFIX}{user}:{identity[:64]}", frames[1:]
+        if b"#" in routing_id and self._routes.get(identity) != routing_id \
+                and identity in self.address_book and not self.address_book[identity]:
+            self._routes[identity] = routing_id  # (authenticated above when CURVE is on)
+            log.info("%s: dial-out node %s reachable", self.node, identity)
         return identity, frames[1:]
 
     def _on_handshake_failure(self, reason: str) -> None:
@@ -282,6 +472,21 @@ class ZmqTransport(Transport):
                       "declares for %s?)", self.node, peer, self.node, self.node)
 
     def reroute(self, peer: str, endpoint: str) -> None:
+        if not endpoint or not self.address_book.get(peer):
+            return  # a dial-out peer moves by connecting again: its new route is learned, not told
+        if self.dial_out:
+            super().reroute(peer, endpoint)
+            old = self._aliases.pop(peer, None)
+            for address, name in list(self._alias_endpoints.items()):
+                if name == peer and old is not None:
+                    del self._alias_endpoints[address]
+                    try:
+                        self._router.disconnect(address)
+                    except zmq.ZMQError:
+                        pass
+            if self._router is not None:
+                self._dial(peer, endpoint)
+            return
         super().reroute(peer, endpoint)
         sock = self._dealers.pop(peer, None)
         if sock is not None:
@@ -293,6 +498,17 @@ class ZmqTransport(Transport):
             sock.close(0)
 
     async def close(self) -> None:
+        if self._dial_monitor is not None:
+            self._dial_monitor.cancel()
+            try:
+                await self._dial_monitor
+            except asyncio.CancelledError:
+                pass
+            try:
+                self._router.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._dial_monitor = None
         for monitor in self._monitors:
             await monitor.stop()
         self._monitors.clear()
