@@ -92,7 +92,7 @@ def feature_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
     for name, spec in topology.data.items():
         if spec.kind != "features":
             continue
-        table = load_dataset(spec.dataset, topology.base_dir)
+        table = load_dataset(spec.source_dataset, topology.base_dir)
         values[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)[index]),
                                        dtype=torch.float32)
     return values
