@@ -117,6 +117,9 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
                 contract.add_row(p["party"], name, f"{verb} {t['direction']}", t["edge"],
                                  f"{t['dtype']}\\[{', '.join(map(str, t['shape']))}] ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
     out.print(contract)
+    if document.get("alignment"):
+        from meshsl.cli_align import print_alignment_step
+        print_alignment_step(out, document["alignment"])
     if cuts:
         table = Table(title="cut-layer candidates")
         for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):
@@ -287,6 +290,7 @@ def _mount_optional() -> None:
     app.add_typer(keys_app, name="keys")
     __import__("meshsl.cli_privacy", fromlist=["mount"]).mount(app)  # meshsl audit
     __import__("meshsl.cli_model", fromlist=["mount"]).mount(app)  # meshsl predict / export / assemble / evaluate
+    __import__("meshsl.cli_align", fromlist=["mount"]).mount(app)  # meshsl align
 
 
 _mount_optional()

@@ -336,3 +336,28 @@ def test_alignment_over_curve_authenticated_zeromq(tmp_path):
 
     outcomes = asyncio.run(scenario())
     assert [o.size for o in outcomes] == [300, 300, 300] and outcomes[0].ids == outcomes[2].ids
+
+
+# ---- the commands ------------------------------------------------------------------------------------
+def test_align_command_reports_overlap_per_pair_and_plan_shows_the_step():
+    import json
+
+    from typer.testing import CliRunner
+
+    from meshsl.cli import app
+    runner = CliRunner()
+    result = runner.invoke(app, ["align", str(EXAMPLE), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    pairs = {tuple(p["parties"]): p["common"] for p in report["pairs"]}
+    assert pairs == {("hospital-a", "hospital-b"): 340, ("hospital-a", "lab"): 300, ("hospital-b", "lab"): 300}
+    assert (report["common"], report["train"], report["test"]) == (300, 240, 60)
+    text = runner.invoke(app, ["align", str(EXAMPLE)]).output
+    assert "83% / 83%" in text and "300 samples -> 240 train / 60 test" in text
+    plan = runner.invoke(app, ["plan", str(EXAMPLE), "--json"])
+    step = json.loads(plan.output)["alignment"]
+    assert step["leader"] == "lab" and step["members"] == ["hospital_a", "hospital_b"]
+    assert "patient_id" in step["ids"]["features_a"]["from"]
+    assert "alignment step" in runner.invoke(app, ["plan", str(EXAMPLE)]).output
+    plain = runner.invoke(app, ["align", str(ROOT / "topologies" / "vertical.yaml")])
+    assert plain.exit_code == 2 and "no data source names sample ids" in plain.output
