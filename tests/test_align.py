@@ -361,3 +361,11 @@ def test_align_command_reports_overlap_per_pair_and_plan_shows_the_step():
     assert "alignment step" in runner.invoke(app, ["plan", str(EXAMPLE)]).output
     plain = runner.invoke(app, ["align", str(ROOT / "topologies" / "vertical.yaml")])
     assert plain.exit_code == 2 and "no data source names sample ids" in plain.output
+
+
+def test_psi_benchmark_smoke():
+    """benchmarks/psi.py at a tiny size: both sides find the same 70 % and the table prints."""
+    from benchmarks import psi as bench
+    rows = bench.measure(sizes=[400])
+    assert rows[0]["common"] == 280 and rows[0]["library_wall_s"] > 0 and rows[0]["meshsl_wall_s"] > 0
+    assert "400 ids per party" in bench.table(rows)
