@@ -39,13 +39,16 @@ def session_for(topology, node: str, transport) -> Session:
     return Session(transport, node, topology.hash, leader_of(topology), members, observers, timeout_s, minimum)
 
 
-def remember(topology, node: str, outcome: AlignmentOutcome) -> None:
-    topology.__dict__.setdefault("_alignments", {})[node] = outcome
+def remember(topology, node: str, outcome: AlignmentOutcome, predict: bool = False) -> None:
+    """Keep a node's outcome; `predict`: of its prediction input (the training rows are then not used)."""
+    topology.__dict__.setdefault("_predict_alignments" if predict else "_alignments", {})[node] = outcome
+    if predict:
+        topology.__dict__["_predict_mode"] = True
     topology.__dict__.pop("_sample_pools", None)  # pools depend on the intersection size
 
 
-def outcome_of(topology, node: Optional[str] = None) -> Optional[AlignmentOutcome]:
-    found = topology.__dict__.get("_alignments", {})
+def outcome_of(topology, node: Optional[str] = None, predict: bool = False) -> Optional[AlignmentOutcome]:
+    found = topology.__dict__.get("_predict_alignments" if predict else "_alignments", {})
     if node is not None:
         return found.get(node)
     return next(iter(found.values()), None)
@@ -56,6 +59,8 @@ def aligned_size(topology) -> Optional[int]:
     no node has aligned yet, which needs every party's files here (tools, reference runs, tests)."""
     if not uses_ids(topology):
         return None
+    if topology.__dict__.get("_predict_mode"):
+        return outcome_of(topology, predict=True).size
     outcome = outcome_of(topology)
     if outcome is None:
         align_locally(topology)
@@ -65,8 +70,8 @@ def aligned_size(topology) -> Optional[int]:
 
 def aligned_rows(topology, node: str, source: str) -> Optional[np.ndarray]:
     """Row of `source` (held by `node`) for each common sample, in the agreed order; None without ids."""
-    if not uses_ids(topology):
-        return None
+    if not uses_ids(topology) or topology.__dict__.get("_predict_mode"):
+        return None  # predicting: the training rows are loaded but not used
     outcome = outcome_of(topology, node)
     if outcome is None:
         align_locally(topology)
@@ -83,9 +88,15 @@ def _with_context(topology, node: str, exc: AlignmentError) -> AlignmentError:
 
 
 async def align_node(topology, node: str, transport, checkpoint_dir: Optional[Path] = None,
-                     resume: bool = False) -> AlignmentOutcome:
-    """This node's side of the alignment over its (started) transport; raises AlignmentError."""
-    ids = node_ids(topology, node).ids if node in data_nodes(topology) else None
+                     resume: bool = False, predict_ids: Optional[list[str]] = None) -> AlignmentOutcome:
+    """This node's side of the alignment over its (started) transport; raises AlignmentError.
+    `predict_ids`: align these (a prediction input's ids) instead of the training data's."""
+    predict = predict_ids is not None or topology.__dict__.get("_predict_mode", False)
+    if predict:
+        ids = predict_ids
+        checkpoint_dir = None
+    else:
+        ids = node_ids(topology, node).ids if node in data_nodes(topology) else None
     digest = _digest(topology, ids)
     cache = Path(checkpoint_dir, node, CACHE_FILE) if checkpoint_dir is not None else None
     if resume and cache is not None and cache.is_file():
@@ -97,6 +108,9 @@ async def align_node(topology, node: str, transport, checkpoint_dir: Optional[Pa
     try:
         outcome = await session_for(topology, node, transport).run(ids)
     except AlignmentError as exc:
+        if predict:
+            raise AlignmentError(f"{exc.message} [prediction inputs; node {node!r}, party "
+                                 f"{topology.nodes[node].party!r}]", f"{topology.source}: {exc.where}") from None
         raise _with_context(topology, node, exc) from None
     log.info("%s: %d common samples after PSI (%.2fs)", node, outcome.size, outcome.seconds)
     if cache is not None:
@@ -104,7 +118,7 @@ async def align_node(topology, node: str, transport, checkpoint_dir: Optional[Pa
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"digest": digest, "size": outcome.size, "ids": outcome.ids}))
         tmp.replace(cache)
-    remember(topology, node, outcome)
+    remember(topology, node, outcome, predict)
     return outcome
 
 
@@ -116,8 +130,13 @@ async def align_before_training(runtime) -> Optional[bool]:
         return None
     await runtime.transport.start()
     try:
+        predict_ids = None
+        if runtime.inference is not None:  # `meshsl predict`: align the prediction inputs' ids instead
+            topology.__dict__["_predict_mode"] = True
+            predict_ids = _prediction_ids(runtime)
         await align_node(topology, runtime.node, runtime.transport,
-                         runtime.checkpoint_dir if runtime.checkpoint_every > 0 else None, runtime.resume)
+                         runtime.checkpoint_dir if runtime.checkpoint_every > 0 else None, runtime.resume,
+                         predict_ids)
     except MeshslError as exc:
         runtime.failure = str(exc)
         log.error("%s: %s", runtime.node, exc)
@@ -125,6 +144,20 @@ async def align_before_training(runtime) -> Optional[bool]:
             runtime.coordinator.exception = exc
         return False
     return True
+
+
+def _prediction_ids(runtime) -> Optional[list[str]]:
+    from meshsl.errors import ConfigError
+    from meshsl.predict import id_column_of, read_node_ids
+    topology, node = runtime.topology, runtime.node
+    if node not in data_nodes(topology):
+        return None
+    path = runtime.inference.input_path
+    if path is None:
+        raise ConfigError(f"node {node!r} holds data, so it takes part in matching the prediction inputs by sample "
+                          f"id; give it --predict-input FILE with an id column {id_column_of(topology, node)!r}",
+                          "--predict-input")
+    return read_node_ids(topology, node, path)
 
 
 def _digest(topology, ids: Optional[list[str]]) -> str:
