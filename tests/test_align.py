@@ -158,6 +158,28 @@ def test_psi_run_across_processes_equals_training_on_the_pre_aligned_intersectio
     assert not torch.equal(build_module(initial, "classifier").state_dict()["0.weight"],
                            plain_weights["classifier"]["0.weight"])  # it did train
 
+    # Prediction by id: the parties' own files (shuffled, partial overlap) plus the lab's list of ids to
+    # score; the predictions carry the ids and equal the model applied to the pre-aligned rows.
+    from meshsl.predict import load_predictions, predict_local
+    lab_ids = tmp_path / "lab_ids.csv"
+    lab_ids.write_text("patient_id\n" + "\n".join(read_rows(DATA / "lab.csv")[1]) + "\n")
+    predict_local(psi_path, tmp_path / "psi-run" / "weights",
+                  {"hospital_a": DATA / "hospital_a.csv", "hospital_b": DATA / "hospital_b.csv", "lab": lab_ids},
+                  tmp_path / "predictions", run_dir=tmp_path / "predict-run", free_ports=True, timeout=240)
+    predicted = load_predictions(tmp_path / "predictions" / "cancer.csv")
+    assert list(predicted["id"]) == common
+    plain_topology = load_topology(plain_path)
+    modules = {}
+    for segment, state in plain_weights.items():
+        modules[segment] = build_module(plain_topology, segment)
+        modules[segment].load_state_dict(state)
+    from meshsl.compute.node_data import NodeData
+    x = {**NodeData(plain_topology, "hospital_a").tensors, **NodeData(plain_topology, "hospital_b").tensors}
+    with torch.no_grad():
+        hidden = torch.cat([modules["encoder_a"](x["features_a"]), modules["encoder_b"](x["features_b"])], dim=1)
+        probs = modules["classifier"](hidden).softmax(dim=1)
+    assert torch.allclose(torch.as_tensor(predicted["prob_1"], dtype=torch.float32), probs[:, 1], atol=1e-6)
+
 
 # ---- bad input: each gets a clear error naming file, party and column ----------------------------
 def _errors(path: Path) -> str:
