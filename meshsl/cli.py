@@ -176,7 +176,10 @@ def run(topology: Path = typer.Argument(...),
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     from meshsl.plan.steps import training_steps
-    total = len(training_steps(topo, steps, epochs))
+    try:
+        total = len(training_steps(topo, steps, epochs))  # with sample ids: reads every party's ids here
+    except MeshslError as exc:
+        fail(exc)
     launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports,
                         weights_out=weights_out, resume=resume, log_level=level, weights_in=weights)
     if resume and run_dir is None:

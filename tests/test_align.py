@@ -391,3 +391,25 @@ def test_psi_benchmark_smoke():
     rows = bench.measure(sizes=[400])
     assert rows[0]["common"] == 280 and rows[0]["library_wall_s"] > 0 and rows[0]["meshsl_wall_s"] > 0
     assert "400 ids per party" in bench.table(rows)
+
+
+def test_nodes_stop_with_the_alignment_error_instead_of_training(tmp_path):
+    """In the nodes themselves (no local pre-check): every node stops, the run fails naming the cause."""
+    from meshsl.errors import PeerFailed
+    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.simulate import simulate
+    topology = load_topology(write_topology(tmp_path, example_document(tmp_path, min_intersection=301)))
+    with pytest.raises(PeerFailed) as caught:
+        asyncio.run(simulate(topology, RunOptions(steps=2)))
+    assert "fewer than alignment.min_intersection = 301" in str(caught.value)
+
+
+def test_local_tools_intersect_in_the_clear_with_the_same_result(tmp_path):
+    topology = load_topology(EXAMPLE)
+    from meshsl.align.runner import intersect_locally
+    local = intersect_locally(topology)
+    psi_topology = load_topology(EXAMPLE)
+    assert {n: o.ids for n, o in align_locally(psi_topology).items()} == {n: o.ids for n, o in local.items()}
+    document = example_document(tmp_path, min_intersection=301)
+    with pytest.raises(AlignmentError, match="hospital_a.csv.*hospital_b.csv.*lab.csv"):
+        intersect_locally(load_topology(write_topology(tmp_path, document)))

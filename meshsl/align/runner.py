@@ -55,16 +55,16 @@ def outcome_of(topology, node: Optional[str] = None, predict: bool = False) -> O
 
 
 def aligned_size(topology) -> Optional[int]:
-    """Common samples after alignment (None: rows are matched by position). Aligns in this process when
-    no node has aligned yet, which needs every party's files here (tools, reference runs, tests)."""
+    """Common samples after alignment (None: rows are matched by position). Without a node's PSI
+    outcome (a local tool: the launcher's progress bar, reference training, audits) every party's
+    files are read here and intersected directly: the same rows in the same order as the PSI gives."""
     if not uses_ids(topology):
         return None
     if topology.__dict__.get("_predict_mode"):
         return outcome_of(topology, predict=True).size
     outcome = outcome_of(topology)
     if outcome is None:
-        align_locally(topology)
-        outcome = outcome_of(topology)
+        outcome = intersect_locally(topology)[data_nodes(topology)[0]]
     return outcome.size
 
 
@@ -74,11 +74,26 @@ def aligned_rows(topology, node: str, source: str) -> Optional[np.ndarray]:
         return None  # predicting: the training rows are loaded but not used
     outcome = outcome_of(topology, node)
     if outcome is None:
-        align_locally(topology)
-        outcome = outcome_of(topology, node)
+        outcome = intersect_locally(topology)[node]
     held = node_ids(topology, node)
     positions = held.rows[source]
     return np.fromiter((positions[i] for i in outcome.ids), dtype=np.int64, count=len(outcome.ids))
+
+
+def intersect_locally(topology) -> dict[str, AlignmentOutcome]:
+    """Every party's files read here, intersected in the clear (no PSI: nothing leaves this process).
+    Remembered like a node's outcome, so later calls in this process reuse it."""
+    members = data_nodes(topology)
+    held = {n: node_ids(topology, n) for n in members}
+    common = sorted(set.intersection(*(set(h.ids) for h in held.values())))
+    problem = session_for(topology, members[0], None)._size_problem(len(common))
+    if problem is not None:
+        where = "; ".join(f"{n} ({topology.nodes[n].party}): {h.origin}" for n, h in held.items())
+        raise AlignmentError(f"{problem} [{where}]", f"{topology.source}: alignment")
+    outcomes = {n: AlignmentOutcome(len(common), common if n in held else None) for n in topology.nodes}
+    for node, outcome in outcomes.items():
+        remember(topology, node, outcome)
+    return outcomes
 
 
 def _with_context(topology, node: str, exc: AlignmentError) -> AlignmentError:
