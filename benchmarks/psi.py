@@ -110,7 +110,8 @@ def meshsl_alignment(n: int) -> dict:
             "cpu_s": sum(r["cpu_s"] for r in results)}
 
 
-def measure(quick: bool = False, sizes: list[int] | None = None) -> list[dict]:
+def measure(quick: bool = False, sizes: list[int] | None = None, on_row=None) -> list[dict]:
+    """One row per size; `on_row(rows so far)` after each (the 10^6 row takes minutes)."""
     rows = []
     for n in sizes or ([10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]):
         print(f"   psi n={n:,} ...", file=sys.stderr, flush=True)
@@ -122,6 +123,8 @@ def measure(quick: bool = False, sizes: list[int] | None = None) -> list[dict]:
                      "library_cpu_s": round(library["cpu_s"], 3), "meshsl_cpu_s": round(ours["cpu_s"], 3),
                      "ratio_cpu": round(ours["cpu_s"] / library["cpu_s"], 3),
                      "library_bytes": library["bytes"], "load_avg_1m": os.getloadavg()[0]})
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -146,11 +149,14 @@ def main(argv=None) -> int:
     if args.party:  # one side of the meshsl measurement, started by meshsl_alignment
         print(json.dumps(asyncio.run(_party(args.party, args.n, json.loads(args.book)))))
         return 0
-    rows = measure(sizes=args.sizes)
+    def save(rows: list[dict]) -> None:
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=1))
+
+    rows = measure(sizes=args.sizes, on_row=save)
     print(table(rows))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
     return 0
 
 
