@@ -88,6 +88,16 @@ def decode(frames, topology_hash: str) -> tuple[dict, bytes]:
     return header, frames[2]
 
 
+def _value_set(payload: bytes) -> set[bytes]:
+    return set(psi.response_values(payload))
+
+
+def _leader_match(count: int, members: list[str], mine: dict, theirs: dict) -> tuple[list[int], dict[str, int]]:
+    """Positions (in the leader's request order) common to every member, and each member's overlap."""
+    common = [k for k in range(count) if all(mine[m][k] in theirs[m] for m in members)]
+    return common, {m: sum(v in theirs[m] for v in mine[m]) for m in members}
+
+
 class Session:
     """One node's side of an alignment: send, and receive exactly the messages its role expects."""
 
@@ -169,10 +179,10 @@ class Session:
                 if header["type"] == REQUEST:
                     held[sender] = header["count"]
                     response = await self._offload(blinder.reblind, payload)
-                    theirs[sender] = set(psi.response_values(response))
+                    theirs[sender] = await self._offload(_value_set, response)
                     await self._send(sender, RESPONSE, response, count=header["count"])
                 else:
-                    values = psi.response_values(payload)
+                    values = await self._offload(psi.response_values, payload)
                     if len(values) != len(ids):
                         raise ProtocolError("align_count", f"{len(values)} values for {len(ids)} ids", sender)
                     mine[sender] = values
@@ -180,18 +190,17 @@ class Session:
                 raise
             except Exception as exc:  # the library refuses malformed points or protobuf
                 raise ProtocolError("align_payload", f"{type(exc).__name__}: {exc}", sender) from None
-        common = [k for k in range(len(ids)) if all(mine[m][k] in theirs[m] for m in self.members)]
-        pair_sizes = {m: sum(v in theirs[m] for v in mine[m]) for m in self.members}
+        common, pair_sizes = await self._offload(_leader_match, len(ids), self.members, mine, theirs)
         error = self._size_problem(len(common))
         for member in self.members:
-            values = sorted(mine[member][k] for k in common)  # sorted: no hint of my row order
-            await self._send(member, FINAL, psi.pack_values(values) if error is None else b"",
-                             size=len(common), **({"error": error} if error else {}))
+            # sorted: no hint of my row order
+            payload = b"" if error else await self._offload(lambda: psi.pack_values(sorted(mine[member][k] for k in common)))
+            await self._send(member, FINAL, payload, size=len(common), **({"error": error} if error else {}))
         for observer in self.observers:
             await self._send(observer, FINAL, size=len(common), **({"error": error} if error else {}))
         if error is not None:
             raise AlignmentError(error, f"alignment on {self.node!r}")
-        common_ids = sorted(ids[order[k]] for k in common)
+        common_ids = await self._offload(lambda: sorted(ids[order[k]] for k in common))
         return AlignmentOutcome(len(common), common_ids, pair_sizes, held)
 
     async def _member(self, ids: list[str]) -> AlignmentOutcome:
@@ -210,32 +219,33 @@ class Session:
                 if header["type"] == REQUEST:
                     held = header["count"]
                     response = await self._offload(blinder.reblind, payload)
-                    leader_values = set(psi.response_values(response))
+                    leader_values = await self._offload(_value_set, response)
                     await self._send(self.leader, RESPONSE, response, count=header["count"])
                 else:
-                    mine = psi.response_values(payload)
+                    mine = await self._offload(psi.response_values, payload)
                     if len(mine) != len(ids):
                         raise ProtocolError("align_count", f"{len(mine)} values for {len(ids)} ids", self.leader)
             except MeshslError:
                 raise
             except Exception as exc:
                 raise ProtocolError("align_payload", f"{type(exc).__name__}: {exc}", self.leader) from None
-        pairwise = sum(v in leader_values for v in mine)
+        pairwise = await self._offload(lambda: sum(v in leader_values for v in mine))
         _, header, payload = await self._receive({self.leader: {FINAL}})
         if header.get("error"):
             raise AlignmentError(header["error"], f"alignment on {self.node!r} (reported by leader {self.leader!r})")
         try:
-            final = set(psi.response_values(payload))
+            final = await self._offload(_value_set, payload)
         except Exception as exc:
             raise ProtocolError("align_payload", f"{type(exc).__name__}: {exc}", self.leader) from None
-        common = [ids[order[k]] for k, v in enumerate(mine) if v in final]
+        common = await self._offload(lambda: [ids[order[k]] for k, v in enumerate(mine) if v in final])
         if len(common) != header["size"] or len(final) != header["size"]:
             raise AlignmentError(f"the leader {self.leader!r} announced {header['size']} common samples but "
                                  f"{len(common)} of this node's ids are among them", f"alignment on {self.node!r}")
         error = self._size_problem(len(common))
         if error is not None:
             raise AlignmentError(error, f"alignment on {self.node!r}")
-        return AlignmentOutcome(len(common), sorted(common), {self.leader: pairwise}, {self.leader: held})
+        return AlignmentOutcome(len(common), await self._offload(sorted, common), {self.leader: pairwise},
+                                {self.leader: held})
 
     async def _observe(self) -> AlignmentOutcome:
         _, header, _ = await self._receive({self.leader: {FINAL}})
