@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from meshsl.align.ids import data_nodes, leader_of, node_ids, uses_ids
-from meshsl.align.session import AlignmentError, AlignmentOutcome, Session
+from meshsl.align.session import AlignmentError, AlignmentOutcome, Session, size_problem
 from meshsl.errors import MeshslError
 
 log = logging.getLogger("meshsl.align")
@@ -86,7 +86,7 @@ def intersect_locally(topology) -> dict[str, AlignmentOutcome]:
     members = data_nodes(topology)
     held = {n: node_ids(topology, n) for n in members}
     common = sorted(set.intersection(*(set(h.ids) for h in held.values())))
-    problem = session_for(topology, members[0], None)._size_problem(len(common))
+    problem = size_problem(len(common), _settings(topology)[1])
     if problem is not None:
         where = "; ".join(f"{n} ({topology.nodes[n].party}): {h.origin}" for n, h in held.items())
         raise AlignmentError(f"{problem} [{where}]", f"{topology.source}: alignment")

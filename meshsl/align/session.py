@@ -254,9 +254,13 @@ class Session:
         return AlignmentOutcome(header["size"], None)
 
     def _size_problem(self, size: int) -> Optional[str]:
-        if size == 0:
-            return "the parties' sample ids have no sample in common (empty intersection)"
-        if size < self.min_intersection:
-            return (f"the parties have {size} samples in common, fewer than alignment.min_intersection = "
-                    f"{self.min_intersection}")
-        return None
+        return size_problem(size, self.min_intersection)
+
+
+def size_problem(size: int, min_intersection: int) -> Optional[str]:
+    """Why `size` common samples cannot be trained on, or None."""
+    if size == 0:
+        return "the parties' sample ids have no sample in common (empty intersection)"
+    if size < min_intersection:
+        return f"the parties have {size} samples in common, fewer than alignment.min_intersection = {min_intersection}"
+    return None
