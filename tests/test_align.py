@@ -413,3 +413,27 @@ def test_local_tools_intersect_in_the_clear_with_the_same_result(tmp_path):
     document = example_document(tmp_path, min_intersection=301)
     with pytest.raises(AlignmentError, match="hospital_a.csv.*hospital_b.csv.*lab.csv"):
         intersect_locally(load_topology(write_topology(tmp_path, document)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("MESHSL_PSI_CHAOS"),
+                    reason="set MESHSL_PSI_CHAOS=1: three more real runs (~2 min idle)")
+@pytest.mark.timeout(900)
+def test_sigkill_after_psi_resumes_from_the_saved_alignment_with_identical_weights(tmp_path):
+    """A node killed mid-training restarts with --resume, takes its alignment from its checkpoint
+    folder (its peers are past the PSI) and the run ends with the weights of an uninterrupted one."""
+    from test_failover import assert_same_weights, kill_at, train, weights
+    document = example_document(tmp_path)
+    document["training"].update(steps=16, eval_every=0)
+    document["checkpoint"] = {"every": 1}
+    document["retry"] = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 4.0, "timeout_s": 60,
+                         "startup_timeout_s": 120, "max_restarts": 3}
+    for node in document["nodes"]:
+        node.pop("metrics_port", None)
+    path = write_topology(tmp_path, document)
+    train(path, tmp_path / "reference")
+    for victim in ("hospital_a", "lab"):  # a member, and the leader (also the coordinator)
+        _, run = train(path, tmp_path / f"kill-{victim}", kill_at(victim, 6))
+        assert run.restarts.get(victim)
+        assert "alignment restored" in (tmp_path / f"kill-{victim}" / f"{victim}.log").read_text()
+        assert_same_weights(weights(tmp_path / "reference"), weights(tmp_path / f"kill-{victim}"))
