@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 SECTIONS = ("transport", "pipelining", "scale", "gpu")
-OPTIONAL = ("wan",)  # needs root, network namespaces and nft: run with --only wan
+# Run only when named: wan needs root, network namespaces and nft; psi at 10^6 ids takes minutes.
+OPTIONAL = ("wan", "psi")
 
 
 def machine() -> dict:
@@ -103,6 +104,10 @@ def table(results: dict) -> str:
         from benchmarks.wan import table as wan_table
         add("")
         lines.append(wan_table(results["wan"]))
+    if "psi" in results:
+        from benchmarks.psi import table as psi_table
+        add("")
+        lines.append(psi_table(results["psi"]))
     return "\n".join(lines)
 
 
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (< 2 minutes)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL, help="run only these sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL,
+                        help="run only these sections (wan and psi run only when named)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     results: dict = {"machine": machine(), "quick": args.quick}

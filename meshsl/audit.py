@@ -92,8 +92,11 @@ def feature_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
     for name, spec in topology.data.items():
         if spec.kind != "features":
             continue
-        table = load_dataset(spec.dataset, topology.base_dir)
-        values[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)[index]),
+        table = load_dataset(spec.source_dataset, topology.base_dir)
+        from meshsl.align.runner import aligned_rows
+        aligned = aligned_rows(topology, topology.placement[name][0], name)  # sample ids matched by PSI
+        at = index if aligned is None else aligned[index]
+        values[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)[at]),
                                        dtype=torch.float32)
     return values
 

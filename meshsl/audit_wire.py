@@ -18,7 +18,10 @@ data and the plan:
 - ``per_sample_meta``: no header meta carries a list indexed by sample (longer than the number of
   classes, clients or nodes);
 - ``label_free_party``: a party without labels never receives task metrics or losses in a header,
-  nor the output of a task's output segment (logits).
+  nor the output of a task's output segment (logits);
+- ``raw_id`` (topologies with sample ids, `check_alignment`): no party's sample id, nor its SHA-256,
+  appears in any frame of any message, alignment or training; ``alignment_format``: a PSI message
+  is the magic tag, a header of counts only, and a payload of blinded P-256 points (nothing else).
 """
 from __future__ import annotations
 
@@ -72,6 +75,25 @@ class Finding:
         return f"[{self.rule}] {self.message}: {self.detail}"
 
 
+@dataclass
+class AlignmentWire:
+    """One message of the sample-id alignment (PSI), as sent."""
+
+    sender: str
+    peer: str
+    sender_party: str
+    peer_party: str
+    frames: list[bytes]
+
+    @property
+    def crosses_party(self) -> bool:
+        return self.sender_party != self.peer_party
+
+    def describe(self) -> str:
+        return (f"alignment {self.sender}({self.sender_party}) -> {self.peer}({self.peer_party}) "
+                f"{self.frames[1][:120]!r} + {len(self.frames[-1])} payload bytes")
+
+
 class WireRecorder:
     """A traffic hook: `recorder(sender, peer, frames)`; keeps every message, decoded."""
 
@@ -80,14 +102,23 @@ class WireRecorder:
         self.edges = build_edges(topology)
         self.max_bytes = topology.spec.security.max_message_bytes
         self.messages: list[WireMessage] = []
+        self.alignment: list[AlignmentWire] = []  # PSI messages (topologies with sample ids)
+        self.headers: list[bytes] = []  # every training message's header frame, for the raw-id rule
 
     def __call__(self, sender: str, peer: str, frames) -> None:
+        from meshsl.align.session import is_alignment_message
+        nodes = self.topology.nodes
+        if is_alignment_message(frames):
+            self.alignment.append(AlignmentWire(sender, peer, nodes[sender].party, nodes[peer].party,
+                                                [bytes(f) for f in frames]))
+            return
+        if nodes[sender].party != nodes[peer].party:
+            self.headers.append(bytes(list(frames)[0]))
         envelope, parts = decode_message(list(frames), self.max_bytes)
         tensors = []
         for descriptor, tensor_parts in zip(envelope.tensors, parts):
             tensors.append(self._decode(envelope, descriptor, tensor_parts))
         raw = b"".join(bytes(f) for f in list(frames)[1:])
-        nodes = self.topology.nodes
         self.messages.append(WireMessage(sender, peer, nodes[sender].party, nodes[peer].party,
                                          envelope, tensors, raw))
 
@@ -118,7 +149,7 @@ def holdings(topology) -> Holdings:
     from meshsl.data import load_dataset, select_columns
     held = Holdings()
     for name, spec in topology.data.items():
-        table = load_dataset(spec.dataset, topology.base_dir)
+        table = load_dataset(spec.source_dataset, topology.base_dir)
         parties = sorted({topology.nodes[n].party for n in topology.placement[name]})
         if spec.kind == "labels":
             y = np.asarray(table.labels)
@@ -179,6 +210,55 @@ class WireAudit:
                 findings += self._labels(m, t)
             findings += self._label_free(m)
         findings += self._raw_bytes(messages)
+        return findings
+
+    def check_alignment(self, recorder: "WireRecorder") -> list[Finding]:
+        """No sample id (raw or SHA-256) in any crossing frame; PSI messages hold only counts and points.
+
+        Ids shorter than 6 bytes are not searched for: short strings turn up in random bytes by chance."""
+        import hashlib
+        import json
+
+        from meshsl.align.ids import source_ids, uses_ids
+        from meshsl.align.psi import POINT_BYTES, response_values
+        from meshsl.align.session import MAGIC
+        if not uses_ids(self.topology):
+            return []
+        ids = {v for name in self.topology.data for v in source_ids(self.topology, name)}
+        needles = [v.encode() for v in ids if len(v.encode()) >= 6]
+        needles += [hashlib.sha256(v.encode()).digest() for v in ids]
+        needles += [hashlib.sha256(v.encode()).hexdigest().encode() for v in ids]
+        findings: list[Finding] = []
+        crossing = [a for a in recorder.alignment if a.crosses_party]
+        for a in crossing:
+            problem = None
+            try:
+                header = json.loads(a.frames[1])
+                values = response_values(a.frames[2]) if a.frames[2] else []
+                if len(a.frames) != 3 or a.frames[0] != MAGIC:
+                    problem = f"{len(a.frames)} frames, tag {a.frames[0][:20]!r}"
+                elif set(header) - {"type", "topology", "count", "size", "error"}:
+                    problem = f"header keys {sorted(header)}"
+                elif any(len(v) != POINT_BYTES for v in values):
+                    problem = "a payload value is not a compressed P-256 point"
+            except Exception as exc:  # noqa: BLE001 - anything unparseable is itself the finding
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem:
+                findings.append(Finding("alignment_format", a.describe(), problem))
+        blobs = [(a.describe(), b"".join(a.frames)) for a in crossing]
+        blobs += [(m.describe(), header + m.raw) for m, header in zip(recorder.crossing, recorder.headers)]
+        separator = b"\xffMESHSL-AUDIT\xff"
+        blob = separator.join(b for _, b in blobs)
+        starts, position = [], 0
+        for _, b in blobs:
+            starts.append(position)
+            position += len(b) + len(separator)
+        for needle in needles:
+            at = blob.find(needle)
+            if at >= 0:
+                index = max(i for i, s in enumerate(starts) if s <= at)
+                findings.append(Finding("raw_id", blobs[index][0], "a sample id (or its SHA-256) is inside the frames"))
+                break
         return findings
 
     # -- rules -----------------------------------------------------------------------------------
@@ -340,5 +420,5 @@ async def audit_run(topology, options=None) -> tuple[dict, WireRecorder, list[Fi
     return summary, recorder, WireAudit(topology).check(recorder.messages)
 
 
-__all__ = ["Finding", "Holdings", "WireAudit", "WireMessage", "WireRecorder", "audit_run", "contract",
+__all__ = ["AlignmentWire", "Finding", "Holdings", "WireAudit", "WireMessage", "WireRecorder", "audit_run", "contract",
            "contract_shapes", "holdings", "observed", "summarise"]

@@ -118,6 +118,9 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
                 contract.add_row(p["party"], name, f"{verb} {t['direction']}", t["edge"],
                                  f"{t['dtype']}\\[{', '.join(map(str, t['shape']))}] ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
     out.print(contract)
+    if document.get("alignment"):
+        from meshsl.cli_align import print_alignment_step
+        print_alignment_step(out, document["alignment"])
     if cuts:
         table = Table(title="cut-layer candidates")
         for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):
@@ -179,7 +182,10 @@ def run(topology: Path = typer.Argument(...),
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     from meshsl.plan.steps import training_steps
-    total = len(training_steps(topo, steps, epochs))
+    try:
+        total = len(training_steps(topo, steps, epochs))  # with sample ids: reads every party's ids here
+    except MeshslError as exc:
+        fail(exc)
     from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY
     if resume and run_dir is None:
         fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
@@ -346,6 +352,7 @@ def _mount_optional() -> None:
     app.add_typer(keys_app, name="keys")
     __import__("meshsl.cli_privacy", fromlist=["mount"]).mount(app)  # meshsl audit
     __import__("meshsl.cli_model", fromlist=["mount"]).mount(app)  # meshsl predict / export / assemble / evaluate
+    __import__("meshsl.cli_align", fromlist=["mount"]).mount(app)  # meshsl align
 
 
 _mount_optional()

@@ -56,7 +56,51 @@ def feature_sources(topology, node: str) -> list:
     return [d for d in topology.spec.data if d.kind == "features" and node in topology.placement[d.name]]
 
 
-def _read_matrix(path: Path, where: str) -> np.ndarray:
+def id_column_of(topology, node: str) -> Optional[str]:
+    """The id column a node's prediction input must have (topologies matched by sample id), else None."""
+    from meshsl.align.ids import uses_ids
+    if not uses_ids(topology):
+        return None
+    names = [d.id_column for d in topology.spec.data if topology.placement[d.name][0] == node and d.id_column]
+    return names[0] if names else "id"
+
+
+def read_node_ids(topology, node: str, path: Path) -> Optional[list[str]]:
+    """The sample ids of `node`'s prediction input (its id column), checked like training ids; None
+    when the topology matches rows by position."""
+    column = id_column_of(topology, node)
+    if column is None:
+        return None
+    where = f"--input {node}={path} (party {topology.nodes[node].party!r})"
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist", where)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.reader(handle) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}", where) from None
+    header = [h.strip() for h in rows[0]] if rows else []
+    if column not in header:
+        raise DataError(f"{path}: id column {column!r} is not in the header {header}; rows are matched by "
+                        f"sample id, so every prediction input needs it", where)
+    at = header.index(column)
+    ids, first = [], {}
+    for line, row in enumerate(rows[1:], start=2):
+        value = row[at].strip() if at < len(row) else ""
+        if not value:
+            raise DataError(f"{path}:{line} has an empty id in column {column!r}", where)
+        if value in first:
+            raise DataError(f"{path}: duplicate id {value!r} in column {column!r} (lines {first[value]} and {line})",
+                            where)
+        first[value] = line
+        ids.append(value)
+    if not ids:
+        raise DataError(f"{path} has no data rows", where)
+    return ids
+
+
+def _read_matrix(path: Path, where: str, drop_column: Optional[str] = None) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"input file {path} does not exist", where)
     if path.suffix == ".npy":
@@ -72,6 +116,9 @@ def _read_matrix(path: Path, where: str) -> np.ndarray:
             rows = [r for r in csv.reader(handle) if r]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read {path}: {exc}", where) from None
+    if drop_column is not None and rows:  # the sample-id column (read by read_node_ids) is not a feature
+        at = [h.strip() for h in rows[0]].index(drop_column)
+        rows = [r[:at] + r[at + 1:] for r in rows]
     if rows:
         try:
             [float(v) for v in rows[0]]
@@ -99,11 +146,14 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
     if node not in topology.nodes:
         raise ConfigError(f"unknown node {node!r} (nodes: {', '.join(topology.nodes)})", where)
     sources = feature_sources(topology, node)
+    ids = read_node_ids(topology, node, path)
+    if not sources and ids is not None:
+        return {}, len(ids)  # a label holder's list of the samples to predict: it takes part in the PSI
     if not sources:
         raise ConfigError(f"node {node!r} holds no feature data, so it takes no prediction input", where)
     shapes = [tuple(topology.shapes[d.name]) for d in sources]
     widths = [math.prod(s) for s in shapes]
-    array = _read_matrix(path, where)
+    array = _read_matrix(path, where, id_column_of(topology, node))
     if len(sources) == 1 and tuple(array.shape[1:]) == shapes[0]:
         array = array.reshape(len(array), -1)
     elif array.ndim != 2:
@@ -120,6 +170,16 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
         tensors[d.name] = torch.from_numpy(block).reshape(len(array), *shape)
         start += width
     return tensors, len(array)
+
+
+def predict_rows(topology, node: str, path: Path) -> Optional[np.ndarray]:
+    """Row of `node`'s prediction input for each common sample after the PSI, in the agreed order."""
+    from meshsl.align.runner import outcome_of
+    outcome = outcome_of(topology, node, predict=True)
+    if outcome is None or outcome.ids is None:
+        return None
+    position = {value: row for row, value in enumerate(read_node_ids(topology, node, path))}
+    return np.fromiter((position[i] for i in outcome.ids), dtype=np.int64, count=len(outcome.ids))
 
 
 # ---- a node's side -----------------------------------------------------------------------------
@@ -139,8 +199,8 @@ def prediction_file(topology, task, node: str, directory: Path) -> Path:
     return Path(directory) / f"{stem}.csv"
 
 
-def _header(topology, task, width: int) -> list[str]:
-    head = ["row"] + (["client"] if topology.lanes > 1 else [])
+def _header(topology, task, width: int, with_ids: bool = False) -> list[str]:
+    head = ["row"] + (["id"] if with_ids else []) + (["client"] if topology.lanes > 1 else [])
     if task.loss == "cross_entropy":
         return head + ["prediction"] + [f"prob_{k}" for k in range(width)]
     if task.loss == "bce_with_logits":
@@ -158,13 +218,21 @@ class NodeInference:
     rows: Optional[int] = None  # of the input (announced to the coordinator; the rows themselves stay)
     written: dict = field(default_factory=dict)  # task -> predictions written
     files: dict = field(default_factory=dict)  # task -> path
+    ids: Optional[list] = None  # the common sample ids in row order (this node took part in the PSI)
 
     def attach(self, worker) -> None:
         """On the compute thread at node start: read the input, start the output files."""
         topology = worker.topology
         if self.input_path is not None:
             tensors, self.rows = read_node_input(topology, worker.node, self.input_path)
+            order = predict_rows(topology, worker.node, self.input_path)
+            if order is not None:  # matched by sample id: row i is the i-th common sample
+                tensors = {k: v[torch.as_tensor(order)].contiguous() for k, v in tensors.items()}
+                self.rows = len(order)
             worker.data.predict_inputs.update(tensors)
+        from meshsl.align.runner import outcome_of
+        aligned = outcome_of(topology, worker.node, predict=True)
+        self.ids = aligned.ids if aligned is not None else None
         for task in worker._my_tasks():
             if self.output_dir is None:
                 raise ConfigError(f"node {worker.node!r} owns the output of task {task.name!r}; give it "
@@ -198,13 +266,13 @@ class NodeInference:
                         values = output.reshape(len(output), -1)
                     if self.written[task.name] == 0:
                         width = values.shape[1] - (1 if task.loss != "mse" else 0)
-                        out.writerow(_header(worker.topology, task, width))
+                        out.writerow(_header(worker.topology, task, width, self.ids is not None))
                     client = [lane_client(worker.topology, lane)] if worker.topology.lanes > 1 else []
                     for row, vals in zip(rows.tolist(), values.tolist()):
                         fields = [format(v, FLOAT_FORMAT) for v in vals]
                         if task.loss != "mse":
                             fields[0] = str(int(vals[0]))
-                        out.writerow([row, *client, *fields])
+                        out.writerow([row, *([self.ids[row]] if self.ids is not None else []), *client, *fields])
                     self.written[task.name] += len(rows)
                     counts[task.name] = counts.get(task.name, 0) + len(rows)
         return counts
@@ -371,6 +439,14 @@ def check_inputs(topology, inputs: dict[str, Path], remote=()) -> dict[str, int]
     """Before starting anything: every input is readable, has its node's columns, and rows line up."""
     rows = {node: read_node_input(topology, node, path)[1] for node, path in inputs.items()}
     sources = [d.name for d in topology.spec.data if d.kind == "features"]
+    from meshsl.align.ids import data_nodes, uses_ids
+    if uses_ids(topology):  # rows are matched by PSI: every data node takes part, counts may differ
+        missing = [n for n in data_nodes(topology) if n not in inputs and n not in remote]
+        if missing:
+            raise ConfigError(f"no --input for {', '.join(missing)}: rows are matched by sample id, so every "
+                              f"party holding data takes part in the alignment (a label holder gives a csv "
+                              f"with just its id column: the samples it wants predicted)", "--input")
+        return rows
     if topology.lanes == 1:
         needed = sorted({topology.node_of(s) for s in sources})
         missing = [n for n in needed if n not in inputs and n not in remote]
@@ -421,5 +497,5 @@ def load_predictions(path: Path) -> dict[str, np.ndarray]:
     columns = {}
     for i, name in enumerate(header):
         values = [r[i] for r in body]
-        columns[name] = np.array(values) if name == "client" else np.array(values, dtype=np.float64)
+        columns[name] = np.array(values) if name in ("client", "id") else np.array(values, dtype=np.float64)
     return columns

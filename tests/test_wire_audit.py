@@ -24,7 +24,7 @@ from meshsl.topology.model import load_topology
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 EXAMPLES = ["vanilla", "u_shaped", "vertical", "vertical_u_shaped", "multi_task", "multi_hop",
-            "multi_hop_multi_task", "splitfed", "sequential"]
+            "multi_hop_multi_task", "splitfed", "sequential", "vertical_psi"]
 _RUNS: dict[str, tuple] = {}
 
 
@@ -209,3 +209,40 @@ def test_detects_metrics_and_logits_sent_to_the_u_shaped_server():
     audit = WireAudit(topology, held)
     assert topology.spec.tasks[0].output == "head" and "head" in audit.task_outputs
     assert np.asarray(held.labels["digit_labels"][1]).max() == 9
+
+
+# ---- sample-id alignment (PSI): no raw id crosses --------------------------------------------------
+def test_psi_alignment_sends_only_blinded_points_and_counts():
+    topology, recorder, _ = recorded("vertical_psi")
+    crossing = [a for a in recorder.alignment if a.crosses_party]
+    # 2 members x (request + response each way) + final: 10 messages, all across party boundaries.
+    assert len(crossing) == 10
+    assert {json.loads(a.frames[1])["type"] for a in crossing} == {"request", "response", "final"}
+    assert WireAudit(topology).check_alignment(recorder) == []
+
+
+def test_detects_raw_ids_in_alignment_and_training_messages():
+    from meshsl.align.ids import source_ids
+    from meshsl.align.session import encode as encode_alignment
+    topology, recorder, _ = recorded("vertical_psi")
+    patient = source_ids(topology, "features_a")[17]
+    audit = WireAudit(topology)
+
+    def rules(inject) -> set[str]:
+        leaky = WireRecorder(topology)
+        inject(leaky)
+        return {f.rule for f in audit.check_alignment(leaky)}
+
+    # An id sent in the clear as an alignment payload, inside a header, or hashed.
+    import hashlib
+    assert "raw_id" in rules(lambda r: r("hospital_a", "lab", encode_alignment("final", topology.hash,
+                                                                               b"xx" + patient.encode())))
+    assert "raw_id" in rules(lambda r: r("hospital_a", "lab", encode_alignment(
+        "final", topology.hash, hashlib.sha256(patient.encode()).digest())))
+    assert "raw_id" in rules(lambda r: _inject(r, Kind.DONE, "lab", "hospital_a", meta={"note": patient}))
+    # A payload that is not blinded points, or a header with more than counts.
+    assert "alignment_format" in rules(lambda r: r("lab", "hospital_b", encode_alignment("final", topology.hash,
+                                                                                         b"not protobuf")))
+    assert "alignment_format" in rules(lambda r: r("lab", "hospital_b", encode_alignment(
+        "final", topology.hash, ids="x")))
+    assert rules(lambda r: [r(a.sender, a.peer, a.frames) for a in recorder.alignment]) == set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from meshsl.align.runner import aligned_rows
 from meshsl.data import batch_indices, eval_batches, load_dataset, select_columns
 from meshsl.plan.steps import sample_pools
 
@@ -17,12 +18,15 @@ class NodeData:
         for name, spec in topology.data.items():
             if node not in topology.placement[name]:
                 continue
-            table = load_dataset(spec.dataset, topology.base_dir)
+            table = load_dataset(spec.source_dataset, topology.base_dir)
             if spec.kind == "labels":
                 self.tensors[name] = torch.as_tensor(np.asarray(table.labels))
             else:
                 self.tensors[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)),
                                                      dtype=torch.float32)
+            rows = aligned_rows(topology, node, name)
+            if rows is not None:  # sample ids matched by PSI: row i is the i-th common sample
+                self.tensors[name] = self.tensors[name][torch.as_tensor(rows)].contiguous()
         self.predict_inputs: dict[str, torch.Tensor] = {}
         # Micro-batch row ids are asked for by every forward and backward; computing them means a
         # permutation of the lane's pool, so the split of the current batches is kept (bounded).

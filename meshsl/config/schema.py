@@ -61,6 +61,30 @@ class DataSpec(Strict):
     dataset: DatasetSpec
     kind: Literal["features", "labels"] = "features"
     columns: Union[Literal["all"], str, list[Union[int, str]]] = "all"
+    id_column: Optional[str] = Field(default=None, min_length=1,
+                                     description="csv dataset: the column naming each row's sample id (not a feature)")
+    id_file: Optional[str] = Field(default=None, min_length=1,
+                                   description="a text file with one sample id per line, line i naming row i")
+
+    @model_validator(mode="after")
+    def _one_id_source(self) -> "DataSpec":
+        if self.id_column is not None and self.id_file is not None:
+            raise ValueError("give the sample ids either as 'id_column' or as 'id_file', not both")
+        if self.id_column is not None and self.dataset.name != "csv":
+            raise ValueError(f"'id_column' needs a csv dataset (this one is {self.dataset.name!r}); "
+                             f"use 'id_file' for other datasets")
+        return self
+
+    @property
+    def has_ids(self) -> bool:
+        return self.id_column is not None or self.id_file is not None
+
+    @property
+    def source_dataset(self) -> DatasetSpec:
+        """The dataset as loaded: a csv id column is not a feature."""
+        if self.id_column is None:
+            return self.dataset
+        return self.dataset.model_copy(update={"options": {**self.dataset.options, "id_column": self.id_column}})
 
 
 LayerSpec = list[Any]  # [TypeName, *positional args, optional {kwargs}]
@@ -160,6 +184,15 @@ class SecuritySpec(Strict):
     metrics_tls: Optional[MetricsTLSSpec] = None
 
 
+class AlignmentSpec(Strict):
+    """Private set intersection of the parties' sample ids before training and prediction (see meshsl.align)."""
+
+    min_intersection: int = Field(default=1, ge=1, description="fewer common samples than this is an error")
+    leader: Optional[str] = Field(default=None, description="node running the PSI with every other data node "
+                                                            "(default: the first task's label holder)")
+    timeout_s: float = Field(default=600.0, gt=0, description="longest wait for a peer's PSI message")
+
+
 class TrainingSpec(Strict):
     epochs: int = Field(default=1, ge=0)
     steps: Optional[int] = Field(default=None, ge=1, description="total steps; overrides epochs")
@@ -196,3 +229,4 @@ class TopologySpec(Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
+    alignment: Optional[AlignmentSpec] = None

@@ -36,6 +36,7 @@ class Table:
     labels: np.ndarray | None  # int64 [N] class ids (float32 [N, ...] for regression targets)
     num_classes: int | None  # None without labels or for regression targets
     feature_names: tuple[str, ...]  # one per column for 2-D features, () otherwise
+    ids: tuple[str, ...] | None = None  # each row's sample id when the source names an id column
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -223,8 +224,9 @@ def _load_synthetic(base_dir: Path, *, shape: Sequence[int] = (16,), num_samples
 
 
 @register_dataset("csv")
-def _load_csv(base_dir: Path, *, path: str, label_column: str | None = None, delimiter: str = ",") -> Table:
-    """A CSV file with a header row; every column but `label_column` must be numeric."""
+def _load_csv(base_dir: Path, *, path: str, label_column: str | None = None, delimiter: str = ",",
+              id_column: str | None = None) -> Table:
+    """A CSV file with a header row; every column but `label_column` and `id_column` must be numeric."""
     where = "dataset 'csv'"
     file = _resolve(base_dir, path, f"{where}.options.path")
     try:
@@ -242,7 +244,12 @@ def _load_csv(base_dir: Path, *, path: str, label_column: str | None = None, del
             raise DataError(f"label_column {label_column!r} is not in the header {header}",
                             f"{where}.options.label_column")
         label_at = header.index(label_column)
-    feature_at = [i for i in range(len(header)) if i != label_at]
+    id_at = None
+    if id_column is not None:
+        if id_column not in header:
+            raise DataError(f"{file}: id column {id_column!r} is not in the header {header}", f"{where}.id_column")
+        id_at = header.index(id_column)
+    feature_at = [i for i in range(len(header)) if i not in (label_at, id_at)]
     values = np.empty((len(rows) - 1, len(feature_at)), dtype=np.float64)
     raw_labels: list[str] = []
     for line, row in enumerate(rows[1:], start=2):
@@ -256,7 +263,10 @@ def _load_csv(base_dir: Path, *, path: str, label_column: str | None = None, del
         if label_at is not None:
             raw_labels.append(row[label_at].strip())
     labels = _csv_labels(raw_labels) if label_at is not None else None
-    return make_table(values, labels, where, [header[i] for i in feature_at])
+    table = make_table(values, labels, where, [header[i] for i in feature_at])
+    if id_at is not None:
+        table = replace(table, ids=tuple(row[id_at].strip() for row in rows[1:]))
+    return table
 
 
 def _csv_labels(raw: list[str]) -> np.ndarray:

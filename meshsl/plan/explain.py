@@ -24,6 +24,7 @@ def _span(values: list[str]) -> str:
 
 
 def plan_document(topology) -> dict:
+    from meshsl.align.report import alignment_step
     edges = build_edges(topology)
     plans = build_plans(topology)
     return {
@@ -49,6 +50,7 @@ def plan_document(topology) -> dict:
                    "output_shape": list(info.output_shape)}
             for name, info in topology.segment_info.items()
         },
+        "alignment": alignment_step(topology),  # PSI on sample ids before training (None: rows match by position)
     }
 
 

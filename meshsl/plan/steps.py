@@ -32,10 +32,12 @@ def sample_pools(topology) -> SamplePools:
 
 
 def _pools(topology) -> SamplePools:
+    from meshsl.align.runner import aligned_size
     first = topology.spec.data[0]
-    table = load_dataset(first.dataset, topology.base_dir)
+    size = aligned_size(topology)  # with sample ids: the common samples after PSI, in the agreed order
+    table = load_dataset(first.source_dataset, topology.base_dir) if size is None or topology.spec.clients else None
     seed = topology.spec.training.seed
-    train, test = train_test_indices(len(table.features), first.dataset.test_fraction, seed)
+    train, test = train_test_indices(len(table.features) if size is None else size, first.dataset.test_fraction, seed)
     clients = topology.spec.clients
     if clients is None:
         return SamplePools(train=(train,), test=test)

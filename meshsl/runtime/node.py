@@ -141,9 +141,17 @@ class NodeRuntime:
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._poster = poster_for(loop)
+        from meshsl.align.runner import align_before_training
+        aligned = await align_before_training(self)  # PSI on sample ids before any data is read (meshsl.align)
+        if aligned is False:
+            await self.transport.close()
+            if self._owns_executor:
+                self.executor.shutdown(wait=True)
+            return
         self.worker = await loop.run_in_executor(self.executor, self._build_worker)
         await loop.run_in_executor(self.executor, self._prepare_checkpoints)
-        await self.transport.start()
+        if aligned is None:
+            await self.transport.start()
         self._coordinator_seen = time.monotonic()  # our own start-up (torch, data) is no silence of its
         try:
             async with asyncio.TaskGroup() as group:

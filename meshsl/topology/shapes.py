@@ -67,10 +67,14 @@ def infer_shapes(topology) -> None:
     problems: list[ConfigError] = []
     values: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    from meshsl.align.ids import check_ids, uses_ids
+    matched_by_id = uses_ids(topology)
+    if matched_by_id and (id_problems := check_ids(topology)):
+        raise ConfigErrors(id_problems)  # checked first: a wrong id column would also fail every load below
     for name, data in topology.data.items():
         where = f"{src}: data[{_index(topology, 'data', name)}]({name})"
         try:
-            table = load_dataset(data.dataset, topology.base_dir)
+            table = load_dataset(data.source_dataset, topology.base_dir)
         except DataError as exc:
             problems.append(DataError(exc.message, f"{where}.dataset{_inner_key(exc.where)}"))
             continue
@@ -97,7 +101,7 @@ def infer_shapes(topology) -> None:
             continue
         values[name] = torch.as_tensor(features[:PROBE_BATCH], dtype=torch.float32)
         topology.shapes[name] = tuple(features.shape[1:])
-    if len(set(rows.values())) > 1:
+    if len(set(rows.values())) > 1 and not matched_by_id:  # with ids, PSI matches the rows
         problems.append(DataError(f"data sources have different row counts {rows}; samples are aligned by row "
                                   f"index (shared sample ids), so every source must describe the same samples",
                                   f"{src}: data"))
