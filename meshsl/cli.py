@@ -174,6 +174,12 @@ def run(topology: Path = typer.Argument(...),
         print(f"warning: {warning}", file=sys.stderr)
     from meshsl.plan.steps import training_steps
     total = len(training_steps(topo, steps, epochs))
+    if topo.spec.privacy or topo.spec.training.label_dp:
+        from meshsl.runtime.coordinator import privacy_budget_of
+        try:
+            privacy_budget_of(topo, total)  # a run over a declared epsilon budget does not start
+        except ConfigError as exc:
+            fail(exc)
     launcher = LocalRun(topology, run_dir or default_run_dir(), steps=steps, epochs=epochs, free_ports=free_ports,
                         weights_out=weights_out, resume=resume, log_level=level, weights_in=weights)
     if resume and run_dir is None:

@@ -17,6 +17,7 @@ import torch
 from meshsl.compute.layers import build_segment_module, merge_inputs
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.staging import to_device
+from meshsl.compute.label_guard import LabelGuard
 from meshsl.compute.tasks import correct_count, summarise, task_loss
 
 
@@ -111,6 +112,7 @@ class SegmentWorker:
             if producer in self.modules:
                 self._gauged[producer].append(f"{producer}->{consumer}")
         self._leakage_samples: dict[str, tuple[list, list]] = {}
+        self._label_guard = LabelGuard(topology, node, self)
 
     # -- rounds ----------------------------------------------------------------------------------
     def begin(self, context: RoundContext) -> None:
@@ -123,6 +125,7 @@ class SegmentWorker:
         self.predictions = {t.name: {} for t in self._my_tasks()}
         self.compute_seconds.clear()
         self._leakage_samples.clear()
+        self._label_guard.begin()
         for module in self.modules.values():
             module.train(context.phase == "train")
 
@@ -261,8 +264,9 @@ class SegmentWorker:
         edge = self.privacy.get(segment)
         if edge is None or edge.dp is None:
             return output
+        from meshsl.privacy.accounting import effective_dp
         from meshsl.privacy.dp import clip_and_noise
-        return clip_and_noise(output, edge.dp, self.dp_generator)
+        return clip_and_noise(output, effective_dp(self.topology, segment), self.dp_generator)
 
     def backward(self, segment: str, lane: int, micro_batch: int) -> None:
         start = time.perf_counter()
@@ -286,7 +290,8 @@ class SegmentWorker:
             if self.topology.node_of(source, lane) == self.node:
                 self.store.grads[(r, source, lane, micro_batch)].append((segment, grad))
             else:
-                self.store.outgoing_grads[(r, source, segment, lane, micro_batch)] = grad.detach()
+                grad = self._label_guard.outgoing(source, segment, lane, micro_batch, grad.detach())
+                self.store.outgoing_grads[(r, source, segment, lane, micro_batch)] = grad
         self.store.outputs.pop((r, segment, lane, micro_batch), None)
         self.compute_seconds[(segment, "backward")] += time.perf_counter() - start
 
@@ -338,6 +343,12 @@ class SegmentWorker:
         summary = {"tasks": self.stats}
         if self._leakage_samples:
             summary["leakage"] = self.leakage()
+        label_leakage = self._label_guard.gauge()
+        if label_leakage:
+            summary["label_leakage"] = label_leakage
+        spent = self._label_guard.privacy_spent(self.context.step + 1)
+        if spent:
+            summary["privacy_spent"] = spent
         return summary
 
     # -- weights (SplitFed averaging, sequential hand-off, checkpoints) --------------------------
