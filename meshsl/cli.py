@@ -117,6 +117,8 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
                 contract.add_row(p["party"], name, f"{verb} {t['direction']}", t["edge"],
                                  f"{t['dtype']}\\[{', '.join(map(str, t['shape']))}] ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
     out.print(contract)
+    from meshsl.cli_privacy import print_plan_privacy
+    print_plan_privacy(document)
     if cuts:
         table = Table(title="cut-layer candidates")
         for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):

@@ -66,5 +66,34 @@ def audit(topology: Path = typer.Argument(..., help="topology YAML"),
               "mean-guess MSE (1 nothing recovered, 0 exact reconstruction)")
 
 
+def print_plan_privacy(document: dict) -> None:
+    """`meshsl plan`: the control figures that cross parties, and the privacy budget."""
+    figures = Table(title="privacy contract: figures in control messages that cross parties")
+    for column in ("party", "node", "figure", "about", "to (party)", "when"):
+        figures.add_column(column)
+    for f in document.get("control_contract", []):
+        figures.add_row(f["party"], f["node"], f["figure"], f["about"], f"{f['to']} ({f['to_party']})", f["when"])
+    if figures.rows:
+        out.print(figures)
+    budget = document.get("privacy_budget")
+    if budget:
+        print_budget(budget)
+
+
+def print_budget(budget: dict) -> None:
+    table = Table(title=f"privacy budget over {budget['steps']} steps (Opacus RDP accountant)")
+    for column in ("edge", "mechanism", "protects", "sigma", "sample rate x releases", "epsilon", "delta", "target"):
+        table.add_column(column)
+    for e in budget["edges"]:
+        sigma = f"{e['noise_multiplier']:.3f}" + (" (calibrated)" if e["calibrated"] else "")
+        table.add_row(e["edge"], e["mechanism"], e["protects"], sigma, f"{e['sample_rate']:.3g} x {e['releases']}",
+                      _fmt(e["epsilon"]), f"{e['delta']:g}", _fmt(e["target_epsilon"], "{:g}"))
+    for party, kinds in budget["parties"].items():
+        for what, figure in kinds.items():
+            table.add_row("-", "party total", f"{what} of {party}", "", figure.get("via", ""),
+                          _fmt(figure["epsilon"]), f"{figure['delta']:g}", "")
+    out.print(table)
+
+
 def mount(app: typer.Typer) -> None:
     app.command("audit")(audit)
