@@ -52,7 +52,9 @@ class LabelGuard:
             return grad
         spec = self.defences.get(producer)
         task = self._task_for(producer, consumer)
-        labels = self._labels(task, lane, micro_batch) if task is not None else None
+        # Marvell shapes its noise with the labels the loss used (randomized ones under label DP).
+        labels = self._labels(task, lane, micro_batch) if task is not None and spec is not None \
+            and spec.defence == "marvell" else None
         if spec is not None:
             from meshsl.privacy.accounting import gradient_noise
             from meshsl.privacy.label_defences import defend
@@ -61,11 +63,11 @@ class LabelGuard:
             grad = defend(grad, spec, self.generator, labels=labels, scale=scale,
                           noise_multiplier=gradient_noise(self.topology, f"{producer}->{consumer}")
                           if spec.defence == "dp" else None).to(grad.dtype)
-        if labels is not None and self.topology.num_classes.get(task.labels) == 2:
-            self._record(f"{producer}->{consumer}", task, lane, micro_batch, grad, labels)
+        if task is not None and self.topology.num_classes.get(task.labels) == 2:
+            self._record(f"{producer}->{consumer}", task, lane, micro_batch, grad)
         return grad
 
-    def _record(self, edge: str, task, lane: int, micro_batch: int, grad: torch.Tensor, labels: torch.Tensor) -> None:
+    def _record(self, edge: str, task, lane: int, micro_batch: int, grad: torch.Tensor) -> None:
         """Per-row norms of what leaves on a sampled step, with the true labels of those rows."""
         if self.worker.context.step % self.leakage_every != 0:
             return
