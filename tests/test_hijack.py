@@ -87,7 +87,7 @@ def train_client(server_kind: str, seed: int, steps: int = 150) -> dict:
     return guard.verdict()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_fsha_server_is_detected_and_an_honest_one_is_not(seed):
     honest = train_client("honest", seed)
     hijacked = train_client("fsha", seed)

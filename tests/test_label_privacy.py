@@ -139,3 +139,21 @@ def test_marvell_needs_the_labels_at_the_sender():
     doc["privacy"] = [{"segment": "trunk", "gradient": {"defence": "marvell"}}]  # lab's digits: 10 classes
     with pytest.raises(ConfigError, match="marvell needs binary labels"):
         topology_from_spec(parse_spec(doc), "mt.yaml", ROOT / "topologies")
+
+
+def test_gradient_dp_by_target_epsilon_runs_and_exports_its_gauges():
+    """Through run_node with a Prometheus registry per node: the label holder exports the norm-attack AUC
+    and the epsilon it has spent, which ends at the calibrated budget."""
+    from test_privacy_integration import run  # tests/ is on sys.path
+    from meshsl.privacy.accounting import budget
+    topology = breast_cancer({"defence": "dp", "clip_norm": 1.0, "target_epsilon": 2.0})
+    summary, _, registries = run(topology, metrics=True)
+    spent = budget(topology)["edges"][0]
+    assert spent["calibrated"] and 1.9 < spent["epsilon"] <= 2.0 and spent["party"] == "lab"
+    assert summary["privacy_budget"]["edges"][0]["epsilon"] == pytest.approx(spent["epsilon"])
+    assert summary["tasks"]["diagnosis"]["eval"]["accuracy"] > 0.6
+    text = registries["server"].render().decode()
+    assert 'meshsl_edge_label_leakage_auc{edge="bottom->top",node="server"}' in text
+    epsilon_line = next(line for line in text.splitlines() if line.startswith("meshsl_privacy_epsilon{"))
+    assert float(epsilon_line.split()[-1]) == pytest.approx(spent["epsilon"])
+    assert "meshsl_privacy_epsilon{" not in registries["client"].render().decode()  # the sender applies it
