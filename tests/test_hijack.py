@@ -102,3 +102,69 @@ def test_no_verdict_before_enough_probes():
     assert not any(guard.next_is_fake() for _ in range(3))
     assert guard.verdict() == {"score": None, "fake_batches": 0, "regular_batches": 0, "decided": False,
                                "hijacked": False}
+
+
+# -- inside the runtime: U-shaped digits, the clinic probes the cloud ------------------------------
+def u_shaped_topology():
+    from pathlib import Path
+
+    import yaml
+
+    from meshsl.config.loader import parse_spec
+    from meshsl.topology.model import topology_from_spec
+    root = Path(__file__).resolve().parent.parent
+    doc = yaml.safe_load((root / "topologies" / "u_shaped.yaml").read_text())
+    for node in doc["nodes"]:
+        node.pop("metrics_port", None)
+    doc["privacy"] = [{"segment": "encoder", "hijack_check": {"seed": 3}}]
+    doc["training"].update(steps=80, micro_batches=1)
+    return topology_from_spec(parse_spec(doc), "u.yaml", root / "topologies")
+
+
+def run_u_shaped(monkeypatch, hijack: bool) -> dict:
+    import asyncio
+
+    from meshsl.audit import quiet_copy
+    from meshsl.compute.worker import SegmentWorker
+    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.simulate import simulate
+    if hijack:  # the cloud ignores what comes back from the head and sends a critic's gradient instead
+        torch.manual_seed(5)
+        critic = nn.Sequential(nn.Linear(64, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+        original = SegmentWorker.backward
+
+        def hijacking(self, segment, lane, micro_batch):
+            leaf = self.stash[(segment, lane, micro_batch)].leaves.get("encoder") if self.node == "cloud" else None
+            original(self, segment, lane, micro_batch)
+            if leaf is not None:
+                z = leaf.detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(nn.functional.softplus(-critic(z)).mean(), z)
+                self.store.outgoing_grads[(self.context.round, "encoder", segment, lane, micro_batch)] = grad
+
+        monkeypatch.setattr(SegmentWorker, "backward", hijacking)
+    topology = u_shaped_topology()
+    summary, _ = asyncio.run(simulate(quiet_copy(topology), RunOptions(evaluate=False)))
+    return summary["hijack_check"]["clinic"]
+
+
+def test_runtime_probe_flags_a_hijacking_server_and_not_an_honest_one(monkeypatch):
+    honest = run_u_shaped(monkeypatch, hijack=False)
+    assert honest["decided"] and not honest["hijacked"], honest
+    assert honest["segments"] == ["encoder"] and honest["fake_batches"] >= 5
+    hijacked = run_u_shaped(monkeypatch, hijack=True)
+    assert hijacked["decided"] and hijacked["hijacked"], hijacked
+
+
+def test_hijack_check_needs_the_labels_at_the_client():
+    from pathlib import Path
+
+    import yaml
+
+    from meshsl.config.loader import parse_spec
+    from meshsl.errors import ConfigError
+    from meshsl.topology.model import topology_from_spec
+    root = Path(__file__).resolve().parent.parent
+    doc = yaml.safe_load((root / "topologies" / "vanilla.yaml").read_text())
+    doc["privacy"] = [{"segment": "bottom", "hijack_check": {}}]
+    with pytest.raises(ConfigError, match=r"privacy\[0\]\.hijack_check: .*must hold the labels"):
+        topology_from_spec(parse_spec(doc), "v.yaml", root / "topologies")

@@ -17,6 +17,7 @@ import torch
 from meshsl.compute.layers import build_segment_module, merge_inputs
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.staging import to_device
+from meshsl.compute.hijack_guard import HijackGuard
 from meshsl.compute.label_guard import LabelGuard
 from meshsl.compute.tasks import correct_count, summarise, task_loss
 
@@ -113,6 +114,7 @@ class SegmentWorker:
                 self._gauged[producer].append(f"{producer}->{consumer}")
         self._leakage_samples: dict[str, tuple[list, list]] = {}
         self._label_guard = LabelGuard(topology, node, self)
+        self._hijack_guard = HijackGuard(topology, node, self)
 
     # -- rounds ----------------------------------------------------------------------------------
     def begin(self, context: RoundContext) -> None:
@@ -126,6 +128,7 @@ class SegmentWorker:
         self.compute_seconds.clear()
         self._leakage_samples.clear()
         self._label_guard.begin()
+        self._hijack_guard.begin(context)
         for module in self.modules.values():
             module.train(context.phase == "train")
 
@@ -183,6 +186,8 @@ class SegmentWorker:
             return loss
         if self.topology.spec.training.label_dp is not None and task.loss != "mse":
             labels = self._label_dp(task, labels, rows)
+        if self._hijack_guard.probe and task.loss != "mse":
+            labels = self._hijack_guard.labels(task, labels)
         mean_loss = task_loss(task.loss, output, labels)
         stats = self.stats[task.name]
         stats["loss_sum"] += float(mean_loss.detach()) * n
@@ -296,6 +301,7 @@ class SegmentWorker:
         self.compute_seconds[(segment, "backward")] += time.perf_counter() - start
 
     def apply_optimizer(self) -> None:
+        self._hijack_guard.before_optimizer()
         for name, optimizer in self.optimizers.items():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -346,6 +352,9 @@ class SegmentWorker:
         label_leakage = self._label_guard.gauge()
         if label_leakage:
             summary["label_leakage"] = label_leakage
+        verdict = self._hijack_guard.verdict()
+        if verdict is not None:
+            summary["hijack_check"] = verdict
         spent = self._label_guard.privacy_spent(self.context.step + 1)
         if spent:
             summary["privacy_spent"] = spent

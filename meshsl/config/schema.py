@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from meshsl.compression import CompressionSpec
 from meshsl.data.specs import DatasetSpec, PartitionSpec
 from meshsl.privacy.dp import ActivationDPSpec, LabelDPSpec
+from meshsl.privacy.hijack import HijackCheckSpec
 from meshsl.privacy.label_defences import GradientDefenceSpec
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
@@ -101,6 +102,8 @@ class EdgePrivacySpec(Strict):
     backward: CompressionSpec = Field(default_factory=CompressionSpec)
     gradient: Optional[GradientDefenceSpec] = Field(
         default=None, description="label-leakage defence on the gradients sent back over this edge")
+    hijack_check: Optional[HijackCheckSpec] = Field(
+        default=None, description="client holding its labels: SplitGuard-style probe of the gradients it gets")
 
 
 class ClientsSpec(Strict):

@@ -535,4 +535,5 @@ class Coordinator:
             "leakage": dict(self.leakage),
             "label_leakage": dict(self.label_leakage),
             "privacy_budget": getattr(self, "privacy_budget", None),
+            "hijack_check": {n: s["hijack_check"] for n, s in self.node_stats.items() if s.get("hijack_check")},
         }

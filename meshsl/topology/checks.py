@@ -158,6 +158,17 @@ def privacy_problems(topology) -> list[ConfigError]:
                         f"marvell needs binary labels, but {held[0].labels!r} has "
                         f"{topology.num_classes.get(held[0].labels)} classes; use max_norm or dp",
                         f"{src}: privacy[{i}].gradient"))
+    for i, entry in enumerate(topology.spec.privacy):
+        if entry.hijack_check is None or entry.segment not in topology.segments:
+            continue
+        node = topology.node_of(entry.segment)
+        below = nx.descendants(topology.graph, entry.segment)
+        if not any(t.output in below and t.loss != "mse" and topology.node_of(t.labels) == node
+                   for t in topology.spec.tasks):
+            problems.append(TopologyError(
+                f"hijack_check probes the server with fake labels, so node {node!r} must hold the labels of a "
+                f"classification task below segment {entry.segment!r} (U-shaped split learning)",
+                f"{src}: privacy[{i}].hijack_check"))
     if problems or not any(p.dp is not None or p.gradient is not None for p in topology.spec.privacy):
         return problems
     from meshsl.privacy.accounting import check_budget
