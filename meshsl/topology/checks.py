@@ -158,6 +158,12 @@ def privacy_problems(topology) -> list[ConfigError]:
                         f"marvell needs binary labels, but {held[0].labels!r} has "
                         f"{topology.num_classes.get(held[0].labels)} classes; use max_norm or dp",
                         f"{src}: privacy[{i}].gradient"))
+    crossing = {producer for producer, _ in topology.cut_edges()}
+    for i, entry in enumerate(topology.spec.privacy):
+        if entry.dp is not None and entry.dp.noise_multiplier is None and entry.segment not in crossing:
+            problems.append(TopologyError(
+                f"segment {entry.segment!r} sends nothing across a party boundary, so there is no release to "
+                f"calibrate target_epsilon against; give noise_multiplier or drop dp", f"{src}: privacy[{i}].dp"))
     for i, entry in enumerate(topology.spec.privacy):
         if entry.hijack_check is None or entry.segment not in topology.segments:
             continue
