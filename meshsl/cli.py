@@ -151,6 +151,8 @@ def _print_summary(summary: dict) -> None:
     out.print(edges)
     if summary.get("rejected_messages"):
         out.print(f"[yellow]rejected messages:[/yellow] {summary['rejected_messages']}")
+    from meshsl.cli_privacy import print_run_privacy
+    print_run_privacy(summary)
 
 
 @app.command()

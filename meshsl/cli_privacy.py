@@ -110,6 +110,20 @@ def print_plan_privacy(document: dict) -> None:
         print_budget(budget)
 
 
+def print_run_privacy(summary: dict) -> None:
+    """`meshsl run`: budgets spent, the label holder's last norm-attack AUC, hijack-check verdicts."""
+    if summary.get("privacy_budget") and summary["privacy_budget"].get("edges"):
+        print_budget(summary["privacy_budget"])
+    if summary.get("label_leakage"):
+        out.print("label leakage (norm-attack AUC at the label holder, last sampled step): " + ", ".join(
+            f"{edge} {auc:.3f}" for edge, auc in summary["label_leakage"].items()))
+    for node, verdict in (summary.get("hijack_check") or {}).items():
+        state = ("[red]HIJACKING SUSPECTED[/red]" if verdict["hijacked"] else "no sign of hijacking") \
+            if verdict["decided"] else "undecided (too few probes)"
+        out.print(f"hijack check at {node}: {state} (score {_fmt(verdict['score'])}, "
+                  f"{verdict['fake_batches']} probes)")
+
+
 def print_budget(budget: dict) -> None:
     table = Table(title=f"privacy budget over {budget['steps']} steps (Opacus RDP accountant)")
     for column in ("edge", "mechanism", "protects", "sigma", "sample rate x releases", "epsilon", "delta", "target"):

@@ -5,7 +5,11 @@ server still learns from the fake batch, as in SplitGuard; it cannot tell probes
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("meshsl.privacy")
 
 
 class HijackGuard:
@@ -17,6 +21,8 @@ class HijackGuard:
         spec = next((p.hijack_check for p in topology.spec.privacy if p.segment in self.segments), None)
         self.guard = spec.guard(stream=sorted(topology.nodes).index(node)) if spec is not None else None
         self.probe = False
+        self.node = node
+        self._warned = False
 
     @property
     def active(self) -> bool:
@@ -46,4 +52,10 @@ class HijackGuard:
     def verdict(self) -> dict | None:
         if not self.active:
             return None
-        return dict(self.guard.verdict(), segments=list(self.segments))
+        verdict = dict(self.guard.verdict(), segments=list(self.segments))
+        if verdict["hijacked"] and not self._warned:
+            self._warned = True
+            log.warning("%s: the gradients for %s do not react to fake-label probes (score %.3f after %d probes): "
+                        "the server may be hijacking training", self.node, ", ".join(self.segments),
+                        verdict["score"], verdict["fake_batches"])
+        return verdict
