@@ -125,3 +125,10 @@ def test_configuration_recognition_names_the_u_shaped_part_of_a_mixed_topology()
     assert "vanilla" in kinds and "u-shaped part (task digit)" in kinds, kinds
     assert not any(k.startswith("u-shaped part") for k in load_topology(ROOT / "topologies" / "multi_task.yaml")
                    .recognised_configurations())
+
+
+def test_target_epsilon_needs_a_release_to_calibrate_against():
+    doc = yaml.safe_load((ROOT / "topologies" / "multi_hop.yaml").read_text())
+    doc["privacy"] = [{"segment": "stage_4", "dp": {"clip_norm": 1.0, "target_epsilon": 2.0}}]  # the last one
+    with pytest.raises(ConfigError, match="no release to calibrate target_epsilon against"):
+        topology_from_spec(parse_spec(doc), "mh.yaml", ROOT / "topologies")

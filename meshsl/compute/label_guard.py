@@ -89,12 +89,18 @@ class LabelGuard:
         return result
 
     def privacy_spent(self, steps: int) -> dict[str, float]:
-        """Epsilon spent so far by the DP mechanisms this node applies ("edge|mechanism" -> epsilon)."""
+        """Epsilon spent so far by the DP mechanisms this node applies ("edge|mechanism" -> epsilon; label DP
+        is reported under its labels source: "labels|label_dp")."""
+        spent = {}
+        label_dp = self.topology.spec.training.label_dp
+        if label_dp is not None:  # randomized response, once per sample: the whole budget from the start
+            for task in self.topology.spec.tasks:
+                if task.loss != "mse" and task.labels in self.worker.data.tensors:
+                    spent[f"{task.labels}|label_dp"] = label_dp.epsilon
         if not any(p.dp is not None or (p.gradient is not None and p.gradient.defence == "dp")
                    for p in self.topology.spec.privacy):
-            return {}
+            return spent
         from meshsl.privacy.accounting import epsilon, mechanisms, releases
-        spent = {}
         for m in mechanisms(self.topology):
             producer, consumer = m.edge.split("->")
             sender = producer if m.kind == "activation_dp" else consumer
