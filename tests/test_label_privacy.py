@@ -157,3 +157,29 @@ def test_gradient_dp_by_target_epsilon_runs_and_exports_its_gauges():
     epsilon_line = next(line for line in text.splitlines() if line.startswith("meshsl_privacy_epsilon{"))
     assert float(epsilon_line.split()[-1]) == pytest.approx(spent["epsilon"])
     assert "meshsl_privacy_epsilon{" not in registries["client"].render().decode()  # the sender applies it
+
+
+def test_label_audit_from_saved_weights_matches_the_finished_run(undefended, tmp_path):
+    """`meshsl audit --weights DIR` on what `meshsl run --weights-out DIR` saved gives the same attack figures."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from meshsl.cli import app
+    from meshsl.runtime.entry import save_weights
+    topology, _, modules = undefended
+
+    class Runtime:  # what save_weights reads from a node runtime
+        def __init__(self, node, segment):
+            self.node, self.topology = node, topology
+            self.worker = type("W", (), {"modules": {segment: modules[segment]}})()
+
+    save_weights(Runtime("client", "bottom"), tmp_path / "weights")
+    save_weights(Runtime("server", "top"), tmp_path / "weights")
+    expected = audit_labels(topology, modules)["bottom->top"]["tasks"]["diagnosis"]
+    result = CliRunner().invoke(app, ["audit", str(ROOT / "topologies" / "vanilla_breast_cancer.yaml"),
+                                      "--weights", str(tmp_path / "weights"), "--json", "--probe-epochs", "5"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)["label_edges"]["bottom->top"]["tasks"]["diagnosis"]
+    for key in ("norm_auc", "cosine_auc", "cluster_accuracy"):
+        assert found[key] == pytest.approx(expected[key], abs=1e-6), key
