@@ -20,7 +20,6 @@ the attacker's own view is the gradients only, plus, for the cosine attack, one 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from meshsl.errors import ConfigError
