@@ -314,6 +314,7 @@ class SegmentWorker:
                         for n, m in self.modules.items()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "dp_generator": self.dp_generator.get_state(),
+            "label_guard_generator": self._label_guard.generator.get_state(),  # gradient-defence noise
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -323,6 +324,8 @@ class SegmentWorker:
             self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.optimizers[name].zero_grad(set_to_none=True)
         self.dp_generator.set_state(state["dp_generator"])
+        if "label_guard_generator" in state:  # absent in checkpoints of older versions
+            self._label_guard.generator.set_state(state["label_guard_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.stash.clear()
 
