@@ -147,7 +147,10 @@ def test_gradient_dp_by_target_epsilon_runs_and_exports_its_gauges():
     from test_privacy_integration import run  # tests/ is on sys.path
     from meshsl.privacy.accounting import budget
     topology = breast_cancer({"defence": "dp", "clip_norm": 1.0, "target_epsilon": 2.0})
-    summary, _, registries = run(topology, metrics=True)
+    summary, runtimes, registries = run(topology, metrics=True)
+    modules = {s: runtimes[topology.node_of(s)].worker.modules[s].eval() for s in topology.segment_order}
+    attacks = audit_labels(topology, modules)["bottom->top"]["tasks"]["diagnosis"]
+    assert attacks["norm_auc"] < 0.7 and attacks["cosine_auc"] < 0.75, attacks  # undefended: 0.9+ and 1.0
     spent = budget(topology)["edges"][0]
     assert spent["calibrated"] and 1.9 < spent["epsilon"] <= 2.0 and spent["party"] == "lab"
     assert summary["privacy_budget"]["edges"][0]["epsilon"] == pytest.approx(spent["epsilon"])

@@ -8,7 +8,8 @@ what it hosts (see `SegmentWorker.round_summary`):
   the label holder's labels), and after evaluation the task's metrics and confusion matrix;
 * a node producing a cut activation: the live dCor reading between its raw inputs and what it sends;
 * a label holder sending gradients over a cut: the live norm-attack AUC (computed with its labels);
-* a node applying a DP mechanism: the epsilon spent so far.
+* a node applying a DP mechanism (or holding labels under label DP): the epsilon spent so far;
+* a client running the hijacking probe: its verdict.
 
 Operational figures (bytes, seconds, rejected-message counts) travel too; they say nothing about data.
 """
@@ -61,4 +62,13 @@ def control_figures(topology) -> list[dict]:
                     "every 10th training step (binary labels)")
             if producer in gradient_dp:
                 add(sender, f"epsilon spent on edge {producer}->{consumer}", "gradient DP budget", "every step")
+        for entry in topology.spec.privacy:
+            if entry.hijack_check is not None and entry.segment in topology.segments:
+                add(topology.node_of(entry.segment, lane), f"hijack-check verdict of segment {entry.segment} "
+                    f"(score, probes)", "the gradients it received", "every training step")
+        if topology.spec.training.label_dp is not None:
+            for task in topology.spec.tasks:
+                if task.loss != "mse":
+                    add(topology.node_of(task.labels, lane), f"label DP epsilon of {task.labels}",
+                        "label DP budget", "every training step")
     return list({tuple(sorted(r.items())): r for r in rows}.values())
