@@ -109,7 +109,8 @@ def crossing_value(topology, segment: str, output: torch.Tensor, generator: torc
     if edge is None:
         return output
     if edge.dp is not None:
-        output = clip_and_noise(output, edge.dp, generator)
+        from meshsl.privacy.accounting import effective_dp
+        output = clip_and_noise(output, effective_dp(topology, segment), generator)
     codec = make_codec(edge.forward)
     if codec.name != "none":
         parts = codec.encode(output.float(), slot=("audit", segment))
@@ -183,6 +184,167 @@ def audit_modules(topology, modules: dict[str, torch.nn.Module], *, max_samples:
     return reports
 
 
+# -- label leakage ---------------------------------------------------------------------------------
+def label_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Every labels source at the given sample ids."""
+    from meshsl.data import load_dataset
+    values = {}
+    for name, spec in topology.data.items():
+        if spec.kind == "labels":
+            table = load_dataset(spec.dataset, topology.base_dir)
+            values[name] = torch.as_tensor(np.asarray(table.labels)[np.asarray(rows)])
+    return values
+
+
+def _straight_through(output: torch.Tensor, crossed: torch.Tensor) -> torch.Tensor:
+    """The crossed value forward, the identity backward (a codec round trip has no useful gradient)."""
+    return output + (crossed - output).detach()
+
+
+def _backward_crossing(topology, producer: str, grad: torch.Tensor) -> torch.Tensor:
+    """The backward codec's round trip of a gradient on the producer's privacy entry."""
+    from meshsl.compression import make_codec
+    edge = next((p for p in topology.spec.privacy if p.segment == producer), None)
+    if edge is None:
+        return grad
+    codec = make_codec(edge.backward)
+    if codec.name == "none":
+        return grad
+    parts = codec.encode(grad.float(), slot=("audit-backward", producer))
+    value = codec.decode(parts, tuple(grad.shape), torch.float32)
+    codec.reset()
+    return value
+
+
+def _codec_round_trip(spec, value: torch.Tensor, segment: str) -> torch.Tensor:
+    from meshsl.compression import make_codec
+    codec = make_codec(spec)
+    if codec.name == "none":
+        return value
+    parts = codec.encode(value.float(), slot=("audit-forward", segment))
+    out = codec.decode(parts, tuple(value.shape), torch.float32)
+    codec.reset()
+    return out
+
+
+def label_tasks(topology, producer: str, consumer: str) -> list:
+    """Classification tasks whose loss reaches `producer` through `consumer` with labels of another party."""
+    below = nx.descendants(topology.graph, consumer) | {consumer}
+    return [t for t in topology.spec.tasks if t.output in below and t.loss != "mse"
+            and topology.party_of(t.labels) != topology.party_of(producer)]
+
+
+def edge_gradients(topology, modules: dict[str, torch.nn.Module], rows: np.ndarray,
+                   seed: int = AUDIT_SEED) -> tuple[dict[tuple[str, str], torch.Tensor], dict[str, torch.Tensor]]:
+    """The gradient rows every cut edge carries back for `rows` (one batch, the runtime's order: each
+    segment's input gradients from its own loss plus what came back to its output), after the edge's
+    gradient defence and backward codec; and the true labels. Label DP is applied as in training."""
+    from meshsl.compute.layers import merge_inputs
+    from meshsl.compute.tasks import task_loss
+    from meshsl.privacy.dp import randomized_response
+    from meshsl.privacy.label_defences import defend
+    features = feature_tensors(topology, rows)
+    labels = label_tensors(topology, rows)
+    generator = torch.Generator().manual_seed(seed)
+    trained_labels = dict(labels)
+    label_dp = topology.spec.training.label_dp
+    if label_dp is not None:
+        for task in topology.spec.tasks:
+            if task.loss != "mse":
+                classes = topology.num_classes.get(task.labels) or int(labels[task.labels].max()) + 1
+                trained_labels[task.labels] = randomized_response(labels[task.labels].long(), classes,
+                                                                  label_dp.epsilon, generator)
+    cut = set(topology.cut_edges())
+    outputs, leaves, losses = {}, {}, {}
+    with torch.enable_grad():
+        for name in topology.segment_order:
+            spec = topology.segments[name]
+            inputs = []
+            for source in spec.inputs:
+                if source in features:
+                    inputs.append(features[source])
+                else:
+                    leaves[(name, source)] = outputs[source].detach().requires_grad_(True)
+                    inputs.append(leaves[(name, source)])
+            output = modules[name](merge_inputs(inputs, spec.merge))
+            entry = next((p for p in topology.spec.privacy if p.segment == name), None)
+            if entry is not None and any(p == name for p, _ in cut):
+                if entry.dp is not None:  # differentiable: the gradient flows through the clipping
+                    from meshsl.privacy.accounting import effective_dp
+                    from meshsl.privacy.dp import clip_and_noise
+                    output = clip_and_noise(output, effective_dp(topology, name), generator)
+                without_dp = entry.model_copy(update={"dp": None})
+                output = _straight_through(output, _codec_round_trip(without_dp.forward, output.detach(), name))
+            outputs[name] = output
+            for task in topology.tasks_of(name):
+                term = task_loss(task.loss, output, trained_labels[task.labels]) * task.weight
+                losses[name] = term if name not in losses else losses[name] + term
+        incoming: dict[str, list[torch.Tensor]] = {}
+        crossed: dict[tuple[str, str], torch.Tensor] = {}
+        scale = float(len(rows))  # rows of the mean loss -> per-sample-loss units
+        for name in reversed(topology.segment_order):
+            targets, grads = [], []
+            if incoming.get(name):
+                targets.append(outputs[name])
+                grads.append(sum(incoming[name][1:], incoming[name][0]))
+            if name in losses:
+                targets.append(losses[name])
+                grads.append(torch.ones_like(losses[name]))
+            sources = [s for s in topology.segments[name].inputs if (name, s) in leaves]
+            if not sources:
+                continue
+            if not targets:
+                found = [torch.zeros_like(leaves[(name, s)]) for s in sources]
+            else:
+                found = torch.autograd.grad(targets, [leaves[(name, s)] for s in sources], grads, allow_unused=True)
+            for source, grad in zip(sources, found):
+                grad = torch.zeros_like(leaves[(name, source)]) if grad is None else grad.detach()
+                if (source, name) in cut:
+                    entry = next((p for p in topology.spec.privacy if p.segment == source), None)
+                    if entry is not None and entry.gradient is not None:
+                        tasks = label_tasks(topology, source, name)
+                        task_labels = trained_labels[tasks[0].labels] if tasks else None
+                        noise = None
+                        if entry.gradient.defence == "dp":
+                            from meshsl.privacy.accounting import gradient_noise
+                            noise = gradient_noise(topology, f"{source}->{name}")
+                        grad = defend(grad, entry.gradient, generator, labels=task_labels, scale=scale,
+                                      noise_multiplier=noise)
+                    grad = _backward_crossing(topology, source, grad)
+                    crossed[(source, name)] = grad
+                incoming.setdefault(source, []).append(grad)
+    return crossed, labels
+
+
+def audit_labels(topology, modules: dict[str, torch.nn.Module], *, rows: Optional[np.ndarray] = None,
+                 max_samples: int = 1024, seed: int = AUDIT_SEED) -> dict[str, dict]:
+    """Per cut edge whose gradients go back to a party without the labels: label-inference attacks."""
+    from meshsl.plan.steps import sample_pools
+    from meshsl.privacy.label_attacks import label_leakage_report
+    if rows is None:
+        pools = sample_pools(topology)
+        rows = np.concatenate([pools.train[0], pools.test])
+    rows = np.asarray(rows)[:max_samples]
+    grads, labels = edge_gradients(topology, modules, rows, seed)
+    reports: dict[str, dict] = {}
+    for (producer, consumer), grad in grads.items():
+        tasks = label_tasks(topology, producer, consumer)
+        if not tasks:
+            continue
+        edge = {"producer_party": topology.party_of(producer), "consumer_party": topology.party_of(consumer),
+                "defence": None, "tasks": {}}
+        entry = next((p for p in topology.spec.privacy if p.segment == producer), None)
+        if entry is not None and entry.gradient is not None:
+            edge["defence"] = entry.gradient.model_dump(exclude_none=True)
+        for task in tasks:
+            classes = topology.num_classes.get(task.labels) or int(labels[task.labels].max()) + 1
+            report = label_leakage_report(grad, labels[task.labels], classes, seed=seed)
+            report["label_party"] = topology.party_of(task.labels)
+            edge["tasks"][task.name] = report
+        reports[f"{producer}->{consumer}"] = edge
+    return reports
+
+
 def audit(topology, *, steps: Optional[int] = None, weights: Optional[Path] = None,
           probe_epochs: int = 200) -> dict:
     """Train (or load `weights`) and audit every cut edge; a JSON-ready document."""
@@ -200,9 +362,14 @@ def audit(topology, *, steps: Optional[int] = None, weights: Optional[Path] = No
                      for t, r in summary["tasks"].items()},
             "bytes_per_sample": summary["bytes_per_sample"],
             "live_leakage": summary.get("leakage", {}),
+            "live_label_leakage": summary.get("label_leakage", {}),
         }
     document["label_dp"] = topology.spec.training.label_dp.model_dump() if topology.spec.training.label_dp else None
     document["edges"] = audit_modules(topology, modules, probe_epochs=probe_epochs)
+    document["label_edges"] = audit_labels(topology, modules)
+    if topology.spec.privacy or topology.spec.training.label_dp:
+        from meshsl.privacy.accounting import budget
+        document["privacy_budget"] = budget(topology, document.get("trained", {}).get("steps"))
     return document
 
 

@@ -121,6 +121,8 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
     if document.get("alignment"):
         from meshsl.cli_align import print_alignment_step
         print_alignment_step(out, document["alignment"])
+    from meshsl.cli_privacy import print_plan_privacy
+    print_plan_privacy(document)
     if cuts:
         table = Table(title="cut-layer candidates")
         for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):
@@ -153,6 +155,8 @@ def _print_summary(summary: dict) -> None:
     out.print(edges)
     if summary.get("rejected_messages"):
         out.print(f"[yellow]rejected messages:[/yellow] {summary['rejected_messages']}")
+    from meshsl.cli_privacy import print_run_privacy
+    print_run_privacy(summary)
 
 
 @app.command()
@@ -187,6 +191,12 @@ def run(topology: Path = typer.Argument(...),
     except MeshslError as exc:
         fail(exc)
     from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY
+    if topo.spec.privacy or topo.spec.training.label_dp:
+        from meshsl.runtime.coordinator import privacy_budget_of
+        try:
+            privacy_budget_of(topo, total)  # a run over a declared epsilon budget does not start
+        except ConfigError as exc:
+            fail(exc)
     if resume and run_dir is None:
         fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
     every = 0 if no_checkpoint else (checkpoint_every or DEFAULT_CHECKPOINT_EVERY)

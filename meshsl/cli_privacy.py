@@ -1,4 +1,5 @@
-"""`meshsl audit`: per cut edge, how much of the raw input its activations leak (dCor, inversion probe)."""
+"""`meshsl audit`: per cut edge, how much of the raw input its activations leak (dCor, inversion probe)
+and how much of the labels the gradients sent back leak (norm, cosine and clustering attacks)."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ def audit(topology: Path = typer.Argument(..., help="topology YAML"),
                                                  help="audit the weights `meshsl run --weights-out DIR` saved"),
           probe_epochs: int = typer.Option(200, "--probe-epochs", min=0, help="inversion decoder training epochs"),
           as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
-    """Leakage audit: dCor(raw input, activation) and a model-inversion probe for every party-crossing edge."""
+    """Leakage audit: dCor(raw input, activation), a model-inversion probe and label-inference attacks on the
+    gradients, for every party-crossing edge."""
     from meshsl.audit import audit as run_audit
     from meshsl.cli import fail, load
     topo = load(topology)
@@ -64,6 +66,77 @@ def audit(topology: Path = typer.Argument(..., help="topology YAML"),
     out.print(table)
     out.print("dCor: 0 independent .. 1 a similarity transform of the input; inversion error: decoder MSE / "
               "mean-guess MSE (1 nothing recovered, 0 exact reconstruction)")
+    print_label_audit(document)
+
+
+def print_label_audit(document: dict) -> None:
+    """Label-inference attacks per edge whose gradients go back to a party without the labels."""
+    labels = document.get("label_edges") or {}
+    if labels:
+        table = Table(title="label leakage: attacks on the gradients sent back (all rows, final model)")
+        for column in ("edge", "parties", "task (labels of)", "defence", "norm AUC", "cosine AUC",
+                       "cluster acc. (chance)", "samples"):
+            table.add_column(column)
+        for name, e in labels.items():
+            defence = e["defence"]
+            text = "none" if defence is None else ", ".join(f"{k} {v}" for k, v in defence.items()
+                                                            if k not in ("seed", "delta", "amplification"))
+            for task, r in e["tasks"].items():
+                table.add_row(name, f"{e['producer_party']} <- {e['consumer_party']}", f"{task} ({r['label_party']})",
+                              text, _fmt(r.get("norm_auc")), _fmt(r.get("cosine_auc")),
+                              f"{r['cluster_accuracy']:.3f} ({r['chance_accuracy']:.3f})", str(r["n_samples"]))
+        out.print(table)
+        out.print("AUC 0.5 is chance, 1.0 every label recovered (norm and cosine attacks: binary labels only); "
+                  "clustering: k-means on the gradient directions, best match of clusters to classes")
+    trained = document.get("trained") or {}
+    if trained.get("live_label_leakage"):
+        out.print("live norm-attack AUC at the label holder (last sampled step): " + ", ".join(
+            f"{edge} {auc:.3f}" for edge, auc in trained["live_label_leakage"].items()))
+    if document.get("privacy_budget"):
+        print_budget(document["privacy_budget"])
+
+
+def print_plan_privacy(document: dict) -> None:
+    """`meshsl plan`: the control figures that cross parties, and the privacy budget."""
+    figures = Table(title="privacy contract: figures in control messages that cross parties")
+    for column in ("party", "node", "figure", "about", "to (party)", "when"):
+        figures.add_column(column)
+    for f in document.get("control_contract", []):
+        figures.add_row(f["party"], f["node"], f["figure"], f["about"], f"{f['to']} ({f['to_party']})", f["when"])
+    if figures.rows:
+        out.print(figures)
+    budget = document.get("privacy_budget")
+    if budget:
+        print_budget(budget)
+
+
+def print_run_privacy(summary: dict) -> None:
+    """`meshsl run`: budgets spent, the label holder's last norm-attack AUC, hijack-check verdicts."""
+    if summary.get("privacy_budget") and summary["privacy_budget"].get("edges"):
+        print_budget(summary["privacy_budget"])
+    if summary.get("label_leakage"):
+        out.print("label leakage (norm-attack AUC at the label holder, last sampled step): " + ", ".join(
+            f"{edge} {auc:.3f}" for edge, auc in summary["label_leakage"].items()))
+    for node, verdict in (summary.get("hijack_check") or {}).items():
+        state = ("[red]HIJACKING SUSPECTED[/red]" if verdict["hijacked"] else "no sign of hijacking") \
+            if verdict["decided"] else "undecided (too few probes)"
+        out.print(f"hijack check at {node}: {state} (score {_fmt(verdict['score'])}, "
+                  f"{verdict['fake_batches']} probes)")
+
+
+def print_budget(budget: dict) -> None:
+    table = Table(title=f"privacy budget over {budget['steps']} steps (Opacus RDP accountant)")
+    for column in ("edge", "mechanism", "protects", "sigma", "sample rate x releases", "epsilon", "delta", "target"):
+        table.add_column(column)
+    for e in budget["edges"]:
+        sigma = f"{e['noise_multiplier']:.3f}" + (" (calibrated)" if e["calibrated"] else "")
+        table.add_row(e["edge"], e["mechanism"], e["protects"], sigma, f"{e['sample_rate']:.3g} x {e['releases']}",
+                      _fmt(e["epsilon"]), f"{e['delta']:g}", _fmt(e["target_epsilon"], "{:g}"))
+    for party, kinds in budget["parties"].items():
+        for what, figure in kinds.items():
+            table.add_row("-", "party total", f"{what} of {party}", "", figure.get("via", ""),
+                          _fmt(figure["epsilon"]), f"{figure['delta']:g}", "")
+    out.print(table)
 
 
 def mount(app: typer.Typer) -> None:

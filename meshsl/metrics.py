@@ -74,6 +74,10 @@ _GAUGES = {
     "meshsl_edge_leakage_dcor": ("Distance correlation between inputs and an edge's activations",
                                  ("edge",)),
     "meshsl_checkpoint_step": ("Step of the last checkpoint written", ()),
+    "meshsl_edge_label_leakage_auc": ("Norm attack AUC on the gradients a label holder sends over an edge "
+                                      "(0.5 chance, 1 labels recovered)", ("edge",)),
+    "meshsl_privacy_epsilon": ("Privacy budget spent (epsilon at the run's delta) per edge mechanism",
+                               ("edge", "mechanism")),
 }
 
 
@@ -222,6 +226,12 @@ class NodeMetrics:
 
     def leakage(self, edge: str, dcor: float) -> None:
         self._m["meshsl_edge_leakage_dcor"].labels(self.node, self._label(edge)).set(dcor)
+
+    def label_leakage(self, edge: str, auc: float) -> None:
+        self._m["meshsl_edge_label_leakage_auc"].labels(self.node, self._label(edge)).set(auc)
+
+    def privacy_epsilon(self, edge: str, mechanism: str, epsilon: float) -> None:
+        self._m["meshsl_privacy_epsilon"].labels(self.node, self._label(edge), self._label(mechanism)).set(epsilon)
 
     def checkpoint(self, seconds: float, step: int) -> None:
         self._m["meshsl_checkpoint_seconds"].labels(self.node).observe(seconds)

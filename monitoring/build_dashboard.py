@@ -75,6 +75,12 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("Leakage (distance correlation) per edge", "timeseries", "short", [
         (f"meshsl_edge_leakage_dcor{{{N}}}", "{{edge}}"),
     ]),
+    ("Label leakage (norm-attack AUC, label holder's view)", "timeseries", "short", [
+        (f"meshsl_edge_label_leakage_auc{{{N}}}", "{{edge}}"),
+    ]),
+    ("Privacy budget spent (epsilon)", "timeseries", "short", [
+        (f"meshsl_privacy_epsilon{{{N}}}", "{{edge}} {{mechanism}}"),
+    ]),
     ("Checkpoints", "timeseries", "short", [
         (f"meshsl_checkpoint_step{{{N}}}", "{{node}} checkpoint step"),
         (f"meshsl_current_step{{{N}}}", "{{node}} current step"),

@@ -78,7 +78,8 @@ def test_the_panels_the_issue_asks_for_exist(dashboard):
                    "meshsl_bubble_fraction", "meshsl_task_loss", "meshsl_task_metric",
                    "meshsl_queue_depth", "meshsl_peer_up", "meshsl_heartbeats_total",
                    "meshsl_failovers_total", "meshsl_restarts_total", "meshsl_rejected_messages_total",
-                   "meshsl_auth_refusals_total", "meshsl_edge_leakage_dcor", "meshsl_checkpoint_step"):
+                   "meshsl_auth_refusals_total", "meshsl_edge_leakage_dcor", "meshsl_checkpoint_step",
+                   "meshsl_edge_label_leakage_auc", "meshsl_privacy_epsilon"):
         assert needed in used, needed
 
 

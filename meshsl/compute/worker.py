@@ -17,6 +17,8 @@ import torch
 from meshsl.compute.layers import build_segment_module, merge_inputs
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.staging import to_device
+from meshsl.compute.hijack_guard import HijackGuard
+from meshsl.compute.label_guard import LabelGuard
 from meshsl.compute.tasks import correct_count, summarise, task_loss
 
 
@@ -111,6 +113,8 @@ class SegmentWorker:
             if producer in self.modules:
                 self._gauged[producer].append(f"{producer}->{consumer}")
         self._leakage_samples: dict[str, tuple[list, list]] = {}
+        self._label_guard = LabelGuard(topology, node, self)
+        self._hijack_guard = HijackGuard(topology, node, self)
 
     # -- rounds ----------------------------------------------------------------------------------
     def begin(self, context: RoundContext) -> None:
@@ -123,6 +127,8 @@ class SegmentWorker:
         self.predictions = {t.name: {} for t in self._my_tasks()}
         self.compute_seconds.clear()
         self._leakage_samples.clear()
+        self._label_guard.begin()
+        self._hijack_guard.begin(context)
         for module in self.modules.values():
             module.train(context.phase == "train")
 
@@ -180,6 +186,8 @@ class SegmentWorker:
             return loss
         if self.topology.spec.training.label_dp is not None and task.loss != "mse":
             labels = self._label_dp(task, labels, rows)
+        if self._hijack_guard.probe and task.loss != "mse":
+            labels = self._hijack_guard.labels(task, labels)
         mean_loss = task_loss(task.loss, output, labels)
         stats = self.stats[task.name]
         stats["loss_sum"] += float(mean_loss.detach()) * n
@@ -261,8 +269,9 @@ class SegmentWorker:
         edge = self.privacy.get(segment)
         if edge is None or edge.dp is None:
             return output
+        from meshsl.privacy.accounting import effective_dp
         from meshsl.privacy.dp import clip_and_noise
-        return clip_and_noise(output, edge.dp, self.dp_generator)
+        return clip_and_noise(output, effective_dp(self.topology, segment), self.dp_generator)
 
     def backward(self, segment: str, lane: int, micro_batch: int) -> None:
         start = time.perf_counter()
@@ -286,11 +295,13 @@ class SegmentWorker:
             if self.topology.node_of(source, lane) == self.node:
                 self.store.grads[(r, source, lane, micro_batch)].append((segment, grad))
             else:
-                self.store.outgoing_grads[(r, source, segment, lane, micro_batch)] = grad.detach()
+                grad = self._label_guard.outgoing(source, segment, lane, micro_batch, grad.detach())
+                self.store.outgoing_grads[(r, source, segment, lane, micro_batch)] = grad
         self.store.outputs.pop((r, segment, lane, micro_batch), None)
         self.compute_seconds[(segment, "backward")] += time.perf_counter() - start
 
     def apply_optimizer(self) -> None:
+        self._hijack_guard.before_optimizer()
         for name, optimizer in self.optimizers.items():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -303,6 +314,7 @@ class SegmentWorker:
                         for n, m in self.modules.items()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "dp_generator": self.dp_generator.get_state(),
+            "label_guard_generator": self._label_guard.generator.get_state(),  # gradient-defence noise
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -312,6 +324,8 @@ class SegmentWorker:
             self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.optimizers[name].zero_grad(set_to_none=True)
         self.dp_generator.set_state(state["dp_generator"])
+        if "label_guard_generator" in state:  # absent in checkpoints of older versions
+            self._label_guard.generator.set_state(state["label_guard_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.stash.clear()
 
@@ -338,6 +352,15 @@ class SegmentWorker:
         summary = {"tasks": self.stats}
         if self._leakage_samples:
             summary["leakage"] = self.leakage()
+        label_leakage = self._label_guard.gauge()
+        if label_leakage:
+            summary["label_leakage"] = label_leakage
+        verdict = self._hijack_guard.verdict()
+        if verdict is not None:
+            summary["hijack_check"] = verdict
+        spent = self._label_guard.privacy_spent(self.context.step + 1)
+        if spent:
+            summary["privacy_spent"] = spent
         return summary
 
     # -- weights (SplitFed averaging, sequential hand-off, checkpoints) --------------------------

@@ -9,6 +9,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from meshsl.compression import CompressionSpec
 from meshsl.data.specs import DatasetSpec, PartitionSpec
 from meshsl.privacy.dp import ActivationDPSpec, LabelDPSpec
+from meshsl.privacy.hijack import HijackCheckSpec
+from meshsl.privacy.label_defences import GradientDefenceSpec
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
 ENDPOINT_PATTERN = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
@@ -135,6 +137,10 @@ class EdgePrivacySpec(Strict):
     dp: Optional[ActivationDPSpec] = None
     forward: CompressionSpec = Field(default_factory=CompressionSpec)
     backward: CompressionSpec = Field(default_factory=CompressionSpec)
+    gradient: Optional[GradientDefenceSpec] = Field(
+        default=None, description="label-leakage defence on the gradients sent back over this edge")
+    hijack_check: Optional[HijackCheckSpec] = Field(
+        default=None, description="client holding its labels: SplitGuard-style probe of the gradients it gets")
 
 
 class ClientsSpec(Strict):

@@ -25,9 +25,16 @@ def _span(values: list[str]) -> str:
 
 def plan_document(topology) -> dict:
     from meshsl.align.report import alignment_step
+    from meshsl.privacy.contract import control_figures
     edges = build_edges(topology)
     plans = build_plans(topology)
+    budget = None
+    if topology.spec.privacy or topology.spec.training.label_dp:
+        from meshsl.privacy.accounting import budget as privacy_budget
+        budget = privacy_budget(topology)
     return {
+        "control_contract": control_figures(topology),
+        "privacy_budget": budget,
         "topology": topology.spec.name,
         "hash": topology.hash,
         "configurations": topology.recognised_configurations(),

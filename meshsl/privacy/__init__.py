@@ -1,5 +1,6 @@
-"""Privacy building blocks, all pure and I/O-free: distance correlation, NoPeek, DP mechanisms and
-a model-inversion probe that measures what a cut layer leaks."""
+"""Privacy building blocks, all pure and I/O-free: distance correlation, NoPeek, DP mechanisms, a
+model-inversion probe, label-inference attacks and defences on the gradients, the privacy accountant
+(meshsl.privacy.accounting, Opacus) and a training-hijacking probe."""
 from meshsl.privacy.dcor import distance_correlation, distance_correlation_np
 from meshsl.privacy.dp import (
     ActivationDPSpec,
@@ -11,11 +12,22 @@ from meshsl.privacy.dp import (
     noise_std,
     randomized_response,
 )
+from meshsl.privacy.hijack import HijackCheckSpec, SplitGuard
 from meshsl.privacy.inversion import inversion_probe, leakage_report
+from meshsl.privacy.label_attacks import cluster_attack, cosine_attack_auc, label_leakage_report, norm_attack_auc
+from meshsl.privacy.label_defences import GradientDefenceSpec, defend
 from meshsl.privacy.nopeek import NoPeekSpec, nopeek_loss
 
 __all__ = [
     "ActivationDPSpec",
+    "GradientDefenceSpec",
+    "HijackCheckSpec",
+    "SplitGuard",
+    "cluster_attack",
+    "cosine_attack_auc",
+    "defend",
+    "label_leakage_report",
+    "norm_attack_auc",
     "LabelDPSpec",
     "NoPeekSpec",
     "clip_and_noise",

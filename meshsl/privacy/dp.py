@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from meshsl.errors import ConfigError, DataError
@@ -17,8 +19,19 @@ class ActivationDPSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     clip_norm: float = Field(gt=0.0, allow_inf_nan=False)
-    noise_multiplier: float = Field(ge=0.0, allow_inf_nan=False)
+    noise_multiplier: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    target_epsilon: Optional[float] = Field(
+        default=None, gt=0.0, allow_inf_nan=False,
+        description="calibrate noise_multiplier to this budget; with noise_multiplier given, refuse runs beyond it")
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    amplification: bool = Field(default=False, description="count privacy amplification by subsampling")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> "ActivationDPSpec":
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give noise_multiplier or target_epsilon (to calibrate the noise from)")
+        return self
 
 
 class LabelDPSpec(BaseModel):
@@ -31,6 +44,9 @@ class LabelDPSpec(BaseModel):
 
 def noise_std(spec: ActivationDPSpec) -> float:
     """Standard deviation of the Gaussian noise added to every activation element."""
+    if spec.noise_multiplier is None:
+        raise ConfigError("the noise multiplier was not calibrated from target_epsilon "
+                          "(use meshsl.privacy.accounting.activation_noise)")
     return spec.noise_multiplier * spec.clip_norm
 
 

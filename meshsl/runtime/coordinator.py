@@ -27,6 +27,14 @@ from meshsl.protocol.envelope import Kind
 
 log = logging.getLogger("meshsl.coordinator")
 
+
+def privacy_budget_of(topology, steps: int) -> Optional[dict]:
+    """(epsilon, delta) per edge and party for a run of `steps`; PrivacyBudgetError if over a declared budget."""
+    if not topology.spec.privacy and topology.spec.training.label_dp is None:
+        return None
+    from meshsl.privacy.accounting import check_budget
+    return check_budget(topology, steps)
+
 ROUNDS_PER_INCARNATION = 1 << 24  # round numbers of a restarted coordinator are above any earlier ones
 
 
@@ -88,6 +96,7 @@ class Coordinator:
         self.last_lanes: tuple[int, ...] = ()  # clients of the last training step (sequential: the live model)
         self.leakage: dict[str, float] = {}  # cut edge -> last sampled dCor(raw input, activation)
         self.leakage_edges = {f"{p}->{c}" for p, c in self.topology.cut_edges()}
+        self.label_leakage: dict[str, float] = {}  # cut edge -> last norm-attack AUC at the label holder
         self.checkpoint_every = self.topology.spec.checkpoint.every
         self.checkpoint_dir = self.node.checkpoint_dir
         self.incarnation = 0
@@ -260,6 +269,7 @@ class Coordinator:
             return
         # steps=0: no training at all (evaluate saved weights); training_steps reads 0 as "not given"
         steps = [] if self.options.steps == 0 else training_steps(self.topology, self.options.steps, self.options.epochs)
+        self.privacy_budget = privacy_budget_of(self.topology, len(steps))  # over budget: stops here, before step 0
         index = await self._restore_consistent() if self.checkpoint_every > 0 else 0
         started = time.perf_counter()
         while index < len(steps):
@@ -480,11 +490,16 @@ class Coordinator:
         """The history row of a committed step, from every node's DONE statistics."""
         tasks: dict[str, dict] = {}
         leakage: dict[str, float] = {}
+        row_label_leakage: dict[str, float] = {}
         for sender, (envelope, _) in done.items():
             self.node_stats[sender] = envelope.meta
             for edge, dcor in (envelope.meta.get("leakage") or {}).items():  # worst client per edge
                 if isinstance(dcor, (int, float)) and edge in self.leakage_edges:
                     leakage[edge] = max(float(dcor), leakage.get(edge, 0.0))
+            for edge, auc in (envelope.meta.get("label_leakage") or {}).items():  # norm-attack AUC, worst client
+                if isinstance(auc, (int, float)) and edge in self.leakage_edges:
+                    row_label_leakage[edge] = max(float(auc), row_label_leakage.get(edge, 0.0))
+                    self.label_leakage[edge] = row_label_leakage[edge]
             for name, stats in envelope.meta.get("tasks", {}).items():
                 count = max(1, stats.get("count", 0))
                 tasks[name] = {"loss": stats.get("loss_sum", 0.0) / count,
@@ -493,6 +508,8 @@ class Coordinator:
         if leakage:
             row["leakage"] = leakage
             self.leakage.update(leakage)
+        if row_label_leakage:
+            row["label_leakage"] = row_label_leakage
         return row
 
     async def _evaluate(self) -> dict:
@@ -646,4 +663,7 @@ class Coordinator:
             "privacy": [p.model_dump() for p in self.topology.spec.privacy],
             "label_dp": self.topology.spec.training.label_dp.model_dump() if self.topology.spec.training.label_dp else None,
             "leakage": dict(self.leakage),
+            "label_leakage": dict(self.label_leakage),
+            "privacy_budget": getattr(self, "privacy_budget", None),
+            "hijack_check": {n: s["hijack_check"] for n, s in self.node_stats.items() if s.get("hijack_check")},
         }

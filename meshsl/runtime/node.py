@@ -814,6 +814,10 @@ class NodeRuntime:
             self._observe_round(action.phase, summary, wall)
             for edge, dcor in summary.get("leakage", {}).items():
                 self.metrics.leakage(edge, dcor)
+            for edge, auc in summary.get("label_leakage", {}).items():
+                self.metrics.label_leakage(edge, auc)
+            for key, eps in summary.get("privacy_spent", {}).items():
+                self.metrics.privacy_epsilon(*key.split("|"), eps)
         log.info("round done", extra={"node": self.node, "step": self._train_step, "round": action.round,
                                       "phase": action.phase, "seconds": round(wall, 4),
                                       "busy_seconds": round(summary["compute_seconds"], 4)})

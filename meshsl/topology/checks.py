@@ -191,3 +191,58 @@ def check_topology(topology) -> None:
         problem("curve is on but neither keys_dir nor every node's public_key is given", "security")
     if problems:
         raise ConfigErrors(problems)
+
+
+def privacy_problems(topology) -> list[ConfigError]:
+    """Privacy settings that need the data (class counts, row counts): label-leakage defences that
+    cannot run where declared, and DP budgets the declared training would exceed."""
+    import networkx as nx
+    problems: list[ConfigError] = []
+    src = topology.source
+    for i, entry in enumerate(topology.spec.privacy):
+        defence = entry.gradient
+        if defence is None or entry.segment not in topology.segments:
+            continue
+        for producer, consumer in topology.cut_edges():
+            if producer != entry.segment:
+                continue
+            below = nx.descendants(topology.graph, consumer) | {consumer}
+            held = [t for t in topology.spec.tasks if t.output in below and t.loss != "mse"
+                    and topology.node_of(t.labels) == topology.node_of(consumer)
+                    and topology.party_of(t.labels) != topology.party_of(producer)]
+            if defence.defence == "marvell":
+                if not held:
+                    problems.append(TopologyError(
+                        f"marvell needs the labels at the gradient's sender: node {topology.node_of(consumer)!r} "
+                        f"(segment {consumer!r}) holds no labels of a task below it; use max_norm or dp",
+                        f"{src}: privacy[{i}].gradient"))
+                elif any(topology.num_classes.get(t.labels) != 2 for t in held[:1]):
+                    problems.append(TopologyError(
+                        f"marvell needs binary labels, but {held[0].labels!r} has "
+                        f"{topology.num_classes.get(held[0].labels)} classes; use max_norm or dp",
+                        f"{src}: privacy[{i}].gradient"))
+    crossing = {producer for producer, _ in topology.cut_edges()}
+    for i, entry in enumerate(topology.spec.privacy):
+        if entry.dp is not None and entry.dp.noise_multiplier is None and entry.segment not in crossing:
+            problems.append(TopologyError(
+                f"segment {entry.segment!r} sends nothing across a party boundary, so there is no release to "
+                f"calibrate target_epsilon against; give noise_multiplier or drop dp", f"{src}: privacy[{i}].dp"))
+    for i, entry in enumerate(topology.spec.privacy):
+        if entry.hijack_check is None or entry.segment not in topology.segments:
+            continue
+        node = topology.node_of(entry.segment)
+        below = nx.descendants(topology.graph, entry.segment)
+        if not any(t.output in below and t.loss != "mse" and topology.node_of(t.labels) == node
+                   for t in topology.spec.tasks):
+            problems.append(TopologyError(
+                f"hijack_check probes the server with fake labels, so node {node!r} must hold the labels of a "
+                f"classification task below segment {entry.segment!r} (U-shaped split learning)",
+                f"{src}: privacy[{i}].hijack_check"))
+    if problems or not any(p.dp is not None or p.gradient is not None for p in topology.spec.privacy):
+        return problems
+    from meshsl.privacy.accounting import check_budget
+    try:
+        check_budget(topology)
+    except ConfigError as exc:
+        problems.append(exc)
+    return problems

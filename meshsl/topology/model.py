@@ -123,10 +123,13 @@ class Topology:
             kinds.append(f"multi-client ({self.spec.clients.mode}, {self.lanes} clients)")
         if len(feature_parties) > 1:
             kinds.append("vertical")
+        u_tasks = self.u_shaped_tasks()
         if label_parties <= feature_parties and crossed:
             kinds.append("u-shaped")
         elif crossed:
             kinds.append("vanilla")
+            if u_tasks:  # mixed: some heads come back to a feature party, other labels sit elsewhere
+                kinds.append(f"u-shaped part (task{'s' if len(u_tasks) > 1 else ''} {', '.join(u_tasks)})")
         if len(self.spec.tasks) > 1:
             kinds.append("multi-task")
         parties = {n.party for n in self.nodes.values()}
@@ -136,6 +139,19 @@ class Topology:
         if len(parties) == 1:
             kinds.append("single-party")
         return kinds
+
+    def u_shaped_tasks(self) -> list[str]:
+        """Tasks whose labels sit with a party that also feeds raw features into them, through another party."""
+        found = []
+        for task in self.spec.tasks:
+            party = self.party_of(task.labels)
+            upstream = nx.ancestors(self.graph, task.output)
+            own_features = any(n in self.data and self.data[n].kind == "features" and self.party_of(n) == party
+                               for n in upstream)
+            away = any(n in self.segments and self.party_of(n) != party for n in upstream)
+            if own_features and away:
+                found.append(task.name)
+        return found
 
     def _longest_party_chain(self) -> int:
         longest: dict[str, int] = {}

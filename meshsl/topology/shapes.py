@@ -25,11 +25,28 @@ def _index(topology, kind: str, name: str) -> int:
 _ELEMENTWISE = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.PReLU)
 
 
+# Layers that keep a chain of linear maps linear: Linear, Dropout, Linear is still one linear map.
+_LINEAR_MAPS = (nn.Linear, nn.modules.conv._ConvNd)
+_TRANSPARENT = (nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten, *_ELEMENTWISE[:-1])  # PReLU bends
+
+
 def protective_layer_count(module: nn.Module) -> int:
-    """Trainable leaf layers that mix features (Linear, Conv, RNN, Embedding, ...), not element-wise ones."""
-    return sum(1 for m in module.modules()
-               if not list(m.children()) and not isinstance(m, _ELEMENTWISE)
-               and any(p.requires_grad for p in m.parameters(recurse=False)))
+    """Trainable leaf layers that mix features (Linear, Conv, RNN, Embedding, ...), not element-wise ones.
+    In a layer list, consecutive linear maps with nothing non-linear between them (only Dropout, Identity,
+    Flatten or normalisation) compose into one linear map and count once."""
+    count, linear_run = 0, False
+    sequential = isinstance(module, nn.Sequential)
+    for m in module.modules():
+        if list(m.children()):
+            continue
+        trainable = any(p.requires_grad for p in m.parameters(recurse=False))
+        if trainable and not isinstance(m, _ELEMENTWISE):
+            if not (sequential and linear_run and isinstance(m, _LINEAR_MAPS)):
+                count += 1
+            linear_run = isinstance(m, _LINEAR_MAPS)
+        elif not isinstance(m, _TRANSPARENT):
+            linear_run = False  # an activation (or anything else) bends the map
+    return count
 
 
 def _inner_key(where: str) -> str:
@@ -186,6 +203,9 @@ def infer_shapes(topology) -> None:
             problems.append(TopologyError(
                 f"mse compares output {out_shape} of segment {task.output!r} with targets {label_shape} of "
                 f"{task.labels!r}: they need the same number of values per sample", where))
+    if not problems:
+        from meshsl.topology.checks import privacy_problems
+        problems.extend(privacy_problems(topology))
     if problems:
         raise ConfigErrors(problems)
 
