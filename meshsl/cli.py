@@ -305,6 +305,7 @@ def _mount_optional() -> None:
     app.add_typer(keys_app, name="keys")
     __import__("meshsl.cli_privacy", fromlist=["mount"]).mount(app)  # meshsl audit
     __import__("meshsl.cli_model", fromlist=["mount"]).mount(app)  # meshsl predict / export / assemble / evaluate
+    __import__("meshsl.cli_simulate", fromlist=["mount"]).mount(app)  # meshsl simulate (in-process or Ray)
 
 
 def _starting_a_node(argv: list[str]) -> bool:

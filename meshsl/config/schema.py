@@ -29,6 +29,23 @@ def _check_endpoint(value: str) -> str:
 Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
 
 
+class RayNodeSpec(Strict):
+    """How `meshsl simulate --engine ray` hosts this node: its logical nodes (one per client lane when
+    replicated) are divided between `actors` Ray actors, each reserving these resources."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs each actor reserves")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs each actor reserves")
+    actors: int = Field(default=1, ge=1, le=100_000, description="actors sharing this node's client lanes")
+
+
+class RaySpec(Strict):
+    """Cluster-wide settings of the Ray engine (see docs/performance.md)."""
+
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="SPREAD", description="placement group strategy for the actors' bundles")
+    ready_timeout_s: float = Field(default=120.0, gt=0, description="wait this long for the resources")
+
+
 class NodeSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     endpoint: Endpoint
@@ -38,6 +55,7 @@ class NodeSpec(Strict):
     standby: list[Endpoint] = Field(default_factory=list, description="endpoints of hot standbys")
     public_key: Optional[str] = Field(default=None, description="CURVE public key (z85)")
     threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads of the compute thread")
+    ray: Optional[RayNodeSpec] = Field(default=None, description="resources under `meshsl simulate --engine ray`")
 
 
 class DataSpec(Strict):
@@ -166,3 +184,4 @@ class TopologySpec(Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
+    ray: Optional[RaySpec] = Field(default=None, description="`meshsl simulate --engine ray` settings")
