@@ -153,7 +153,14 @@ def simulate_on_ray(topology, document: dict, options: Optional[RunOptions] = No
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
                                                                      placement_group_bundle_index=i),
             ).remote(document, source, base_dir, run, plan.name, plan.nodes))
-        addresses = ray.get([h.open.remote() for h in hosts], timeout=settings.ready_timeout_s)
+        try:
+            addresses = ray.get([h.open.remote() for h in hosts], timeout=settings.ready_timeout_s)
+        except ray.exceptions.RayActorError as exc:
+            raise PeerFailed(", ".join(p.name for p in plans), f"a Ray actor died while starting: "
+                                                              f"{str(exc).splitlines()[0]}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise PeerFailed(", ".join(p.name for p in plans),
+                             f"Ray actors did not start within {settings.ready_timeout_s:.0f}s") from None
         actors = {p.name: (a, p.nodes) for p, a in zip(plans, addresses)}
         pending = {h.run.remote(actors, options, return_weights): p for h, p in zip(hosts, plans)}
         results = _collect(ray, pending, timeout)
