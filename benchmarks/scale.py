@@ -18,7 +18,8 @@ def simulate_splitfed(clients: int, steps: int) -> dict:
     started = time.perf_counter()
     topology = topology_from_document(splitfed_document(clients, steps=steps))
     built = time.perf_counter()
-    summary, runtimes = asyncio.run(simulate(topology, RunOptions(evaluate=False)))
+    # Building 10,000 nodes on a loaded 2-core machine takes minutes: wait for them, not the default 60 s.
+    summary, runtimes = asyncio.run(simulate(topology, RunOptions(evaluate=False, startup_timeout_s=1800)))
     wall = time.perf_counter() - started
     return {"clients": clients, "logical_nodes": len(runtimes), "steps": summary["steps"],
             "samples_per_s": summary["samples_per_s"], "wall_s": wall, "topology_s": built - started,

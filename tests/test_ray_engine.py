@@ -117,3 +117,23 @@ def test_a_killed_actor_fails_the_simulation(cluster):
     assert not thread.is_alive(), "the simulation hung after an actor died"
     assert isinstance(outcome.get("error"), PeerFailed), outcome
     assert "clinic" in str(outcome["error"]) and time.monotonic() - killed < 120
+
+
+def test_command_line_on_the_cluster(cluster, tmp_path):
+    """`meshsl simulate --engine ray --ray-address` (the YAML next to the shipped one: same data paths)."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from meshsl.cli import app
+    document, _ = _splitfed(steps=2)
+    path = tmp_path / "splitfed.yaml"
+    path.write_text(yaml.safe_dump(document))
+    out = tmp_path / "summary.json"
+    result = CliRunner().invoke(app, ["simulate", str(path), "--engine", "ray", "--ray-address", cluster,
+                                      "--no-eval", "--summary-json", str(out), "--timeout", "240"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 2 and summary["engine"]["name"] == "ray"
+    assert [a["nodes"] for a in summary["engine"]["actors"]] == [4, 1]
