@@ -109,7 +109,7 @@ class NodeHost:
             await self.bridge.close()
         import ray
         out = {"actor": self.actor, "wall_s": time.perf_counter() - started, "refused": self.bridge.refused,
-               "ray_node": ray.get_runtime_context().get_node_id(),
+               "ray_node": ray.get_runtime_context().get_node_id(), "peak_rss_mib": _peak_rss_mib(),
                "failures": {n: r.failure for n, (r, _) in results.items() if r.failure},
                "summary": results[self.topology.coordinator][1] if self.topology.coordinator in results else None}
         if return_weights:
@@ -178,8 +178,16 @@ def simulate_on_ray(topology, document: dict, options: Optional[RunOptions] = No
     weights = {n: w for r in results for n, w in r.get("weights", {}).items()} if return_weights else None
     return {"summary": summary, "weights": weights,
             "actors": [dict({"name": p.name, "nodes": len(p.nodes), "address": actors[p.name][0]},
-                            **{k: r[k] for k in ("wall_s", "ray_node", "refused")})
+                            **{k: r[k] for k in ("wall_s", "ray_node", "refused", "peak_rss_mib")})
                        for p in plans for r in results if r["actor"] == p.name]}
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) for l in status if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0
 
 
 def _collect(ray, pending: dict, timeout: Optional[float]) -> list[dict]:
