@@ -96,6 +96,8 @@ def table(results: dict) -> str:
             add(f"`meshsl node {name}`", f"{value:.2f}", " ".join(f"{r[name]:.2f}" for r in st["first_step_s_runs"]))
         add("breakdown (one process)", ", ".join(f"{k} {v:.2f}" for k, v in st["breakdown_s"].items()))
         add("`python -c 'import torch'` alone", f"{st['python_import_torch_s']:.2f}",
+            " ".join(f"{t:.2f}" for t in st.get("python_import_torch_s_runs", [])))
+        add("first step / import torch (same round)", f"{st['first_step_over_import_torch']:.2f}",
             f"torch._dynamo imported: {st['torch_dynamo_imported']}")
     if "gpu" in results:
         add("")

@@ -23,11 +23,22 @@ from benchmarks.common import chain_document, run_processes, run_python, self_pe
     topology_from_document
 
 
+def _document(clients: int, steps: int) -> dict:
+    document = splitfed_document(clients, steps=steps)
+    if clients >= 2000:
+        # One event loop hosting thousands of nodes on a loaded 2-core machine answers heartbeats late;
+        # liveness at the defaults (1 s interval, 5 s timeout) would declare healthy nodes lost and
+        # re-announce storms would follow. A simulation has no network to watch: relax it.
+        document["retry"] = {"heartbeat_interval_s": 30, "heartbeat_timeout_s": 900, "timeout_s": 900,
+                             "startup_timeout_s": 1800}
+    return document
+
+
 def simulate_splitfed(clients: int, steps: int) -> dict:
     from meshsl.runtime.coordinator import RunOptions
     from meshsl.runtime.simulate import simulate
     started = time.perf_counter()
-    topology = topology_from_document(splitfed_document(clients, steps=steps))
+    topology = topology_from_document(_document(clients, steps))
     built = time.perf_counter()
     # Building 10,000 nodes on a loaded 2-core machine takes minutes: wait for them, not the default 60 s.
     summary, runtimes = asyncio.run(simulate(topology, RunOptions(evaluate=False, startup_timeout_s=1800)))
@@ -63,7 +74,7 @@ def simulate_splitfed_on_ray(clients: int, steps: int, address: str) -> dict:
     from meshsl.runtime.coordinator import RunOptions
     from meshsl.runtime.ray_engine import simulate_on_ray
     started = time.perf_counter()
-    document = splitfed_document(clients, steps=steps)
+    document = _document(clients, steps)
     for node in document["nodes"]:
         node["ray"] = {"num_cpus": 1}
     document["ray"] = {"placement": "STRICT_SPREAD", "ready_timeout_s": 600}

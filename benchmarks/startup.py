@@ -129,10 +129,14 @@ def measure(quick: bool = False) -> dict:
         parts.append(_breakdown_process())
         torch_alone.append(_import_torch_alone())
     per_node = {name: median([e["first_step_s"][name] for e in ends]) for name in ends[0]["first_step_s"]}
+    # Against `import torch` timed in the same round: what is left beyond torch, whatever the load.
+    over_torch = [round(max(e["first_step_s"].values()) / t, 2) for e, t in zip(ends, torch_alone)]
     phases = {name: median([p["phases_s"][name] for p in parts]) for name in parts[0]["phases_s"]}
     return {"runs": runs, "first_step_s": per_node, "first_step_s_runs": [e["first_step_s"] for e in ends],
             "whole_run_s": median([e["whole_run_s"] for e in ends]), "breakdown_s": phases,
             "python_import_torch_s": median(torch_alone),
+            "python_import_torch_s_runs": [round(t, 3) for t in torch_alone],
+            "first_step_over_import_torch": median(over_torch), "first_step_over_import_torch_runs": over_torch,
             "torch_dynamo_imported": any(p["torch_dynamo_imported"] for p in parts),
             "sklearn_imported": any(p["sklearn_imported"] for p in parts),
             "load_avg_1m": os.getloadavg()[0]}
