@@ -43,7 +43,8 @@ class RaySpec(Strict):
 
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="SPREAD", description="placement group strategy for the actors' bundles")
-    ready_timeout_s: float = Field(default=120.0, gt=0, description="wait this long for the resources")
+    ready_timeout_s: float = Field(default=120.0, gt=0,
+                                   description="wait this long for the resources, then for the actors to start")
 
 
 class NodeSpec(Strict):

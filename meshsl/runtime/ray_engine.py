@@ -121,8 +121,8 @@ class NodeHost:
 def simulate_on_ray(topology, document: dict, options: Optional[RunOptions] = None, address: Optional[str] = None,
                     timeout: Optional[float] = None, return_weights: bool = False) -> dict:
     """Run `topology` (parsed from `document`) on Ray. Returns {"summary", "weights" (by node, when
-    asked), "actors": [{name, nodes, node_ip, wall_s}]}. `address`: a running cluster ("auto",
-    "host:port"); None starts a local Ray instance for this run."""
+    asked), "actors": [{name, nodes, address, ray_node, wall_s, peak_rss_mib, refused}]}. `address`: a
+    running cluster ("auto", "host:port"); None starts a local Ray instance for this run."""
     ray = _ray()
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
