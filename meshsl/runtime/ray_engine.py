@@ -207,8 +207,10 @@ def _collect(ray, pending: dict, timeout: Optional[float]) -> list[dict]:
             raise PeerFailed(", ".join(plan.nodes[:5]) + (" ..." if len(plan.nodes) > 5 else ""),
                              f"Ray actor {plan.name} died: {str(exc).splitlines()[0]}") from None
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
             if isinstance(getattr(exc, "cause", None), MeshslError):
                 raise exc.cause from None
-            raise PeerFailed(plan.name, f"actor failed: {cause}") from None
+            raise PeerFailed(plan.name, f"actor failed: {exc.as_instanceof_cause()}") from None
+        except ray.exceptions.RayError as exc:  # e.g. OutOfMemoryError: Ray's memory monitor killed it
+            raise PeerFailed(", ".join(plan.nodes[:5]) + (" ..." if len(plan.nodes) > 5 else ""),
+                             f"Ray stopped actor {plan.name}: {str(exc).splitlines()[0]}") from None
     return results
