@@ -94,6 +94,9 @@ def table(results: dict) -> str:
         add(f"start-up, vanilla.yaml (median of {st['runs']})", "s to first step", "all runs")
         for name, value in st["first_step_s"].items():
             add(f"`meshsl node {name}`", f"{value:.2f}", " ".join(f"{r[name]:.2f}" for r in st["first_step_s_runs"]))
+        add("the same importing torch._dynamo + rich first (as before)",
+            f"{st['with_dynamo_and_rich_first_step_s']:.2f}",
+            " ".join(f"{v:.2f}" for v in st["with_dynamo_and_rich_first_step_s_runs"]))
         add("breakdown (one process)", ", ".join(f"{k} {v:.2f}" for k, v in st["breakdown_s"].items()))
         add("`python -c 'import torch'` alone", f"{st['python_import_torch_s']:.2f}",
             " ".join(f"{t:.2f}" for t in st.get("python_import_torch_s_runs", [])))

@@ -36,8 +36,14 @@ def _first_round_begun(log: Path) -> float | None:
     return None
 
 
-def node_processes(steps: int = 2, timeout: float = 120.0, topology: Path = TOPOLOGY) -> dict:
-    """Start every node of `topology` as its own `meshsl node` process at once; seconds to first step each."""
+# The same command with torch._dynamo and rich imported first: what a node paid before they were avoided.
+WITH_DYNAMO = ["-c", "import sys, runpy, torch._dynamo, rich.console, rich.table; "
+                     "runpy.run_module('meshsl', run_name='__main__', alter_sys=True)"]
+
+
+def node_processes(steps: int = 2, timeout: float = 120.0, topology: Path = TOPOLOGY, with_dynamo: bool = False) -> dict:
+    """Start every node of `topology` as its own `meshsl node` process at once; seconds to first step each.
+    `with_dynamo`: import torch._dynamo and rich first (the start-up before this change, for comparison)."""
     from meshsl.runtime.launcher import LocalRun
     from meshsl.topology.model import load_topology
 
@@ -49,6 +55,8 @@ def node_processes(steps: int = 2, timeout: float = 120.0, topology: Path = TOPO
         started, procs = {}, {}
         for name in topo.nodes:
             cmd = run.command(resolved, name, name == topo.coordinator)
+            if with_dynamo:  # [python, -m, meshsl, args...] -> [python, -c, <pre-import + run meshsl>, args...]
+                cmd = [cmd[0], *WITH_DYNAMO, *cmd[3:]]
             log = open(Path(tmp) / f"{name}.log", "wb")
             started[name] = time.time()
             procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -123,9 +131,10 @@ def _import_torch_alone() -> float:
 
 def measure(quick: bool = False) -> dict:
     runs = 1 if quick else 3
-    ends, parts, torch_alone = [], [], []
-    for _ in range(runs):  # alternate the three measurements so load swings hit each alike
+    ends, parts, torch_alone, before = [], [], [], []
+    for _ in range(runs):  # alternate the measurements so load swings hit each alike
         ends.append(node_processes())
+        before.append(node_processes(with_dynamo=True))
         parts.append(_breakdown_process())
         torch_alone.append(_import_torch_alone())
     per_node = {name: median([e["first_step_s"][name] for e in ends]) for name in ends[0]["first_step_s"]}
@@ -134,6 +143,8 @@ def measure(quick: bool = False) -> dict:
     phases = {name: median([p["phases_s"][name] for p in parts]) for name in parts[0]["phases_s"]}
     return {"runs": runs, "first_step_s": per_node, "first_step_s_runs": [e["first_step_s"] for e in ends],
             "whole_run_s": median([e["whole_run_s"] for e in ends]), "breakdown_s": phases,
+            "with_dynamo_and_rich_first_step_s": median([max(b["first_step_s"].values()) for b in before]),
+            "with_dynamo_and_rich_first_step_s_runs": [max(b["first_step_s"].values()) for b in before],
             "python_import_torch_s": median(torch_alone),
             "python_import_torch_s_runs": [round(t, 3) for t in torch_alone],
             "first_step_over_import_torch": median(over_torch), "first_step_over_import_torch_runs": over_torch,
