@@ -311,7 +311,8 @@ def _mount_optional() -> None:
 def _starting_a_node(argv: list[str]) -> bool:
     """This process is `meshsl [root options] node ...`: it needs none of the optional commands, whose
     modules import rich (start-up to the first step counts; docs/performance.md)."""
-    if not argv or Path(argv[0]).name not in ("meshsl", "__main__.py"):
+    entry = Path(argv[0]) if argv else None
+    if entry is None or not (entry.name == "meshsl" or (entry.name == "__main__.py" and entry.parent.name == "meshsl")):
         return False
     args = iter(argv[1:])
     for arg in args:

@@ -92,3 +92,4 @@ def test_other_commands_still_mount_everything():
     assert not _starting_a_node(["/x/meshsl", "run", "node.yaml"])
     assert not _starting_a_node(["/x/meshsl", "--log-level", "node", "audit"])  # "node" is the option's value
     assert not _starting_a_node(["pytest", "node"])
+    assert not _starting_a_node(["/x/benchmarks/__main__.py", "node"])
