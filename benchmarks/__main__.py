@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("transport", "pipelining", "scale", "gpu")
+SECTIONS = ("transport", "pipelining", "scale", "startup", "gpu")
 # Run only when named: wan needs root, network namespaces and nft; psi at 10^6 ids takes minutes.
 OPTIONAL = ("wan", "psi")
 
@@ -84,6 +84,26 @@ def table(results: dict) -> str:
             else:
                 add(r["clients"], r["logical_nodes"], fmt(r["samples_per_s"]), f"{r['wall_s']:.1f}",
                     fmt(r["peak_rss_mib"]))
+        for r in s.get("clients_on_ray", []):
+            if "error" in r:
+                add(f"{r['clients']} on Ray", "", "", "", r["error"])
+            else:
+                add(f"{r['clients']} on Ray ({r['raylets_used']} raylets)", r["logical_nodes"], fmt(r["samples_per_s"]),
+                    f"{r['wall_s']:.1f}", " ".join(f"{a['peak_rss_mib']:.0f}" for a in r["actors"]) + " (per actor)")
+    if "startup" in results:
+        st = results["startup"]
+        add("")
+        add(f"start-up, vanilla.yaml (median of {st['runs']})", "s to first step", "all runs")
+        for name, value in st["first_step_s"].items():
+            add(f"`meshsl node {name}`", f"{value:.2f}", " ".join(f"{r[name]:.2f}" for r in st["first_step_s_runs"]))
+        add("the same importing torch._dynamo + rich first (as before)",
+            f"{st['with_dynamo_and_rich_first_step_s']:.2f}",
+            " ".join(f"{v:.2f}" for v in st["with_dynamo_and_rich_first_step_s_runs"]))
+        add("breakdown (one process)", ", ".join(f"{k} {v:.2f}" for k, v in st["breakdown_s"].items()))
+        add("`python -c 'import torch'` alone", f"{st['python_import_torch_s']:.2f}",
+            " ".join(f"{t:.2f}" for t in st.get("python_import_torch_s_runs", [])))
+        add("first step / import torch (same round)", f"{st['first_step_over_import_torch']:.2f}",
+            f"torch._dynamo imported: {st['torch_dynamo_imported']}")
     if "gpu" in results:
         add("")
         g = results["gpu"]

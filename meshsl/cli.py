@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from meshsl.errors import ConfigError, MeshslError
 
@@ -17,9 +15,27 @@ app = typer.Typer(help="meshsl: declarative, pipelined, fault-tolerant split lea
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 monitoring_app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_help=True)
 app.add_typer(monitoring_app, name="monitoring")
-console = Console(stderr=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich costs ~0.1 s, and `meshsl node` prints no tables."""
+
+    def __init__(self, **options) -> None:
+        self._options, self._console = options, None
+
+    def real(self):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.real(), name)
+
+
+console = _LazyConsole(stderr=True)
 # Piped or captured output (CI logs, `| less`) gets 160 columns instead of Rich's 80, so tables do not wrap.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in __import__("os").environ else 160)
+out = _LazyConsole(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in __import__("os").environ else 160)
 
 
 def fail(exc: Exception, code: int = 2) -> None:
@@ -80,6 +96,7 @@ def validate(topology: Path = typer.Argument(..., help="topology YAML")) -> None
 def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json", help="machine-readable"),
          cuts: bool = typer.Option(False, "--cuts", help="evaluate candidate cut points")) -> None:
     """Explain a topology: per-node plan, bytes per hop, the privacy contract, an ASCII drawing."""
+    from rich.table import Table
     from meshsl.plan.explain import ascii_graph, plan_document
     topo = load(topology)
     document = plan_document(topo)
@@ -136,6 +153,7 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
 
 
 def _print_summary(summary: dict) -> None:
+    from rich.table import Table
     table = Table(title=f"{summary['topology']}: {summary['steps']} steps, {summary['epochs']} epochs, "
                         f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_seconds']:.1f} s")
     for column in ("task", "train loss", "eval loss", "eval accuracy", "other"):
@@ -208,7 +226,7 @@ def run(topology: Path = typer.Argument(...),
     resolved_topo = load(resolved, topology.parent)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=not progress)
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console.real(), disable=not progress)
     history = []
     with bar:
         job = bar.add_task(f"training {topo.spec.name}", total=total, info="")
@@ -363,9 +381,26 @@ def _mount_optional() -> None:
     __import__("meshsl.cli_privacy", fromlist=["mount"]).mount(app)  # meshsl audit
     __import__("meshsl.cli_model", fromlist=["mount"]).mount(app)  # meshsl predict / export / assemble / evaluate
     __import__("meshsl.cli_align", fromlist=["mount"]).mount(app)  # meshsl align
+    __import__("meshsl.cli_simulate", fromlist=["mount"]).mount(app)  # meshsl simulate (in-process or Ray)
 
 
-_mount_optional()
+def _starting_a_node(argv: list[str]) -> bool:
+    """This process is `meshsl [root options] node ...`: it needs none of the optional commands, whose
+    modules import rich (start-up to the first step counts; docs/performance.md)."""
+    entry = Path(argv[0]) if argv else None
+    if entry is None or not (entry.name == "meshsl" or (entry.name == "__main__.py" and entry.parent.name == "meshsl")):
+        return False
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in ("--log-level", "--log-format"):
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg == "node"
+    return False
+
+
+if not _starting_a_node(sys.argv):
+    _mount_optional()
 
 
 def main() -> None:

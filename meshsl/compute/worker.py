@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from meshsl.compute.eager_optim import eager
 from meshsl.compute.layers import build_segment_module, merge_inputs
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.staging import to_device
@@ -38,11 +39,12 @@ def build_module(topology, segment: str) -> torch.nn.Module:
 
 
 def build_optimizer(spec, params) -> torch.optim.Optimizer:
+    """`eager`: no torch._dynamo import on the critical path (see compute/eager_optim.py)."""
     if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        return eager(torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay))
     if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return eager(torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay))
+    return eager(torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay))
 
 
 @dataclass

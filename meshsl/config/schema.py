@@ -31,6 +31,24 @@ def _check_endpoint(value: str) -> str:
 Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
 
 
+class RayNodeSpec(Strict):
+    """How `meshsl simulate --engine ray` hosts this node: its logical nodes (one per client lane when
+    replicated) are divided between `actors` Ray actors, each reserving these resources."""
+
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs each actor reserves")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs each actor reserves")
+    actors: int = Field(default=1, ge=1, le=100_000, description="actors sharing this node's client lanes")
+
+
+class RaySpec(Strict):
+    """Cluster-wide settings of the Ray engine (see docs/performance.md)."""
+
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="SPREAD", description="placement group strategy for the actors' bundles")
+    ready_timeout_s: float = Field(default=120.0, gt=0,
+                                   description="wait this long for the resources, then for the actors to start")
+
+
 class NodeSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     endpoint: Optional[Endpoint] = Field(default=None, description="where the node binds (required unless inbound: false)")
@@ -40,6 +58,7 @@ class NodeSpec(Strict):
     standby: list[Endpoint] = Field(default_factory=list, description="endpoints of hot standbys")
     public_key: Optional[str] = Field(default=None, description="CURVE public key (z85)")
     threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads of the compute thread")
+    ray: Optional[RayNodeSpec] = Field(default=None, description="resources under `meshsl simulate --engine ray`")
     inbound: bool = Field(default=True, description="accepts inbound connections; false: a dial-out node that "
                           "binds nothing and reaches its peers over connections it opens (behind a firewall)")
 
@@ -236,3 +255,4 @@ class TopologySpec(Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
     alignment: Optional[AlignmentSpec] = None
+    ray: Optional[RaySpec] = Field(default=None, description="`meshsl simulate --engine ray` settings")
