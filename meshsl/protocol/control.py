@@ -184,7 +184,16 @@ class WeightsPull(ControlMessage):
 
 @dataclass(frozen=True)
 class Shutdown(ControlMessage):
+    """End of the run; `abort` (the coordinator's error) makes every node exit non-zero without weights."""
     kind: ClassVar[Kind] = Kind.SHUTDOWN
+    abort: Optional[str] = None
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Shutdown":
+        return cls(abort=None if meta.get("abort") is None else _text(cls.kind, meta, "abort"))
+
+    def to_meta(self) -> dict:
+        return {} if self.abort is None else {"abort": self.abort}
 
 
 # ---- node -> coordinator ------------------------------------------------------------------------

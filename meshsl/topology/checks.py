@@ -36,12 +36,17 @@ def same_endpoint_key(endpoint: str) -> str:
 
 def check_batch_size(topology) -> None:
     """A batch larger than all training rows together can never be filled: a typo, not a setting."""
+    from meshsl.align.ids import uses_ids
+    if uses_ids(topology):
+        return  # rows are known after the private set intersection; the alignment checks its own minimum
     from meshsl.plan.steps import sample_pools
     rows = sum(len(pool) for pool in sample_pools(topology).train)
     batch = topology.spec.training.batch_size
     if batch > rows:
         raise TopologyError(f"batch_size {batch} exceeds the {rows} training rows of the data; "
                             f"use at most {rows}", f"{topology.source}: training.batch_size")
+
+
 def talking_pairs(topology) -> dict[frozenset, str]:
     """Pairs of nodes that exchange messages directly -> why (the first reason found): the coordinator
     with every node (control, heartbeats, recovery), and the two ends of every segment edge that crosses
