@@ -182,7 +182,7 @@ class LocalRun:
                     proc.wait()
             for name, proc in list(self.processes.items()):
                 code = proc.poll()
-                if code is None or (code == 0 and name != topology.coordinator):
+                if code is None or code == 0:  # a coordinator that just finished: the check above ends the loop
                     continue
                 if code == EXIT_ABORTED:  # an orderly failure: the run is over for every party
                     raise self._aborted(topology, name)
