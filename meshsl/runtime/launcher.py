@@ -183,7 +183,7 @@ class LocalRun:
             # The coordinator first: when it fails, the nodes it told stop too (non-zero), and the run is its.
             for name, proc in sorted(self.processes.items(), key=lambda item: item[0] != topology.coordinator):
                 code = proc.poll()
-                if code is None or (code == 0 and name != topology.coordinator):
+                if code is None or code == 0:  # a coordinator that just finished: the check above ends the loop
                     continue
                 if code == EXIT_ABORTED:  # an orderly failure: the run is over for every party
                     raise self._aborted(topology, name)
