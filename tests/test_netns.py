@@ -1,57 +1,23 @@
 """Across machines: three network namespaces (three hosts) joined by veth links to a bridge, one
 `meshsl node` per host, training vertical.yaml-style traffic over real IP addresses."""
 import os
-import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from netns_hosts import namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = {"hospital_a": "10.231.0.2", "hospital_b": "10.231.0.3", "lab": "10.231.0.4"}
 
 
-def sh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True)
-
-
 @pytest.fixture
 def hosts():
     """Create the namespaces; skip cleanly where namespaces or veth links are not permitted."""
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 (ip) is not installed")
-    tag = uuid.uuid4().hex[:5]
-    bridge = f"mslbr{tag}"
-    names = {node: f"msl-{tag}-{i}" for i, node in enumerate(HOSTS)}
-    created = []
-    try:
-        if sh("ip", "link", "add", bridge, "type", "bridge").returncode != 0:
-            pytest.skip("not permitted to create network devices (needs root / CAP_NET_ADMIN)")
-        sh("ip", "link", "set", bridge, "up")
-        for i, (node, address) in enumerate(HOSTS.items()):
-            ns = names[node]
-            if sh("ip", "netns", "add", ns).returncode != 0:
-                pytest.skip("not permitted to create network namespaces")
-            created.append(ns)
-            outer, inner = f"msl{tag}o{i}", f"msl{tag}i{i}"
-            for cmd in (["ip", "link", "add", outer, "type", "veth", "peer", "name", inner],
-                        ["ip", "link", "set", inner, "netns", ns],
-                        ["ip", "link", "set", outer, "master", bridge],
-                        ["ip", "link", "set", outer, "up"],
-                        ["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", inner],
-                        ["ip", "-n", ns, "link", "set", inner, "up"],
-                        ["ip", "-n", ns, "link", "set", "lo", "up"]):
-                result = sh(*cmd)
-                if result.returncode != 0:
-                    pytest.skip(f"cannot set up veth links: {' '.join(cmd)}: {result.stderr.strip()}")
+    with namespaces(HOSTS) as names:
         yield names
-    finally:
-        for ns in created:
-            sh("ip", "netns", "del", ns)
-        sh("ip", "link", "del", bridge)
 
 
 def test_vertical_topology_across_three_hosts(tmp_path, hosts):
