@@ -210,7 +210,9 @@ class Hello(ControlMessage):
         steps = meta.get("checkpoints", [])
         if not isinstance(steps, list) or len(steps) > MAX_LANES or any(type(s) is not int or s < 0 for s in steps):
             raise _bad(k, "'checkpoints' must be a list of step numbers")
-        return cls(checkpoints=tuple(steps), endpoint=_text(k, meta, "endpoint", ""),
+        # A dial-out node binds nothing: its endpoint is null (peers reach it over its own connections).
+        endpoint = "" if meta.get("endpoint") is None else _text(k, meta, "endpoint")
+        return cls(checkpoints=tuple(steps), endpoint=endpoint,
                    predict_rows=_optional_int(k, meta, "predict_rows"))
 
 
