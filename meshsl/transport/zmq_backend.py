@@ -415,7 +415,7 @@ class ZmqTransport(Transport):
                 frames = _recv_now(sock)
             if frames is None:
                 continue  # a message to itself woke us
-            if len(frames) == 2 and len(frames[1]) == 0:  # a dial-out peer's announcement: route only
+            if self._is_announcement(frames):  # a dial-out peer's announcement: route only
                 self._identify(frames)
                 continue
             return self._identify(frames)
@@ -428,10 +428,15 @@ class ZmqTransport(Transport):
             frames = _recv_now(self._sync(self._router))
             if frames is None:
                 return None
-            if len(frames) == 2 and len(frames[1]) == 0:
+            if self._is_announcement(frames):
                 self._identify(frames)
                 continue
             return self._identify(frames)
+
+    def _is_announcement(self, frames: list) -> bool:
+        """One empty frame from a dial-out route (`name#nonce`): it only tells us the way back. The same
+        from any other connection is an ordinary (malformed) message, rejected and counted by the node."""
+        return len(frames) == 2 and len(frames[1]) == 0 and (self.dial_out or b"#" in frames[0].bytes)
 
     def _identify(self, frames: list) -> tuple[str, list]:
         routing_id = frames[0].bytes
