@@ -24,7 +24,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from meshsl.align.ids import id_column_of, read_node_ids  # noqa: F401  (re-exported)
 from meshsl.errors import ConfigError, DataError, MeshslError, PeerFailed, PeerTimeout
+from meshsl.runtime.prediction import (  # noqa: F401  (re-exported)
+    PredictSettings, coordinate_prediction, lane_client, predict_lanes, prediction_file)
 
 FLOAT_FORMAT = ".9g"  # round-trips float32
 
@@ -42,62 +45,9 @@ class PartyOffline(PeerTimeout):
         return self.args[0]
 
 
-@dataclass
-class PredictSettings:
-    """How the coordinator cuts the input into rounds: micro-batches of `batch_size` rows, `micro_batches`
-    of them in flight per round (the pipeline); None: the topology's eval_batch_size / max(2, micro_batches)."""
-
-    batch_size: Optional[int] = None
-    micro_batches: Optional[int] = None
-
-
 # ---- reading a party's own input ---------------------------------------------------------------
 def feature_sources(topology, node: str) -> list:
     return [d for d in topology.spec.data if d.kind == "features" and node in topology.placement[d.name]]
-
-
-def id_column_of(topology, node: str) -> Optional[str]:
-    """The id column a node's prediction input must have (topologies matched by sample id), else None."""
-    from meshsl.align.ids import uses_ids
-    if not uses_ids(topology):
-        return None
-    names = [d.id_column for d in topology.spec.data if topology.placement[d.name][0] == node and d.id_column]
-    return names[0] if names else "id"
-
-
-def read_node_ids(topology, node: str, path: Path) -> Optional[list[str]]:
-    """The sample ids of `node`'s prediction input (its id column), checked like training ids; None
-    when the topology matches rows by position."""
-    column = id_column_of(topology, node)
-    if column is None:
-        return None
-    where = f"--input {node}={path} (party {topology.nodes[node].party!r})"
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input file {path} does not exist", where)
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [r for r in csv.reader(handle) if r]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {path}: {exc}", where) from None
-    header = [h.strip() for h in rows[0]] if rows else []
-    if column not in header:
-        raise DataError(f"{path}: id column {column!r} is not in the header {header}; rows are matched by "
-                        f"sample id, so every prediction input needs it", where)
-    at = header.index(column)
-    ids, first = [], {}
-    for line, row in enumerate(rows[1:], start=2):
-        value = row[at].strip() if at < len(row) else ""
-        if not value:
-            raise DataError(f"{path}:{line} has an empty id in column {column!r}", where)
-        if value in first:
-            raise DataError(f"{path}: duplicate id {value!r} in column {column!r} (lines {first[value]} and {line})",
-                            where)
-        first[value] = line
-        ids.append(value)
-    if not ids:
-        raise DataError(f"{path} has no data rows", where)
-    return ids
 
 
 def _read_matrix(path: Path, where: str, drop_column: Optional[str] = None) -> np.ndarray:
@@ -174,7 +124,7 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
 
 def predict_rows(topology, node: str, path: Path) -> Optional[np.ndarray]:
     """Row of `node`'s prediction input for each common sample after the PSI, in the agreed order."""
-    from meshsl.align.runner import outcome_of
+    from meshsl.align.outcomes import outcome_of
     outcome = outcome_of(topology, node, predict=True)
     if outcome is None or outcome.ids is None:
         return None
@@ -183,22 +133,6 @@ def predict_rows(topology, node: str, path: Path) -> Optional[np.ndarray]:
 
 
 # ---- a node's side -----------------------------------------------------------------------------
-def lane_client(topology, lane: int) -> str:
-    """Name of the client (replicated node) of `lane`, for per-client rows and metrics."""
-    for name in topology.spec.data:
-        if topology.is_replicated(name.name):
-            return topology.node_of(name.name, lane)
-    for name in topology.segment_order:
-        if topology.is_replicated(name):
-            return topology.node_of(name, lane)
-    return f"lane{lane}"
-
-
-def prediction_file(topology, task, node: str, directory: Path) -> Path:
-    stem = f"{task.name}@{node}" if topology.is_replicated(task.output) else task.name
-    return Path(directory) / f"{stem}.csv"
-
-
 def _header(topology, task, width: int, with_ids: bool = False) -> list[str]:
     head = ["row"] + (["id"] if with_ids else []) + (["client"] if topology.lanes > 1 else [])
     if task.loss == "cross_entropy":
@@ -230,7 +164,7 @@ class NodeInference:
                 tensors = {k: v[torch.as_tensor(order)].contiguous() for k, v in tensors.items()}
                 self.rows = len(order)
             worker.data.predict_inputs.update(tensors)
-        from meshsl.align.runner import outcome_of
+        from meshsl.align.outcomes import outcome_of
         aligned = outcome_of(topology, worker.node, predict=True)
         self.ids = aligned.ids if aligned is not None else None
         for task in worker._my_tasks():
@@ -291,70 +225,6 @@ def node_predict_options(topology, node: str, input_path: Optional[Path], output
 
 
 # ---- the coordinator's side --------------------------------------------------------------------
-def predict_lanes(topology, rows: dict[str, int]) -> list[tuple[int, int]]:
-    """(lane, rows) to predict: a lane runs when its feature holders all announced inputs of one length."""
-    sources = [d.name for d in topology.spec.data if d.kind == "features"]
-    plan = []
-    for lane in range(topology.lanes):
-        needed = sorted({topology.node_of(s, lane) for s in sources})
-        have = {n: rows[n] for n in needed if n in rows}
-        if not have:
-            continue
-        missing = [n for n in needed if n not in have]
-        if missing:
-            raise DataError(f"{', '.join(missing)} gave no prediction input, but {', '.join(have)} did; every "
-                            f"party holding features of the same rows needs one", "predict")
-        if len(set(have.values())) > 1:
-            counts = ", ".join(f"{n}: {k} rows" for n, k in have.items())
-            raise DataError(f"prediction inputs are not aligned (rows pair up by position): {counts}", "predict")
-        plan.append((lane, next(iter(have.values()))))
-    if not plan:
-        raise DataError("no node has a prediction input", "predict")
-    return plan
-
-
-async def coordinate_prediction(coordinator, settings: PredictSettings) -> dict:
-    """Forward-only rounds over every lane with inputs; returns the run summary (counts only)."""
-    from meshsl.protocol.envelope import Kind
-    topology = coordinator.topology
-    training = topology.spec.training
-    plan = predict_lanes(topology, coordinator.predict_rows)
-    wire_limit = max(training.eval_batch_size, training.batch_size)  # rows a node accepts per message
-    rows_per_mb = min(settings.batch_size or training.eval_batch_size, wire_limit)
-    per_round = settings.micro_batches or max(2, training.micro_batches)
-    chunk = rows_per_mb * per_round
-    written: dict[str, int] = {t: 0 for t in topology.tasks}
-    started = time.perf_counter()
-    rounds = 0
-    for lane, total in plan:
-        for offset in range(0, total, chunk):
-            count = min(chunk, total - offset)
-            micro_batches = math.ceil(count / rows_per_mb)
-            coordinator.round += 1
-            rounds += 1
-            await coordinator.broadcast(Kind.BEGIN, phase="predict", step=coordinator.round, meta={
-                "lanes": [lane], "micro_batches": micro_batches, "offset": offset, "count": count})
-            done = await coordinator._collect(Kind.DONE, set(coordinator.nodes), coordinator.round,
-                                              "finish its prediction round")
-            for sender, (envelope, _) in done.items():
-                for task, n in (envelope.meta.get("predicted") or {}).items():
-                    if task in written and isinstance(n, int):
-                        written[task] += n
-    expected = sum(n for _, n in plan)
-    wall = time.perf_counter() - started
-    tasks = {}
-    for task in topology.spec.tasks:
-        owners = sorted({topology.node_of(task.output, lane) for lane, _ in plan})
-        if written[task.name] != expected:
-            raise PeerFailed(owners[0], f"wrote {written[task.name]} of {expected} predictions of task {task.name!r}")
-        tasks[task.name] = {"rows": written[task.name], "owners": owners,
-                            "files": [prediction_file(topology, task, o, Path(".")).name for o in owners]}
-    return {"topology": topology.spec.name, "topology_hash": topology.hash, "mode": "predict",
-            "rows": {lane_client(topology, lane) if topology.lanes > 1 else "all": n for lane, n in plan},
-            "rounds": rounds, "rows_per_micro_batch": rows_per_mb, "micro_batches_per_round": per_round,
-            "wall_seconds": wall, "rows_per_s": expected / wall if wall > 0 else 0.0, "tasks": tasks}
-
-
 # ---- running it locally (one process per node) -------------------------------------------------
 def _raise_from_summary(summary: dict, topology) -> None:
     kind, message = summary.get("error_type"), str(summary.get("error", ""))

@@ -254,9 +254,10 @@ def test_empty_intersection_and_minimum_fail_on_every_party(tmp_path):
 
 
 async def _gather_each(topology) -> dict:
-    from meshsl.transport.inprocess import InProcessTransport
+    from meshsl.transport.inprocess import InProcessHub, InProcessTransport
     book = {n: f"inproc://align-test-{id(topology)}-{n}" for n in topology.nodes}
-    transports = {n: InProcessTransport(n, book[n], book) for n in topology.nodes}
+    hub = InProcessHub()
+    transports = {n: InProcessTransport(n, book[n], book, hub=hub) for n in topology.nodes}
     for t in transports.values():
         await t.start()
     try:
@@ -273,11 +274,12 @@ def test_garbage_and_foreign_alignment_messages_are_dropped(tmp_path):
     topology = load_topology(EXAMPLE)
 
     async def scenario():
-        from meshsl.transport.inprocess import InProcessTransport
+        from meshsl.transport.inprocess import InProcessHub, InProcessTransport
         book = {n: f"inproc://align-garbage-{n}" for n in [*topology.nodes, "intruder"]}
-        intruder = InProcessTransport("hospital_a", book["intruder"], book)  # claims nothing: sender is its name
+        hub = InProcessHub()
+        intruder = InProcessTransport("hospital_a", book["intruder"], book, hub=hub)  # claims nothing: sender is its name
         await intruder.start()
-        transports = {n: InProcessTransport(n, book[n], book) for n in topology.nodes}
+        transports = {n: InProcessTransport(n, book[n], book, hub=hub) for n in topology.nodes}
         for t in transports.values():
             await t.start()
         # Before the real parties speak: malformed frames, another topology's message, a wrong type.
@@ -302,9 +304,10 @@ def test_restarted_node_reuses_its_saved_alignment(tmp_path):
     topology = load_topology(EXAMPLE)
 
     async def first_run():
-        from meshsl.transport.inprocess import InProcessTransport
+        from meshsl.transport.inprocess import InProcessHub, InProcessTransport
         book = {n: f"inproc://align-cache-{n}" for n in topology.nodes}
-        transports = {n: InProcessTransport(n, book[n], book) for n in topology.nodes}
+        hub = InProcessHub()
+        transports = {n: InProcessTransport(n, book[n], book, hub=hub) for n in topology.nodes}
         for t in transports.values():
             await t.start()
         try:

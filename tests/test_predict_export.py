@@ -165,12 +165,13 @@ async def _predict_inprocess(topology, inputs: dict, outputs: dict, hook=None) -
     from meshsl.predict import NodeInference, PredictSettings
     from meshsl.runtime.coordinator import RunOptions
     from meshsl.runtime.entry import run_node
-    from meshsl.transport.inprocess import InProcessTransport
+    from meshsl.transport.inprocess import InProcessHub, InProcessTransport
     book = {name: f"inproc://predict-{id(inputs)}-{name}" for name in topology.nodes}
+    hub = InProcessHub()
     results = {}
 
     async def one(name: str) -> None:
-        transport = InProcessTransport(name, book[name], book)
+        transport = InProcessTransport(name, book[name], book, hub=hub)
         transport.sent_hook = hook
         options = RunOptions(predict=PredictSettings(batch_size=24)) if name == topology.coordinator else None
         inference = NodeInference(input_path=inputs.get(name), output_dir=outputs.get(name))

@@ -22,7 +22,7 @@ from meshsl.protocol.frames import decode_message
 from meshsl.runtime.coordinator import RunOptions
 from meshsl.runtime.entry import run_node
 from meshsl.topology.model import topology_from_spec
-from meshsl.transport.inprocess import InProcessTransport
+from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 60  # about 2.7 epochs of digits at batch 64
@@ -46,12 +46,13 @@ def run(topology, hook=None, metrics: bool = False, evaluate: bool = True):
     """Like meshsl.runtime.simulate, but every node may get its own Prometheus registry."""
     run_id = next(_runs)
     book = {name: f"inproc://privacy-{run_id}-{name}" for name in topology.nodes}
+    hub = InProcessHub()
     registries = {name: NodeMetrics(name, n.party, "node", topology.spec.name, topology.hash)
                   for name, n in topology.nodes.items()} if metrics else {}
     results = {}
 
     async def one(name):
-        transport = InProcessTransport(name, book[name], book)
+        transport = InProcessTransport(name, book[name], book, hub=hub)
         transport.sent_hook = hook
         options = RunOptions(evaluate=evaluate) if name == topology.coordinator else None
         results[name] = await run_node(topology, name, options, transport=transport, metrics=registries.get(name))

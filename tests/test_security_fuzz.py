@@ -38,8 +38,7 @@ from meshsl.runtime.coordinator import Coordinator, RunOptions
 from meshsl.runtime.node import NodeRuntime
 from meshsl.runtime.simulate import simulate
 from meshsl.topology.model import load_topology
-from meshsl.transport import inprocess
-from meshsl.transport.inprocess import InProcessTransport
+from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 from scrape import metric_sum  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,12 +309,13 @@ class Harness:
         run = uuid.uuid4().hex[:8]
         self.book = {name: f"inproc://fuzz-{run}-{name}" for name in self.topology.nodes}
         self.release = asyncio.Event()
+        self.hub = InProcessHub()
         for name in self.topology.nodes:
             if name == self.topology.coordinator:
-                transport = InProcessTransport(name, self.book[name], self.book)
+                transport = InProcessTransport(name, self.book[name], self.book, hub=self.hub)
             else:
                 transport = self.client_transport = HoldDone(name, self.book[name], self.book, hold=self.hold,
-                                                             release=self.release, sent=self.sent)
+                                                             release=self.release, sent=self.sent, hub=self.hub)
             options = RunOptions(evaluate=False) if name == self.topology.coordinator else None
             self.runtimes[name] = NodeRuntime(self.topology, name, transport=transport, metrics=None,
                                               coordinator_factory=lambda rt, o=options: Coordinator(rt, o))
@@ -325,7 +325,7 @@ class Harness:
                 group.create_task(runtime.run())
 
     def inject(self, node: str, identity: str, frames: list[bytes]) -> None:
-        queue = inprocess._MAILBOXES[self.book[node]]
+        queue = self.hub.mailboxes[self.book[node]]
         self.loop.call_soon_threadsafe(queue.put_nowait, (identity, frames))
 
     def held_round(self, timeout_s: float = 120) -> int:

@@ -6,8 +6,10 @@ Every error names the topology file, the data source, its node and party, and th
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from meshsl.errors import ConfigError, DataError, TopologyError
 
@@ -130,3 +132,86 @@ def check_ids(topology) -> list[ConfigError]:
         except DataError as exc:
             problems.append(exc)
     return problems
+
+
+# ---- a prediction input's ids ---------------------------------------------------------------------
+def id_column_of(topology, node: str) -> Optional[str]:
+    """The id column a node's prediction input must have (topologies matched by sample id), else None."""
+    if not uses_ids(topology):
+        return None
+    names = [d.id_column for d in topology.spec.data if topology.placement[d.name][0] == node and d.id_column]
+    return names[0] if names else "id"
+
+
+def read_node_ids(topology, node: str, path: Path) -> Optional[list[str]]:
+    """The sample ids of `node`'s prediction input (its id column), checked like training ids; None
+    when the topology matches rows by position."""
+    column = id_column_of(topology, node)
+    if column is None:
+        return None
+    where = f"--input {node}={path} (party {topology.nodes[node].party!r})"
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist", where)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.reader(handle) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}", where) from None
+    header = [h.strip() for h in rows[0]] if rows else []
+    if column not in header:
+        raise DataError(f"{path}: id column {column!r} is not in the header {header}; rows are matched by "
+                        f"sample id, so every prediction input needs it", where)
+    at = header.index(column)
+    ids, first = [], {}
+    for line, row in enumerate(rows[1:], start=2):
+        value = row[at].strip() if at < len(row) else ""
+        if not value:
+            raise DataError(f"{path}:{line} has an empty id in column {column!r}", where)
+        if value in first:
+            raise DataError(f"{path}: duplicate id {value!r} in column {column!r} (lines {first[value]} and {line})",
+                            where)
+        first[value] = line
+        ids.append(value)
+    if not ids:
+        raise DataError(f"{path} has no data rows", where)
+    return ids
+
+
+# ---- what the plan shows ---------------------------------------------------------------------------
+PROTOCOL = "ECDH private set intersection (openmined-psi, P-256), over the nodes' own transport"
+
+
+def alignment_step(topology) -> Optional[dict]:
+    """What the plan shows: who runs the PSI with whom, on which ids, and what each party learns."""
+    if not uses_ids(topology):
+        return None
+    leader = leader_of(topology)
+    members = [n for n in data_nodes(topology) if n != leader]
+    spec = topology.spec.alignment
+    party = {n: s.party for n, s in topology.nodes.items()}
+    learns = {}
+    for node in topology.nodes:
+        if node == leader:
+            what = ("the common ids (its own rows in the intersection), each member's id count and its "
+                    "overlap with each member")
+        elif node in members:
+            what = (f"the common ids (its own rows in the intersection), the leader's id count and its own "
+                    f"overlap with the leader {leader!r}")
+        else:
+            what = "the number of common samples only"
+        learns[node] = what
+    return {
+        "when": "before training and before prediction, before any data is read",
+        "protocol": PROTOCOL,
+        "leader": leader,
+        "members": members,
+        "observers": [n for n in topology.nodes if n not in data_nodes(topology)],
+        "ids": {d.name: {"node": topology.placement[d.name][0], "party": party[topology.placement[d.name][0]],
+                         "from": _id_origin(topology, d)} for d in topology.spec.data},
+        "min_intersection": spec.min_intersection if spec else 1,
+        "order": "common samples sorted by id (every party holding them knows them); train/test split and "
+                 "batches are then drawn over that order with the training seed",
+        "crosses": "blinded P-256 points and counts only; never an id or a hash of an id",
+        "learns": learns,
+    }

@@ -5,52 +5,15 @@ import asyncio
 import itertools
 from typing import Optional
 
-from meshsl.align.ids import _id_origin, data_nodes, leader_of, node_ids, uses_ids
+from meshsl.align.ids import PROTOCOL, alignment_step, data_nodes, leader_of, node_ids, uses_ids  # noqa: F401
 from meshsl.align.runner import align_locally
 from meshsl.align.session import Session
-
-PROTOCOL = "ECDH private set intersection (openmined-psi, P-256), over the nodes' own transport"
-
-
-def alignment_step(topology) -> Optional[dict]:
-    """What the plan shows: who runs the PSI with whom, on which ids, and what each party learns."""
-    if not uses_ids(topology):
-        return None
-    leader = leader_of(topology)
-    members = [n for n in data_nodes(topology) if n != leader]
-    spec = topology.spec.alignment
-    party = {n: s.party for n, s in topology.nodes.items()}
-    learns = {}
-    for node in topology.nodes:
-        if node == leader:
-            what = ("the common ids (its own rows in the intersection), each member's id count and its "
-                    "overlap with each member")
-        elif node in members:
-            what = (f"the common ids (its own rows in the intersection), the leader's id count and its own "
-                    f"overlap with the leader {leader!r}")
-        else:
-            what = "the number of common samples only"
-        learns[node] = what
-    return {
-        "when": "before training and before prediction, before any data is read",
-        "protocol": PROTOCOL,
-        "leader": leader,
-        "members": members,
-        "observers": [n for n in topology.nodes if n not in data_nodes(topology)],
-        "ids": {d.name: {"node": topology.placement[d.name][0], "party": party[topology.placement[d.name][0]],
-                         "from": _id_origin(topology, d)} for d in topology.spec.data},
-        "min_intersection": spec.min_intersection if spec else 1,
-        "order": "common samples sorted by id (every party holding them knows them); train/test split and "
-                 "batches are then drawn over that order with the training seed",
-        "crosses": "blinded P-256 points and counts only; never an id or a hash of an id",
-        "learns": learns,
-    }
-
+from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 
 async def _pair(topology, first: str, second: str) -> tuple[int, int, int]:
-    from meshsl.transport.inprocess import InProcessTransport
-    book = {n: f"inproc://meshsl-align-pair-{id(topology)}-{first}-{second}-{n}" for n in (first, second)}
-    transports = {n: InProcessTransport(n, book[n], book, queue_size=16) for n in book}
+    hub = InProcessHub()
+    book = {n: f"inproc://meshsl-align-pair-{first}-{second}-{n}" for n in (first, second)}
+    transports = {n: InProcessTransport(n, book[n], book, queue_size=16, hub=hub) for n in book}
     for t in transports.values():
         await t.start()
     try:

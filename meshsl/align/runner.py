@@ -1,8 +1,8 @@
 """Running the alignment: inside a node before training, or for every node in this process.
 
-The outcome is kept on the topology object per node (`topology.__dict__["_alignments"]`), where the
-sample pools (`meshsl.plan.steps`) and the node's data (`meshsl.compute.node_data`) find it: row i of
-every source is then the i-th common sample in the agreed order. A node that checkpoints also keeps
+The outcome is kept per node by `meshsl.align.outcomes`, where the sample pools (`meshsl.plan.steps`)
+and the node's data (`meshsl.compute.node_data`) find it: row i of every source is then the i-th common
+sample in the agreed order. A node that checkpoints also keeps
 its outcome next to its checkpoints, so a node restarted with --resume rejoins training without
 asking its peers (who are past alignment) for a new PSI.
 """
@@ -10,90 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import logging
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from meshsl.align.ids import data_nodes, leader_of, node_ids, uses_ids
-from meshsl.align.session import AlignmentError, AlignmentOutcome, Session, size_problem
-from meshsl.errors import MeshslError
+from meshsl.align.ids import data_nodes, id_column_of, leader_of, node_ids, read_node_ids, uses_ids
+from meshsl.align.outcomes import (  # noqa: F401  (re-exported: the runner's public names)
+    aligned_rows, aligned_size, alignment_settings, intersect_locally, outcome_of, remember)
+from meshsl.align.session import AlignmentError, AlignmentOutcome, Session
+from meshsl.errors import ConfigError, MeshslError
+from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 
 log = logging.getLogger("meshsl.align")
 CACHE_FILE = "alignment.json"
-_runs = itertools.count()
-
-
-def _settings(topology) -> tuple[float, int]:
-    spec = topology.spec.alignment
-    return (spec.timeout_s, spec.min_intersection) if spec is not None else (600.0, 1)
 
 
 def session_for(topology, node: str, transport) -> Session:
-    timeout_s, minimum = _settings(topology)
+    timeout_s, minimum = alignment_settings(topology)
     members = data_nodes(topology)
     observers = [n for n in topology.nodes if n not in members]
     return Session(transport, node, topology.hash, leader_of(topology), members, observers, timeout_s, minimum)
-
-
-def remember(topology, node: str, outcome: AlignmentOutcome, predict: bool = False) -> None:
-    """Keep a node's outcome; `predict`: of its prediction input (the training rows are then not used)."""
-    topology.__dict__.setdefault("_predict_alignments" if predict else "_alignments", {})[node] = outcome
-    if predict:
-        topology.__dict__["_predict_mode"] = True
-    topology.__dict__.pop("_sample_pools", None)  # pools depend on the intersection size
-
-
-def outcome_of(topology, node: Optional[str] = None, predict: bool = False) -> Optional[AlignmentOutcome]:
-    found = topology.__dict__.get("_predict_alignments" if predict else "_alignments", {})
-    if node is not None:
-        return found.get(node)
-    return next(iter(found.values()), None)
-
-
-def aligned_size(topology) -> Optional[int]:
-    """Common samples after alignment (None: rows are matched by position). Without a node's PSI
-    outcome (a local tool: the launcher's progress bar, reference training, audits) every party's
-    files are read here and intersected directly: the same rows in the same order as the PSI gives."""
-    if not uses_ids(topology):
-        return None
-    if topology.__dict__.get("_predict_mode"):
-        return outcome_of(topology, predict=True).size
-    outcome = outcome_of(topology)
-    if outcome is None:
-        outcome = intersect_locally(topology)[data_nodes(topology)[0]]
-    return outcome.size
-
-
-def aligned_rows(topology, node: str, source: str) -> Optional[np.ndarray]:
-    """Row of `source` (held by `node`) for each common sample, in the agreed order; None without ids."""
-    if not uses_ids(topology) or topology.__dict__.get("_predict_mode"):
-        return None  # predicting: the training rows are loaded but not used
-    outcome = outcome_of(topology, node)
-    if outcome is None:
-        outcome = intersect_locally(topology)[node]
-    held = node_ids(topology, node)
-    positions = held.rows[source]
-    return np.fromiter((positions[i] for i in outcome.ids), dtype=np.int64, count=len(outcome.ids))
-
-
-def intersect_locally(topology) -> dict[str, AlignmentOutcome]:
-    """Every party's files read here, intersected in the clear (no PSI: nothing leaves this process).
-    Remembered like a node's outcome, so later calls in this process reuse it."""
-    members = data_nodes(topology)
-    held = {n: node_ids(topology, n) for n in members}
-    common = sorted(set.intersection(*(set(h.ids) for h in held.values())))
-    problem = size_problem(len(common), _settings(topology)[1])
-    if problem is not None:
-        where = "; ".join(f"{n} ({topology.nodes[n].party}): {h.origin}" for n, h in held.items())
-        raise AlignmentError(f"{problem} [{where}]", f"{topology.source}: alignment")
-    outcomes = {n: AlignmentOutcome(len(common), common if n in held else None) for n in topology.nodes}
-    for node, outcome in outcomes.items():
-        remember(topology, node, outcome)
-    return outcomes
 
 
 def _with_context(topology, node: str, exc: AlignmentError) -> AlignmentError:
@@ -162,8 +99,6 @@ async def align_before_training(runtime) -> Optional[bool]:
 
 
 def _prediction_ids(runtime) -> Optional[list[str]]:
-    from meshsl.errors import ConfigError
-    from meshsl.predict import id_column_of, read_node_ids
     topology, node = runtime.topology, runtime.node
     if node not in data_nodes(topology):
         return None
@@ -196,10 +131,9 @@ def _load(cache: Path, digest: str) -> Optional[AlignmentOutcome]:
 async def align_all(topology, traffic_hook=None) -> dict[str, AlignmentOutcome]:
     """Every node's side of the alignment on its own in-process transport, concurrently (the real
     protocol, only the wire is a queue); `traffic_hook(sender, peer, frames)` sees every message."""
-    from meshsl.transport.inprocess import InProcessTransport
-    run = next(_runs)
-    book = {name: f"inproc://meshsl-align-{run}-{name}" for name in topology.nodes}
-    transports = {name: InProcessTransport(name, book[name], book, queue_size=16) for name in topology.nodes}
+    hub = InProcessHub()
+    book = {name: f"inproc://meshsl-align-{name}" for name in topology.nodes}
+    transports = {name: InProcessTransport(name, book[name], book, queue_size=16, hub=hub) for name in topology.nodes}
     for transport in transports.values():
         transport.sent_hook = traffic_hook
         await transport.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from meshsl.align.runner import aligned_rows
+from meshsl.align.outcomes import aligned_rows
 from meshsl.data import batch_indices, eval_batches, load_dataset, select_columns
 from meshsl.plan.steps import sample_pools
 

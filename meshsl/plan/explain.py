@@ -24,7 +24,7 @@ def _span(values: list[str]) -> str:
 
 
 def plan_document(topology) -> dict:
-    from meshsl.align.report import alignment_step
+    from meshsl.align.ids import alignment_step
     from meshsl.privacy.contract import control_figures
     edges = build_edges(topology)
     plans = build_plans(topology)

@@ -74,6 +74,11 @@ def describe(dtype: torch.dtype, shape: tuple[int, ...], codec: str, parts: Sequ
     return descriptor
 
 
+def describe_all(tensors: Sequence[torch.Tensor]) -> list[TensorDescriptor]:
+    """Descriptors of whole tensors sent uncompressed, one part each (weights, control payloads)."""
+    return [describe(t.dtype, tuple(t.shape), "none", [t]) for t in tensors]
+
+
 _DESCRIBED: dict[tuple, TensorDescriptor] = {}  # descriptors are immutable: one per distinct layout
 
 

@@ -263,7 +263,7 @@ class Coordinator:
     async def run(self) -> None:
         await self._wait_for_nodes()
         if self.options.predict is not None:
-            from meshsl.predict import coordinate_prediction
+            from meshsl.runtime.prediction import coordinate_prediction
             self.summary = await coordinate_prediction(self, self.options.predict)
             await self.broadcast_shutdown()
             return
@@ -602,7 +602,7 @@ class Coordinator:
         return batches
 
     async def _push(self, segment: str, lanes, weights: list[torch.Tensor]) -> None:
-        from meshsl.runtime.node import _describe_all
+        from meshsl.protocol.frames import describe_all as _describe_all
         nodes = {self.topology.node_of(segment, lane) for lane in lanes}
         for node in nodes:
             await self.node.send_control(node, Kind.WEIGHTS, parts=[[w] for w in weights],

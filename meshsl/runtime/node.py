@@ -177,7 +177,7 @@ class NodeRuntime:
         torch.set_num_threads(self.spec.threads)
         worker = SegmentWorker(self.topology, self.node)
         if self.weights_dir is not None:
-            from meshsl.runtime.entry import load_saved_weights
+            from meshsl.compute.weights import load_saved_weights
             load_saved_weights(worker, Path(self.weights_dir))
         if self.inference is not None:
             self.inference.attach(worker)

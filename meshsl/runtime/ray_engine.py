@@ -81,7 +81,8 @@ class NodeHost:
 
     async def open(self) -> str:
         from meshsl.transport.bridge import Bridge
-        self.bridge = Bridge(self.run, self.actor, self.nodes)
+        from meshsl.transport.inprocess import InProcessHub
+        self.bridge = Bridge(self.run, self.actor, self.nodes, InProcessHub())
         return self.bridge.address
 
     async def run(self, actors: dict, options: Optional[RunOptions], return_weights: bool) -> dict:
@@ -95,7 +96,7 @@ class NodeHost:
         results = {}
 
         async def one(name: str) -> None:
-            transport = InProcessTransport(name, book[name], book)
+            transport = InProcessTransport(name, book[name], book, hub=self.bridge.hub)
             results[name] = await run_node(self.topology, name, options if name == self.topology.coordinator else None,
                                            transport=transport, metrics=None, serve_metrics=False, executor=executor)
 

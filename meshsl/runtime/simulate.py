@@ -8,7 +8,7 @@ from typing import Optional
 
 from meshsl.runtime.coordinator import RunOptions
 from meshsl.runtime.entry import run_node
-from meshsl.transport.inprocess import InProcessTransport
+from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 
 _run_ids = itertools.count()
 
@@ -21,11 +21,12 @@ async def simulate(topology, options: Optional[RunOptions] = None, traffic_hook=
     `traffic_hook(sender, peer, frames)` sees every message on the wire (the privacy audit uses it)."""
     run = next(_run_ids)
     book = {name: f"inproc://meshsl-{run}-{name}" for name in topology.nodes}
+    hub = InProcessHub()  # this simulation's mailboxes
     results = {}
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"simulate-{run}-compute")
 
     async def one(name: str):
-        transport = InProcessTransport(name, book[name], book)
+        transport = InProcessTransport(name, book[name], book, hub=hub)
         transport.sent_hook = traffic_hook
         runtime, summary = await run_node(topology, name, options if name == topology.coordinator else None,
                                           transport=transport, metrics=None, serve_metrics=False,

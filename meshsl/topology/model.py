@@ -11,17 +11,8 @@ import networkx as nx
 from meshsl.config.loader import ConfigErrors, load_spec
 from meshsl.config.schema import DataSpec, NodeSpec, SegmentSpec, TaskSpec, TopologySpec
 from meshsl.errors import ConfigError
+from meshsl.topology.checks import check_batch_size, check_topology
 from meshsl.topology.expand import expand_nodes
-
-
-@dataclass
-class SegmentInfo:
-    """What shape inference learned about a segment (per sample, batch dimension left out)."""
-
-    output_shape: tuple[int, ...]
-    parameters: int
-    trainable_layers: int
-    forward_flops: int  # per sample
 
 
 @dataclass
@@ -34,7 +25,7 @@ class Topology:
     placement: dict[str, tuple[str, ...]]  # data/segment name -> concrete node per lane
     graph: nx.DiGraph
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # data/segment output per sample
-    segment_info: dict[str, SegmentInfo] = field(default_factory=dict)
+    segment_info: dict[str, "SegmentInfo"] = field(default_factory=dict)  # meshsl.topology.shapes
     num_classes: dict[str, int | None] = field(default_factory=dict)  # labels data -> classes
     warnings: list[str] = field(default_factory=list)
 
@@ -227,19 +218,13 @@ def placement_of(spec: TopologySpec, by_lane: dict[str, tuple[str, ...]], source
 
 def load_topology(path: str | Path, infer_shapes: bool = True) -> Topology:
     """Load, expand, build the graph and run every check; raises ConfigError (ConfigErrors for several)."""
-    from meshsl.topology.checks import check_topology
-    from meshsl.topology.shapes import infer_shapes as run_shape_inference
-
     path = Path(path)
     spec = load_spec(path)
-    return topology_from_spec(spec, str(path), path.parent, infer_shapes, check_topology, run_shape_inference)
+    return topology_from_spec(spec, str(path), path.parent, infer_shapes)
 
 
 def topology_from_spec(spec, source, base_dir, infer_shapes=True, check=None, shape_inference=None) -> Topology:
-    if check is None:
-        from meshsl.topology.checks import check_topology as check
-    if shape_inference is None:
-        from meshsl.topology.shapes import infer_shapes as shape_inference
+    check = check or check_topology
     first_index: dict[str, int] = {}
     duplicates = []
     for i, node in enumerate(spec.nodes):
@@ -271,7 +256,8 @@ def topology_from_spec(spec, source, base_dir, infer_shapes=True, check=None, sh
                         placement=placement, graph=graph)
     check(topology)
     if infer_shapes:
+        if shape_inference is None:
+            from meshsl.topology.shapes import infer_shapes as shape_inference  # torch: only shape inference needs it
         shape_inference(topology)
-        from meshsl.topology.checks import check_batch_size
         check_batch_size(topology)  # needs the data's row count, which shape inference has loaded
     return topology

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,9 +11,18 @@ from meshsl.compute.layers import build_segment_module, count_parameters, merge_
 from meshsl.config.loader import ConfigErrors
 from meshsl.data import load_dataset, select_columns
 from meshsl.errors import ConfigError, DataError, TopologyError
-from meshsl.topology.model import SegmentInfo
 
 PROBE_BATCH = 2
+
+
+@dataclass
+class SegmentInfo:
+    """What shape inference learned about a segment (per sample, batch dimension left out)."""
+
+    output_shape: tuple[int, ...]
+    parameters: int
+    trainable_layers: int
+    forward_flops: int  # per sample
 
 
 def _index(topology, kind: str, name: str) -> int:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 # Sender identity a transport returns for a peer whose authenticated (CURVE) name and routing id
 # disagree; the node rejects it as "spoofed_sender". Routing ids may not start with a zero byte.
@@ -54,9 +54,22 @@ class Transport(abc.ABC):
         self.address_book[peer] = endpoint
 
 
+# Endpoint scheme -> backend factory. Backends register themselves (meshsl/transport/__init__.py imports
+# them), so this interface never imports its implementations.
+_BACKENDS: dict[Optional[str], Callable[..., Transport]] = {}
+DEFAULT_BACKEND = None  # the scheme key of the backend for every endpoint no other backend claims
+
+
+def register_backend(scheme: Optional[str], factory: Callable[..., Transport]) -> None:
+    """`factory(node, endpoint, address_book, **options)` builds transports for endpoints `scheme://...`
+    (None: the fallback for any endpoint, and for a dial-out node without one)."""
+    _BACKENDS[scheme] = factory
+
+
 def make_transport(node: str, endpoint: Optional[str], address_book: dict[str, Optional[str]], **options) -> Transport:
-    if endpoint and endpoint.startswith("inproc://") and options.get("in_process", True):
-        from meshsl.transport.inprocess import InProcessTransport
-        return InProcessTransport(node, endpoint, address_book, **{k: v for k, v in options.items() if k in ("queue_size",)})
-    from meshsl.transport.zmq_backend import ZmqTransport
-    return ZmqTransport(node, endpoint, address_book, **{k: v for k, v in options.items() if k != "in_process"})
+    """The registered backend for `endpoint`'s scheme. `in_process=False` sends `inproc://` endpoints to the
+    fallback backend (ZeroMQ's own inproc transport) instead of the in-process queues."""
+    in_process = options.pop("in_process", True)
+    scheme = endpoint.split("://", 1)[0] if endpoint and "://" in endpoint else None
+    factory = _BACKENDS.get(scheme) if in_process or scheme != "inproc" else None
+    return (factory or _BACKENDS[DEFAULT_BACKEND])(node, endpoint, address_book, **options)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import zmq
 import zmq.asyncio
 
-from meshsl.transport import inprocess
+from meshsl.transport.inprocess import InProcessHub
 
 log = logging.getLogger("meshsl.bridge")
 
@@ -65,8 +65,9 @@ class RemoteMailbox:
 class Bridge:
     """This actor's end of the links: a ROUTER others send to, a DEALER to each other actor."""
 
-    def __init__(self, run: str, actor: str, hosted: Sequence[str]) -> None:
+    def __init__(self, run: str, actor: str, hosted: Sequence[str], hub: InProcessHub) -> None:
         self.run, self.actor = run, actor
+        self.hub = hub  # this actor's in-process mailboxes; remote nodes get stand-ins there
         self.hosted = set(hosted)
         self.context = zmq.asyncio.Context()
         self.router = self.context.socket(zmq.ROUTER)
@@ -103,8 +104,7 @@ class Bridge:
         for actor, nodes in self.nodes_of.items():
             for node in nodes:
                 endpoint = self.endpoints[node]
-                inprocess._MAILBOXES[endpoint] = RemoteMailbox(self, actor, node)
-                inprocess._bound(endpoint).set()
+                self.hub.install(endpoint, RemoteMailbox(self, actor, node))
         self._receiver = asyncio.get_running_loop().create_task(self._receive(), name=f"bridge-{self.actor}")
 
     def writable(self, actor: str) -> bool:
@@ -127,10 +127,10 @@ class Bridge:
                             actor, sender, node)
                 continue
             endpoint = node_endpoint(self.run, node)
-            mailbox = inprocess._MAILBOXES.get(endpoint)
+            mailbox = self.hub.mailboxes.get(endpoint)
             if mailbox is None and node not in self._bound_once:  # not started yet: wait, as a DEALER would
-                await inprocess._bound(endpoint).wait()
-                mailbox = inprocess._MAILBOXES.get(endpoint)
+                await self.hub.bound(endpoint).wait()
+                mailbox = self.hub.mailboxes.get(endpoint)
             if mailbox is None:  # the node has stopped; like a closed ZeroMQ peer, the message is gone
                 continue
             self._bound_once.add(node)
@@ -145,8 +145,7 @@ class Bridge:
                 pass
         for nodes in self.nodes_of.values():
             for node in nodes:
-                inprocess._MAILBOXES.pop(self.endpoints[node], None)
-                inprocess._BOUND.pop(self.endpoints[node], None)
+                self.hub.remove(self.endpoints[node])
         for dealer in self.dealers.values():
             dealer.close()
         self.router.close()

@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from meshsl.errors import TransportError
-from meshsl.transport.base import SPOOFED_PREFIX, Transport
+from meshsl.transport.base import DEFAULT_BACKEND, SPOOFED_PREFIX, Transport, register_backend
 
 log = logging.getLogger("meshsl.transport")
 _clock = time.perf_counter
@@ -529,3 +529,8 @@ class ZmqTransport(Transport):
             self._authenticator.stop()
         if self._owns_context:
             self.context.term()
+
+
+register_backend("tcp", ZmqTransport)
+register_backend("ipc", ZmqTransport)
+register_backend(DEFAULT_BACKEND, ZmqTransport)  # dial-out nodes (no endpoint) and ZeroMQ's own inproc

@@ -1,0 +1,77 @@
+"""The outcome of a sample-id alignment, per node, and what the rest of meshsl derives from it.
+
+Kept on the topology object per node (`topology.__dict__["_alignments"]`): the sample pools
+(`meshsl.plan.steps`) and a node's data (`meshsl.compute.node_data`) read it, the runner
+(`meshsl.align.runner`) writes it. Without a node's outcome (local tools) every party's files are
+intersected here in the clear.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from meshsl.align.ids import data_nodes, node_ids, uses_ids
+from meshsl.align.session import AlignmentError, AlignmentOutcome, size_problem
+
+
+def alignment_settings(topology) -> tuple[float, int]:
+    spec = topology.spec.alignment
+    return (spec.timeout_s, spec.min_intersection) if spec is not None else (600.0, 1)
+
+
+def remember(topology, node: str, outcome: AlignmentOutcome, predict: bool = False) -> None:
+    """Keep a node's outcome; `predict`: of its prediction input (the training rows are then not used)."""
+    topology.__dict__.setdefault("_predict_alignments" if predict else "_alignments", {})[node] = outcome
+    if predict:
+        topology.__dict__["_predict_mode"] = True
+    topology.__dict__.pop("_sample_pools", None)  # pools depend on the intersection size
+
+
+def outcome_of(topology, node: Optional[str] = None, predict: bool = False) -> Optional[AlignmentOutcome]:
+    found = topology.__dict__.get("_predict_alignments" if predict else "_alignments", {})
+    if node is not None:
+        return found.get(node)
+    return next(iter(found.values()), None)
+
+
+def aligned_size(topology) -> Optional[int]:
+    """Common samples after alignment (None: rows are matched by position). Without a node's PSI
+    outcome (a local tool: the launcher's progress bar, reference training, audits) every party's
+    files are read here and intersected directly: the same rows in the same order as the PSI gives."""
+    if not uses_ids(topology):
+        return None
+    if topology.__dict__.get("_predict_mode"):
+        return outcome_of(topology, predict=True).size
+    outcome = outcome_of(topology)
+    if outcome is None:
+        outcome = intersect_locally(topology)[data_nodes(topology)[0]]
+    return outcome.size
+
+
+def aligned_rows(topology, node: str, source: str) -> Optional[np.ndarray]:
+    """Row of `source` (held by `node`) for each common sample, in the agreed order; None without ids."""
+    if not uses_ids(topology) or topology.__dict__.get("_predict_mode"):
+        return None  # predicting: the training rows are loaded but not used
+    outcome = outcome_of(topology, node)
+    if outcome is None:
+        outcome = intersect_locally(topology)[node]
+    held = node_ids(topology, node)
+    positions = held.rows[source]
+    return np.fromiter((positions[i] for i in outcome.ids), dtype=np.int64, count=len(outcome.ids))
+
+
+def intersect_locally(topology) -> dict[str, AlignmentOutcome]:
+    """Every party's files read here, intersected in the clear (no PSI: nothing leaves this process).
+    Remembered like a node's outcome, so later calls in this process reuse it."""
+    members = data_nodes(topology)
+    held = {n: node_ids(topology, n) for n in members}
+    common = sorted(set.intersection(*(set(h.ids) for h in held.values())))
+    problem = size_problem(len(common), alignment_settings(topology)[1])
+    if problem is not None:
+        where = "; ".join(f"{n} ({topology.nodes[n].party}): {h.origin}" for n, h in held.items())
+        raise AlignmentError(f"{problem} [{where}]", f"{topology.source}: alignment")
+    outcomes = {n: AlignmentOutcome(len(common), common if n in held else None) for n in topology.nodes}
+    for node, outcome in outcomes.items():
+        remember(topology, node, outcome)
+    return outcomes

@@ -1,0 +1,51 @@
+"""A node's final weights as safetensors files: written after a run, read by `meshsl node --weights DIR`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshsl.errors import ConfigError
+
+
+def save_weights(runtime, directory: Path) -> list[Path]:
+    """Each segment's final weights as safetensors (replicated client segments get the node name too)."""
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for segment, module in runtime.worker.modules.items():
+        name = f"{segment}@{runtime.node}" if runtime.topology.is_replicated(segment) else segment
+        path = directory / f"{name}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+        paths.append(path)
+    return paths
+
+
+def weights_file(runtime_or_topology, segment: str, node: str, directory: Path) -> Path:
+    topology = getattr(runtime_or_topology, "topology", runtime_or_topology)
+    name = f"{segment}@{node}" if topology.is_replicated(segment) else segment
+    return Path(directory) / f"{name}.safetensors"
+
+
+def load_saved_weights(worker, directory: Path) -> list[Path]:
+    """Start a node from the weights `save_weights` wrote (`meshsl node --weights DIR`).
+
+    Optimizer state is not restored: saved weights are for evaluation, prediction or fine-tuning."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    paths = []
+    for segment, module in worker.modules.items():
+        path = weights_file(worker.topology, segment, worker.node, directory)
+        if not path.is_file():
+            raise ConfigError(f"no saved weights for segment {segment!r} of node {worker.node!r}: {path} is missing",
+                              "--weights")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}", "--weights") from None
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise ConfigError(f"{path} does not fit segment {segment!r}: it holds {got}, the topology needs {expected}",
+                              "--weights")
+        module.load_state_dict(state)
+        paths.append(path)
+    return paths
