@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshsl.cli.common import fail, load
 from meshsl.errors import MeshslError
 
 # Piped output gets 160 columns (not Rich's 80) so edge names are not cut.
@@ -31,7 +32,6 @@ def audit(topology: Path = typer.Argument(..., help="topology YAML"),
     """Leakage audit: dCor(raw input, activation), a model-inversion probe and label-inference attacks on the
     gradients, for every party-crossing edge."""
     from meshsl.audit import audit as run_audit
-    from meshsl.cli import fail, load
     topo = load(topology)
     if weights is not None and steps is not None:
         print("error: --steps and --weights exclude each other (weights are audited as saved)", file=sys.stderr)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshsl.cli.common import _logging, fail, load
 from meshsl.errors import ConfigError, MeshslError
 
 out = Console(soft_wrap=True)
@@ -38,7 +39,6 @@ def predict(topology: Path = typer.Argument(..., help="topology YAML"),
             free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports"),
             timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Forward-only prediction through the same nodes and hops; predictions stay with the task-output owner."""
-    from meshsl.cli import _logging, fail, load
     from meshsl.predict import predict_local
     load(topology)  # a clean error for a bad topology
     try:
@@ -59,7 +59,6 @@ def export(topology: Path = typer.Argument(..., help="topology YAML"),
            node: str = typer.Option(..., "--node", help="export only this node's own segments"),
            out_dir: Path = typer.Option(..., "--out", help="directory for <segment>.safetensors + <segment>.json")) -> None:
     """Export one party's own segments: safetensors state dict + JSON segment spec, loadable with plain torch."""
-    from meshsl.cli import fail, load
     from meshsl.export import export_node
     topo = load(topology)
     try:
@@ -75,7 +74,6 @@ def assemble(topology: Path = typer.Argument(..., help="topology YAML"),
              out_path: Path = typer.Option(..., "--out", help="model.pt (one file) or a directory"),
              client: Optional[str] = typer.Option(None, "--client", help="multi-client topologies: whose segments")) -> None:
     """Combine every owner's export into one single-process model (refused while any owner's export is missing)."""
-    from meshsl.cli import fail, load
     from meshsl.export import assemble as run_assemble
     topo = load(topology)
     try:
@@ -93,7 +91,6 @@ def evaluate(topology: Path = typer.Argument(..., help="topology YAML"),
              free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports"),
              timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Held-out metrics per task (and per client) of saved weights: one evaluation round, no training."""
-    from meshsl.cli import _logging, fail, load
     from meshsl.predict import evaluate_local
     load(topology)
     try:

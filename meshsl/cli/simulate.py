@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from meshsl.cli.common import fail, load
+from meshsl.cli.summary import print_summary
 from meshsl.errors import ConfigError, MeshslError
 
 ENGINES = ("inprocess", "ray")
@@ -23,7 +25,6 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
              summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the summary here"),
              timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Simulate a topology: logical nodes as asyncio tasks (in-process transport), here or on Ray actors."""
-    from meshsl.cli import _print_summary, fail, load
     from meshsl.runtime.coordinator import RunOptions
     if engine not in ENGINES:
         fail(ConfigError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}"))
@@ -51,7 +52,7 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
         fail(exc, 1)
     except TimeoutError:
         fail(MeshslError(f"the simulation did not finish within {timeout:.0f}s"), 1)
-    _print_summary(summary)
+    print_summary(summary)
     if summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2, default=float))

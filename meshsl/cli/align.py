@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshsl.cli.common import fail, load
 from meshsl.errors import ConfigError, MeshslError
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
@@ -23,7 +24,6 @@ def align(topology: Path = typer.Argument(..., help="topology YAML whose data so
     nothing is trained."""
     from meshsl.align.ids import uses_ids
     from meshsl.align.report import overlap_report
-    from meshsl.cli import fail, load
     topo = load(topology)
     if not uses_ids(topo):
         fail(ConfigError("no data source names sample ids (id_column or id_file); rows are matched by position",

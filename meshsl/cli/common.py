@@ -1,0 +1,74 @@
+"""What every command shares: the consoles, the one-line error exit, loading a topology, log options."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from meshsl.errors import ConfigError
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich costs ~0.1 s, and `meshsl node` prints no tables."""
+
+    def __init__(self, **options) -> None:
+        self._options, self._console = options, None
+
+    def real(self):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.real(), name)
+
+
+console = _LazyConsole(stderr=True)
+# Piped or captured output (CI logs, `| less`) gets 160 columns instead of Rich's 80, so tables do not wrap.
+out = _LazyConsole(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+
+
+def fail(exc: Exception, code: int = 2) -> None:
+    problems = getattr(exc, "problems", None) or [exc]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def load(path: Path, base_dir: Optional[Path] = None):
+    from meshsl.config.loader import load_spec
+    from meshsl.topology.model import load_topology, topology_from_spec
+    try:
+        if base_dir is None:
+            return load_topology(path)
+        return topology_from_spec(load_spec(path), str(path), base_dir)
+    except ConfigError as exc:
+        fail(exc)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_logging = {"level": "WARNING", "json": False}  # what the root options chose (nodes re-apply it with their name)
+
+
+def _configure_logging(level: str, node: Optional[str] = None) -> str:
+    from meshsl.logs import configure_logging
+    level = level.upper()
+    if level not in LOG_LEVELS:
+        fail(ConfigError(f"--log-level {level!r}: expected one of {', '.join(LOG_LEVELS)}"))
+    _logging["level"] = level
+    configure_logging(level, node=node, json=_logging["json"])
+    return level
+
+
+def root(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
+         log_format: str = typer.Option("text", "--log-format", envvar="MESHSL_LOG_FORMAT",
+                                        help="text or json: one line per event either way")) -> None:
+    if log_format not in ("text", "json"):
+        fail(ConfigError(f"--log-format {log_format!r}: expected text or json"))
+    _logging["json"] = log_format == "json"
+    os.environ["MESHSL_LOG_FORMAT"] = log_format  # node processes started by `meshsl run` inherit it
+    _configure_logging(log_level)

@@ -1,0 +1,100 @@
+"""`meshsl node`: run one node of a topology in this process (what `meshsl run` starts per node)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from meshsl.cli.common import _configure_logging, _logging, fail, load
+from meshsl.errors import ConfigError, MeshslError
+
+
+def node(name: str = typer.Argument(..., help="node name from the topology"),
+         topology: Path = typer.Option(..., "--topology", "-t"),
+         base_dir: Optional[Path] = typer.Option(None, "--base-dir", help="folder that relative data paths start from"),
+         summary_json: Optional[Path] = typer.Option(None, "--summary-json"),
+         steps: Optional[int] = typer.Option(None), epochs: Optional[int] = typer.Option(None),
+         no_eval: bool = typer.Option(False, "--no-eval"),
+         weights_out: Optional[Path] = typer.Option(None, "--weights-out", help="save final segment weights here"),
+         partial_weights_out: Optional[Path] = typer.Option(
+             None, "--partial-weights-out", help="if the run fails, save this node's weights here (never to --weights-out)"),
+         resume: bool = typer.Option(False, "--resume", help="continue from this node's last complete checkpoint"),
+         checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="overrides checkpoint.directory"),
+         endpoint: Optional[str] = typer.Option(None, "--endpoint", help="bind here instead (a declared standby endpoint)"),
+         weights: Optional[Path] = typer.Option(None, "--weights", help="start from the segment weights saved in DIR"),
+         predict: bool = typer.Option(False, "--predict", help="forward-only prediction rounds instead of training"),
+         predict_input: Optional[Path] = typer.Option(None, "--predict-input", help="this node's own input rows (CSV/.npy)"),
+         predict_output: Optional[Path] = typer.Option(None, "--predict-output", help="write the predictions this node owns to DIR"),
+         predict_batch_size: Optional[int] = typer.Option(None, "--predict-batch-size", min=1, help="rows per micro-batch"),
+         startup_timeout: Optional[float] = typer.Option(None, "--startup-timeout", help="coordinator: wait this long for every node"),
+         bind: Optional[str] = typer.Option(None, "--bind", envvar="MESHSL_BIND",
+                                            help="bind the socket here (e.g. tcp://0.0.0.0:7003 in a container); "
+                                                 "peers keep using the topology's endpoint"),
+         peer: list[str] = typer.Option([], "--peer", help="NAME=ENDPOINT: reach peer NAME there instead of at the "
+                                         "topology's endpoint (repeatable; also MESHSL_PEERS=NAME=ENDPOINT,...)"),
+         progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
+    """Run one node (one per machine); it waits for its peers and the coordinator."""
+    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.entry import node_main
+    topo = load(topology, base_dir)
+    if name not in topo.nodes:
+        fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
+    overrides = _endpoint_overrides(topo, name, topology, bind, peer)
+    _configure_logging(_logging["level"], node=name)  # every line of this process names its node
+    from meshsl.security.curve import warn_if_plaintext_exposed
+    import logging
+    if topo.nodes[name].endpoint:  # a dial-out node binds nothing
+        warn_if_plaintext_exposed(bind or topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
+    options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval, startup_timeout_s=startup_timeout)
+    if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
+        fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
+    runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights, **overrides}
+    if partial_weights_out is not None:
+        runtime_options["partial_weights_out"] = partial_weights_out
+    if checkpoint_dir is not None:
+        runtime_options["checkpoint_dir"] = checkpoint_dir
+    try:
+        if predict or predict_input or predict_output:
+            from meshsl.predict import node_predict_options
+            options.predict, runtime_options["inference"] = node_predict_options(
+                topo, name, predict_input, predict_output, predict_batch_size)
+        code = node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
+    except MeshslError as exc:  # bad keys, data or checkpoints: a restart would fail the same way
+        from meshsl.runtime.entry import EXIT_ABORTED
+        fail(exc, EXIT_ABORTED)
+    raise typer.Exit(code)
+
+
+def _endpoint_overrides(topo, name: str, topology: Path, bind: Optional[str], peers: list[str]) -> dict:
+    """Per-node overrides (command line or environment) of where this node binds and where it reaches
+    its peers; the topology, and so its hash, stays the one every party agreed on."""
+    from meshsl.config.schema import _check_endpoint
+    where = str(topology)
+    options: dict = {}
+    if bind is not None:
+        if not topo.nodes[name].inbound:
+            fail(ConfigError(f"--bind/MESHSL_BIND: node {name!r} has `inbound: false` and binds nothing", where))
+        try:
+            options["bind"] = _check_endpoint(bind)
+        except ValueError as exc:
+            fail(ConfigError(f"--bind/MESHSL_BIND: {exc}", where))
+    entries = [*peers, *[e for e in os.environ.get("MESHSL_PEERS", "").split(",") if e.strip()]]
+    book: dict[str, str] = {}
+    for entry in entries:
+        peer_name, sep, endpoint = entry.strip().partition("=")
+        source = "--peer" if entry in peers else "MESHSL_PEERS"
+        if not sep or peer_name not in topo.nodes:
+            fail(ConfigError(f"{source} {entry!r}: expected NAME=ENDPOINT with NAME one of {', '.join(topo.nodes)}",
+                             where))
+        if not topo.nodes[peer_name].inbound:
+            fail(ConfigError(f"{source} {entry!r}: node {peer_name!r} dials out and has no endpoint to override",
+                             where))
+        try:
+            book.setdefault(peer_name, _check_endpoint(endpoint.strip()))  # the command line wins
+        except ValueError as exc:
+            fail(ConfigError(f"{source} {entry!r}: {exc}", where))
+    if book:
+        options["peer_endpoints"] = book
+    return options

@@ -1,0 +1,78 @@
+"""`meshsl validate` and `meshsl plan`: check a topology, explain what it will do."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from meshsl.cli.common import load, out
+
+
+def validate(topology: Path = typer.Argument(..., help="topology YAML")) -> None:
+    """Check a topology; exit 0 when valid, print `error: ...` lines otherwise."""
+    topo = load(topology)
+    for warning in topo.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    out.print(f"{topology}: valid ({', '.join(topo.recognised_configurations())}; "
+              f"{len(topo.nodes)} nodes, {len(topo.segments)} segments, {len(topo.tasks)} tasks)")
+
+
+def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json", help="machine-readable"),
+         cuts: bool = typer.Option(False, "--cuts", help="evaluate candidate cut points")) -> None:
+    """Explain a topology: per-node plan, bytes per hop, the privacy contract, an ASCII drawing."""
+    from rich.table import Table  # rich: imported by the commands that print tables, never by a node
+    from meshsl.plan.explain import ascii_graph, plan_document
+    topo = load(topology)
+    document = plan_document(topo)
+    if cuts:
+        from meshsl.privacy_cuts import cut_candidates
+        document["cut_candidates"] = cut_candidates(topo)
+    if as_json:
+        out.print_json(json.dumps(document, default=str))
+        return
+    out.print(f"[bold]{topo.spec.name}[/bold]  hash {topo.hash}  coordinator {topo.coordinator}")
+    out.print("configurations: " + ", ".join(document["configurations"]))
+    out.print(ascii_graph(topo), markup=False, highlight=False)
+    nodes = Table(title="nodes")
+    for column in ("node", "party", "endpoint", "segments", "params", "fwd FLOPs/sample", "peers"):
+        nodes.add_column(column)
+    for name, p in document["nodes"].items():
+        nodes.add_row(name, p["party"], p["endpoint"] or "(dials out)", ", ".join(p["segments"]), f"{p['parameters']:,}",
+                      f"{p['forward_flops_per_sample']:,}", ", ".join(p["peers"]))
+    out.print(nodes)
+    edges = Table(title="hops (bytes per sample)")
+    for column in ("edge", "shape", "crosses party", "forward B", "backward B", "codec fwd/bwd"):
+        edges.add_column(column)
+    for name, e in document["edges"].items():
+        edges.add_row(name, str(e["shape"]), "yes" if e["cross_party"] else "no",
+                      *(f"{e[f'{d}_bytes_per_sample']:,}" + (f" (wire {e[f'{d}_wire_bytes_per_sample']:,})"
+                                                                   if e[f"{d}_codec"] != "none" else "")
+                        for d in ("forward", "backward")),
+                      f"{e['forward_codec']}/{e['backward_codec']}")
+    out.print(edges)
+    contract = Table(title="privacy contract: what each party sends and receives")
+    for column in ("party", "node", "sends/receives", "edge", "tensor", "peer (party)"):
+        contract.add_column(column)
+    for name, p in document["nodes"].items():
+        for verb, rows in (("sends", p["sends"]), ("receives", p["receives"])):
+            for t in rows:
+                contract.add_row(p["party"], name, f"{verb} {t['direction']}", t["edge"],
+                                 f"{t['dtype']}\\[{', '.join(map(str, t['shape']))}] ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
+    out.print(contract)
+    if document.get("alignment"):
+        from meshsl.cli.align import print_alignment_step
+        print_alignment_step(out, document["alignment"])
+    from meshsl.cli.privacy import print_plan_privacy
+    print_plan_privacy(document)
+    if cuts:
+        table = Table(title="cut-layer candidates")
+        for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):
+            table.add_column(column)
+        for c in document["cut_candidates"]:
+            table.add_row(c["segment"], c["cut_after"], f"{c['bytes_per_sample']:,}", f"{c['client_parameters']:,}",
+                          f"{c['client_flops_per_sample']:,}", f"{c['dcor']:.3f}")
+        out.print(table)
+    for warning in topo.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")

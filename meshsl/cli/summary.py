@@ -1,0 +1,29 @@
+"""The run summary as tables (`meshsl run`, `meshsl simulate`)."""
+from __future__ import annotations
+
+from meshsl.cli.common import out
+
+
+def print_summary(summary: dict) -> None:
+    from rich.table import Table
+    table = Table(title=f"{summary['topology']}: {summary['steps']} steps, {summary['epochs']} epochs, "
+                        f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_seconds']:.1f} s")
+    for column in ("task", "train loss", "eval loss", "eval accuracy", "other"):
+        table.add_column(column)
+    for name, t in summary["tasks"].items():
+        ev = t.get("eval", {})
+        other = ", ".join(f"{k}={ev[k]:.3f}" for k in ("f1", "auroc") if isinstance(ev.get(k), float))
+        table.add_row(name, f"{t['train'].get('loss', float('nan')):.4f}", f"{ev.get('loss', float('nan')):.4f}",
+                      f"{ev.get('accuracy', float('nan')):.4f}", other)
+    out.print(table)
+    edges = Table(title="bytes per edge")
+    for column in ("edge", "forward", "backward", "per sample"):
+        edges.add_column(column)
+    for name, e in summary["edges"].items():
+        edges.add_row(name, f"{e['forward_bytes']:,}", f"{e['backward_bytes']:,}",
+                      f"{summary['bytes_per_sample'][name]:.0f}")
+    out.print(edges)
+    if summary.get("rejected_messages"):
+        out.print(f"[yellow]rejected messages:[/yellow] {summary['rejected_messages']}")
+    from meshsl.cli.privacy import print_run_privacy
+    print_run_privacy(summary)
