@@ -13,25 +13,16 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Hashable, Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from torch import Tensor
 
+from meshsl.config.specs import CompressionSpec  # re-exported: codecs are chosen by it
 from meshsl.errors import ConfigError, ProtocolError
 
 Layout = list[tuple[torch.dtype, int]]
-
-
-class CompressionSpec(BaseModel):
-    """Which codec an edge direction uses; ratio and error_feedback only matter for top-k."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    codec: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
-    ratio: float = Field(0.1, gt=0.0, le=1.0)
-    error_feedback: bool = True
 
 
 def wire_bytes(parts: Sequence[Tensor]) -> int:

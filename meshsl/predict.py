@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from meshsl.align.ids import id_column_of, read_node_ids  # noqa: F401  (re-exported)
-from meshsl.errors import ConfigError, DataError, MeshslError, PeerFailed, PeerTimeout
+from meshsl.errors import ConfigError, DataError, PeerFailed, PeerTimeout
 from meshsl.runtime.prediction import (  # noqa: F401  (re-exported)
     PredictSettings, coordinate_prediction, lane_client, predict_lanes, prediction_file)
 

@@ -1,14 +1,14 @@
-"""`meshsl align` (overlap per pair of parties, without training) and the plan's alignment step."""
+"""`meshsl align`: the overlap per pair of parties, without training (the plan's alignment step: align.ids)."""
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Optional
 
-from meshsl.align.ids import PROTOCOL, alignment_step, data_nodes, leader_of, node_ids, uses_ids  # noqa: F401
+from meshsl.align.ids import data_nodes, leader_of, node_ids
 from meshsl.align.runner import align_locally
 from meshsl.align.session import Session
 from meshsl.transport.inprocess import InProcessHub, InProcessTransport
+
 
 async def _pair(topology, first: str, second: str) -> tuple[int, int, int]:
     hub = InProcessHub()

@@ -9,6 +9,8 @@ import logging
 
 import torch
 
+from meshsl.privacy.hijack import guard_of
+
 log = logging.getLogger("meshsl.privacy")
 
 
@@ -19,7 +21,7 @@ class HijackGuard:
         self.segments = [p.segment for p in topology.spec.privacy
                          if p.hijack_check is not None and p.segment in worker.modules]
         spec = next((p.hijack_check for p in topology.spec.privacy if p.segment in self.segments), None)
-        self.guard = spec.guard(stream=sorted(topology.nodes).index(node)) if spec is not None else None
+        self.guard = guard_of(spec, stream=sorted(topology.nodes).index(node)) if spec is not None else None
         self.probe = False
         self.node = node
         self._warned = False

@@ -6,11 +6,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from meshsl.compression import CompressionSpec
-from meshsl.data.specs import DatasetSpec, PartitionSpec
-from meshsl.privacy.dp import ActivationDPSpec, LabelDPSpec
-from meshsl.privacy.hijack import HijackCheckSpec
-from meshsl.privacy.label_defences import GradientDefenceSpec
+from meshsl.config.specs import (ActivationDPSpec, CompressionSpec, DatasetSpec, GradientDefenceSpec, HijackCheckSpec,
+                                 LabelDPSpec, PartitionSpec)
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
 ENDPOINT_PATTERN = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")

@@ -5,41 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from typing import Optional
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from meshsl.config.specs import ActivationDPSpec, LabelDPSpec  # noqa: F401  (LabelDPSpec re-exported)
 from meshsl.errors import ConfigError, DataError
-
-
-class ActivationDPSpec(BaseModel):
-    """Per-sample L2 clipping to clip_norm, then Gaussian noise of std noise_multiplier * clip_norm."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    clip_norm: float = Field(gt=0.0, allow_inf_nan=False)
-    noise_multiplier: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
-    target_epsilon: Optional[float] = Field(
-        default=None, gt=0.0, allow_inf_nan=False,
-        description="calibrate noise_multiplier to this budget; with noise_multiplier given, refuse runs beyond it")
-    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
-    amplification: bool = Field(default=False, description="count privacy amplification by subsampling")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _noise_or_budget(self) -> "ActivationDPSpec":
-        if self.noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError("give noise_multiplier or target_epsilon (to calibrate the noise from)")
-        return self
-
-
-class LabelDPSpec(BaseModel):
-    """Randomized response on labels with privacy parameter epsilon."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epsilon: float = Field(gt=0.0, allow_inf_nan=False)
 
 
 def noise_std(spec: ActivationDPSpec) -> float:

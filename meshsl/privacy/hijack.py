@@ -27,8 +27,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+
+from meshsl.config.specs import HijackCheckSpec  # re-exported
 
 
 @dataclass
@@ -107,17 +108,7 @@ class SplitGuard:
                 "decided": decided, "hijacked": bool(decided and score < self.threshold)}
 
 
-class HijackCheckSpec(BaseModel):
-    """`privacy[].hijack_check` on a client's cut segment: probe the server with fake-label batches."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    probe_probability: float = Field(default=0.2, gt=0.0, lt=1.0)
-    warmup: int = Field(default=10, ge=0, description="regular steps before the first probe")
-    threshold: float = Field(default=0.1, ge=-1.0, le=1.0, description="flag hijacking below this score")
-    min_probes: int = Field(default=5, ge=1)
-    seed: int = 0
-
-    def guard(self, stream: int = 0) -> SplitGuard:
-        return SplitGuard(probe_probability=self.probe_probability, warmup=self.warmup, threshold=self.threshold,
-                          min_fake=self.min_probes, seed=self.seed * 1_000_003 + stream)
+def guard_of(spec: HijackCheckSpec, stream: int = 0) -> SplitGuard:
+    """The detector a `privacy[].hijack_check` block asks for; `stream` keeps nodes' probes independent."""
+    return SplitGuard(probe_probability=spec.probe_probability, warmup=spec.warmup, threshold=spec.threshold,
+                      min_fake=spec.min_probes, seed=spec.seed * 1_000_003 + stream)

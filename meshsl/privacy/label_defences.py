@@ -22,45 +22,14 @@ clip norms mean the same thing whatever the batch size.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from meshsl.config.specs import GradientDefenceSpec  # re-exported
 from meshsl.errors import ConfigError
-
-
-class GradientDefenceSpec(BaseModel):
-    """Noise on the gradient rows a label holder sends back over a cut edge."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    defence: Literal["max_norm", "marvell", "dp"]
-    strength: float = Field(default=1.0, gt=0.0, allow_inf_nan=False,
-                            description="marvell: noise power as a multiple of ||mean_1 - mean_0||^2")
-    clip_norm: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False, description="dp: per-row L2 clip")
-    noise_multiplier: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False,
-                                              description="dp: noise std / clip_norm")
-    target_epsilon: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False,
-                                            description="dp: calibrate noise_multiplier to this budget, or, "
-                                                        "with noise_multiplier given, refuse runs beyond it")
-    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
-    amplification: bool = Field(default=False, description="dp: count privacy amplification by subsampling")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _fields_of_kind(self) -> "GradientDefenceSpec":
-        if self.defence == "dp":
-            if self.clip_norm is None:
-                raise ValueError("defence 'dp' needs clip_norm")
-            if self.noise_multiplier is None and self.target_epsilon is None:
-                raise ValueError("defence 'dp' needs noise_multiplier or target_epsilon")
-        elif self.clip_norm is not None or self.noise_multiplier is not None or self.target_epsilon is not None:
-            raise ValueError(f"clip_norm, noise_multiplier and target_epsilon belong to defence 'dp', "
-                             f"not {self.defence!r}")
-        return self
 
 
 def _flat(grads: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
@@ -13,6 +14,9 @@ from meshsl.config.schema import DataSpec, NodeSpec, SegmentSpec, TaskSpec, Topo
 from meshsl.errors import ConfigError
 from meshsl.topology.checks import check_batch_size, check_topology
 from meshsl.topology.expand import expand_nodes
+
+if TYPE_CHECKING:  # torch: shape inference fills it, parsing does not need it
+    from meshsl.topology.shapes import SegmentInfo
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Topology:
     placement: dict[str, tuple[str, ...]]  # data/segment name -> concrete node per lane
     graph: nx.DiGraph
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # data/segment output per sample
-    segment_info: dict[str, "SegmentInfo"] = field(default_factory=dict)  # meshsl.topology.shapes
+    segment_info: dict[str, SegmentInfo] = field(default_factory=dict)
     num_classes: dict[str, int | None] = field(default_factory=dict)  # labels data -> classes
     warnings: list[str] = field(default_factory=list)
 

@@ -1,0 +1,115 @@
+"""The blocks of a topology that the feature packages act on (codecs, privacy, datasets), as pydantic models.
+
+They live here, under the schema, so that parsing a topology needs neither torch nor the packages
+that use these settings (meshsl.compression, meshsl.privacy, meshsl.data import them from here).
+Dataset loader options are checked against the chosen loader when the dataset is loaded (see
+`meshsl.data.registry.load_dataset`), because custom loaders can be registered after parsing.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CompressionSpec(BaseModel):
+    """Which codec an edge direction uses; ratio and error_feedback only matter for top-k."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codec: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
+    ratio: float = Field(0.1, gt=0.0, le=1.0)
+    error_feedback: bool = True
+
+
+class ActivationDPSpec(BaseModel):
+    """Per-sample L2 clipping to clip_norm, then Gaussian noise of std noise_multiplier * clip_norm."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip_norm: float = Field(gt=0.0, allow_inf_nan=False)
+    noise_multiplier: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    target_epsilon: Optional[float] = Field(
+        default=None, gt=0.0, allow_inf_nan=False,
+        description="calibrate noise_multiplier to this budget; with noise_multiplier given, refuse runs beyond it")
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    amplification: bool = Field(default=False, description="count privacy amplification by subsampling")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> "ActivationDPSpec":
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give noise_multiplier or target_epsilon (to calibrate the noise from)")
+        return self
+
+
+class LabelDPSpec(BaseModel):
+    """Randomized response on labels with privacy parameter epsilon."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon: float = Field(gt=0.0, allow_inf_nan=False)
+
+
+class HijackCheckSpec(BaseModel):
+    """`privacy[].hijack_check` on a client's cut segment: probe the server with fake-label batches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probe_probability: float = Field(default=0.2, gt=0.0, lt=1.0)
+    warmup: int = Field(default=10, ge=0, description="regular steps before the first probe")
+    threshold: float = Field(default=0.1, ge=-1.0, le=1.0, description="flag hijacking below this score")
+    min_probes: int = Field(default=5, ge=1)
+    seed: int = 0
+
+
+class GradientDefenceSpec(BaseModel):
+    """Noise on the gradient rows a label holder sends back over a cut edge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    defence: Literal["max_norm", "marvell", "dp"]
+    strength: float = Field(default=1.0, gt=0.0, allow_inf_nan=False,
+                            description="marvell: noise power as a multiple of ||mean_1 - mean_0||^2")
+    clip_norm: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False, description="dp: per-row L2 clip")
+    noise_multiplier: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False,
+                                              description="dp: noise std / clip_norm")
+    target_epsilon: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False,
+                                            description="dp: calibrate noise_multiplier to this budget, or, "
+                                                        "with noise_multiplier given, refuse runs beyond it")
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    amplification: bool = Field(default=False, description="dp: count privacy amplification by subsampling")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> "GradientDefenceSpec":
+        if self.defence == "dp":
+            if self.clip_norm is None:
+                raise ValueError("defence 'dp' needs clip_norm")
+            if self.noise_multiplier is None and self.target_epsilon is None:
+                raise ValueError("defence 'dp' needs noise_multiplier or target_epsilon")
+        elif self.clip_norm is not None or self.noise_multiplier is not None or self.target_epsilon is not None:
+            raise ValueError(f"clip_norm, noise_multiplier and target_epsilon belong to defence 'dp', "
+                             f"not {self.defence!r}")
+        return self
+
+
+class DatasetSpec(BaseModel):
+    """Which dataset to load and how much of it to hold out for evaluation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="registry key: digits, breast_cancer, synthetic, csv, numpy, factory, ...")
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0, description="share of rows held out for evaluation")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the loader")
+
+
+class PartitionSpec(BaseModel):
+    """How the training rows are divided between replicated clients."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["iid", "dirichlet", "label_skew"] = "iid"
+    alpha: float = Field(default=0.5, gt=0.0, description="Dirichlet concentration; small = more label skew")
+    classes_per_client: int = Field(default=2, ge=1, description="label_skew: classes each client holds")
+    min_samples: int = Field(default=8, ge=1, description="every shard gets at least this many rows")
