@@ -3,12 +3,54 @@
 User mistakes (bad YAML, wrong CLI arguments) raise ConfigError subclasses, which the CLI prints
 as `error: ...` lines without a traceback. Faults caused by peers raise ProtocolError or
 TransportError subclasses, which a node counts and survives.
+
+Every error crosses a process boundary intact: pickled (its fields kept, whatever its __init__ takes)
+or as plain data (`as_data` / `from_data`, JSON-safe), e.g. in a node's summary file.
 """
 from __future__ import annotations
+
+from typing import Any
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> "MeshslError":
+    error = cls.__new__(cls, *args)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, MeshslError):
+        return value.as_data()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
 
 class MeshslError(Exception):
     """Base of every error meshsl raises on purpose."""
+
+    def __reduce__(self):
+        # The default pickles `args` only and calls __init__(*args) again, which fails for classes whose
+        # __init__ takes fields (PeerTimeout(peer, waited_s)) and drops the fields of the others.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+    def as_data(self) -> dict:
+        """{"type", "message", "fields"}: JSON-safe (nested errors become data too)."""
+        return {"type": type(self).__name__, "message": str(self),
+                "fields": {k: _plain(v) for k, v in self.__dict__.items() if not k.startswith("_")}}
+
+    @staticmethod
+    def from_data(data: dict) -> "MeshslError":
+        """The error `as_data` described: its class when it is one of this module's, MeshslError otherwise."""
+        cls = _CLASSES.get(str(data.get("type")), MeshslError)
+        fields = {k: (MeshslError.from_data(v) if isinstance(v, dict) and "type" in v and "message" in v else
+                      [MeshslError.from_data(i) if isinstance(i, dict) and "type" in i else i for i in v]
+                      if isinstance(v, list) else v)
+                  for k, v in (data.get("fields") or {}).items()}
+        return _rebuild(cls, (str(data.get("message", "")),), fields)
 
 
 class ConfigError(MeshslError, ValueError):
@@ -78,3 +120,38 @@ class CheckpointError(MeshslError):
 
 class AuthError(MeshslError):
     """Keys are missing or a peer failed authentication."""
+
+
+class ConfigErrors(ConfigError):
+    """Several problems found at once; `problems` holds one ConfigError each."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class AlignmentError(DataError):
+    """The parties' sample ids cannot be aligned: no common sample, fewer than the declared minimum,
+    or a peer did not take part in time."""
+
+
+class PrivacyBudgetError(ConfigError):
+    """A run would spend more privacy budget (epsilon) than the topology declares."""
+
+
+class PartyOffline(PeerTimeout):
+    """A party needed for prediction (or evaluation) did not come online in time."""
+
+    def __init__(self, peer: str, waited_s: float, parties: str = "") -> None:
+        super().__init__(peer, waited_s, "start")
+        self.args = (f"node(s) {peer} {('(' + parties + ') ') if parties else ''}did not come online within "
+                     f"{waited_s:.1f}s; every party holding inputs or segments must run its node "
+                     f"(`meshsl node NAME --predict ...`)",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+# Every error class of this module by name (MeshslError.from_data).
+_CLASSES = {name: cls for name, cls in list(globals().items())
+            if isinstance(cls, type) and issubclass(cls, MeshslError)}

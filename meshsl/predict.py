@@ -25,24 +25,11 @@ import numpy as np
 import torch
 
 from meshsl.align.ids import id_column_of, read_node_ids  # noqa: F401  (re-exported)
-from meshsl.errors import ConfigError, DataError, PeerFailed, PeerTimeout
+from meshsl.errors import ConfigError, DataError, PartyOffline, PeerFailed, PeerTimeout  # noqa: F401  (re-exported)
 from meshsl.runtime.prediction import (  # noqa: F401  (re-exported)
     PredictSettings, coordinate_prediction, lane_client, predict_lanes, prediction_file)
 
 FLOAT_FORMAT = ".9g"  # round-trips float32
-
-
-class PartyOffline(PeerTimeout):
-    """A party needed for prediction (or evaluation) did not come online in time."""
-
-    def __init__(self, peer: str, waited_s: float, parties: str = "") -> None:
-        super().__init__(peer, waited_s, "start")
-        self.args = (f"node(s) {peer} {('(' + parties + ') ') if parties else ''}did not come online within "
-                     f"{waited_s:.1f}s; every party holding inputs or segments must run its node "
-                     f"(`meshsl node NAME --predict ...`)",)
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 # ---- reading a party's own input ---------------------------------------------------------------

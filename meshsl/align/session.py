@@ -31,18 +31,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from meshsl.align import psi
-from meshsl.errors import DataError, MeshslError, ProtocolError
+from meshsl.errors import AlignmentError, MeshslError, ProtocolError
 
 log = logging.getLogger("meshsl.align")
 
 MAGIC = b"meshsl-align/1"
 MAX_HEADER_BYTES = 4096
 REQUEST, RESPONSE, FINAL = "request", "response", "final"
-
-
-class AlignmentError(DataError):
-    """The parties' sample ids cannot be aligned: no common sample, fewer than the declared minimum,
-    or a peer did not take part in time."""
 
 
 @dataclass

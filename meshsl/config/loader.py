@@ -8,15 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from meshsl.config.schema import TopologySpec
-from meshsl.errors import ConfigError
-
-
-class ConfigErrors(ConfigError):
-    """Several problems found at once; `problems` holds one ConfigError each."""
-
-    def __init__(self, problems: list[ConfigError]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+from meshsl.errors import ConfigError, ConfigErrors
 
 
 def key_path(loc: tuple[Any, ...], document: Any = None) -> str:

@@ -24,13 +24,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-from meshsl.errors import ConfigError
+from meshsl.errors import ConfigError, PrivacyBudgetError
 
 DEFAULT_DELTA = 1e-5
-
-
-class PrivacyBudgetError(ConfigError):
-    """A run would spend more privacy budget (epsilon) than the topology declares."""
 
 
 def _accountants():

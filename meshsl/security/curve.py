@@ -60,7 +60,7 @@ class AllowListProvider:
 class MeshAuthenticator(AsyncioAuthenticator):
     """AsyncioAuthenticator whose ZAP `User-Id` is the node name instead of the raw key."""
 
-    def __init__(self, context: zmq.asyncio.Context, provider: AllowListProvider) -> None:
+    def __init__(self, context: zmq.Context, provider: AllowListProvider) -> None:
         super().__init__(context, log=logging.getLogger("meshsl.security.zap"))
         self.provider = provider
 
@@ -76,7 +76,7 @@ class MeshAuthenticator(AsyncioAuthenticator):
 
 
 async def start_authenticator(
-    ctx: zmq.asyncio.Context, keyring: KeyRing, on_refused: RefusalCallback | None = None
+    ctx: zmq.Context, keyring: KeyRing, on_refused: RefusalCallback | None = None
 ) -> MeshAuthenticator:
     """Start the ZAP handler for `ctx` (one per context); stop it with `auth.stop()`.
 
@@ -85,6 +85,8 @@ async def start_authenticator(
     if not zmq.has("curve"):
         raise AuthError("this libzmq was built without CURVE support")
     provider = AllowListProvider(keyring, on_refused)
+    if not isinstance(ctx, zmq.asyncio.Context):  # the ZAP handler awaits its socket: an asyncio view of ctx
+        ctx = zmq.asyncio.Context.shadow(ctx.underlying)
     auth = MeshAuthenticator(ctx, provider)
     auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=provider)
     try:
@@ -117,12 +119,34 @@ _HANDSHAKE_FAILURES = {
 }
 
 
+async def next_monitor_event(monitor: zmq.Socket) -> dict:
+    """The next event of a socket monitor, awaited on the event loop: an asyncio socket's own future, or a
+    plain socket's fd (edge-triggered: EVENTS is checked again after every wake-up)."""
+    if isinstance(monitor, zmq.asyncio.Socket):
+        return await recv_monitor_message(monitor)
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        if monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            continue
+        waiter = loop.create_future()
+        fd = monitor.FD
+        loop.add_reader(fd, lambda: waiter.done() or waiter.set_result(None))
+        try:
+            await waiter
+        finally:
+            loop.remove_reader(fd)
+
+
 class HandshakeMonitor:
     """Counts failed handshakes on a socket through a zmq socket monitor.
 
     This sees what the ZAP callback cannot: plain-text clients and garbled handshakes."""
 
-    def __init__(self, sock: zmq.asyncio.Socket, on_failure: RefusalCallback | None = None) -> None:
+    def __init__(self, sock: zmq.Socket, on_failure: RefusalCallback | None = None) -> None:
         self.failures: Counter[str] = Counter()
         self._on_failure = on_failure
         events = 0
@@ -139,7 +163,7 @@ class HandshakeMonitor:
     async def _run(self) -> None:
         while True:
             try:
-                event = await recv_monitor_message(self._monitor)
+                event = await next_monitor_event(self._monitor)
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
             reason = _HANDSHAKE_FAILURES.get(event["event"])

@@ -18,9 +18,10 @@ import time
 from typing import Callable, Optional, Sequence
 
 import zmq
-import zmq.asyncio
 
 from meshsl.errors import TransportError
+from meshsl.security.curve import (HandshakeMonitor, configure_client, configure_server, next_monitor_event,
+                                  start_authenticator)
 from meshsl.transport.base import DEFAULT_BACKEND, SPOOFED_PREFIX, Transport, register_backend
 
 log = logging.getLogger("meshsl.transport")
@@ -80,7 +81,7 @@ def _wake(waiter: asyncio.Future) -> None:
 class ZmqTransport(Transport):
     def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
                  keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
-                 context: Optional[zmq.asyncio.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD,
+                 context: Optional[zmq.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD,
                  max_message_bytes: Optional[int] = None, connection_timeout_s: Optional[float] = None,
                  bind: Optional[str] = None) -> None:
         """`max_message_bytes`: the socket drops (disconnects) a peer whose frame is larger, before it is
@@ -91,11 +92,13 @@ class ZmqTransport(Transport):
         self.high_water_mark = high_water_mark
         self.keyring = keyring  # meshsl.security.keys.KeyRing when CURVE is on
         self.on_auth_refused = on_auth_refused
-        self.context = context or zmq.asyncio.Context()
+        # Plain (blocking-API) sockets used with NOBLOCK only, waited on through their fds on the event loop:
+        # half the CPU of zmq.asyncio's futures per message. A caller's context (even an asyncio one) is
+        # shadowed as a plain one: same libzmq context, plain sockets.
+        self.context = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context()
         self._owns_context = context is None
-        self._router: Optional[zmq.asyncio.Socket] = None
-        self._dealers: dict[str, zmq.asyncio.Socket] = {}
-        self._shadows: dict = {}  # id(async socket) -> (socket, its blocking shadow)
+        self._router: Optional[zmq.Socket] = None
+        self._dealers: dict[str, zmq.Socket] = {}
         self._authenticator = None
         self._monitors: list = []
         self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
@@ -119,7 +122,7 @@ class ZmqTransport(Transport):
         if self.dial_out:
             self._start_dial_out()
             return
-        router = self.context.socket(zmq.ROUTER)
+        router = self._socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, self.high_water_mark)
         # A routing id stays with the connection that first claimed it: another connection naming an
@@ -136,10 +139,8 @@ class ZmqTransport(Transport):
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a dial-out peer not connected fails, not vanishes
         router.setsockopt(zmq.SNDHWM, self.high_water_mark)
         if self.keyring is not None:
-            from meshsl.security.curve import configure_server, start_authenticator
             self._authenticator = await start_authenticator(self.context, self.keyring, self.on_auth_refused)
             configure_server(router, self.keyring)
-            from meshsl.security.curve import HandshakeMonitor
             # ZAP refusals are counted by the authenticator; the monitor adds what never reaches ZAP
             # (plain-text clients, garbled handshakes).
             self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure))
@@ -152,7 +153,7 @@ class ZmqTransport(Transport):
 
     # -- dial-out --------------------------------------------------------------------------------
     def _start_dial_out(self) -> None:
-        router = self.context.socket(zmq.ROUTER)
+        router = self._socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, self.high_water_mark)
         router.setsockopt(zmq.SNDHWM, self.high_water_mark)
@@ -198,16 +199,15 @@ class ZmqTransport(Transport):
         if alias is None:
             return
         try:
-            _send_now(self._sync(self._router), (alias, b""))
+            _send_now(self._router, (alias, b""))
         except zmq.ZMQError:
             pass  # no room or no pipe: the next handshake announces again, any message carries the route
 
-    async def _watch_dial_out(self, monitor) -> None:
+    async def _watch_dial_out(self, monitor: zmq.Socket) -> None:
         """Announce again after every (re)connection; count servers that refuse our CURVE key."""
-        from zmq.utils.monitor import recv_monitor_message
         while True:
             try:
-                event = await recv_monitor_message(monitor)
+                event = await next_monitor_event(monitor)
             except (zmq.ZMQError, asyncio.CancelledError):
                 monitor.close(0)
                 return
@@ -245,7 +245,7 @@ class ZmqTransport(Transport):
             if len(self._loopback) >= self.high_water_mark:
                 return False
             self._loopback.append([bytes(f) for f in frames])
-            entry = self._waiters.get(self._sync(self._router).FD)
+            entry = self._waiters.get(self._router.FD)
             if entry is not None:
                 _wake(entry[0])
             return True
@@ -255,7 +255,7 @@ class ZmqTransport(Transport):
                 raise TransportError(f"node {self.node!r} dials out and knows no endpoint of {peer!r}: two "
                                      f"dial-out nodes cannot talk directly")
             return False  # the dial-out peer has not announced itself yet
-        sock = self._sync(self._router)
+        sock = self._router
         try:
             sent = _send_now(sock, (route, *frames))
         except zmq.ZMQError as exc:
@@ -268,11 +268,10 @@ class ZmqTransport(Transport):
     def _kick(self, sock) -> None:
         """Sending on the socket we also receive on may consume the edge-triggered fd's signal: wake the
         receiver when a message is waiting."""
-        shadow = self._shadows.get(id(sock))
-        if shadow is None or sock is None:
+        if sock is None:
             return
-        entry = self._waiters.get(shadow[1].FD)
-        if entry is not None and shadow[1].get(zmq.EVENTS) & zmq.POLLIN:
+        entry = self._waiters.get(sock.FD)
+        if entry is not None and sock.get(zmq.EVENTS) & zmq.POLLIN:
             _wake(entry[0])
 
     async def _send_routed(self, peer: str, frames: Sequence) -> None:
@@ -282,14 +281,14 @@ class ZmqTransport(Transport):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _dealer(self, peer: str) -> zmq.asyncio.Socket:
+    def _dealer(self, peer: str) -> zmq.Socket:
         sock = self._dealers.get(peer)
         if sock is not None:
             return sock
         endpoint = self.address_book.get(peer)
         if endpoint is None:
             raise TransportError(f"no endpoint known for peer {peer!r}")
-        sock = self.context.socket(zmq.DEALER)
+        sock = self._socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.high_water_mark)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
@@ -297,9 +296,7 @@ class ZmqTransport(Transport):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.ROUTING_ID, self.node.encode())
         if self.keyring is not None:
-            from meshsl.security.curve import configure_client
             configure_client(sock, self.keyring, peer)
-            from meshsl.security.curve import HandshakeMonitor
             self._monitors.append(HandshakeMonitor(sock, lambda reason, peer=peer: self._on_refused_by(peer, reason)))
         sock.connect(endpoint)
         self._dealers[peer] = sock
@@ -311,7 +308,7 @@ class ZmqTransport(Transport):
         if self._routed(peer):
             await self._send_routed(peer, frames)
             return
-        sock = self._sync(self._dealer(peer))
+        sock = self._dealer(peer)
         if _send_now(sock, frames):  # no future, no event-loop round trip when the socket can take it now
             await self._maybe_yield()
             return
@@ -329,7 +326,7 @@ class ZmqTransport(Transport):
         if self._routed(peer):
             if not self._send_routed_now(peer, frames):
                 return False
-        elif not _send_now(self._sync(self._dealer(peer)), frames):
+        elif not _send_now(self._dealer(peer), frames):
             return False
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
@@ -342,10 +339,7 @@ class ZmqTransport(Transport):
         if self.dial_out or not self.address_book.get(peer):
             return False  # the ROUTER is the event loop's (it also receives there)
         sock = self._dealers.get(peer)
-        shadow = self._shadows.get(id(sock)) if sock is not None else None
-        if shadow is None or shadow[0] is not sock:
-            return False
-        if not _send_now(shadow[1], frames):
+        if sock is None or not _send_now(sock, frames):
             return False
         if self.sent_hook:
             self.sent_hook(self.node, peer, frames)
@@ -362,7 +356,7 @@ class ZmqTransport(Transport):
     async def _readable(self, sock: zmq.Socket) -> None:
         """Wait until the socket's event fd signals (zmq's fd is edge-triggered: callers re-check EVENTS).
 
-        A one-shot reader on the blocking shadow, instead of the zmq.asyncio future machinery: half the
+        A one-shot reader on the socket's fd, instead of the zmq.asyncio future machinery: half the
         CPU per wait. Sends to one peer and receives are each issued by one task, one at a time, so a
         socket has at most one waiter."""
         loop = asyncio.get_running_loop()
@@ -379,11 +373,8 @@ class ZmqTransport(Transport):
 
     def _stop_waiting(self, sock) -> None:
         """Before a socket closes: drop its fd reader and cancel a task waiting on it (as zmq.asyncio did)."""
-        shadow = self._shadows.pop(id(sock), None)
-        if shadow is None or shadow[0] is not sock:
-            return
         try:
-            fd = shadow[1].FD
+            fd = sock.FD
         except zmq.ZMQError:
             return
         entry = self._waiters.pop(fd, None)
@@ -392,20 +383,17 @@ class ZmqTransport(Transport):
             loop.remove_reader(fd)
             waiter.cancel()
 
-    def _sync(self, sock) -> zmq.Socket:
-        """A blocking-API shadow of an asyncio socket (same underlying socket; used with NOBLOCK only)."""
-        shadow = self._shadows.get(id(sock))
-        if shadow is None or shadow[0] is not sock:
-            shadow = self._shadows[id(sock)] = (sock, zmq.Socket.shadow(sock.underlying))
-            shadow[1].copy_threshold = self.copy_threshold
-        return shadow[1]
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.copy_threshold = self.copy_threshold
+        return sock
 
     async def recv(self) -> tuple[str, list]:
         while True:
             if self._loopback:
                 await self._maybe_yield()
                 return self.node, self._loopback.popleft()
-            sock = self._sync(self._router)
+            sock = self._router
             frames = _recv_now(sock)
             if frames is not None:
                 await self._maybe_yield()
@@ -425,7 +413,7 @@ class ZmqTransport(Transport):
         while True:
             if self._loopback:
                 return self.node, self._loopback.popleft()
-            frames = _recv_now(self._sync(self._router))
+            frames = _recv_now(self._router)
             if frames is None:
                 return None
             if self._is_announcement(frames):

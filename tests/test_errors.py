@@ -1,0 +1,58 @@
+"""Every meshsl error crosses a process boundary intact: pickled, or as plain (JSON) data."""
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+
+import pytest
+
+from meshsl import errors
+from meshsl.errors import (AlignmentError, AuthError, CheckpointError, ConfigError, ConfigErrors, DataError,
+                           MeshslError, PartyOffline, PeerFailed, PeerTimeout, PrivacyBudgetError, ProtocolError,
+                           RunAborted, TopologyError, TransportError)
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = [
+    MeshslError("something"),
+    ConfigError("unknown key", "t.yaml: nodes[0](client).endpoint"),
+    TopologyError("segments form a cycle", "t.yaml: segments"),
+    DataError("dataset has no labels", "t.yaml: data[1](labels).dataset"),
+    ConfigErrors([ConfigError("first", "t.yaml: a"), TopologyError("second", "t.yaml: b")]),
+    AlignmentError("300 samples in common, fewer than 301", "t.yaml: alignment"),
+    PrivacyBudgetError("epsilon 9.1 exceeds 8", "t.yaml: privacy[0].dp"),
+    ProtocolError("bad_shape", "edge a->b: (3, 4) != (3, 5)", peer="client"),
+    TransportError("cannot bind tcp://127.0.0.1:1"),
+    PeerTimeout("server", 12.5, "say hello"),
+    PartyOffline("hospital_b", 30.0, "party b"),
+    PeerFailed("client", "exit code 1"),
+    RunAborted("server", "loss is NaN"),
+    CheckpointError("no common checkpoint"),
+    AuthError("client.key_secret is missing"),
+]
+
+
+def test_every_error_class_has_an_example():
+    classes = {cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, MeshslError)}
+    assert classes == {type(e) for e in EXAMPLES}
+
+
+@pytest.mark.parametrize("error", EXAMPLES, ids=lambda e: type(e).__name__)
+def test_pickle_keeps_type_message_and_fields(error):
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error) and copy.args == error.args
+    assert {k: str(v) for k, v in vars(copy).items()} == {k: str(v) for k, v in vars(error).items()}
+
+
+@pytest.mark.parametrize("error", EXAMPLES, ids=lambda e: type(e).__name__)
+def test_plain_data_round_trip(error):
+    data = json.loads(json.dumps(error.as_data()))
+    copy = MeshslError.from_data(data)
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert {k: str(v) for k, v in vars(copy).items()} == {k: str(v) for k, v in vars(error).items()}
+
+
+def test_an_unknown_type_comes_back_as_the_base_error():
+    copy = MeshslError.from_data({"type": "NotOurs", "message": "from a newer peer", "fields": {"x": 1}})
+    assert type(copy) is MeshslError and str(copy) == "from a newer peer" and copy.x == 1
