@@ -26,7 +26,22 @@ import networkx as nx
 import numpy as np
 import torch
 
+from meshsl.align.runner import aligned_rows
+from meshsl.compression import make_codec
+from meshsl.compute.layers import merge_inputs
+from meshsl.compute.tasks import task_loss
+from meshsl.compute.worker import build_module
+from meshsl.data import load_dataset, select_columns
 from meshsl.errors import ConfigError
+from meshsl.plan.steps import sample_pools
+from meshsl.privacy.accounting import budget, effective_dp, gradient_noise
+from meshsl.privacy.dp import clip_and_noise, randomized_response
+from meshsl.privacy.inversion import leakage_report
+from meshsl.privacy.label_attacks import label_leakage_report
+from meshsl.privacy.label_defences import defend
+from meshsl.runtime.coordinator import RunOptions
+from meshsl.runtime.simulate import simulate
+from meshsl.topology.model import topology_from_spec
 
 AUDIT_SEED = 1234
 
@@ -34,7 +49,6 @@ AUDIT_SEED = 1234
 # -- the model -------------------------------------------------------------------------------------
 def quiet_copy(topology):
     """The same topology without metrics ports and checkpoints, for in-process training runs."""
-    from meshsl.topology.model import topology_from_spec
     spec = topology.spec
     nodes = [n.model_copy(update={"metrics_port": None}) for n in spec.nodes]
     checkpoint = spec.checkpoint.model_copy(update={"every": 0})
@@ -45,8 +59,6 @@ def quiet_copy(topology):
 def train_modules(topology, steps: Optional[int] = None, epochs: Optional[int] = None,
                   evaluate: bool = True) -> tuple[dict[str, torch.nn.Module], dict]:
     """Train with the real runtime (all nodes in this process); returns lane-0 modules and the summary."""
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
     quiet = quiet_copy(topology)
     summary, runtimes = asyncio.run(simulate(quiet, RunOptions(steps=steps, epochs=epochs, evaluate=evaluate)))
     modules = {}
@@ -61,7 +73,6 @@ def load_modules(topology, directory: Path) -> dict[str, torch.nn.Module]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from meshsl.compute.worker import build_module
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError("weights directory not found", str(directory))
@@ -86,14 +97,12 @@ def load_modules(topology, directory: Path) -> dict[str, torch.nn.Module]:
 # -- data and activations --------------------------------------------------------------------------
 def feature_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
     """Every feature data source at the given sample ids (the auditor sees all parties' data)."""
-    from meshsl.data import load_dataset, select_columns
     values = {}
     index = np.asarray(rows)
     for name, spec in topology.data.items():
         if spec.kind != "features":
             continue
         table = load_dataset(spec.source_dataset, topology.base_dir)
-        from meshsl.align.runner import aligned_rows
         aligned = aligned_rows(topology, topology.placement[name][0], name)  # sample ids matched by PSI
         at = index if aligned is None else aligned[index]
         values[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)[at]),
@@ -103,13 +112,10 @@ def feature_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
 
 def crossing_value(topology, segment: str, output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """What a peer receives from `segment`: after activation DP and the forward codec's round trip."""
-    from meshsl.compression import make_codec
-    from meshsl.privacy.dp import clip_and_noise
     edge = next((p for p in topology.spec.privacy if p.segment == segment), None)
     if edge is None:
         return output
     if edge.dp is not None:
-        from meshsl.privacy.accounting import effective_dp
         output = clip_and_noise(output, effective_dp(topology, segment), generator)
     codec = make_codec(edge.forward)
     if codec.name != "none":
@@ -123,7 +129,6 @@ def crossing_value(topology, segment: str, output: torch.Tensor, generator: torc
 def forward_all(topology, modules: dict[str, torch.nn.Module], rows: np.ndarray,
                 seed: int = AUDIT_SEED) -> dict[str, torch.Tensor]:
     """Raw features and the crossing value of every segment on `rows`, in one process."""
-    from meshsl.compute.layers import merge_inputs
     values = feature_tensors(topology, rows)
     generator = torch.Generator().manual_seed(seed)
     for name in topology.segment_order:
@@ -151,8 +156,6 @@ def flat_raw(values: dict[str, torch.Tensor], sources: list[str]) -> torch.Tenso
 def audit_modules(topology, modules: dict[str, torch.nn.Module], *, max_samples: int = 1024,
                   probe_epochs: int = 200, seed: int = AUDIT_SEED) -> dict[str, dict]:
     """Per cut edge: dCor and inversion-probe figures on the held-out rows."""
-    from meshsl.plan.steps import sample_pools
-    from meshsl.privacy.inversion import leakage_report
     rows = np.asarray(sample_pools(topology).test)
     if len(rows) < 10:
         raise ConfigError(f"the held-out set has {len(rows)} rows; the audit needs at least 10 "
@@ -187,7 +190,6 @@ def audit_modules(topology, modules: dict[str, torch.nn.Module], *, max_samples:
 # -- label leakage ---------------------------------------------------------------------------------
 def label_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
     """Every labels source at the given sample ids."""
-    from meshsl.data import load_dataset
     values = {}
     for name, spec in topology.data.items():
         if spec.kind == "labels":
@@ -203,7 +205,6 @@ def _straight_through(output: torch.Tensor, crossed: torch.Tensor) -> torch.Tens
 
 def _backward_crossing(topology, producer: str, grad: torch.Tensor) -> torch.Tensor:
     """The backward codec's round trip of a gradient on the producer's privacy entry."""
-    from meshsl.compression import make_codec
     edge = next((p for p in topology.spec.privacy if p.segment == producer), None)
     if edge is None:
         return grad
@@ -217,7 +218,6 @@ def _backward_crossing(topology, producer: str, grad: torch.Tensor) -> torch.Ten
 
 
 def _codec_round_trip(spec, value: torch.Tensor, segment: str) -> torch.Tensor:
-    from meshsl.compression import make_codec
     codec = make_codec(spec)
     if codec.name == "none":
         return value
@@ -239,10 +239,6 @@ def edge_gradients(topology, modules: dict[str, torch.nn.Module], rows: np.ndarr
     """The gradient rows every cut edge carries back for `rows` (one batch, the runtime's order: each
     segment's input gradients from its own loss plus what came back to its output), after the edge's
     gradient defence and backward codec; and the true labels. Label DP is applied as in training."""
-    from meshsl.compute.layers import merge_inputs
-    from meshsl.compute.tasks import task_loss
-    from meshsl.privacy.dp import randomized_response
-    from meshsl.privacy.label_defences import defend
     features = feature_tensors(topology, rows)
     labels = label_tensors(topology, rows)
     generator = torch.Generator().manual_seed(seed)
@@ -270,8 +266,6 @@ def edge_gradients(topology, modules: dict[str, torch.nn.Module], rows: np.ndarr
             entry = next((p for p in topology.spec.privacy if p.segment == name), None)
             if entry is not None and any(p == name for p, _ in cut):
                 if entry.dp is not None:  # differentiable: the gradient flows through the clipping
-                    from meshsl.privacy.accounting import effective_dp
-                    from meshsl.privacy.dp import clip_and_noise
                     output = clip_and_noise(output, effective_dp(topology, name), generator)
                 without_dp = entry.model_copy(update={"dp": None})
                 output = _straight_through(output, _codec_round_trip(without_dp.forward, output.detach(), name))
@@ -306,7 +300,6 @@ def edge_gradients(topology, modules: dict[str, torch.nn.Module], rows: np.ndarr
                         task_labels = trained_labels[tasks[0].labels] if tasks else None
                         noise = None
                         if entry.gradient.defence == "dp":
-                            from meshsl.privacy.accounting import gradient_noise
                             noise = gradient_noise(topology, f"{source}->{name}")
                         grad = defend(grad, entry.gradient, generator, labels=task_labels, scale=scale,
                                       noise_multiplier=noise)
@@ -319,8 +312,6 @@ def edge_gradients(topology, modules: dict[str, torch.nn.Module], rows: np.ndarr
 def audit_labels(topology, modules: dict[str, torch.nn.Module], *, rows: Optional[np.ndarray] = None,
                  max_samples: int = 1024, seed: int = AUDIT_SEED) -> dict[str, dict]:
     """Per cut edge whose gradients go back to a party without the labels: label-inference attacks."""
-    from meshsl.plan.steps import sample_pools
-    from meshsl.privacy.label_attacks import label_leakage_report
     if rows is None:
         pools = sample_pools(topology)
         rows = np.concatenate([pools.train[0], pools.test])
@@ -368,7 +359,6 @@ def audit(topology, *, steps: Optional[int] = None, weights: Optional[Path] = No
     document["edges"] = audit_modules(topology, modules, probe_epochs=probe_epochs)
     document["label_edges"] = audit_labels(topology, modules)
     if topology.spec.privacy or topology.spec.training.label_dp:
-        from meshsl.privacy.accounting import budget
         document["privacy_budget"] = budget(topology, document.get("trained", {}).get("steps"))
     return document
 

@@ -31,10 +31,16 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 
+from meshsl.align.ids import source_ids, uses_ids
+from meshsl.align.psi import POINT_BYTES, response_values
+from meshsl.align.session import MAGIC, is_alignment_message
 from meshsl.compression import make_codec
+from meshsl.compute.layers import build_segment_module
+from meshsl.data import load_dataset, select_columns
 from meshsl.plan.nodeplan import build_edges, build_plans
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import TORCH_DTYPES, decode_message
+from meshsl.runtime.simulate import simulate
 
 TENSOR_KINDS = {Kind.ACTIVATION: "activation", Kind.GRADIENT: "gradient"}
 CONTROL_KINDS = {Kind.HELLO, Kind.BEGIN, Kind.DONE, Kind.COMMIT, Kind.ABORT, Kind.WEIGHTS_PULL, Kind.ACK,
@@ -106,7 +112,6 @@ class WireRecorder:
         self.headers: list[bytes] = []  # every training message's header frame, for the raw-id rule
 
     def __call__(self, sender: str, peer: str, frames) -> None:
-        from meshsl.align.session import is_alignment_message
         nodes = self.topology.nodes
         if is_alignment_message(frames):
             self.alignment.append(AlignmentWire(sender, peer, nodes[sender].party, nodes[peer].party,
@@ -146,7 +151,6 @@ class Holdings:
 
 def holdings(topology) -> Holdings:
     """Every data source exactly as its node loads it (`NodeData`): float32 feature rows, labels."""
-    from meshsl.data import load_dataset, select_columns
     held = Holdings()
     for name, spec in topology.data.items():
         table = load_dataset(spec.source_dataset, topology.base_dir)
@@ -219,9 +223,6 @@ class WireAudit:
         import hashlib
         import json
 
-        from meshsl.align.ids import source_ids, uses_ids
-        from meshsl.align.psi import POINT_BYTES, response_values
-        from meshsl.align.session import MAGIC
         if not uses_ids(self.topology):
             return []
         ids = {v for name in self.topology.data for v in source_ids(self.topology, name)}
@@ -299,7 +300,6 @@ class WireAudit:
     def _module_shapes(self, segment: str) -> list[torch.Tensor]:
         cache = self.__dict__.setdefault("_shapes", {})
         if segment not in cache:
-            from meshsl.compute.layers import build_segment_module
             cache[segment] = list(build_segment_module(self.topology.segments[segment], segment).state_dict().values())
         return cache[segment]
 
@@ -414,7 +414,6 @@ def summarise(messages: list[WireMessage]) -> dict:
 
 async def audit_run(topology, options=None) -> tuple[dict, WireRecorder, list[Finding]]:
     """Train `topology` in process (simulate) while recording the wire; returns (summary, recorder, findings)."""
-    from meshsl.runtime.simulate import simulate
     recorder = WireRecorder(topology)
     summary, _ = await simulate(topology, options, traffic_hook=recorder)
     return summary, recorder, WireAudit(topology).check(recorder.messages)

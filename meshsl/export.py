@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from meshsl.compute.layers import merge_inputs as merge  # the same rule as in training
+from meshsl.compute.weights import weights_file
+from meshsl.compute.worker import build_module
 from meshsl.errors import ConfigError
 
 SEGMENT_FORMAT = "meshsl-segment/1"
@@ -92,8 +94,6 @@ def segment_spec(topology, segment: str, node: str) -> dict:
 def export_node(topology, weights_dir: Path, node: str, out_dir: Path) -> list[Path]:
     """Export `node`'s own segments (and nothing else) from the weights it saved."""
     from safetensors.torch import load_file, save_file
-    from meshsl.compute.worker import build_module
-    from meshsl.runtime.entry import weights_file
     if node not in topology.nodes:
         raise ConfigError(f"unknown node {node!r} (nodes: {', '.join(topology.nodes)})", "--node")
     segments = [s for s in topology.segment_order if node in topology.placement[s]]

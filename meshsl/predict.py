@@ -24,10 +24,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from meshsl.align.ids import id_column_of, read_node_ids  # noqa: F401  (re-exported)
+from meshsl.align.ids import data_nodes, id_column_of, read_node_ids, uses_ids  # noqa: F401  (re-exported)
+from meshsl.align.outcomes import outcome_of
+from meshsl.config.loader import load_spec
 from meshsl.errors import ConfigError, DataError, PartyOffline, PeerFailed, PeerTimeout  # noqa: F401  (re-exported)
+from meshsl.runtime.entry import EXIT_ABORTED
+from meshsl.runtime.launcher import LocalRun, default_run_dir
 from meshsl.runtime.prediction import (  # noqa: F401  (re-exported)
-    PredictSettings, coordinate_prediction, lane_client, predict_lanes, prediction_file)
+    PredictSettings, lane_client, predict_lanes, prediction_file)
+from meshsl.topology.model import load_topology, topology_from_spec
 
 FLOAT_FORMAT = ".9g"  # round-trips float32
 
@@ -111,7 +116,6 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
 
 def predict_rows(topology, node: str, path: Path) -> Optional[np.ndarray]:
     """Row of `node`'s prediction input for each common sample after the PSI, in the agreed order."""
-    from meshsl.align.outcomes import outcome_of
     outcome = outcome_of(topology, node, predict=True)
     if outcome is None or outcome.ids is None:
         return None
@@ -151,7 +155,6 @@ class NodeInference:
                 tensors = {k: v[torch.as_tensor(order)].contiguous() for k, v in tensors.items()}
                 self.rows = len(order)
             worker.data.predict_inputs.update(tensors)
-        from meshsl.align.outcomes import outcome_of
         aligned = outcome_of(topology, worker.node, predict=True)
         self.ids = aligned.ids if aligned is not None else None
         for task in worker._my_tasks():
@@ -237,7 +240,6 @@ def _exits_soon(proc, seconds: float = 10.0) -> bool:
 def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
     """Wait for the local processes; the coordinator's typed error (offline party, bad input) is re-raised."""
     import json
-    from meshsl.runtime.entry import EXIT_ABORTED
     deadline = time.monotonic() + timeout if timeout else None
     coordinator = topology.coordinator
     summary_path = run.run_dir / "summary.json"
@@ -275,9 +277,6 @@ def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
 
 
 def _launch(topology_path: Path, run_dir: Optional[Path], free_ports: bool, remote, **launch) -> tuple:
-    from meshsl.runtime.launcher import LocalRun, default_run_dir
-    from meshsl.topology.model import topology_from_spec
-    from meshsl.config.loader import load_spec
     run = LocalRun(Path(topology_path), Path(run_dir) if run_dir else default_run_dir(), free_ports=free_ports,
                    **launch)
     resolved = run.prepare()
@@ -296,7 +295,6 @@ def check_inputs(topology, inputs: dict[str, Path], remote=()) -> dict[str, int]
     """Before starting anything: every input is readable, has its node's columns, and rows line up."""
     rows = {node: read_node_input(topology, node, path)[1] for node, path in inputs.items()}
     sources = [d.name for d in topology.spec.data if d.kind == "features"]
-    from meshsl.align.ids import data_nodes, uses_ids
     if uses_ids(topology):  # rows are matched by PSI: every data node takes part, counts may differ
         missing = [n for n in data_nodes(topology) if n not in inputs and n not in remote]
         if missing:
@@ -319,7 +317,6 @@ def predict_local(topology_path: Path, weights: Path, inputs: dict[str, Path], o
                   startup_timeout: Optional[float] = None, batch_size: Optional[int] = None,
                   timeout: Optional[float] = None, log_level: str = "WARNING") -> dict:
     """`meshsl predict`: start the local nodes (those not in `remote`) in prediction mode; returns the summary."""
-    from meshsl.topology.model import load_topology
     topology = load_topology(topology_path)
     check_inputs(topology, {n: Path(p) for n, p in inputs.items()}, remote)
     node_args: dict = {"*": ["--predict", "--predict-output", str(Path(output).resolve())]}

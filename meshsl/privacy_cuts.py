@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from meshsl.audit import feature_tensors, flat_raw, raw_sources
+from meshsl.compression import make_codec
 from meshsl.compute.layers import count_parameters, merge_inputs, trainable_layer_count
+from meshsl.compute.worker import build_module
+from meshsl.plan.steps import sample_pools, training_steps
+from meshsl.privacy.dcor import distance_correlation
+from meshsl.reference import train_reference
+from meshsl.topology.shapes import count_flops
 
 SAMPLE_ROWS = 512
 TRAIN_STEPS = 60
@@ -28,7 +35,6 @@ TRAIN_STEPS = 60
 
 def _codec_bytes(spec, shape: tuple[int, ...]) -> int:
     """Payload bytes of one sample through a codec (int8 carries a per-sample scale, top-k indices)."""
-    from meshsl.compression import make_codec
     layout = make_codec(spec).part_layout((1, *shape), torch.float32)
     return sum(n * torch.empty(0, dtype=dtype).element_size() for dtype, n in layout)
 
@@ -46,12 +52,9 @@ def _describe(spec, index: int, layer: nn.Module) -> str:
 
 
 def _trained_modules(topology, steps: int) -> tuple[dict[str, nn.Module], int]:
-    from meshsl.compute.worker import build_module
     modules = {name: build_module(topology, name) for name in topology.segment_order}
     if steps <= 0 or topology.lanes != 1:
         return modules, 0  # the unsplit reference covers single-client topologies
-    from meshsl.plan.steps import training_steps
-    from meshsl.reference import train_reference
     steps = min(steps, len(training_steps(topology)) or steps)
     state, _ = train_reference(topology, steps)
     for name, module in modules.items():
@@ -60,7 +63,6 @@ def _trained_modules(topology, steps: int) -> tuple[dict[str, nn.Module], int]:
 
 
 def _sample_values(topology, modules: dict[str, nn.Module], rows: np.ndarray) -> dict[str, torch.Tensor]:
-    from meshsl.audit import feature_tensors
     values = feature_tensors(topology, rows)
     with torch.no_grad():
         for name in topology.segment_order:
@@ -70,7 +72,6 @@ def _sample_values(topology, modules: dict[str, nn.Module], rows: np.ndarray) ->
 
 
 def _dcor(raw: torch.Tensor, activation: torch.Tensor) -> float:
-    from meshsl.privacy.dcor import distance_correlation
     with torch.no_grad():
         return float(distance_correlation(raw.double(), activation.reshape(activation.shape[0], -1).double()))
 
@@ -91,8 +92,6 @@ def _prefix_outputs(topology, segment: str, modules, values) -> list[tuple[nn.Mo
 
 def cut_candidates(topology, *, train_steps: int = TRAIN_STEPS, samples: int = SAMPLE_ROWS) -> list[dict]:
     """One row per candidate cut point inside each data-holding segment that feeds another party."""
-    from meshsl.audit import flat_raw, raw_sources
-    from meshsl.plan.steps import sample_pools
     holders = [name for name in topology.segment_order
                if any(i in topology.data and topology.data[i].kind == "features" for i in topology.segments[name].inputs)]
     if not holders:
@@ -111,7 +110,6 @@ def cut_candidates(topology, *, train_steps: int = TRAIN_STEPS, samples: int = S
         upstream = [s for s in nx.ancestors(topology.graph, segment)
                     if s in topology.segments and topology.party_of(s) == party]
         base_params = sum(topology.segment_info[s].parameters for s in upstream)
-        from meshsl.topology.shapes import count_flops
         count_flops(topology)
         base_flops = sum(topology.segment_info[s].forward_flops for s in upstream)
         base_layers = sum(topology.segment_info[s].trainable_layers for s in upstream)

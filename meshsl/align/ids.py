@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from meshsl.data import load_dataset
 from meshsl.errors import ConfigError, DataError, TopologyError
 
 
@@ -69,7 +70,6 @@ def check_declarations(topology) -> list[ConfigError]:
 
 def source_ids(topology, name: str) -> list[str]:
     """The sample id of every row of data source `name`, checked: one per row, none empty, no duplicates."""
-    from meshsl.data import load_dataset
 
     spec = topology.data[name]
     where = _where(topology, name)

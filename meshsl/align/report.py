@@ -7,6 +7,7 @@ import itertools
 from meshsl.align.ids import data_nodes, leader_of, node_ids
 from meshsl.align.runner import align_locally
 from meshsl.align.session import Session
+from meshsl.plan.steps import sample_pools
 from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 
 
@@ -43,7 +44,6 @@ def overlap_report(topology) -> dict:
     outcomes = align_locally(topology)
     size = next(iter(outcomes.values())).size
     test_fraction = topology.spec.data[0].dataset.test_fraction
-    from meshsl.plan.steps import sample_pools
     pools = sample_pools(topology)
     return {"topology": topology.spec.name, "leader": leader_of(topology), "pairs": pairs, "common": size,
             "train": int(sum(len(p) for p in pools.train)), "test": int(len(pools.test)),

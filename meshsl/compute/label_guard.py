@@ -9,6 +9,9 @@ from typing import Optional
 
 import networkx as nx
 import torch
+from meshsl.privacy.accounting import epsilon, gradient_noise, mechanisms, releases
+from meshsl.privacy.label_attacks import norm_attack_auc
+from meshsl.privacy.label_defences import defend
 
 
 class LabelGuard:
@@ -56,8 +59,6 @@ class LabelGuard:
         labels = self._labels(task, lane, micro_batch) if task is not None and spec is not None \
             and spec.defence == "marvell" else None
         if spec is not None:
-            from meshsl.privacy.accounting import gradient_noise
-            from meshsl.privacy.label_defences import defend
             context = self.worker.context
             scale = float(self.topology.spec.training.batch_size * len(context.lanes))
             grad = defend(grad, spec, self.generator, labels=labels, scale=scale,
@@ -79,7 +80,6 @@ class LabelGuard:
 
     def gauge(self) -> dict[str, float]:
         """Norm-attack AUC per edge on the sampled step (true labels, what actually left); empties the sample."""
-        from meshsl.privacy.label_attacks import norm_attack_auc
         result = {}
         for edge, (norms, ys) in self._samples.items():
             norm, y = torch.cat(norms), torch.cat(ys)
@@ -100,7 +100,6 @@ class LabelGuard:
         if not any(p.dp is not None or (p.gradient is not None and p.gradient.defence == "dp")
                    for p in self.topology.spec.privacy):
             return spent
-        from meshsl.privacy.accounting import epsilon, mechanisms, releases
         for m in mechanisms(self.topology):
             producer, consumer = m.edge.split("->")
             sender = producer if m.kind == "activation_dp" else consumer

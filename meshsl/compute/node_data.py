@@ -6,6 +6,7 @@ import torch
 
 from meshsl.align.outcomes import aligned_rows
 from meshsl.data import batch_indices, eval_batches, load_dataset, select_columns
+from meshsl.errors import DataError
 from meshsl.plan.steps import sample_pools
 
 
@@ -60,7 +61,6 @@ class NodeData:
     def get(self, name: str, rows: np.ndarray, phase: str) -> torch.Tensor:
         if phase == "predict":
             if name not in self.predict_inputs:
-                from meshsl.errors import DataError
                 raise DataError(f"no prediction input for data source {name!r} on this node", "predict")
             return self.predict_inputs[name][torch.as_tensor(rows)]
         return self.tensors[name][torch.as_tensor(rows)]

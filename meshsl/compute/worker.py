@@ -15,12 +15,16 @@ from typing import Optional
 import torch
 
 from meshsl.compute.eager_optim import eager
+from meshsl.compute.hijack_guard import HijackGuard
+from meshsl.compute.label_guard import LabelGuard
 from meshsl.compute.layers import build_segment_module, merge_inputs
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.staging import to_device
-from meshsl.compute.hijack_guard import HijackGuard
-from meshsl.compute.label_guard import LabelGuard
 from meshsl.compute.tasks import correct_count, summarise, task_loss
+from meshsl.privacy.accounting import effective_dp
+from meshsl.privacy.dcor import distance_correlation
+from meshsl.privacy.dp import clip_and_noise, randomized_response
+from meshsl.privacy.nopeek import nopeek_loss
 
 
 def segment_seed(topology, segment: str) -> int:
@@ -202,7 +206,6 @@ class SegmentWorker:
     def _label_dp(self, task, labels: torch.Tensor, rows=None) -> torch.Tensor:
         """Randomized response drawn ONCE per sample (fixed for the whole run, seeded by the topology):
         fresh draws every epoch would let repeated releases average the noise away (epsilon per epoch)."""
-        from meshsl.privacy.dp import randomized_response
         table = self._noisy_labels.get(task.labels)
         if table is None:
             clean = self.data.tensors[task.labels]
@@ -239,7 +242,6 @@ class SegmentWorker:
 
     def leakage(self) -> dict[str, float]:
         """dCor(raw input, what leaves) per cut edge from the sampled step; empties the sample."""
-        from meshsl.privacy.dcor import distance_correlation
         result = {}
         for segment, (raws, outs) in self._leakage_samples.items():
             if sum(len(r) for r in raws) < 4:
@@ -259,7 +261,6 @@ class SegmentWorker:
         raw = self._raw_upstream(segment, leaves, rows)
         if not raw:
             return None
-        from meshsl.privacy.nopeek import nopeek_loss
         raw_flat = torch.cat([r.reshape(r.shape[0], -1) for r in raw], dim=1)
         n = output.shape[0]
         scale = n / (self.topology.spec.training.batch_size * len(self.context.lanes))
@@ -271,8 +272,6 @@ class SegmentWorker:
         edge = self.privacy.get(segment)
         if edge is None or edge.dp is None:
             return output
-        from meshsl.privacy.accounting import effective_dp
-        from meshsl.privacy.dp import clip_and_noise
         return clip_and_noise(output, effective_dp(self.topology, segment), self.dp_generator)
 
     def backward(self, segment: str, lane: int, micro_batch: int) -> None:

@@ -1,4 +1,4 @@
-"""Per-node plans (what each node hosts, sends and receives) and pipeline schedules, as plain data."""
-from meshsl.plan.nodeplan import EdgePlan, NodePlan, build_plans, edge_name
+"""Per-node plans (what each node hosts, sends and receives) and the step schedule, as plain data.
 
-__all__ = ["EdgePlan", "NodePlan", "build_plans", "edge_name"]
+Import the modules themselves (meshsl.plan.nodeplan, meshsl.plan.steps): the step schedule needs no torch,
+the per-node plans do."""

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import math
 
+from meshsl.align.ids import alignment_step
+from meshsl.compression import make_codec
 from meshsl.plan.nodeplan import build_edges, build_plans
+from meshsl.privacy.accounting import budget as privacy_budget
+from meshsl.privacy.contract import control_figures
 
 
 def wire_bytes_per_sample(shape: tuple[int, ...], codec_spec) -> int:
     """Bytes one sample of a float32 tensor of `shape` takes on the wire after the edge's codec (headers aside)."""
     import torch
 
-    from meshsl.compression import make_codec
 
     samples = 64  # per-sample overhead (int8 scales, top-k indices) is averaged over a typical micro-batch
     layout = make_codec(codec_spec).part_layout((samples, *shape), torch.float32)
@@ -24,13 +27,10 @@ def _span(values: list[str]) -> str:
 
 
 def plan_document(topology) -> dict:
-    from meshsl.align.ids import alignment_step
-    from meshsl.privacy.contract import control_figures
     edges = build_edges(topology)
     plans = build_plans(topology)
     budget = None
     if topology.spec.privacy or topology.spec.training.label_dp:
-        from meshsl.privacy.accounting import budget as privacy_budget
         budget = privacy_budget(topology)
     return {
         "control_contract": control_figures(topology),

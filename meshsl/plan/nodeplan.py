@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from meshsl.compression import CompressionSpec
+from meshsl.topology.shapes import count_flops
 
 FLOAT_BYTES = 4
 
@@ -85,7 +86,6 @@ def build_edges(topology) -> dict[str, EdgePlan]:
 
 
 def build_plans(topology) -> dict[str, NodePlan]:
-    from meshsl.topology.shapes import count_flops
     count_flops(topology)
     edges = build_edges(topology)
     plans = {}

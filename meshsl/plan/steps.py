@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshsl.align.outcomes import aligned_size
 from meshsl.data import load_dataset, partition, train_test_indices
 
 
@@ -32,7 +33,6 @@ def sample_pools(topology) -> SamplePools:
 
 
 def _pools(topology) -> SamplePools:
-    from meshsl.align.outcomes import aligned_size
     first = topology.spec.data[0]
     size = aligned_size(topology)  # with sample ids: the common samples after PSI, in the agreed order
     table = load_dataset(first.source_dataset, topology.base_dir) if size is None or topology.spec.clients else None

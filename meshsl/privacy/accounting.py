@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from meshsl.errors import ConfigError, PrivacyBudgetError
+from meshsl.plan.steps import epoch_steps, sample_pools, training_steps
 
 DEFAULT_DELTA = 1e-5
 
@@ -91,7 +92,6 @@ class Mechanism:
 
 def releases(topology, steps: int, amplification: bool) -> tuple[float, int]:
     """(sampling rate, number of mechanism runs) for a sample over `steps` training steps."""
-    from meshsl.plan.steps import epoch_steps, sample_pools
     if steps <= 0:
         return 1.0, 0
     if amplification:
@@ -103,7 +103,6 @@ def releases(topology, steps: int, amplification: bool) -> tuple[float, int]:
 
 
 def planned_steps(topology) -> int:
-    from meshsl.plan.steps import training_steps
     return len(training_steps(topology))
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from meshsl.config.specs import GradientDefenceSpec  # re-exported
 from meshsl.errors import ConfigError
+from meshsl.privacy.dp import ActivationDPSpec, clip_and_noise
 
 
 def _flat(grads: Tensor) -> Tensor:
@@ -117,7 +118,6 @@ def defend(grads: Tensor, spec: GradientDefenceSpec, generator: torch.Generator,
            labels: Optional[Tensor] = None, scale: float = 1.0, noise_multiplier: Optional[float] = None) -> Tensor:
     """Apply one defence to a micro-batch's gradient rows. `scale` turns rows into per-sample-loss units
     (and back); `noise_multiplier` is the calibrated value for a dp defence declared by target epsilon."""
-    from meshsl.privacy.dp import ActivationDPSpec, clip_and_noise
     rows = grads.detach() * scale
     if spec.defence == "max_norm":
         out = max_norm_noise(rows, generator)

@@ -20,10 +20,14 @@ from typing import Callable, Optional
 import torch
 
 from meshsl import checkpoint
+from meshsl.data import eval_batches
 from meshsl.errors import MeshslError, PeerFailed, PeerTimeout, ProtocolError
 from meshsl.plan.steps import StepInfo, sample_pools, training_steps
+from meshsl.privacy.accounting import check_budget
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
+from meshsl.protocol.frames import describe_all as _describe_all
+from meshsl.runtime.prediction import coordinate_prediction
 
 log = logging.getLogger("meshsl.coordinator")
 
@@ -32,7 +36,6 @@ def privacy_budget_of(topology, steps: int) -> Optional[dict]:
     """(epsilon, delta) per edge and party for a run of `steps`; PrivacyBudgetError if over a declared budget."""
     if not topology.spec.privacy and topology.spec.training.label_dp is None:
         return None
-    from meshsl.privacy.accounting import check_budget
     return check_budget(topology, steps)
 
 ROUNDS_PER_INCARNATION = 1 << 24  # round numbers of a restarted coordinator are above any earlier ones
@@ -263,7 +266,6 @@ class Coordinator:
     async def run(self) -> None:
         await self._wait_for_nodes()
         if self.options.predict is not None:
-            from meshsl.runtime.prediction import coordinate_prediction
             self.summary = await coordinate_prediction(self, self.options.predict)
             await self.broadcast_shutdown()
             return
@@ -513,7 +515,6 @@ class Coordinator:
         return row
 
     async def _evaluate(self) -> dict:
-        from meshsl.data import eval_batches
         pools = sample_pools(self.topology)
         batches = len(eval_batches(pools.test, self.topology.spec.training.eval_batch_size))
         lanes = tuple(range(self.topology.lanes))
@@ -602,7 +603,6 @@ class Coordinator:
         return batches
 
     async def _push(self, segment: str, lanes, weights: list[torch.Tensor]) -> None:
-        from meshsl.protocol.frames import describe_all as _describe_all
         nodes = {self.topology.node_of(segment, lane) for lane in lanes}
         for node in nodes:
             await self.node.send_control(node, Kind.WEIGHTS, parts=[[w] for w in weights],

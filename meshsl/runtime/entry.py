@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from meshsl.compute.weights import load_saved_weights, save_weights, weights_file  # noqa: F401  (re-exported)
+from meshsl.metrics import NodeMetrics
 from meshsl.runtime.coordinator import Coordinator, RunOptions
 from meshsl.runtime.node import NodeRuntime
 
@@ -28,7 +29,6 @@ def make_metrics(topology, node: str):
     spec = topology.nodes[node]
     if spec.metrics_port is None:
         return None
-    from meshsl.metrics import NodeMetrics
     role = "coordinator" if node == topology.coordinator else "node"
     metrics = NodeMetrics(node, spec.party, role, topology.spec.name, topology.hash)
     security = topology.spec.security

@@ -27,16 +27,19 @@ from typing import Callable, Optional
 import torch
 
 from meshsl import checkpoint
+from meshsl.align.runner import align_before_training
 from meshsl.compute.staging import to_host
+from meshsl.compute.weights import load_saved_weights
 from meshsl.compute.worker import RoundContext, SegmentWorker
 from meshsl.errors import MeshslError, ProtocolError
 from meshsl.plan.nodeplan import build_edges, edge_name
 from meshsl.plan.steps import epoch_steps, step_at
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Envelope, Kind
-from meshsl.protocol.frames import decode_message, encode_message
+from meshsl.protocol.frames import decode_message, describe, encode_message
 from meshsl.runtime import faults
 from meshsl.runtime import machine as m
+from meshsl.runtime.keys_loading import transport_security
 from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.outbox import Outbox
 from meshsl.runtime.wire import EdgeCodecs, max_rows
@@ -85,7 +88,6 @@ class NodeRuntime:
         address_book = {name: n.endpoint for name, n in topology.nodes.items()}
         address_book.update(peer_endpoints or {})  # per-node overrides (`meshsl node --peer`)
         if transport is None:  # CURVE (when the topology asks for it) authenticates against its allow-list
-            from meshsl.runtime.keys_loading import transport_security
             transport = make_transport(node, endpoint or self.spec.endpoint, address_book,
                                        **transport_security(topology, node, self._on_auth_refused),
                                        **({"bind": bind} if bind else {}))
@@ -141,7 +143,6 @@ class NodeRuntime:
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._poster = poster_for(loop)
-        from meshsl.align.runner import align_before_training
         aligned = await align_before_training(self)  # PSI on sample ids before any data is read (meshsl.align)
         if aligned is False:
             await self.transport.close()
@@ -177,7 +178,6 @@ class NodeRuntime:
         torch.set_num_threads(self.spec.threads)
         worker = SegmentWorker(self.topology, self.node)
         if self.weights_dir is not None:
-            from meshsl.compute.weights import load_saved_weights
             load_saved_weights(worker, Path(self.weights_dir))
         if self.inference is not None:
             self.inference.attach(worker)
@@ -864,5 +864,4 @@ def _finite(value) -> bool:
 
 
 def _describe_all(tensors):
-    from meshsl.protocol.frames import describe
     return [describe(t.dtype, tuple(t.shape), "none", [t]) for t in tensors]

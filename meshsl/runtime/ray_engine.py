@@ -24,9 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from meshsl.config.loader import parse_spec
 from meshsl.config.schema import RayNodeSpec, RaySpec
 from meshsl.errors import ConfigError, MeshslError, PeerFailed
 from meshsl.runtime.coordinator import RunOptions
+from meshsl.runtime.entry import run_node
+from meshsl.topology.expand import expand_nodes
+from meshsl.topology.model import topology_from_spec
+from meshsl.transport.bridge import Bridge, node_endpoint
+from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 
 _runs = itertools.count()
 
@@ -41,7 +47,6 @@ class ActorPlan:
 
 def plan_actors(topology) -> list[ActorPlan]:
     """Declared node -> `actors` contiguous blocks of its logical nodes (lanes), one actor each."""
-    from meshsl.topology.expand import expand_nodes
     _, _, by_lane = expand_nodes(topology.spec)
     plans = []
     for declared in topology.spec.nodes:
@@ -73,22 +78,15 @@ class NodeHost:
 
     def __init__(self, document: dict, source: str, base_dir: str, run: str, actor: str,
                  nodes: tuple[str, ...]) -> None:
-        from meshsl.config.loader import parse_spec
-        from meshsl.topology.model import topology_from_spec
         self.topology = topology_from_spec(parse_spec(document, source), source, Path(base_dir))
         self.run, self.actor, self.nodes = run, actor, nodes
         self.bridge = None
 
     async def open(self) -> str:
-        from meshsl.transport.bridge import Bridge
-        from meshsl.transport.inprocess import InProcessHub
         self.bridge = Bridge(self.run, self.actor, self.nodes, InProcessHub())
         return self.bridge.address
 
     async def run(self, actors: dict, options: Optional[RunOptions], return_weights: bool) -> dict:
-        from meshsl.runtime.entry import run_node
-        from meshsl.transport.bridge import node_endpoint
-        from meshsl.transport.inprocess import InProcessTransport
         book = {n: node_endpoint(self.run, n) for n in self.nodes}
         book.update(self.bridge.connect(actors))
         self.bridge.start()

@@ -6,6 +6,7 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from meshsl.errors import PeerFailed
 from meshsl.runtime.coordinator import RunOptions
 from meshsl.runtime.entry import run_node
 from meshsl.transport.inprocess import InProcessHub, InProcessTransport
@@ -41,7 +42,6 @@ async def simulate(topology, options: Optional[RunOptions] = None, traffic_hook=
         executor.shutdown(wait=True)
     failures = {n: r.failure for n, (r, _) in results.items() if r.failure}
     if failures:
-        from meshsl.errors import PeerFailed
         node = topology.coordinator if topology.coordinator in failures else next(iter(failures))  # the cause
         detail = failures[node]
         raise PeerFailed(node, detail)

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import networkx as nx
 
+from meshsl.align.ids import uses_ids
 from meshsl.config.loader import ConfigErrors
 from meshsl.errors import ConfigError, TopologyError
+from meshsl.plan.steps import sample_pools
+from meshsl.topology.expand import lane_node_name
 
 
 def _declared_keys(topology) -> dict[str, str]:
     """Concrete node name -> key path of the declaring entry, e.g. 'clinic2' -> 'nodes[0](clinic)'."""
-    from meshsl.topology.expand import lane_node_name
-
     replicated = set(topology.spec.clients.replicate) if topology.spec.clients else set()
     keys: dict[str, str] = {}
     for i, node in enumerate(topology.spec.nodes):
@@ -36,10 +37,8 @@ def same_endpoint_key(endpoint: str) -> str:
 
 def check_batch_size(topology) -> None:
     """A batch larger than all training rows together can never be filled: a typo, not a setting."""
-    from meshsl.align.ids import uses_ids
     if uses_ids(topology):
         return  # rows are known after the private set intersection; the alignment checks its own minimum
-    from meshsl.plan.steps import sample_pools
     rows = sum(len(pool) for pool in sample_pools(topology).train)
     batch = topology.spec.training.batch_size
     if batch > rows:

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from meshsl.align.ids import check_ids, uses_ids
 from meshsl.compute.layers import build_segment_module, count_parameters, merge_inputs, trainable_layer_count
 from meshsl.config.loader import ConfigErrors
 from meshsl.data import load_dataset, select_columns
 from meshsl.errors import ConfigError, DataError, TopologyError
+from meshsl.topology.checks import privacy_problems
 
 PROBE_BATCH = 2
 
@@ -94,7 +96,6 @@ def infer_shapes(topology) -> None:
     problems: list[ConfigError] = []
     values: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    from meshsl.align.ids import check_ids, uses_ids
     matched_by_id = uses_ids(topology)
     if matched_by_id and (id_problems := check_ids(topology)):
         raise ConfigErrors(id_problems)  # checked first: a wrong id column would also fail every load below
@@ -214,7 +215,6 @@ def infer_shapes(topology) -> None:
                 f"mse compares output {out_shape} of segment {task.output!r} with targets {label_shape} of "
                 f"{task.labels!r}: they need the same number of values per sample", where))
     if not problems:
-        from meshsl.topology.checks import privacy_problems
         problems.extend(privacy_problems(topology))
     if problems:
         raise ConfigErrors(problems)
