@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from meshsl.errors import ConfigError
+from meshsl.logs import configure_logging
 
 
 class _LazyConsole:
@@ -40,8 +41,8 @@ def fail(exc: Exception, code: int = 2) -> None:
 
 
 def load(path: Path, base_dir: Optional[Path] = None):
-    from meshsl.config.loader import load_spec
-    from meshsl.topology.model import load_topology, topology_from_spec
+    from meshsl.config.loader import load_spec  # start-up: `meshsl --help` parses nothing (pydantic schema, numpy, networkx)
+    from meshsl.topology.model import load_topology, topology_from_spec  # start-up: `meshsl --help` parses nothing
     try:
         if base_dir is None:
             return load_topology(path)
@@ -55,7 +56,6 @@ _logging = {"level": "WARNING", "json": False}  # what the root options chose (n
 
 
 def _configure_logging(level: str, node: Optional[str] = None) -> str:
-    from meshsl.logs import configure_logging
     level = level.upper()
     if level not in LOG_LEVELS:
         fail(ConfigError(f"--log-level {level!r}: expected one of {', '.join(LOG_LEVELS)}"))

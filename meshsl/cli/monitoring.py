@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from meshsl.cli.common import load, out
+from meshsl.metrics import scrape_targets
 
 app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_help=True)
 
@@ -17,7 +18,6 @@ app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_he
 def monitoring_prometheus(topology: Path = typer.Argument(...),
                           output: Optional[Path] = typer.Option(None, "-o", "--output", help="file_sd JSON path")) -> None:
     """Write Prometheus file_sd scrape targets for every node with a metrics port."""
-    from meshsl.metrics import scrape_targets
     topo = load(topology)
     rows = []
     for name, n in topo.nodes.items():

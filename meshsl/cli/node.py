@@ -1,6 +1,7 @@
 """`meshsl node`: run one node of a topology in this process (what `meshsl run` starts per node)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -36,15 +37,14 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
                                          "topology's endpoint (repeatable; also MESHSL_PEERS=NAME=ENDPOINT,...)"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
+    from meshsl.runtime import entry  # torch: not for `meshsl --help` (entry.node_main: looked up per call)
     from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.entry import node_main
     topo = load(topology, base_dir)
     if name not in topo.nodes:
         fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
     overrides = _endpoint_overrides(topo, name, topology, bind, peer)
+    from meshsl.security.curve import warn_if_plaintext_exposed  # start-up: `meshsl --help` parses nothing
     _configure_logging(_logging["level"], node=name)  # every line of this process names its node
-    from meshsl.security.curve import warn_if_plaintext_exposed
-    import logging
     if topo.nodes[name].endpoint:  # a dial-out node binds nothing
         warn_if_plaintext_exposed(bind or topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
     options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval, startup_timeout_s=startup_timeout)
@@ -57,20 +57,19 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
         runtime_options["checkpoint_dir"] = checkpoint_dir
     try:
         if predict or predict_input or predict_output:
-            from meshsl.predict import node_predict_options
+            from meshsl.predict import node_predict_options  # torch: not for `meshsl --help`
             options.predict, runtime_options["inference"] = node_predict_options(
                 topo, name, predict_input, predict_output, predict_batch_size)
-        code = node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
+        code = entry.node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
     except MeshslError as exc:  # bad keys, data or checkpoints: a restart would fail the same way
-        from meshsl.runtime.entry import EXIT_ABORTED
-        fail(exc, EXIT_ABORTED)
+        fail(exc, entry.EXIT_ABORTED)
     raise typer.Exit(code)
 
 
 def _endpoint_overrides(topo, name: str, topology: Path, bind: Optional[str], peers: list[str]) -> dict:
     """Per-node overrides (command line or environment) of where this node binds and where it reaches
     its peers; the topology, and so its hash, stays the one every party agreed on."""
-    from meshsl.config.schema import _check_endpoint
+    from meshsl.config.schema import _check_endpoint  # start-up: `meshsl --help` parses nothing
     where = str(topology)
     options: dict = {}
     if bind is not None:

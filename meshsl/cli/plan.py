@@ -23,11 +23,11 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
          cuts: bool = typer.Option(False, "--cuts", help="evaluate candidate cut points")) -> None:
     """Explain a topology: per-node plan, bytes per hop, the privacy contract, an ASCII drawing."""
     from rich.table import Table  # rich: imported by the commands that print tables, never by a node
-    from meshsl.plan.explain import ascii_graph, plan_document
+    from meshsl.plan.explain import ascii_graph, plan_document  # torch: not for `meshsl --help`
     topo = load(topology)
     document = plan_document(topo)
     if cuts:
-        from meshsl.privacy_cuts import cut_candidates
+        from meshsl.privacy_cuts import cut_candidates  # torch: not for `meshsl --help`
         document["cut_candidates"] = cut_candidates(topo)
     if as_json:
         out.print_json(json.dumps(document, default=str))
@@ -62,9 +62,9 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
                                  f"{t['dtype']}\\[{', '.join(map(str, t['shape']))}] ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
     out.print(contract)
     if document.get("alignment"):
-        from meshsl.cli.align import print_alignment_step
+        from meshsl.cli.align import print_alignment_step  # rich: never in a node process
         print_alignment_step(out, document["alignment"])
-    from meshsl.cli.privacy import print_plan_privacy
+    from meshsl.cli.privacy import print_plan_privacy  # rich: never in a node process
     print_plan_privacy(document)
     if cuts:
         table = Table(title="cut-layer candidates")

@@ -31,7 +31,7 @@ def audit(topology: Path = typer.Argument(..., help="topology YAML"),
           as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
     """Leakage audit: dCor(raw input, activation), a model-inversion probe and label-inference attacks on the
     gradients, for every party-crossing edge."""
-    from meshsl.audit import audit as run_audit
+    from meshsl.audit import audit as run_audit  # torch: not for `meshsl --help`
     topo = load(topology)
     if weights is not None and steps is not None:
         print("error: --steps and --weights exclude each other (weights are audited as saved)", file=sys.stderr)

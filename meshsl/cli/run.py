@@ -33,19 +33,18 @@ def run(topology: Path = typer.Argument(...),
         log_level: Optional[str] = typer.Option(None, "--log-level",
                                                 help="DEBUG, INFO, WARNING or ERROR, here and in every node's log")) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
-    from meshsl.runtime.launcher import LocalRun, default_run_dir
+    from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir  # torch: not for `meshsl --help`
     level = _configure_logging(log_level) if log_level else _logging["level"]
     topo = load(topology)
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    from meshsl.plan.steps import training_steps
+    from meshsl.plan.steps import training_steps  # start-up: `meshsl --help` parses nothing
     try:
         total = len(training_steps(topo, steps, epochs))  # with sample ids: reads every party's ids here
     except MeshslError as exc:
         fail(exc)
-    from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY
     if topo.spec.privacy or topo.spec.training.label_dp:
-        from meshsl.runtime.coordinator import privacy_budget_of
+        from meshsl.runtime.coordinator import privacy_budget_of  # torch: not for `meshsl --help`
         try:
             privacy_budget_of(topo, total)  # a run over a declared epsilon budget does not start
         except ConfigError as exc:
@@ -59,7 +58,7 @@ def run(topology: Path = typer.Argument(...),
     resolved = launcher.prepare()
     console.print(f"run directory: {launcher.run_dir} (logs, checkpoints, summary)")
     resolved_topo = load(resolved, topology.parent)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # rich: never in a node process
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console.real(), disable=not progress)
     history = []
@@ -91,6 +90,6 @@ def run(topology: Path = typer.Argument(...),
         summary_json.write_text(json.dumps(summary, indent=2, default=float))
         out.print(f"summary written to {summary_json}")
     if report:
-        from meshsl.report import write_report
+        from meshsl.report import write_report  # matplotlib: only for --report
         paths = write_report(summary, summary.get("history", history), report)
         out.print(f"report: {', '.join(str(p) for p in paths)}")

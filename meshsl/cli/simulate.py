@@ -25,7 +25,7 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
              summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="write the summary here"),
              timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Simulate a topology: logical nodes as asyncio tasks (in-process transport), here or on Ray actors."""
-    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.coordinator import RunOptions  # torch: not for `meshsl --help`
     if engine not in ENGINES:
         fail(ConfigError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}"))
     if ray_address is not None and engine != "ray":
@@ -36,15 +36,15 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
     options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval)
     try:
         if engine == "ray":
-            from meshsl.config.loader import load_yaml
-            from meshsl.runtime.ray_engine import simulate_on_ray
+            from meshsl.config.loader import load_yaml  # start-up: `meshsl --help` parses nothing
+            from meshsl.runtime.ray_engine import simulate_on_ray  # torch: not for `meshsl --help`
             document = load_yaml(topology.read_text(), str(topology))
             result = simulate_on_ray(topo, document, options, address=ray_address, timeout=timeout)
             summary = result["summary"]
             summary["engine"] = {"name": "ray", "actors": result["actors"]}
         else:
             import asyncio
-            from meshsl.runtime.simulate import simulate as simulate_here
+            from meshsl.runtime.simulate import simulate as simulate_here  # torch: not for `meshsl --help`
             coroutine = simulate_here(topo, options)
             summary, _ = asyncio.run(asyncio.wait_for(coroutine, timeout) if timeout else coroutine)
             summary["engine"] = {"name": "inprocess"}

@@ -5,7 +5,7 @@ from meshsl.cli.common import out
 
 
 def print_summary(summary: dict) -> None:
-    from rich.table import Table
+    from rich.table import Table  # rich: never in a node process
     table = Table(title=f"{summary['topology']}: {summary['steps']} steps, {summary['epochs']} epochs, "
                         f"{summary['samples_per_s']:.0f} samples/s, {summary['wall_seconds']:.1f} s")
     for column in ("task", "train loss", "eval loss", "eval accuracy", "other"):
@@ -25,5 +25,5 @@ def print_summary(summary: dict) -> None:
     out.print(edges)
     if summary.get("rejected_messages"):
         out.print(f"[yellow]rejected messages:[/yellow] {summary['rejected_messages']}")
-    from meshsl.cli.privacy import print_run_privacy
+    from meshsl.cli.privacy import print_run_privacy  # rich: never in a node process
     print_run_privacy(summary)

@@ -244,7 +244,7 @@ def privacy_problems(topology) -> list[ConfigError]:
                 f"{src}: privacy[{i}].hijack_check"))
     if problems or not any(p.dp is not None or p.gradient is not None for p in topology.spec.privacy):
         return problems
-    from meshsl.privacy.accounting import check_budget
+    from meshsl.privacy.accounting import check_budget  # torch (meshsl.privacy's package): parsing must not load it
     try:
         check_budget(topology)
     except ConfigError as exc:
