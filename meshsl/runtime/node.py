@@ -42,6 +42,7 @@ from meshsl.runtime import machine as m
 from meshsl.runtime.keys_loading import transport_security
 from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.outbox import Outbox
+from meshsl.runtime.owned_tasks import OwnedTasks
 from meshsl.runtime.wire import EdgeCodecs, max_rows
 from meshsl.transport import Transport, make_transport
 from meshsl.transport.base import SPOOFED_PREFIX
@@ -156,7 +157,7 @@ class NodeRuntime:
         self._coordinator_seen = time.monotonic()  # our own start-up (torch, data) is no silence of its
         try:
             async with asyncio.TaskGroup() as group:
-                self._group = group
+                group = self._group = OwnedTasks(group)
                 receiver = group.create_task(self._receive_loop(), name=f"{self.node}-receive")
                 group.create_task(self._announce(), name=f"{self.node}-hello")
                 group.create_task(self._heartbeat_loop(), name=f"{self.node}-heartbeat")
@@ -165,8 +166,7 @@ class NodeRuntime:
                 await self._stopped.wait()
                 receiver.cancel()
                 await self._drain_outboxes()
-                for task in list(group._tasks) if hasattr(group, "_tasks") else []:
-                    task.cancel()
+                group.cancel_all()
         finally:
             with self._send_lock:  # the compute thread must not touch a socket once it may be closed
                 self._direct_send = None
