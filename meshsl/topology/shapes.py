@@ -171,7 +171,6 @@ def infer_shapes(topology) -> None:
         topology.segment_info[name] = SegmentInfo(
             output_shape=tuple(out.shape[1:]), parameters=count_parameters(module), trainable_layers=layers,
             forward_flops=-1)
-        topology.__dict__.setdefault("_probes", {})[name] = (module, merged)
     if problems:
         raise ConfigErrors(problems)
 
@@ -221,16 +220,23 @@ def infer_shapes(topology) -> None:
 
 
 def count_flops(topology) -> None:
-    """Forward FLOPs per sample of every segment, on the shape-inference probes.
+    """Forward FLOPs per sample of every segment, into `topology.segment_info` (each counted once).
 
     Done on demand (`meshsl plan`), not at every load: FlopCounterMode pulls in torch's compiler
-    stack, which costs seconds of start-up in every node process."""
-    from torch.utils.flop_counter import FlopCounterMode
+    stack, which costs seconds of start-up in every node process. Counted on a fresh module of each
+    segment fed zeros of the inferred input shapes (the count depends on shapes, not values), so
+    shape inference keeps nothing of its probes; the global RNG is left as it was."""
+    from torch.utils.flop_counter import FlopCounterMode  # torch's compiler stack: only `meshsl plan` counts
 
-    for name, (module, merged) in topology.__dict__.get("_probes", {}).items():
-        info = topology.segment_info[name]
-        if info.forward_flops >= 0:
+    for name in topology.segment_order:
+        info = topology.segment_info.get(name)
+        if info is None or info.forward_flops >= 0:
             continue
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(merged)
+        seg = topology.segments[name]
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            module = build_segment_module(seg, f"{topology.source}: segments[{_index(topology, 'segment', name)}]({name})")
+            module.eval()
+            merged = merge_inputs([torch.zeros(PROBE_BATCH, *topology.shapes[i]) for i in seg.inputs], seg.merge)
+            with FlopCounterMode(display=False) as counter:
+                module(merged)
         info.forward_flops = int(math.ceil(counter.get_total_flops() / merged.shape[0]))
