@@ -41,7 +41,7 @@ def fail(exc: Exception, code: int = 2) -> None:
 
 
 def load(path: Path, base_dir: Optional[Path] = None):
-    from meshsl.config.loader import load_spec  # start-up: `meshsl --help` parses nothing (pydantic schema, numpy, networkx)
+    from meshsl.config.loader import load_spec  # start-up: `meshsl --help` parses nothing
     from meshsl.topology.model import load_topology, topology_from_spec  # start-up: `meshsl --help` parses nothing
     try:
         if base_dir is None:

@@ -38,7 +38,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime import entry  # torch: not for `meshsl --help` (entry.node_main: looked up per call)
-    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.coordinator import RunOptions  # torch: not for `meshsl --help`
     topo = load(topology, base_dir)
     if name not in topo.nodes:
         fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))

@@ -33,7 +33,8 @@ def run(topology: Path = typer.Argument(...),
         log_level: Optional[str] = typer.Option(None, "--log-level",
                                                 help="DEBUG, INFO, WARNING or ERROR, here and in every node's log")) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
-    from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir  # torch: not for `meshsl --help`
+    from meshsl.runtime.launcher import (  # torch: not for `meshsl --help`
+        DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir)
     level = _configure_logging(log_level) if log_level else _logging["level"]
     topo = load(topology)
     for warning in topo.warnings:

@@ -234,7 +234,8 @@ def count_flops(topology) -> None:
             continue
         seg = topology.segments[name]
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            module = build_segment_module(seg, f"{topology.source}: segments[{_index(topology, 'segment', name)}]({name})")
+            where = f"{topology.source}: segments[{_index(topology, 'segment', name)}]({name})"
+            module = build_segment_module(seg, where)
             module.eval()
             merged = merge_inputs([torch.zeros(PROBE_BATCH, *topology.shapes[i]) for i in seg.inputs], seg.merge)
             with FlopCounterMode(display=False) as counter:
