@@ -92,6 +92,19 @@ def _shape_problem(seg, module: nn.Module, merged: torch.Tensor, exc: Exception,
 
 
 def infer_shapes(topology) -> None:
+    """Load every data source, run every segment on two samples, then check the cuts and the tasks; fills
+    `topology.shapes`, `segment_info`, `num_classes` and `warnings`. Raises ConfigErrors naming each problem."""
+    values = _probe_data(topology)
+    protection = _probe_segments(topology, values)
+    problems = _cut_problems(topology, protection) + _task_problems(topology)
+    if not problems:
+        problems.extend(privacy_problems(topology))
+    if problems:
+        raise ConfigErrors(problems)
+
+
+def _probe_data(topology) -> dict[str, torch.Tensor]:
+    """The first samples of every data source (and its shape, class count); ConfigErrors if one fails."""
     src = topology.source
     problems: list[ConfigError] = []
     values: dict[str, torch.Tensor] = {}
@@ -135,7 +148,14 @@ def infer_shapes(topology) -> None:
                                   f"{src}: data"))
     if problems:
         raise ConfigErrors(problems)
+    return values
 
+
+def _probe_segments(topology, values: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Run each segment on its inputs' probes (adds its output to `values`); returns, per data source and
+    segment, how many feature-mixing layers lie between it and the raw data. ConfigErrors if one fails."""
+    src = topology.source
+    problems: list[ConfigError] = []
     protection: dict[str, int] = {name: 0 for name in topology.data}  # feature-mixing layers since raw data
     for name in topology.segment_order:
         seg = topology.segments[name]
@@ -173,7 +193,13 @@ def infer_shapes(topology) -> None:
             forward_flops=-1)
     if problems:
         raise ConfigErrors(problems)
+    return protection
 
+
+def _cut_problems(topology, protection: dict[str, int]) -> list[ConfigError]:
+    """A cut with nothing trainable before it leaks raw data (an error); one layer is a warning."""
+    src = topology.source
+    problems: list[ConfigError] = []
     for producer, consumer in topology.cut_edges():
         depth = protection[producer]
         where = f"{src}: segments[{_index(topology, 'segment', producer)}]({producer})"
@@ -186,6 +212,13 @@ def infer_shapes(topology) -> None:
             topology.warnings.append(f"{where}: shallow cut: only one trainable layer between raw data and the "
                                      f"party boundary to {consumer!r}; activations may reveal inputs (consider "
                                      f"a deeper cut or NoPeek/DP)")
+    return problems
+
+
+def _task_problems(topology) -> list[ConfigError]:
+    """Each task's loss against its output shape and its labels."""
+    src = topology.source
+    problems: list[ConfigError] = []
     for i, task in enumerate(topology.spec.tasks):
         where = f"{src}: tasks[{i}]({task.name})"
         if task.output not in topology.shapes:
@@ -213,10 +246,7 @@ def infer_shapes(topology) -> None:
             problems.append(TopologyError(
                 f"mse compares output {out_shape} of segment {task.output!r} with targets {label_shape} of "
                 f"{task.labels!r}: they need the same number of values per sample", where))
-    if not problems:
-        problems.extend(privacy_problems(topology))
-    if problems:
-        raise ConfigErrors(problems)
+    return problems
 
 
 def count_flops(topology) -> None:
