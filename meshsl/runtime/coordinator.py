@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from meshsl import checkpoint
-from meshsl.errors import MeshslError, PeerFailed, PeerTimeout, ProtocolError
+from meshsl.errors import ConfigError, MeshslError, PeerFailed, PeerTimeout, ProtocolError
 from meshsl.plan.steps import StepInfo, sample_pools, training_steps
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
@@ -121,6 +121,11 @@ class Coordinator:
         self.roster = ClientRoster.from_topology(self.topology)  # who takes part (clients.on_loss: drop)
         self.client_events: list[dict] = []  # drops and rejoins: node, lanes, step, cause, time
         self._planned = _planned_changes(self.options.client_schedule)
+        unknown = {n for kind in (self._planned or {}).values() for groups in kind.values() for nodes in groups
+                   for n in nodes if n not in self.roster.lane_of_node}
+        if unknown:
+            raise ConfigError(f"not client nodes of this topology: {', '.join(sorted(unknown))} (clients: "
+                              f"{', '.join(self.roster.lane_of_node)})", "client_schedule")
 
     def seen(self, node: str) -> None:
         self.last_seen[node] = time.monotonic()
@@ -695,10 +700,9 @@ class Coordinator:
             counter(change.event, change.cause)
 
     async def _release_dropped(self) -> None:
-        """The end: clients dropped and not readmitted hold no final weights; those still connected are
-        told so (they exit 0 without writing weights)."""
-        left_out = [n for n in self.topology.nodes if n in self.roster.dropped_nodes()
-                    and (self._planned is not None or n in self.roster.returned)]
+        """The end: clients dropped and not readmitted hold no final weights; those still running (back,
+        or never gone: a false alarm) are told so and exit 0 without writing weights."""
+        left_out = [n for n in self.topology.nodes if n in self.roster.dropped_nodes()]
         for name in left_out:
             lane = self.roster.lane_of_node[name]
             await self.node.send_control(name, Kind.SHUTDOWN, meta=control.Shutdown(
