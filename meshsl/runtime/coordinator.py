@@ -121,6 +121,7 @@ class Coordinator:
         self.roster = ClientRoster.from_topology(self.topology)  # who takes part (clients.on_loss: drop)
         self.client_events: list[dict] = []  # drops and rejoins: node, lanes, step, cause, time
         self._planned = _planned_changes(self.options.client_schedule)
+        self._handed_over_for: Optional[int] = None  # sequential: the step the last hand-off prepared
         unknown = {n for kind in (self._planned or {}).values() for groups in kind.values() for nodes in groups
                    for n in nodes if n not in self.roster.lane_of_node}
         if unknown:
@@ -303,6 +304,7 @@ class Coordinator:
                 break
             end = self._barrier_after(steps, index) + 1
             try:
+                await self._hand_over_past_dropped(steps, index)
                 await self._run_steps(steps, index, end)
                 info = steps[end - 1]
                 row = self.history[-1]
@@ -663,6 +665,7 @@ class Coordinator:
                 lane not in self.roster.dropped or lane in rejoining for lane in steps[i].lanes)), None)
             to_lane = steps[following].lanes[0] if following is not None else None
             await self._hand_over(info.lanes[0], to_lane if to_lane != info.lanes[0] else None, rejoining)
+            self._handed_over_for = following
         if rejoining:
             self._note_change(self.roster.readmit(rejoining, info.step + 1, "replayed" if self._planned else "rejoined"))
             for node in self._nodes_of(rejoining):
@@ -672,6 +675,20 @@ class Coordinator:
             if self.checkpoint_every > 0:
                 self._deferred_checkpoint = info.step + 1  # a point every node, the rejoined too, can resume from
         return True
+
+    async def _hand_over_past_dropped(self, steps: list[StepInfo], index: int) -> None:
+        """Sequential: a turn that begins after skipped steps (a client dropped in or before its turn)
+        starts from the weights of the last client taking part that trained before it (the hand-off
+        skips the dropped client; what it trained in its unfinished turn is lost with it)."""
+        clients = self.topology.spec.clients
+        if clients is None or clients.mode != "sequential" or index == 0 or not self.roster.dropped \
+                or self.roster.active_lanes(steps[index - 1].lanes) or self._handed_over_for == index:
+            return
+        source = next((steps[i].lanes[0] for i in range(index - 1, -1, -1)
+                       if self.roster.active_lanes(steps[i].lanes)), None)
+        if source is not None and source != steps[index].lanes[0]:
+            await self._hand_over(source, steps[index].lanes[0])
+        self._handed_over_for = index
 
     def _rejoining(self, step: int) -> tuple[int, ...]:
         """Dropped clients to readmit at the barrier before `step`: every node of theirs announced itself
@@ -767,6 +784,8 @@ class Coordinator:
     async def _hand_over(self, from_lane: int, to_lane: Optional[int], rejoining: tuple[int, ...] = ()) -> None:
         """Sequential split learning: the next client starts from the previous client's weights; readmitted
         clients get them too (with a fresh optimizer)."""
+        if to_lane is None and not rejoining:
+            return
         for segment in self._replicated_segments():
             weights = await self._pull(segment, from_lane)
             if to_lane is not None and to_lane not in rejoining:
