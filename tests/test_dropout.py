@@ -35,7 +35,7 @@ def dropout_document(name: str = "splitfed.yaml", clients: int = 3, steps: int =
     document["training"].pop("epochs", None)
     document["training"].update(steps=steps, eval_every=0)
     document["checkpoint"] = {"every": every}
-    document["retry"] = {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 8.0, "timeout_s": 30,
+    document["retry"] = {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 5.0, "timeout_s": 30,
                          "startup_timeout_s": 45, "max_restarts": max_restarts}
     for node in document["nodes"]:
         node.pop("metrics_port", None)
