@@ -6,7 +6,9 @@ import torch
 import yaml
 
 from meshsl.config.loader import parse_spec
-from meshsl.errors import ConfigError, PeerFailed
+from meshsl.errors import ConfigError, PeerFailed, ProtocolError
+from meshsl.protocol import control
+from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.runtime.policies import ClientRoster, FedAvg, aggregate
 
 pytestmark = pytest.mark.unit
@@ -156,3 +158,24 @@ def test_clients_schema_errors_name_the_key(clients, message):
         parse_spec(document, "s.yaml")
     text = str(failure.value)
     assert message in text and "clients." in text, text
+
+
+# ---- the wire fields a drop adds ------------------------------------------------------------------
+@pytest.mark.parametrize("message", [
+    control.Run(first_step=4, count=2, micro_batches=2, dropped_lanes=(1, 3)),
+    control.Shutdown(dropped="client clinic1 was dropped from step 4"),
+])
+def test_drop_fields_round_trip_through_meta(message):
+    envelope = Envelope(kind=message.kind, topology="t", sender="server", meta=message.to_meta())
+    assert control.parse(envelope) == message
+
+
+@pytest.mark.parametrize("kind,meta,named", [
+    (Kind.RUN, {"first_step": 0, "count": 1, "micro_batches": 1, "dropped_lanes": [-1]}, "dropped_lanes"),
+    (Kind.RUN, {"first_step": 0, "count": 1, "micro_batches": 1, "dropped_lanes": "1"}, "dropped_lanes"),
+    (Kind.SHUTDOWN, {"dropped": 3}, "dropped"),
+])
+def test_malformed_drop_fields_are_protocol_errors(kind, meta, named):
+    with pytest.raises(ProtocolError) as caught:
+        control.MESSAGES[kind].from_meta(meta)
+    assert caught.value.reason == "bad_control" and named in str(caught.value)
