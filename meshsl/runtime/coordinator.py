@@ -122,11 +122,6 @@ class Coordinator:
         self.client_events: list[dict] = []  # drops and rejoins: node, lanes, step, cause, time
         self._planned = _planned_changes(self.options.client_schedule)
         self._handed_over_for: Optional[int] = None  # sequential: the step the last hand-off prepared
-        unknown = {n for kind in (self._planned or {}).values() for groups in kind.values() for nodes in groups
-                   for n in nodes if n not in self.roster.lane_of_node}
-        if unknown:
-            raise ConfigError(f"not client nodes of this topology: {', '.join(sorted(unknown))} (clients: "
-                              f"{', '.join(self.roster.lane_of_node)})", "client_schedule")
 
     def seen(self, node: str) -> None:
         self.last_seen[node] = time.monotonic()
@@ -286,6 +281,11 @@ class Coordinator:
 
     # -- the run ---------------------------------------------------------------------------------
     async def run(self) -> None:
+        unknown = {n for kind in (self._planned or {}).values() for groups in kind.values() for nodes in groups
+                   for n in nodes if n not in self.roster.lane_of_node}
+        if unknown:  # a replayed schedule of another topology: stop before anything trains
+            raise ConfigError(f"not client nodes of this topology: {', '.join(sorted(unknown))} (clients: "
+                              f"{', '.join(self.roster.lane_of_node) or 'none'})", "client_schedule")
         await self._wait_for_nodes()
         if self.options.predict is not None:
             from meshsl.predict import coordinate_prediction
