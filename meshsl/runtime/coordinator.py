@@ -365,8 +365,8 @@ class Coordinator:
             info = steps[i]
             if self._sync_due(info, steps) or (self.options.evaluate and self._eval_due(info, steps)):
                 return i
-            if i + 1 < len(steps) and (not self.roster.active_lanes(steps[i + 1].lanes) or
-                                       (self._planned and i + 1 in self._planned["drop"])):
+            if i + 1 < len(steps) and ((self.roster.dropped and not self.roster.active_lanes(steps[i + 1].lanes))
+                                       or (self._planned and i + 1 in self._planned["drop"])):
                 return i
         return len(steps) - 1
 
