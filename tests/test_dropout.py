@@ -113,6 +113,7 @@ def test_splitfed_goes_on_over_the_survivors_of_a_sigkill(tmp_path):
     assert all(torch.equal(got["bottom@clinic0"][k], got["bottom@clinic2"][k]) for k in got["bottom@clinic0"])
 
 
+@pytest.mark.slow  # a fifth process start; the rules of a rejoin run by default in test_dropout_replay.py
 def test_a_dropped_client_rejoins_from_the_global_weights(tmp_path):
     """The launcher restarts the killed client; the coordinator is paused until the new process has
     loaded (so the rejoin falls inside the run on a loaded machine); it rejoins at the next FedAvg."""

@@ -179,3 +179,21 @@ def test_malformed_drop_fields_are_protocol_errors(kind, meta, named):
     with pytest.raises(ProtocolError) as caught:
         control.MESSAGES[kind].from_meta(meta)
     assert caught.value.reason == "bad_control" and named in str(caught.value)
+
+
+def test_sequential_turn_after_a_dropped_client_starts_from_the_last_client_taking_part():
+    r = roster()
+    turns = [(0,), (0,), (1,), (1,), (2,), (3,)]
+    assert r.hand_off_source(turns, 0) is None
+    r.drop({"c1"}, 3, "heartbeat")
+    assert r.hand_off_source(turns, 4) == 0  # clinic1's unfinished turn is lost with it
+    assert r.next_active(turns, 2) == 4 and r.next_active(turns, 2, rejoining=(1,)) == 2
+
+
+def test_a_recorded_schedule_replays_by_step():
+    from meshsl.runtime.policies import planned_changes
+    assert planned_changes(None) is None
+    planned = planned_changes([{"event": "drop", "nodes": ["c1"], "step": 4, "cause": "heartbeat"},
+                               {"event": "drop", "nodes": ["c2"], "step": 4, "cause": "timeout"},
+                               {"event": "rejoin", "nodes": ["c1"], "step": 8, "cause": "rejoined"}])
+    assert planned == {"drop": {4: [("c1",), ("c2",)]}, "rejoin": {8: [("c1",)]}}

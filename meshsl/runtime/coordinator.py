@@ -24,7 +24,7 @@ from meshsl.errors import ConfigError, MeshslError, PeerFailed, PeerTimeout, Pro
 from meshsl.plan.steps import StepInfo, sample_pools, training_steps
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
-from meshsl.runtime.policies import ClientRoster, FedAvg
+from meshsl.runtime.policies import ClientRoster, FedAvg, planned_changes
 
 log = logging.getLogger("meshsl.coordinator")
 
@@ -35,16 +35,6 @@ def privacy_budget_of(topology, steps: int) -> Optional[dict]:
         return None
     from meshsl.privacy.accounting import check_budget
     return check_budget(topology, steps)
-
-def _planned_changes(schedule: Optional[list]) -> Optional[dict]:
-    """RunOptions.client_schedule (a summary's `client_events`) as {"drop"|"rejoin": {step: [nodes, ...]}}."""
-    if schedule is None:
-        return None
-    planned: dict = {"drop": {}, "rejoin": {}}
-    for event in schedule:
-        planned[event["event"]].setdefault(int(event["step"]), []).append(tuple(event["nodes"]))
-    return planned
-
 
 ROUNDS_PER_INCARNATION = 1 << 24  # round numbers of a restarted coordinator are above any earlier ones
 
@@ -120,7 +110,7 @@ class Coordinator:
         self.round = self.incarnation * ROUNDS_PER_INCARNATION
         self.roster = ClientRoster.from_topology(self.topology)  # who takes part (clients.on_loss: drop)
         self.client_events: list[dict] = []  # drops and rejoins: node, lanes, step, cause, time
-        self._planned = _planned_changes(self.options.client_schedule)
+        self._planned = planned_changes(self.options.client_schedule)
         self._handed_over_for: Optional[int] = None  # sequential: the step the last hand-off prepared
 
     def seen(self, node: str) -> None:
@@ -660,9 +650,7 @@ class Coordinator:
         if clients.mode == "splitfed":
             await self._federated_average(rejoining)
         else:
-            # The next turn of a client taking part; a rejoining client may be the next in turn.
-            following = next((i for i in range(info.step + 1, len(steps)) if any(
-                lane not in self.roster.dropped or lane in rejoining for lane in steps[i].lanes)), None)
+            following = self.roster.next_active(self._step_lanes, info.step + 1, rejoining)  # may be a rejoiner
             to_lane = steps[following].lanes[0] if following is not None else None
             await self._hand_over(info.lanes[0], to_lane if to_lane != info.lanes[0] else None, rejoining)
             self._handed_over_for = following
@@ -684,8 +672,7 @@ class Coordinator:
         if clients is None or clients.mode != "sequential" or index == 0 or not self.roster.dropped \
                 or self.roster.active_lanes(steps[index - 1].lanes) or self._handed_over_for == index:
             return
-        source = next((steps[i].lanes[0] for i in range(index - 1, -1, -1)
-                       if self.roster.active_lanes(steps[i].lanes)), None)
+        source = self.roster.hand_off_source(self._step_lanes, index)
         if source is not None and source != steps[index].lanes[0]:
             await self._hand_over(source, steps[index].lanes[0])
         self._handed_over_for = index

@@ -192,13 +192,36 @@ class ClientRoster:
         return undone
 
     # -- sequential split learning -----------------------------------------------------------------
-    def next_active(self, step_lanes: Sequence[tuple[int, ...]], index: int) -> Optional[int]:
-        """The first step from `index` that a client still taking part trains (the hand-off skips
-        dropped clients); None when none is left."""
+    def next_active(self, step_lanes: Sequence[tuple[int, ...]], index: int,
+                    rejoining: Iterable[int] = ()) -> Optional[int]:
+        """The first step from `index` that a client still taking part (or one `rejoining` now) trains:
+        the hand-off skips dropped clients. None when none is left."""
+        rejoining = set(rejoining)
         for i in range(index, len(step_lanes)):
-            if self.active_lanes(step_lanes[i]):
+            if any(lane not in self.dropped or lane in rejoining for lane in step_lanes[i]):
                 return i
         return None
 
+    def hand_off_source(self, step_lanes: Sequence[tuple[int, ...]], index: int) -> Optional[int]:
+        """The client whose weights a turn beginning at step `index` after skipped steps starts from: the
+        last client still taking part that trained before it (a dropped client's unfinished turn is lost
+        with it). None at the very start."""
+        for i in range(index - 1, -1, -1):
+            active = self.active_lanes(step_lanes[i])
+            if active:
+                return active[0]
+        return None
 
-__all__ = ["ClientChange", "ClientRoster", "FedAvg", "aggregate"]
+
+def planned_changes(schedule: Optional[Iterable[Mapping]]) -> Optional[dict]:
+    """A run's recorded `client_events` as {"drop" | "rejoin": {step: [nodes, ...]}}, to replay them at the
+    same steps (RunOptions.client_schedule). None: nothing to replay."""
+    if schedule is None:
+        return None
+    planned: dict = {"drop": {}, "rejoin": {}}
+    for event in schedule:
+        planned[event["event"]].setdefault(int(event["step"]), []).append(tuple(event["nodes"]))
+    return planned
+
+
+__all__ = ["ClientChange", "ClientRoster", "FedAvg", "aggregate", "planned_changes"]
