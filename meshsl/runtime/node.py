@@ -584,8 +584,10 @@ class NodeRuntime:
         """Self-driven training steps (docs/wan.md): first the checkpoint the coordinator deferred past a
         barrier (FedAvg, hand-off), then the machine begins each step on its own."""
         last = run.first_step + run.count - 1
-        steps = tuple((s, tuple(lane for lane in step_at(self._one_epoch, s).lanes if lane not in run.dropped_lanes))
-                      for s in range(run.first_step, last + 1))  # dropped clients' lanes are not trained
+        steps = tuple((s, step_at(self._one_epoch, s).lanes) for s in range(run.first_step, last + 1))
+        if run.dropped_lanes:  # clients dropped from the run (clients.on_loss: drop): their lanes are not trained
+            dropped = set(run.dropped_lanes)
+            steps = tuple((s, tuple(lane for lane in lanes if lane not in dropped)) for s, lanes in steps)
         if self.machine.queued or not self.machine.done or base < self.machine.round:
             raise ProtocolError("unexpected", f"run from round {base + 1} while at round {self.machine.round}",
                                 self.coordinator_node)
