@@ -198,8 +198,9 @@ class LocalRun:
                 self.stop()
                 raise PeerFailed(topology.coordinator, f"the run did not finish within {timeout:.0f}s")
             time.sleep(0.05)
-        summary = json.loads((self.run_dir / "summary.json").read_text())
-        left_out = _dropped_at_end(summary)  # dropped clients: their exit does not decide the run
+        path = self.run_dir / "summary.json"
+        left_out = _dropped_at_end(json.loads(path.read_text())) if path.exists() else set()  # their exit
+        # does not decide the run: clients dropped and not readmitted (clients.on_loss: drop)
         for name, proc in self.processes.items():
             try:
                 proc.wait(timeout=5 if name in left_out else 30)
@@ -209,7 +210,7 @@ class LocalRun:
         bad = [n for n, p in self.processes.items() if p.returncode != 0 and n not in left_out]
         if bad:
             raise PeerFailed(bad[0], self.log_tail(bad[0]))
-        return summary
+        return json.loads(path.read_text())
 
     def _aborted(self, topology, first: str) -> RunAborted:
         """Every party stops by itself once the run is aborted; give them a moment to say why, then
