@@ -655,7 +655,8 @@ class Coordinator:
             await self._hand_over(info.lanes[0], to_lane if to_lane != info.lanes[0] else None, rejoining)
             self._handed_over_for = following
         if rejoining:
-            self._note_change(self.roster.readmit(rejoining, info.step + 1, "replayed" if self._planned else "rejoined"))
+            cause = "replayed" if self._planned else "rejoined"
+            self._note_change(self.roster.readmit(rejoining, info.step + 1, cause))
             for node in self._nodes_of(rejoining):
                 self.checkpoints[node] = set()  # its checkpoints from before the drop do not fit this run
                 self.seen(node)
