@@ -487,7 +487,9 @@ class Coordinator:
         common checkpoint and replay from there. Returns the index of the next step."""
         started = time.perf_counter()
         if self.checkpoint_every <= 0:
-            raise PeerFailed(sorted(lost.nodes)[0], f"{lost}; recovery needs checkpoints (checkpoint.every > 0)")
+            what = "dropping a client (clients.on_loss: drop) rolls the survivors back to a checkpoint, so it " \
+                   "needs" if self.roster.can_drop(lost.nodes) else "recovery needs"
+            raise PeerFailed(sorted(lost.nodes)[0], f"{lost}; {what} checkpoints (checkpoint.every > 0)")
         if self.roster.can_drop(lost.nodes) and self._planned is None:
             return await self._drop_clients(lost)
         for name in lost.nodes:
