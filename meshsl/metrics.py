@@ -48,6 +48,8 @@ _COUNTERS = {
     "meshsl_rejected_messages": ("Messages dropped as malformed or unexpected", ("reason",)),
     "meshsl_heartbeats": ("Heartbeats received from a peer", ("peer",)),
     "meshsl_failovers": ("Failovers performed, by kind", ("kind",)),
+    "meshsl_client_changes": ("Clients dropped from or rejoining the run (clients.on_loss: drop)",
+                              ("event", "cause")),
     "meshsl_restarts": ("Times this node (re)started from a checkpoint", ()),
     "meshsl_auth_refusals": ("Connections refused by CURVE authentication", ()),
 }
@@ -220,6 +222,10 @@ class NodeMetrics:
 
     def failover(self, kind: str) -> None:
         self._m["meshsl_failovers"].labels(self.node, self._kind(kind)).inc()
+
+    def client_change(self, event: str, cause: str) -> None:
+        """A client dropped (event `drop`, cause: how its loss was noticed) or readmitted (`rejoin`)."""
+        self._m["meshsl_client_changes"].labels(self.node, self._kind(event), self._kind(cause)).inc()
 
     def restart(self) -> None:
         self._m["meshsl_restarts"].labels(self.node).inc()

@@ -107,6 +107,7 @@ def test_every_exported_name_can_appear_in_a_scrape(node):
     node.heartbeat("p")
     node.peer_up("p", True)
     node.failover("k")
+    node.client_change("drop", "heartbeat")
     node.recovery(2.0)
     node.leakage("e", 0.1)
     node.label_leakage("e", 0.9)

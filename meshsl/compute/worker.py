@@ -368,6 +368,11 @@ class SegmentWorker:
     def weights(self, segment: str) -> list[torch.Tensor]:
         return [t.detach().cpu() for t in self.modules[segment].state_dict().values()]
 
+    def reset_optimizer(self, segment: str) -> None:
+        """A readmitted client starts its optimizer afresh (its state from before the drop is stale)."""
+        spec = self.topology.segments[segment].optimizer or self.topology.spec.training.optimizer
+        self.optimizers[segment] = build_optimizer(spec, self.modules[segment].parameters())
+
     def load_weights(self, segment: str, tensors: list[torch.Tensor]) -> None:
         module = self.modules[segment]
         keys = list(module.state_dict().keys())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from meshsl.config.specs import (ActivationDPSpec, CompressionSpec, DatasetSpec, GradientDefenceSpec, HijackCheckSpec,
                                  LabelDPSpec, PartitionSpec)
@@ -167,6 +167,23 @@ class ClientsSpec(Strict):
     mode: Literal["splitfed", "sequential"] = "splitfed"
     average_every: int = Field(default=1, ge=1, description="SplitFed: FedAvg client segments every K steps")
     partition: PartitionSpec = Field(default_factory=PartitionSpec)
+    on_loss: Literal["wait", "drop"] = Field(
+        default="wait", description="a lost client node: wait (fail over: restore and replay with it) or drop "
+                                    "(go on over the survivors; it rejoins at a later barrier; docs/failover.md)")
+    min_clients: Optional[int] = Field(
+        default=None, ge=1, description="on_loss: drop: the run fails on every party below this many clients "
+                                        "(default 1)")
+
+    @field_validator("min_clients")
+    @classmethod
+    def _min_clients_within_count(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        count = info.data.get("count")
+        if value is not None and count is not None and value > count:
+            raise ValueError(f"min_clients {value} is more than the {count} clients (clients.count)")
+        if value is not None and info.data.get("on_loss") != "drop":
+            raise ValueError("min_clients applies to `on_loss: drop` only (the default, wait, never goes on "
+                             "without a client)")
+        return value
 
 
 class RetryPolicy(Strict):

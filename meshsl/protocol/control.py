@@ -119,19 +119,23 @@ class Run(ControlMessage):
     micro_batches: int
     checkpoint: Optional[int] = None
     hold_checkpoint: bool = False
+    dropped_lanes: tuple[int, ...] = ()  # clients dropped from the run (clients.on_loss: drop): not trained
 
     @classmethod
     def _parse(cls, meta: dict) -> "Run":
         k = cls.kind
+        dropped = _lanes(k, meta, "dropped_lanes") if meta.get("dropped_lanes") else ()
         return cls(first_step=_int(k, meta, "first_step"), count=_int(k, meta, "count", low=1),
                    micro_batches=_int(k, meta, "micro_batches", low=1), checkpoint=_optional_int(k, meta, "checkpoint"),
-                   hold_checkpoint=_bool(k, meta, "hold_checkpoint"))
+                   hold_checkpoint=_bool(k, meta, "hold_checkpoint"), dropped_lanes=dropped)
 
     def to_meta(self) -> dict:
         meta = {"first_step": self.first_step, "count": self.count, "micro_batches": self.micro_batches,
                 "hold_checkpoint": self.hold_checkpoint}
         if self.checkpoint is not None:
             meta["checkpoint"] = self.checkpoint
+        if self.dropped_lanes:
+            meta["dropped_lanes"] = list(self.dropped_lanes)
         return meta
 
 
@@ -187,13 +191,18 @@ class Shutdown(ControlMessage):
     """End of the run; `abort` (the coordinator's error) makes every node exit non-zero without weights."""
     kind: ClassVar[Kind] = Kind.SHUTDOWN
     abort: Optional[str] = None
+    dropped: Optional[str] = None  # this client was dropped and not readmitted: it holds no final weights
 
     @classmethod
     def _parse(cls, meta: dict) -> "Shutdown":
-        return cls(abort=None if meta.get("abort") is None else _text(cls.kind, meta, "abort"))
+        return cls(abort=None if meta.get("abort") is None else _text(cls.kind, meta, "abort"),
+                   dropped=None if meta.get("dropped") is None else _text(cls.kind, meta, "dropped"))
 
     def to_meta(self) -> dict:
-        return {} if self.abort is None else {"abort": self.abort}
+        meta = {} if self.abort is None else {"abort": self.abort}
+        if self.dropped is not None:
+            meta["dropped"] = self.dropped
+        return meta
 
 
 # ---- node -> coordinator ------------------------------------------------------------------------

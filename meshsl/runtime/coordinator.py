@@ -21,12 +21,13 @@ import torch
 
 from meshsl import checkpoint
 from meshsl.data import eval_batches
-from meshsl.errors import MeshslError, PeerFailed, PeerTimeout, ProtocolError
+from meshsl.errors import ConfigError, MeshslError, PeerFailed, PeerTimeout, ProtocolError
 from meshsl.plan.steps import StepInfo, sample_pools, training_steps
 from meshsl.privacy.accounting import check_budget
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import describe_all as _describe_all
+from meshsl.runtime.policies import ClientRoster, FedAvg, planned_changes
 from meshsl.runtime.prediction import coordinate_prediction
 
 log = logging.getLogger("meshsl.coordinator")
@@ -61,6 +62,9 @@ class RunOptions:
     progress: Optional[Callable[[dict], None]] = None  # called with every history row
     predict: Optional[object] = None  # meshsl.predict.PredictSettings: prediction rounds instead of training
     startup_timeout_s: Optional[float] = None  # overrides retry.startup_timeout_s (waiting for every node)
+    # Replay a run's client drops and rejoins (its summary's `client_events`) at the same steps, without
+    # faults: the reference a run with drop-outs is checked against (docs/failover.md).
+    client_schedule: Optional[list] = None
 
 
 @dataclass
@@ -107,6 +111,10 @@ class Coordinator:
             self.incarnation = checkpoint.read_counter(self.checkpoint_dir, "coordinator") + 1
             checkpoint.write_counter(self.checkpoint_dir, "coordinator", self.incarnation)
         self.round = self.incarnation * ROUNDS_PER_INCARNATION
+        self.roster = ClientRoster.from_topology(self.topology)  # who takes part (clients.on_loss: drop)
+        self.client_events: list[dict] = []  # drops and rejoins: node, lanes, step, cause, time
+        self._planned = planned_changes(self.options.client_schedule)
+        self._handed_over_for: Optional[int] = None  # sequential: the step the last hand-off prepared
 
     def seen(self, node: str) -> None:
         self.last_seen[node] = time.monotonic()
@@ -163,6 +171,8 @@ class Coordinator:
         rows = meta.get("predict_rows")
         if isinstance(rows, int) and not isinstance(rows, bool):
             self.predict_rows[sender] = rows  # how many rows its own prediction input has (not the rows)
+        if self._planned is None and self.roster.note_return(sender):
+            log.warning("dropped client node %s is back; it rejoins at the next barrier", sender)
         return restarted
 
     # -- messages --------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ class Coordinator:
             if envelope.kind == Kind.HELLO:
                 restarted = self._note_hello(sender, envelope.meta)
                 await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
-                if restarted and sender != self.node.node:
+                if restarted and sender != self.node.node and sender in self._node_set:  # dropped: a return
                     raise self._restarted(sender, envelope.meta)
                 if kind == Kind.HELLO and sender in pending:
                     pending.discard(sender)
@@ -254,7 +264,7 @@ class Coordinator:
 
     async def broadcast_abort(self, reason: str) -> None:
         """The run failed: every other node stops with this reason, writes no final weights, exits non-zero."""
-        others = [n for n in self.nodes if n != self.node.node]
+        others = [n for n in self.topology.nodes if n != self.node.node]  # dropped clients too
         await self.broadcast(Kind.SHUTDOWN, targets=others, meta={"abort": reason[:500]})
 
     def _restarted(self, node: str, hello: dict) -> "NodesLost":
@@ -264,6 +274,11 @@ class Coordinator:
 
     # -- the run ---------------------------------------------------------------------------------
     async def run(self) -> None:
+        unknown = {n for kind in (self._planned or {}).values() for groups in kind.values() for nodes in groups
+                   for n in nodes if n not in self.roster.lane_of_node}
+        if unknown:  # a replayed schedule of another topology: stop before anything trains
+            raise ConfigError(f"not client nodes of this topology: {', '.join(sorted(unknown))} (clients: "
+                              f"{', '.join(self.roster.lane_of_node) or 'none'})", "client_schedule")
         await self._wait_for_nodes()
         if self.options.predict is not None:
             self.summary = await coordinate_prediction(self, self.options.predict)
@@ -274,9 +289,14 @@ class Coordinator:
         self.privacy_budget = privacy_budget_of(self.topology, len(steps))  # over budget: stops here, before step 0
         index = await self._restore_consistent() if self.checkpoint_every > 0 else 0
         started = time.perf_counter()
+        self._step_lanes = [info.lanes for info in steps]
         while index < len(steps):
+            index = self._next_training_step(index)  # sequential: the turns of dropped clients are skipped
+            if index is None:
+                break
             end = self._barrier_after(steps, index) + 1
             try:
+                await self._hand_over_past_dropped(steps, index)
                 await self._run_steps(steps, index, end)
                 info = steps[end - 1]
                 row = self.history[-1]
@@ -301,7 +321,9 @@ class Coordinator:
         if eval_only is not None:
             for name, result in eval_only.items():
                 self.summary["tasks"].setdefault(name, {"train": {}})["eval"] = result
+        self.summary["client_events"] = list(self.client_events)
         await self.broadcast_shutdown()
+        await self._release_dropped()
 
     # -- self-driven training steps --------------------------------------------------------------
     def _eval_due(self, info: StepInfo, steps: list[StepInfo]) -> bool:
@@ -324,17 +346,35 @@ class Coordinator:
             return False
         if clients.mode == "splitfed":
             return (info.step + 1) % clients.average_every == 0
-        following = steps[info.step + 1] if info.step + 1 < len(steps) else None
-        return following is not None and following.lanes != info.lanes
+        following = self.roster.next_active(self._step_lanes, info.step + 1) if self.roster.dropped \
+            else (info.step + 1 if info.step + 1 < len(steps) else None)  # the hand-off skips dropped clients
+        return following is not None and steps[following].lanes != info.lanes
 
     def _barrier_after(self, steps: list[StepInfo], index: int) -> int:
         """The first step from `index` after which the nodes wait for the coordinator: evaluation,
-        weight synchronisation or the last step."""
+        weight synchronisation, a change of the clients taking part, or the last step."""
         for i in range(index, len(steps)):
             info = steps[i]
             if self._sync_due(info, steps) or (self.options.evaluate and self._eval_due(info, steps)):
                 return i
+            if i + 1 < len(steps) and ((self.roster.dropped and not self.roster.active_lanes(steps[i + 1].lanes))
+                                       or (self._planned and i + 1 in self._planned["drop"])):
+                return i
         return len(steps) - 1
+
+    def _next_training_step(self, index: int) -> Optional[int]:
+        """The next step to train from `index`: replayed drops that take effect by then are applied, and
+        steps no client taking part trains (sequential turns of dropped clients) are skipped."""
+        while True:
+            if self._planned:
+                for step in sorted(s for s in self._planned["drop"] if s <= index):
+                    for nodes in self._planned["drop"].pop(step):
+                        self._note_change(self.roster.drop(nodes, step, "replayed"))
+                self.nodes = self.roster.active_nodes(self.topology.nodes)
+            following = self.roster.next_active(self._step_lanes, index)
+            if following is None or following == index:
+                return following
+            index = following
 
     async def _run_steps(self, steps: list[StepInfo], index: int, end: int) -> None:
         """Steps [index, end) run self-driven: one Run out, then a DONE per node and step back, each
@@ -343,12 +383,15 @@ class Coordinator:
         self.round = base + (end - index)  # rounds base+1 .. base+count are this run's steps
         hold = self._sync_due(steps[end - 1], steps)
         run = control.Run(first_step=index, count=end - index, micro_batches=self.topology.spec.training.micro_batches,
-                          checkpoint=self._deferred_checkpoint, hold_checkpoint=hold)
+                          checkpoint=self._deferred_checkpoint, hold_checkpoint=hold,
+                          dropped_lanes=self.roster.dropped_lanes())
         await self.broadcast(Kind.RUN, step=base, meta=run.to_meta())
         self._deferred_checkpoint = None
         mark = time.perf_counter()
         for i in range(index, end):
             info, round_ = steps[i], base + 1 + (i - index)
+            if self.roster.dropped:  # the step as trained: over the clients taking part
+                info = StepInfo(info.step, info.epoch, info.step_in_epoch, self.roster.active_lanes(info.lanes))
             done = await self._collect(Kind.DONE, set(self.nodes), round_, "finish its step")
             await self.broadcast(Kind.COMMIT, phase="train", step=round_)
             now = time.perf_counter()
@@ -384,16 +427,19 @@ class Coordinator:
                 await self.node.send_control(sender, Kind.ACK, meta={"of": "hello"})
 
     # -- recovery --------------------------------------------------------------------------------
-    def _common_checkpoint(self) -> int:
-        common = set.intersection(*(self.checkpoints.get(n, set()) for n in self.nodes))
+    def _common_checkpoint(self, nodes: Optional[list[str]] = None) -> int:
+        nodes = nodes or self.nodes
+        common = set.intersection(*(self.checkpoints.get(n, set()) for n in nodes))
         if not common:
-            raise PeerFailed(min(self.nodes, key=lambda n: len(self.checkpoints.get(n, ()))),
+            raise PeerFailed(min(nodes, key=lambda n: len(self.checkpoints.get(n, ()))),
                              "no checkpoint step is shared by every node; cannot resume consistently")
         return max(common)
 
     async def _restore_consistent(self) -> int:
         """Every node loads the newest checkpoint they all have; returns the index of the next step."""
         step = self._common_checkpoint()
+        if self.roster.rewind(step):  # readmissions after that step are replayed at their barrier again
+            self.nodes = self.roster.active_nodes(self.topology.nodes)
         self._ahead.clear()
         self._deferred_checkpoint = None  # the restored checkpoint is where the run resumes
         self.round += 1
@@ -443,7 +489,11 @@ class Coordinator:
         common checkpoint and replay from there. Returns the index of the next step."""
         started = time.perf_counter()
         if self.checkpoint_every <= 0:
-            raise PeerFailed(sorted(lost.nodes)[0], f"{lost}; recovery needs checkpoints (checkpoint.every > 0)")
+            what = "dropping a client (clients.on_loss: drop) rolls the survivors back to a checkpoint, so it " \
+                   "needs" if self.roster.can_drop(lost.nodes) else "recovery needs"
+            raise PeerFailed(sorted(lost.nodes)[0], f"{lost}; {what} checkpoints (checkpoint.every > 0)")
+        if self.roster.can_drop(lost.nodes) and self._planned is None:
+            return await self._drop_clients(lost)
         for name in lost.nodes:
             self.restarts[name] = self.restarts.get(name, 0) + 1
             if self.restarts[name] > self.policy.max_restarts:
@@ -475,6 +525,29 @@ class Coordinator:
         if self.options.progress:
             self.options.progress({"event": "recovered", "nodes": sorted(lost.nodes), "checkpoint": index,
                                    "seconds": self.recovery_seconds[-1]})
+        return index
+
+    async def _drop_clients(self, lost: NodesLost) -> int:
+        """`clients.on_loss: drop`: the lost clients leave the run. The survivors roll back to the newest
+        checkpoint they share and go on without them from that step (the drop's step); below
+        `clients.min_clients` the run fails. Returns the index of the next step."""
+        log.warning("%s; dropping the client(s), the run goes on without them", lost)
+        if self.node.metrics:
+            for name in lost.nodes:
+                self.node.metrics.peer_up(name, False)
+        if self.options.progress:  # the launcher replaces a paused process, as for a failover
+            self.options.progress({"event": "nodes_lost", "nodes": sorted(lost.nodes)})
+        for name in lost.nodes:
+            self.checkpoints.pop(name, None)
+            self.last_seen.pop(name, None)
+        step = self._common_checkpoint(self.roster.survivors_after(lost.nodes, self.topology.nodes))
+        change = self.roster.drop(lost.nodes, step, lost.cause)  # PeerFailed below clients.min_clients
+        for name, hello in lost.rejoined.items():  # its new process announced itself already: rejoins later
+            self._note_hello(name, hello)
+        self.nodes = self.roster.active_nodes(self.topology.nodes)
+        await self.broadcast(Kind.ABORT, step=self.round)
+        index = await self._restore_consistent()
+        self._note_change(change, detected=lost.detected, reason=lost.why)
         return index
 
     def _record_failover(self, lost: "NodesLost", seconds: float, checkpoint_step: int) -> None:
@@ -517,7 +590,7 @@ class Coordinator:
     async def _evaluate(self) -> dict:
         pools = sample_pools(self.topology)
         batches = len(eval_batches(pools.test, self.topology.spec.training.eval_batch_size))
-        lanes = tuple(range(self.topology.lanes))
+        lanes = self.roster.active_lanes(range(self.topology.lanes))  # dropped clients are not evaluated
         done = await self.forward_round("eval", control.Begin(lanes=lanes, micro_batches=batches), "finish evaluation")
         results: dict[str, dict] = {}
         for sender, (envelope, _) in done.items():
@@ -564,14 +637,85 @@ class Coordinator:
         return [s for s in self.topology.segment_order if self.topology.is_replicated(s)]
 
     async def _sync_clients(self, info: StepInfo, steps: list[StepInfo]) -> bool:
-        """FedAvg or sequential hand-off after this step, if due; True when weights changed."""
-        if not self._sync_due(info, steps):
+        """FedAvg or sequential hand-off after this step, if due; True when weights changed. Dropped
+        clients that came back are readmitted here (docs/failover.md): they get the global client weights
+        (the FedAvg result, or the weights the hand-off passes on) and a fresh optimizer."""
+        clients = self.topology.spec.clients
+        if clients is None:
             return False
-        if self.topology.spec.clients.mode == "splitfed":
-            await self._federated_average()
+        sequential_turn_end = clients.mode == "sequential" and info.step + 1 < len(steps) \
+            and steps[info.step + 1].lanes != info.lanes
+        if not self._sync_due(info, steps) and not sequential_turn_end:
+            return False
+        rejoining = self._rejoining(info.step + 1)
+        if rejoining:
+            await self.broadcast(Kind.ABORT, targets=self._nodes_of(rejoining), step=self.round)  # a stale machine
+        if clients.mode == "splitfed":
+            await self._federated_average(rejoining)
         else:
-            await self._hand_over(info.lanes[0], steps[info.step + 1].lanes[0])
+            following = self.roster.next_active(self._step_lanes, info.step + 1, rejoining)  # may be a rejoiner
+            to_lane = steps[following].lanes[0] if following is not None else None
+            await self._hand_over(info.lanes[0], to_lane if to_lane != info.lanes[0] else None, rejoining)
+            self._handed_over_for = following
+        if rejoining:
+            cause = "replayed" if self._planned else "rejoined"
+            self._note_change(self.roster.readmit(rejoining, info.step + 1, cause))
+            for node in self._nodes_of(rejoining):
+                self.checkpoints[node] = set()  # its checkpoints from before the drop do not fit this run
+                self.seen(node)
+            self.nodes = self.roster.active_nodes(self.topology.nodes)
+            if self.checkpoint_every > 0:
+                self._deferred_checkpoint = info.step + 1  # a point every node, the rejoined too, can resume from
         return True
+
+    async def _hand_over_past_dropped(self, steps: list[StepInfo], index: int) -> None:
+        """Sequential: a turn that begins after skipped steps (a client dropped in or before its turn)
+        starts from the weights of the last client taking part that trained before it (the hand-off
+        skips the dropped client; what it trained in its unfinished turn is lost with it)."""
+        clients = self.topology.spec.clients
+        if clients is None or clients.mode != "sequential" or index == 0 or not self.roster.dropped \
+                or self.roster.active_lanes(steps[index - 1].lanes) or self._handed_over_for == index:
+            return
+        source = self.roster.hand_off_source(self._step_lanes, index)
+        if source is not None and source != steps[index].lanes[0]:
+            await self._hand_over(source, steps[index].lanes[0])
+        self._handed_over_for = index
+
+    def _rejoining(self, step: int) -> tuple[int, ...]:
+        """Dropped clients to readmit at the barrier before `step`: every node of theirs announced itself
+        again (or, replaying a run, the recorded rejoins at `step`)."""
+        if self._planned is not None:
+            return tuple(sorted(lane for nodes in self._planned["rejoin"].pop(step, [])
+                                for lane in {self.roster.lane_of_node[n] for n in nodes}))
+        return self.roster.ready_to_rejoin()
+
+    def _nodes_of(self, lanes) -> list[str]:
+        return [n for lane in lanes for n in self.roster.nodes_of_lane[lane]]
+
+    def _note_change(self, change, **extra) -> None:
+        """A drop or rejoin: the summary's `client_events`, a progress event, a log line, metrics."""
+        if change is None:
+            return
+        entry = {**change.to_dict(), "time": time.time(), **extra}
+        self.client_events.append(entry)
+        log.warning("client %s: %s from step %d (%s)", change.event, ", ".join(change.nodes), change.step,
+                    change.cause)
+        if self.options.progress:
+            self.options.progress({"event": f"client_{change.event}", "nodes": list(change.nodes),
+                                   "step": change.step, "cause": change.cause})
+        counter = getattr(self.node.metrics, "client_change", None) if self.node.metrics else None
+        if counter is not None:
+            counter(change.event, change.cause)
+
+    async def _release_dropped(self) -> None:
+        """The end: clients dropped and not readmitted hold no final weights; those still running (back,
+        or never gone: a false alarm) are told so and exit 0 without writing weights."""
+        left_out = [n for n in self.topology.nodes if n in self.roster.dropped_nodes()]
+        for name in left_out:
+            lane = self.roster.lane_of_node[name]
+            await self.node.send_control(name, Kind.SHUTDOWN, meta=control.Shutdown(
+                dropped=f"client {name} was dropped from step {self.roster.dropped[lane]} and not readmitted "
+                        f"before the end; it holds no final weights").to_meta())
 
     async def _pull(self, segment: str, lane: int) -> list[torch.Tensor]:
         return (await self._pull_many(segment, [lane]))[0]
@@ -602,33 +746,41 @@ class Coordinator:
             batches.append(current)
         return batches
 
-    async def _push(self, segment: str, lanes, weights: list[torch.Tensor]) -> None:
+    async def _push(self, segment: str, lanes, weights: list[torch.Tensor], fresh_optimizer: bool = False) -> None:
+        """`fresh_optimizer`: a readmitted client also starts its optimizer afresh (docs/failover.md)."""
         nodes = {self.topology.node_of(segment, lane) for lane in lanes}
+        if not nodes:
+            return
+        meta = {"segment": segment, "load": True, **({"fresh_optimizer": True} if fresh_optimizer else {})}
         for node in nodes:
             await self.node.send_control(node, Kind.WEIGHTS, parts=[[w] for w in weights],
-                                         tensors=tuple(_describe_all(weights)),
-                                         meta={"segment": segment, "load": True}, step=self.round)
+                                         tensors=tuple(_describe_all(weights)), meta=meta, step=self.round)
         await self._collect(Kind.ACK, nodes, self.round, f"load weights of {segment}")
 
-    async def _federated_average(self) -> None:
-        """FedAvg of every replicated (client) segment, weighted by each client's sample count."""
+    async def _federated_average(self, rejoining: tuple[int, ...] = ()) -> None:
+        """FedAvg of every replicated (client) segment over the clients taking part, weighted by each
+        client's sample count (runtime/policies.py); `rejoining` clients get the result too."""
         pools = sample_pools(self.topology).train
-        total = sum(len(p) for p in pools)
+        lanes = self.roster.active_lanes(range(self.topology.lanes))
         for segment in self._replicated_segments():
-            average = None
-            for batch in self._pull_batches(segment, range(self.topology.lanes)):
+            average = FedAvg({lane: len(pools[lane]) for lane in lanes})
+            for batch in self._pull_batches(segment, lanes):
                 for lane, weights in zip(batch, await self._pull_many(segment, batch)):  # summed in lane order
-                    share = len(pools[lane]) / total
-                    scaled = [w.double() * share for w in weights]
-                    average = scaled if average is None else [a + s for a, s in zip(average, scaled)]
-            typed = [a.to(w.dtype) for a, w in zip(average, weights)]
-            await self._push(segment, range(self.topology.lanes), typed)
+                    average.add(lane, weights)
+            typed = average.result()
+            await self._push(segment, lanes, typed)
+            await self._push(segment, rejoining, typed, fresh_optimizer=True)
 
-    async def _hand_over(self, from_lane: int, to_lane: int) -> None:
-        """Sequential split learning: the next client starts from the previous client's weights."""
+    async def _hand_over(self, from_lane: int, to_lane: Optional[int], rejoining: tuple[int, ...] = ()) -> None:
+        """Sequential split learning: the next client starts from the previous client's weights; readmitted
+        clients get them too (with a fresh optimizer)."""
+        if to_lane is None and not rejoining:
+            return
         for segment in self._replicated_segments():
             weights = await self._pull(segment, from_lane)
-            await self._push(segment, [to_lane], weights)
+            if to_lane is not None and to_lane not in rejoining:
+                await self._push(segment, [to_lane], weights)
+            await self._push(segment, rejoining, weights, fresh_optimizer=True)
 
     # -- the summary -----------------------------------------------------------------------------
     def _summarise(self, steps, wall: float, train_seconds: float, samples: int) -> dict:

@@ -67,7 +67,7 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
     runtime = NodeRuntime(topology, node, transport=transport, metrics=metrics,
                           coordinator_factory=coordinator_factory, **runtime_options)
     await runtime.run()
-    if weights_out is not None and not runtime.failure:
+    if weights_out is not None and not runtime.failure and not runtime.dropped:  # dropped: no final weights
         save_weights(runtime, weights_out)
     elif partial_weights_out is not None and runtime.failure and runtime.worker is not None:
         save_weights(runtime, partial_weights_out)  # asked for: the weights of a failed run, kept apart
@@ -93,6 +93,8 @@ def node_main(topology, node: str, summary_json: Optional[Path], options: RunOpt
                                                 "peer": getattr(exc, "peer", None),
                                                 "waited_s": getattr(exc, "waited_s", None)}))
         return EXIT_ABORTED  # an orderly failure with a reason: restarting this node would not help
+    if runtime.dropped:
+        print(f"warning: {runtime.dropped}", file=sys.stderr)
     if summary and summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2, default=float))

@@ -188,6 +188,8 @@ class LocalRun:
                 if code == EXIT_ABORTED:  # an orderly failure: the run is over for every party
                     raise self._aborted(topology, name)
                 if not recoverable or self.restarts.get(name, 0) >= budget:
+                    if recoverable and _droppable(topology, name):
+                        continue  # clients.on_loss: drop: the run goes on without this client
                     self.stop()
                     why = "" if recoverable else " (set checkpoint.every to recover from node loss)"
                     raise PeerFailed(name, self.log_tail(name) + why)
@@ -196,15 +198,19 @@ class LocalRun:
                 self.stop()
                 raise PeerFailed(topology.coordinator, f"the run did not finish within {timeout:.0f}s")
             time.sleep(0.05)
+        path = self.run_dir / "summary.json"
+        left_out = _dropped_at_end(json.loads(path.read_text())) if path.exists() else set()  # their exit
+        # does not decide the run: clients dropped and not readmitted (clients.on_loss: drop)
         for name, proc in self.processes.items():
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=5 if name in left_out else 30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        bad = [n for n, p in self.processes.items() if p.returncode != 0]
+                proc.wait()
+        bad = [n for n, p in self.processes.items() if p.returncode != 0 and n not in left_out]
         if bad:
             raise PeerFailed(bad[0], self.log_tail(bad[0]))
-        return json.loads((self.run_dir / "summary.json").read_text())
+        return json.loads(path.read_text())
 
     def _aborted(self, topology, first: str) -> RunAborted:
         """Every party stops by itself once the run is aborted; give them a moment to say why, then
@@ -276,6 +282,22 @@ class LocalRun:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _droppable(topology, name: str) -> bool:
+    """A client node of a topology whose lost clients are dropped (clients.on_loss: drop)."""
+    clients = topology.spec.clients
+    return clients is not None and clients.on_loss == "drop" and any(
+        topology.is_replicated(n) and name in topology.placement[n] for n in topology.placement)
+
+
+def _dropped_at_end(summary: dict) -> set[str]:
+    """Client nodes whose last drop/rejoin event in the summary is a drop."""
+    last: dict[str, str] = {}
+    for event in summary.get("client_events", []):
+        for node in event.get("nodes", []):
+            last[node] = event.get("event")
+    return {node for node, event in last.items() if event == "drop"}
 
 
 RUNS_DIR = Path("runs")

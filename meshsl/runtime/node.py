@@ -132,6 +132,7 @@ class NodeRuntime:
         self._shutdown_requested = False
         self.failure: Optional[str] = None
         self.aborted = False  # the run was aborted (by the coordinator, or it went silent): exit non-zero
+        self.dropped: Optional[str] = None  # a dropped client at the end: no final weights (clients.on_loss)
         self.incarnation = secrets.token_hex(6)  # a restarted process announces a new one
         self._restored_round: Optional[int] = None
         self._joined = False  # the coordinator acknowledged us at least once
@@ -573,6 +574,9 @@ class NodeRuntime:
             if message.abort:
                 self._on_run_aborted(message.abort)
                 return
+            if message.dropped:  # a dropped client not readmitted: the run went on without it
+                self.dropped = message.dropped
+                log.warning("%s: %s", self.node, message.dropped)
             self._shutdown_requested = True
             self._finish_if_idle()
 
@@ -581,6 +585,9 @@ class NodeRuntime:
         barrier (FedAvg, hand-off), then the machine begins each step on its own."""
         last = run.first_step + run.count - 1
         steps = tuple((s, step_at(self._one_epoch, s).lanes) for s in range(run.first_step, last + 1))
+        if run.dropped_lanes:  # clients dropped from the run (clients.on_loss: drop): their lanes are not trained
+            dropped = set(run.dropped_lanes)
+            steps = tuple((s, tuple(lane for lane in lanes if lane not in dropped)) for s, lanes in steps)
         if self.machine.queued or not self.machine.done or base < self.machine.round:
             raise ProtocolError("unexpected", f"run from round {base + 1} while at round {self.machine.round}",
                                 self.coordinator_node)
@@ -623,6 +630,8 @@ class NodeRuntime:
             raise ProtocolError("bad_shape", f"weights for {segment} do not match its parameters", envelope.sender)
         values = [parts[0].reshape(d.shape) for parts, d in zip(tensors, envelope.tensors)]
         await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.load_weights, segment, values)
+        if envelope.meta.get("fresh_optimizer") is True:  # a dropped client readmitted (docs/failover.md)
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.reset_optimizer, segment)
         await self.send_control(self.coordinator_node, Kind.ACK, meta={"of": "weights", "segment": segment},
                                 step=envelope.step)
 
