@@ -9,7 +9,8 @@ or as plain data (`as_data` / `from_data`, JSON-safe), e.g. in a node's summary 
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Optional
 
 
 def _rebuild(cls: type, args: tuple, state: dict) -> "MeshslError":
@@ -112,6 +113,18 @@ class RunAborted(MeshslError):
         self.peer = peer
         self.reason = reason
         super().__init__(f"run aborted ({peer}): {reason}")
+
+
+class NodesLost(MeshslError):
+    """Nodes stopped answering (heartbeat timeout) or timed out mid-round; recovery may bring them back."""
+
+    def __init__(self, nodes: set[str], why: str, cause: str = "timeout", rejoined: Optional[dict] = None) -> None:
+        self.nodes = set(nodes)
+        self.why = why
+        self.cause = cause  # timeout | heartbeat | restarted (a bounded label: metrics and the summary)
+        self.rejoined = dict(rejoined or {})  # node -> the HELLO meta its new process already sent
+        self.detected = time.time()
+        super().__init__(f"lost node(s) {', '.join(sorted(nodes))}: {why}")
 
 
 class CheckpointError(MeshslError):

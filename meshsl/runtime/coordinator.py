@@ -21,7 +21,7 @@ import torch
 
 from meshsl import checkpoint
 from meshsl.data import eval_batches
-from meshsl.errors import ConfigError, MeshslError, PeerFailed, PeerTimeout, ProtocolError
+from meshsl.errors import ConfigError, MeshslError, NodesLost, PeerFailed, PeerTimeout, ProtocolError
 from meshsl.plan.steps import StepInfo, sample_pools, training_steps
 from meshsl.privacy.accounting import check_budget
 from meshsl.protocol import control
@@ -40,18 +40,6 @@ def privacy_budget_of(topology, steps: int) -> Optional[dict]:
     return check_budget(topology, steps)
 
 ROUNDS_PER_INCARNATION = 1 << 24  # round numbers of a restarted coordinator are above any earlier ones
-
-
-class NodesLost(MeshslError):
-    """Nodes stopped answering (heartbeat timeout) or timed out mid-round; recovery may bring them back."""
-
-    def __init__(self, nodes: set[str], why: str, cause: str = "timeout", rejoined: Optional[dict] = None) -> None:
-        self.nodes = set(nodes)
-        self.why = why
-        self.cause = cause  # timeout | heartbeat | restarted (a bounded label: metrics and the summary)
-        self.rejoined = dict(rejoined or {})  # node -> the HELLO meta its new process already sent
-        self.detected = time.time()
-        super().__init__(f"lost node(s) {', '.join(sorted(nodes))}: {why}")
 
 
 @dataclass
