@@ -23,7 +23,9 @@ def _rebuild(cls: type, args: tuple, state: dict) -> "MeshslError":
 def _plain(value: Any) -> Any:
     if isinstance(value, MeshslError):
         return value.as_data()
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if isinstance(value, (set, frozenset)):
+        return [_plain(v) for v in sorted(value, key=str)]
+    if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
