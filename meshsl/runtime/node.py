@@ -101,8 +101,14 @@ class NodeRuntime:
         self.edges = build_edges(topology)
         self.codecs = EdgeCodecs(self.edges, aligned=topology.spec.training.deterministic)
         self.wiring = m.Wiring.from_topology(topology, node)
-        self.machine = m.NodeMachine(self.wiring, topology.spec.training.schedule,
-                                     deterministic=topology.spec.training.deterministic)
+        self.staleness = topology.spec.training.staleness
+        if self.staleness:  # latency hiding: several steps in flight on stashed weights (docs/wan.md)
+            from meshsl.runtime.stale_machine import StaleMachine
+            self.machine = StaleMachine(self.wiring, topology.spec.training.schedule,
+                                        deterministic=topology.spec.training.deterministic, staleness=self.staleness)
+        else:
+            self.machine = m.NodeMachine(self.wiring, topology.spec.training.schedule,
+                                         deterministic=topology.spec.training.deterministic)
         self.worker: Optional[SegmentWorker] = None
         self.counters = NodeCounters()
         self.max_message_bytes = topology.spec.security.max_message_bytes
@@ -672,6 +678,8 @@ class NodeRuntime:
                         messages.append(message)
                 elif isinstance(follow, m.RoundDone) and follow.phase == "train":
                     try:  # before the next step's Prepare resets the statistics
+                        if self.staleness:
+                            self.worker.use_round(follow.round)
                         done = self._step_applied(follow)
                     except Exception as exc:  # e.g. the checkpoint could not be written: the run must know
                         log.exception("%s: finishing step of round %d failed", self.node, follow.round)
@@ -706,6 +714,8 @@ class NodeRuntime:
 
     def _run_compute(self, action) -> None:
         worker = self.worker
+        if self.staleness and not isinstance(action, m.Prepare):
+            worker.use_round(action.round)  # several training rounds are in flight
         if isinstance(action, m.Forward):
             worker.forward(action.segment, action.lane, action.micro_batch)
         elif isinstance(action, m.Backward):
@@ -720,7 +730,7 @@ class NodeRuntime:
             if self.metrics:
                 self.metrics.progress(info.step, info.epoch)
         else:
-            worker.apply_optimizer()
+            worker.apply_optimizer(action.round)
 
     def _on_loop(self, callback, *args) -> None:
         """Run `callback(*args)` on the node's event loop (from the compute thread), in order."""
