@@ -852,7 +852,9 @@ class NodeRuntime:
                 self.metrics.task(task, float(stats["loss"]), metrics, "eval")
 
     def _save_checkpoint(self, step: int) -> None:
-        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state(), self._model_hash)
+        # Staleness k: nodes may be up to lag = k + 3 steps apart, and all must still share a checkpoint.
+        keep = checkpoint.KEEP + (self.machine.lag // max(1, self.checkpoint_every) + 1 if self.staleness else 0)
+        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state(), self._model_hash, keep=keep)
 
     @property
     def _model_hash(self) -> str:
