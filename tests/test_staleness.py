@@ -144,7 +144,8 @@ def test_what_staleness_cannot_support_is_refused_by_name(change, where):
 def test_sigkill_of_a_middle_hop_with_staleness_replays_exactly(tmp_path):
     """Five processes on real sockets, k = 2: the run with relay_2 killed (restored from a checkpoint with its
     stashed versions) ends with the weights of the uninterrupted run, and those equal the in-process run's."""
-    path = chaos_topology(tmp_path, "multi_hop.yaml", every=2, steps=14)
+    path = chaos_topology(tmp_path, "multi_hop.yaml", every=2, steps=14, timeout_s=60,
+                          heartbeat_timeout_s=10.0)  # generous: a starved CI machine is not a lost node
     document = yaml.safe_load(path.read_text())
     document["training"]["staleness"] = 2
     path.write_text(yaml.safe_dump(document))
