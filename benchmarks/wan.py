@@ -156,21 +156,24 @@ print(statistics.median(times))
 
 
 # ---- meshsl ------------------------------------------------------------------------------------
-def topology_document(name: str, sites: Sites, micro_batches: int, schedule: str) -> dict:
+def topology_document(name: str, sites: Sites, micro_batches: int, schedule: str, staleness: int = 0) -> dict:
     document = yaml.safe_load((ROOT / "topologies" / f"{name}.yaml").read_text())
     for i, node in enumerate(document["nodes"]):
         node["endpoint"] = f"tcp://{sites.addresses[i]}:{NODE_PORT + i}"
         node.pop("metrics_port", None)
         node.pop("standby", None)
     document["training"].update(micro_batches=micro_batches, schedule=schedule)
+    if staleness:
+        document["training"]["staleness"] = staleness
     document.pop("checkpoint", None)
     document["retry"] = {"timeout_s": 120, "heartbeat_timeout_s": 60, "startup_timeout_s": 120}
     return document
 
 
-def run_meshsl(sites: Sites, name: str, micro_batches: int, schedule: str, steps: int, warmup: int) -> dict:
+def run_meshsl(sites: Sites, name: str, micro_batches: int, schedule: str, steps: int, warmup: int,
+               staleness: int = 0) -> dict:
     from meshsl.topology.model import load_topology
-    document = topology_document(name, sites, micro_batches, schedule)
+    document = topology_document(name, sites, micro_batches, schedule, staleness)
     with tempfile.TemporaryDirectory(prefix="meshsl-wan-") as tmp:
         path = Path(tmp) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -283,14 +286,22 @@ def cases(quick: bool) -> list[tuple[str, int, str]]:
     return out
 
 
+# Latency hiding (training.staleness, docs/wan.md): the 5-party chain as the harness runs it (M = 8, 1F1B,
+# batch 64), at k = 4 (0.8 of its RTT-0 throughput on a loaded VM) and k = 12 (enough on a quiet machine).
+STALENESS = (4, 12)
+STALE_CASE = ("multi_hop", 8, "1f1b")
+
+
 def measure(quick: bool = False, rtts: Optional[list[float]] = None, rate_mbit: float = 100.0,
-            repeats: Optional[int] = None) -> dict:
+            repeats: Optional[int] = None, staleness: Optional[list[int]] = None, only_staleness: bool = False) -> dict:
     why = unavailable()
     if why:
         return {"skipped": why}
     rtts = rtts or ([0.0, 50.0] if quick else [0.0, 20.0, 50.0, 100.0])
     repeats = repeats or (1 if quick else 2)
-    runs: dict[tuple, list[dict]] = {}  # (system, topology, M, schedule, rtt) -> step_times() of each run
+    stale_ks = [k for k in (staleness if staleness is not None else STALENESS) if k > 0]
+    # (system, topology, M, schedule, staleness, rtt) -> step_times() of each run
+    runs: dict[tuple, list[dict]] = {}
     echoes: dict[float, list[float]] = {}
     with Sites(5) as sites:
         for _ in range(repeats):  # rounds over every RTT, so that load drifts hit every RTT alike
@@ -299,33 +310,42 @@ def measure(quick: bool = False, rtts: Optional[list[float]] = None, rate_mbit: 
                 echo = measure_rtt(sites)
                 echoes.setdefault(rtt, []).append(echo)
                 print(f"RTT {rtt:.0f} ms: echo {echo:.1f} ms", file=sys.stderr, flush=True)
-                for name, micro_batches, schedule in cases(quick):
-                    steps = 40 if name == "vanilla" else 20
-                    result = run_meshsl(sites, name, micro_batches, schedule, steps, warmup=4)
-                    runs.setdefault(("meshsl", name, micro_batches, schedule, rtt), []).append(result)
-                    print(f"  {name} M={micro_batches} {schedule}: {result['ms_per_step']:.1f} ms/step "
-                          f"(median {result['median_ms_per_step']:.1f})", file=sys.stderr, flush=True)
+                plain = [] if only_staleness else cases(quick)
+                stale = [(*STALE_CASE, k) for k in stale_ks]
+                if only_staleness:
+                    stale.insert(0, (*STALE_CASE, 0))
+                for name, micro_batches, schedule, k in [(*c, 0) for c in plain] + stale:
+                    steps = 40 if name == "vanilla" else (20 if not k else 20 + 2 * k)
+                    result = run_meshsl(sites, name, micro_batches, schedule, steps, warmup=4 + k, staleness=k)
+                    runs.setdefault(("meshsl", name, micro_batches, schedule, k, rtt), []).append(result)
+                    print(f"  {name} M={micro_batches} {schedule}" + (f" staleness {k}" if k else "")
+                          + f": {result['ms_per_step']:.1f} ms/step (median {result['median_ms_per_step']:.1f})",
+                          file=sys.stderr, flush=True)
+                if only_staleness:
+                    continue
                 result = run_torch(sites, 1, "gpipe", steps=40, warmup=4)
-                runs.setdefault(("torch", "vanilla", 1, "gpipe", rtt), []).append(result)
+                runs.setdefault(("torch", "vanilla", 1, "gpipe", 0, rtt), []).append(result)
                 print(f"  torch.distributed.pipelining M=1: {result['ms_per_step']:.1f} ms/step "
                       f"(median {result['median_ms_per_step']:.1f})", file=sys.stderr, flush=True)
     echo_ms = {rtt: round(statistics.median(values), 2) for rtt, values in echoes.items()}
     rows = []
     for key in sorted(runs, key=lambda k: (k[0] != "meshsl", *k[1:])):
-        system, name, micro_batches, schedule, rtt = key
+        system, name, micro_batches, schedule, k, rtt = key
         row = {"system": system, "topology": name, "micro_batches": micro_batches, "schedule": schedule,
-               "rtt_ms": rtt, "runs": runs[key]}
+               "staleness": k, "rtt_ms": rtt, "runs": runs[key]}
         for stat in ("ms_per_step", "median_ms_per_step"):
             ms = statistics.median(r[stat] for r in runs[key])
             row[stat] = round(ms, 2)
             if rtt > 0:
-                base = statistics.median(r[stat] for r in runs[(*key[:4], rtts[0])])
+                base = statistics.median(r[stat] for r in runs[(*key[:5], rtts[0])])
                 # Round trips of the link as it is: an echo through the same proxies (on a loaded machine
                 # the proxies' timers fire late, so the link is slower than nominal).
                 trips = (ms - base) / (echo_ms[rtt] - echo_ms[rtts[0]])
                 prefix = "" if stat == "ms_per_step" else "median_"
                 row[f"{prefix}round_trips_per_step"] = round(trips, 3)
                 row[f"{prefix}ratio_to_bound"] = round(trips / BOUND[name], 3)
+                # Latency hiding's figure: throughput against the same run without added delay.
+                row[f"{prefix}throughput_vs_no_delay"] = round(base / ms, 3)
         if rtt > 0:
             row["bound"] = BOUND[name]
         rows.append(row)
@@ -339,13 +359,15 @@ def table(result: dict) -> str:
         return f"wan: skipped ({result['skipped']})"
     lines = [f"between sites ({result['rate_mbit']:.0f} Mbit/s per direction; echo RTT "
              + ", ".join(f"{k:.0f}: {v:.1f} ms" for k, v in result["echo_rtt_ms"].items()) + ")",
-             "system | topology | M | schedule | RTT ms | ms/step | round trips/step | bound | ratio | "
-             "median ms/step | median round trips | median ratio"]
+             "system | topology | M | schedule | staleness | RTT ms | ms/step | round trips/step | bound | ratio | "
+             "throughput vs RTT 0 | median ms/step | median round trips | median ratio"]
     for r in result["rows"]:
         lines.append(" | ".join(str(c) for c in (
-            r["system"], r["topology"], r["micro_batches"], r["schedule"], f"{r['rtt_ms']:.0f}", f"{r['ms_per_step']:.1f}",
+            r["system"], r["topology"], r["micro_batches"], r["schedule"], r.get("staleness", 0), f"{r['rtt_ms']:.0f}",
+            f"{r['ms_per_step']:.1f}",
             f"{r['round_trips_per_step']:.2f}" if "round_trips_per_step" in r else "",
             r.get("bound", ""), f"{r['ratio_to_bound']:.2f}" if "ratio_to_bound" in r else "",
+            f"{r['throughput_vs_no_delay']:.2f}" if "throughput_vs_no_delay" in r else "",
             f"{r['median_ms_per_step']:.1f}",
             f"{r['median_round_trips_per_step']:.2f}" if "median_round_trips_per_step" in r else "",
             f"{r['median_ratio_to_bound']:.2f}" if "median_ratio_to_bound" in r else "")))
@@ -369,13 +391,15 @@ def main(argv=None) -> None:
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--staleness", type=int, nargs="+", help=f"latency-hiding rows (default {STALENESS})")
+    parser.add_argument("--only-staleness", action="store_true", help="only the latency-hiding rows (and k = 0)")
     args = parser.parse_args(argv)
     if args.command == "torch-rank":
         torch_rank(args)
         return
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still tear the namespaces down
-    result = measure(args.quick, args.rtt, args.rate_mbit, args.repeats)
+    result = measure(args.quick, args.rtt, args.rate_mbit, args.repeats, args.staleness, args.only_staleness)
     print(table(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,9 @@ def available_steps(directory: Path, node: str) -> list[int]:
     return sorted(int(m.group(1)) for f in folder.iterdir() if (m := STEP_FILE.match(f.name)))
 
 
-def save(directory: Path, node: str, step: int, state: dict, model: Optional[str] = None) -> Path:
-    """`model`: `model_hash(topology)`, stored so that a checkpoint of another topology is refused clearly."""
+def save(directory: Path, node: str, step: int, state: dict, model: Optional[str] = None, keep: int = KEEP) -> Path:
+    """`model`: `model_hash(topology)`, stored so that a checkpoint of another topology is refused clearly.
+    `keep`: how many of the newest to keep (more under training.staleness: nodes may be further apart)."""
     if model is not None:
         state = {**state, "model_hash": model}
     folder = node_dir(directory, node)
@@ -79,7 +80,7 @@ def save(directory: Path, node: str, step: int, state: dict, model: Optional[str
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for old in available_steps(directory, node)[:-KEEP]:
+    for old in available_steps(directory, node)[:-keep]:
         (folder / f"step-{old}.pt").unlink(missing_ok=True)
     return target
 

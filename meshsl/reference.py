@@ -1,7 +1,9 @@
 """Train a topology's model unsplit, in one process, on the same batches: the equivalence baseline.
 
 Split training with micro-batches must give the same weights as this (up to float rounding): the
-same initial weights (seeded per segment), the same samples per step, one optimizer step per step."""
+same initial weights (seeded per segment), the same samples per step, one optimizer step per step.
+With `training.staleness: k`, step s takes its gradient on the weights after step s-k-1 (W_{s-k}, W_0 at
+first) and applies it to the live weights, the weight-stashing rule of docs/wan.md."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,20 +28,34 @@ def train_reference(topology, steps: int | None = None) -> tuple[dict[str, dict[
         data.update(node_data.tensors)
     rows_of = node_data  # any node's sampler: row ids depend only on the topology
     losses = []
+    k = topology.spec.training.staleness
+    versions = {0: {name: {n: p.detach().clone() for n, p in m.named_parameters()} for name, m in modules.items()}}
     for info in training_steps(topology, steps):
+        stashed = {name: {n: t.detach().requires_grad_(True) for n, t in ps.items()}
+                   for name, ps in versions[max(0, info.step - k)].items()} if k else None
         rows = rows_of.rows("train", 0, info.epoch, info.step_in_epoch, 0, 1)
         index = torch.as_tensor(np.asarray(rows))
         values = {name: tensor[index] for name, tensor in data.items()}
         total = None
         for name in topology.segment_order:
             spec = topology.segments[name]
-            values[name] = modules[name](merge_inputs([values[i] for i in spec.inputs], spec.merge))
+            merged = merge_inputs([values[i] for i in spec.inputs], spec.merge)
+            values[name] = torch.func.functional_call(modules[name], stashed[name], (merged,)) if k \
+                else modules[name](merged)
             for task in topology.tasks_of(name):
                 term = task_loss(task.loss, values[name], values[task.labels]) * task.weight
                 total = term if total is None else total + term
         total.backward()
+        if k:
+            for name, module in modules.items():
+                for n, p in module.named_parameters():
+                    p.grad = stashed[name][n].grad
         for optimizer in optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if k:
+            versions[info.step + 1] = {name: {n: p.detach().clone() for n, p in m.named_parameters()}
+                                       for name, m in modules.items()}
+            versions.pop(info.step + 1 - k - 1, None)
         losses.append(float(total.detach()))
     return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}, losses

@@ -86,6 +86,18 @@ class _Stash:
     loss: Optional[torch.Tensor]
 
 
+@dataclass
+class _StaleRound:
+    """One training round in flight under `training.staleness` (weight stashing, docs/wan.md)."""
+    context: RoundContext
+    stats: dict
+    params: dict[str, dict[str, torch.Tensor]]  # segment -> parameter name -> leaf on weight version W_{step-k}
+
+
+def _parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
 class SegmentWorker:
     leakage_every = 10  # live leakage gauge: every N-th training step ...
     leakage_max_samples = 256  # ... on at most this many samples of one lane
@@ -103,6 +115,12 @@ class SegmentWorker:
             spec = topology.segments[name].optimizer or topology.spec.training.optimizer
             self.optimizers[name] = build_optimizer(spec, module.parameters())
         self.data = NodeData(topology, node)
+        # Latency hiding: step s runs on weight version W_{s-k}, the weights after the updates of steps
+        # 0 .. s-k-1. Versions are detached copies, never updated in place, so a graph of a step still
+        # waiting for its backward is never touched by the optimizer steps applied meanwhile.
+        self.staleness = topology.spec.training.staleness
+        self.versions: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # version -> segment -> name -> tensor
+        self._stale_rounds: dict[int, _StaleRound] = {}
         self.store = TensorStore()
         self.stash: dict[tuple, _Stash] = {}
         self.context = RoundContext(-1, "train", 1, (0,))
@@ -124,9 +142,12 @@ class SegmentWorker:
 
     # -- rounds ----------------------------------------------------------------------------------
     def begin(self, context: RoundContext) -> None:
+        if self.staleness and context.phase == "train":
+            return self._begin_stale(context)
         self.context = context
         self.store.drop_before(context.round)
         self.stash.clear()
+        self._stale_rounds.clear()
         self.stats = {t.name: {"loss_sum": 0.0, "correct": 0, "count": 0} for t in self._my_tasks()}
         self.eval_outputs = {t.name: ([], []) for t in self._my_tasks()}
         self.eval_lanes: dict[str, list[int]] = {t.name: [] for t in self._my_tasks()}  # lane of each eval output
@@ -137,6 +158,44 @@ class SegmentWorker:
         self._hijack_guard.begin(context)
         for module in self.modules.values():
             module.train(context.phase == "train")
+
+    def _begin_stale(self, context: RoundContext) -> None:
+        """Round r (step s) begins once step s-k-1 is applied here: every round before r-k is over."""
+        oldest = context.round - self.staleness
+        self.store.drop_before(oldest)
+        for key in [k for k in self.stash if k[0] < oldest]:
+            del self.stash[key]
+        for round_ in [r for r in self._stale_rounds if r < oldest]:
+            del self._stale_rounds[round_]
+        if not self.versions and context.step == 0:  # W_0: the weights as built, loaded or restored at step 0
+            self.versions[0] = {name: _parameters(module) for name, module in self.modules.items()}
+        version = self.versions.get(max(0, context.step - self.staleness))
+        if version is None:
+            raise RuntimeError(f"weight version {max(0, context.step - self.staleness)} for step {context.step} "
+                               f"is not stashed (have {sorted(self.versions)})")
+        params = {seg: {n: t.detach().requires_grad_(True) for n, t in tensors.items()}
+                  for seg, tensors in version.items()}
+        stats = {t.name: {"loss_sum": 0.0, "correct": 0, "count": 0} for t in self._my_tasks()}
+        self._stale_rounds[context.round] = _StaleRound(context, stats, params)
+        self.context, self.stats = context, stats
+        self.compute_seconds.clear()
+        self._leakage_samples.clear()
+        self._label_guard.begin()
+        self._hijack_guard.begin(context)
+        for module in self.modules.values():
+            module.train(True)
+
+    def use_round(self, round_: int) -> None:
+        """Staleness > 0: the next compute action or summary is for training round `round_`."""
+        state = self._stale_rounds.get(round_)
+        if state is not None:
+            self.context, self.stats = state.context, state.stats
+
+    def _call(self, segment: str, x: torch.Tensor) -> torch.Tensor:
+        state = self._stale_rounds.get(self.context.round) if self.staleness else None
+        if state is None or self.context.phase != "train":
+            return self.modules[segment](x)
+        return torch.func.functional_call(self.modules[segment], state.params[segment], (x,))
 
     def _my_tasks(self):
         return [t for t in self.topology.spec.tasks if t.output in self.modules]
@@ -164,7 +223,7 @@ class SegmentWorker:
         training = c.phase == "train"
         with torch.set_grad_enabled(training):
             leaves = {src: self._input(segment, src, lane, micro_batch, rows) for src in spec.inputs}
-            output = self.modules[segment](merge_inputs(list(leaves.values()), spec.merge))
+            output = self._call(segment, merge_inputs(list(leaves.values()), spec.merge))
             loss = self._privacy_terms(segment, leaves, output, rows) if training else None
             output = self._activation_dp(segment, output)
             for task in self.topology.tasks_of(segment):
@@ -174,7 +233,7 @@ class SegmentWorker:
             self._sample_leakage(segment, lane, rows, output)
         self.store.outputs[(c.round, segment, lane, micro_batch)] = output
         if training:
-            self.stash[(segment, lane, micro_batch)] = _Stash(
+            self.stash[(c.round, segment, lane, micro_batch)] = _Stash(
                 {k: v for k, v in leaves.items() if k in self.topology.segments}, output, loss)
         self.compute_seconds[(segment, "forward")] += time.perf_counter() - start
 
@@ -277,7 +336,7 @@ class SegmentWorker:
     def backward(self, segment: str, lane: int, micro_batch: int) -> None:
         start = time.perf_counter()
         r = self.context.round
-        stash = self.stash.pop((segment, lane, micro_batch))
+        stash = self.stash.pop((r, segment, lane, micro_batch))
         grads = self.store.grads.pop((r, segment, lane, micro_batch), [])
         tensors, grad_tensors = [], []
         if grads:
@@ -301,11 +360,23 @@ class SegmentWorker:
         self.store.outputs.pop((r, segment, lane, micro_batch), None)
         self.compute_seconds[(segment, "backward")] += time.perf_counter() - start
 
-    def apply_optimizer(self) -> None:
+    def apply_optimizer(self, round_: Optional[int] = None) -> None:
         self._hijack_guard.before_optimizer()
+        state = self._stale_rounds.get(round_) if self.staleness else None
+        if state is not None:  # the step's gradients were taken on its stashed version: onto the live weights
+            for name, module in self.modules.items():
+                leaves = state.params[name]
+                for pname, param in module.named_parameters():
+                    param.grad = leaves[pname].grad
         for name, optimizer in self.optimizers.items():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if state is not None:
+            state.params = {}
+            applied = state.context.step + 1  # live weights are now W_{step+1}
+            self.versions[applied] = {name: _parameters(module) for name, module in self.modules.items()}
+            for version in [v for v in self.versions if v < applied - self.staleness]:
+                del self.versions[version]  # no later step uses it (step s uses W_{s-k})
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -317,6 +388,9 @@ class SegmentWorker:
             "dp_generator": self.dp_generator.get_state(),
             "label_guard_generator": self._label_guard.generator.get_state(),  # gradient-defence noise
             "torch_rng": torch.get_rng_state(),
+            # staleness > 0: the stashed versions the next k steps run on (W_{s-k} .. W_s at step s)
+            **({"stale_versions": {v: {n: {k: t.cpu().clone() for k, t in ts.items()} for n, ts in seg.items()}
+                                   for v, seg in self.versions.items()}} if self.staleness else {}),
         }
 
     def restore(self, state: dict) -> None:
@@ -329,12 +403,18 @@ class SegmentWorker:
             self._label_guard.generator.set_state(state["label_guard_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.stash.clear()
+        self._stale_rounds.clear()
+        if self.staleness:
+            versions = state.get("stale_versions") or {}  # empty at step 0: W_0 is taken at the first step
+            self.versions = {int(v): {n: {k: t.to(self.device) for k, t in ts.items()} for n, ts in seg.items()}
+                             for v, seg in versions.items()}
 
     def discard_gradients(self) -> None:
         """Abort: forget the round's partial gradients (the step will be replayed)."""
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.stash.clear()
+        self._stale_rounds.clear()
 
     # -- results ---------------------------------------------------------------------------------
     def round_summary(self) -> dict:

@@ -247,6 +247,8 @@ class TrainingSpec(Strict):
     deterministic: bool = True
     coordinator: Optional[str] = Field(default=None, description="node hosting the coordinator")
     label_dp: Optional[LabelDPSpec] = None
+    staleness: int = Field(default=0, ge=0, le=64, description="latency hiding: step r runs forward and backward "
+                           "on the weights of step r - staleness (weight stashing, docs/wan.md); 0: synchronous")
 
     @model_validator(mode="after")
     def _micro_batches_fit(self) -> "TrainingSpec":

@@ -231,6 +231,7 @@ class NodeMachine:
     _queues: dict[str, _SegmentQueue] = field(default_factory=dict, repr=False)
     _open_units: int = field(default=0, repr=False)  # units not backwarded yet
     _early_seen: set = field(default_factory=set, repr=False)  # `early` as a set (duplicate check)
+    external_dispatch: bool = False  # one round of a StaleMachine: it picks the compute actions (stale_machine.py)
 
     # -- public API ------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
@@ -448,7 +449,7 @@ class NodeMachine:
 
     # -- the schedule policy ---------------------------------------------------------------------
     def _dispatch(self) -> list[Action]:
-        if self.busy:
+        if self.busy or self.external_dispatch:
             return []
         action = self._next_compute()
         if action is None:

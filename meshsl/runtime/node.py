@@ -104,8 +104,14 @@ class NodeRuntime:
         self.edges = build_edges(topology)
         self.codecs = EdgeCodecs(self.edges, aligned=topology.spec.training.deterministic)
         self.wiring = m.Wiring.from_topology(topology, node)
-        self.machine = m.NodeMachine(self.wiring, topology.spec.training.schedule,
-                                     deterministic=topology.spec.training.deterministic)
+        self.staleness = topology.spec.training.staleness
+        if self.staleness:  # latency hiding: several steps in flight on stashed weights (docs/wan.md)
+            from meshsl.runtime.stale_machine import StaleMachine
+            self.machine = StaleMachine(self.wiring, topology.spec.training.schedule,
+                                        deterministic=topology.spec.training.deterministic, staleness=self.staleness)
+        else:
+            self.machine = m.NodeMachine(self.wiring, topology.spec.training.schedule,
+                                         deterministic=topology.spec.training.deterministic)
         self.worker: Optional[SegmentWorker] = None
         self.counters = NodeCounters()
         self.max_message_bytes = topology.spec.security.max_message_bytes
@@ -681,6 +687,8 @@ class NodeRuntime:
                         messages.append(message)
                 elif isinstance(follow, m.RoundDone) and follow.phase == "train":
                     try:  # before the next step's Prepare resets the statistics
+                        if self.staleness:
+                            self.worker.use_round(follow.round)
                         done = self._step_applied(follow)
                     except Exception as exc:  # e.g. the checkpoint could not be written: the run must know
                         log.exception("%s: finishing step of round %d failed", self.node, follow.round)
@@ -715,6 +723,8 @@ class NodeRuntime:
 
     def _run_compute(self, action) -> None:
         worker = self.worker
+        if self.staleness and not isinstance(action, m.Prepare):
+            worker.use_round(action.round)  # several training rounds are in flight
         if isinstance(action, m.Forward):
             worker.forward(action.segment, action.lane, action.micro_batch)
         elif isinstance(action, m.Backward):
@@ -729,7 +739,7 @@ class NodeRuntime:
             if self.metrics:
                 self.metrics.progress(info.step, info.epoch)
         else:
-            worker.apply_optimizer()
+            worker.apply_optimizer(action.round)
 
     def _on_loop(self, callback, *args) -> None:
         """Run `callback(*args)` on the node's event loop (from the compute thread), in order."""
@@ -851,7 +861,9 @@ class NodeRuntime:
                 self.metrics.task(task, float(stats["loss"]), metrics, "eval")
 
     def _save_checkpoint(self, step: int) -> None:
-        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state(), self._model_hash)
+        # Staleness k: nodes may be up to lag = k + 3 steps apart, and all must still share a checkpoint.
+        keep = checkpoint.KEEP + (self.machine.lag // max(1, self.checkpoint_every) + 1 if self.staleness else 0)
+        checkpoint.save(self.checkpoint_dir, self.node, step, self.worker.state(), self._model_hash, keep=keep)
 
     @property
     def _model_hash(self) -> str:

@@ -83,6 +83,37 @@ def _check_dial_out(topology, declared: dict[str, str], problem) -> None:
                 f"endpoint)", f"{declared.get(a, a)}.inbound and {declared.get(b, b)}.inbound")
 
 
+# Layers whose forward changes state (running statistics, random draws): with steps of several rounds in
+# flight the order of forwards depends on timing, so results would too.
+_STATEFUL_LAYERS = ("Dropout", "BatchNorm", "InstanceNorm", "RReLU")
+
+
+def _check_staleness(topology, problem) -> None:
+    """`training.staleness > 0` (weight stashing, docs/wan.md) is deterministic only without weight changes by
+    the coordinator between steps and without state that in-flight forwards of later steps would touch."""
+    spec = topology.spec
+    k = spec.training.staleness
+    if k <= 0:
+        return
+    why = f"training.staleness is {k}: steps overlap, so "
+    if spec.clients is not None:
+        problem(why + f"clients ({spec.clients.mode}) are not supported: averaging or handing weights over between "
+                      "steps would race with steps in flight; use staleness 0", "clients")
+    if spec.training.label_dp is not None:
+        problem(why + "label_dp's random draws would depend on timing; use staleness 0", "training.label_dp")
+    for i, edge in enumerate(spec.privacy):
+        for key in ("dp", "gradient", "hijack_check"):
+            if getattr(edge, key) is not None:
+                problem(why + f"{key}'s random draws or probes would depend on timing; use staleness 0",
+                        f"privacy[{i}].{key}")
+    for i, seg in enumerate(spec.segments):
+        for j, layer in enumerate(seg.layers or []):
+            name = layer[0] if isinstance(layer, list) and layer else None
+            if isinstance(name, str) and any(name.startswith(s) for s in _STATEFUL_LAYERS):
+                problem(why + f"layer {name} (running statistics or random draws in forward) would make results "
+                              "depend on timing; use staleness 0", f"segments[{i}]({seg.name}).layers[{j}]")
+
+
 def check_topology(topology) -> None:
     problems: list[ConfigError] = []
     src = topology.source
@@ -191,6 +222,7 @@ def check_topology(topology) -> None:
         else:
             problem(f"unknown node {coordinator!r} (nodes: {', '.join(topology.nodes)})", "training.coordinator")
     _check_dial_out(topology, declared, problem)
+    _check_staleness(topology, problem)
     if spec.security.curve and not spec.security.keys_dir and any(n.public_key is None for n in spec.nodes):
         problem("curve is on but neither keys_dir nor every node's public_key is given", "security")
     if problems:
