@@ -39,6 +39,7 @@ from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, describe, encode_message
 from meshsl.runtime import faults
 from meshsl.runtime import machine as m
+from meshsl.runtime.stale_machine import StaleMachine
 from meshsl.runtime.keys_loading import transport_security
 from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.outbox import Outbox
@@ -106,7 +107,6 @@ class NodeRuntime:
         self.wiring = m.Wiring.from_topology(topology, node)
         self.staleness = topology.spec.training.staleness
         if self.staleness:  # latency hiding: several steps in flight on stashed weights (docs/wan.md)
-            from meshsl.runtime.stale_machine import StaleMachine
             self.machine = StaleMachine(self.wiring, topology.spec.training.schedule,
                                         deterministic=topology.spec.training.deterministic, staleness=self.staleness)
         else:
