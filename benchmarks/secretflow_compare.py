@@ -1,0 +1,396 @@
+"""meshsl against SecretFlow 1.13 split learning (SLModel, torch backend, simulation on local Ray), side by side.
+
+The same tasks, data, split, models and optimizer on the same machine, alternating: in each round every
+case runs once on each side, meshsl first in even rounds and SecretFlow first in odd ones, so that load from
+other work hits both alike. Cases:
+
+- vanilla:  topologies/vanilla.yaml (digits; client: pixels + bottom, server: top + labels);
+- vertical: topologies/vertical.yaml (breast cancer; two feature parties, labels at the lab);
+- wide:     vanilla.yaml with hidden width 1024 (bottom 64-1024-1024, top 1024-1024-10); full mode also
+            runs it at M=1 on meshsl's side (vanilla.yaml trains at M=4, 1F1B).
+
+Per run: samples/s as each framework reports its training (meshsl: the coordinator's training seconds;
+SecretFlow: `SLModel.fit` wall time), start-to-finish seconds of the user's command (`meshsl run ...`
+against `python sf_split_learning.py ...`: imports, start-up, training, evaluation, shut-down), memory
+of every process of the run (polled from /proc: the sum of each process's peak RSS, and the peak of the
+summed PSS, which counts shared pages once) and held-out accuracy. Reported: medians over rounds, ratios
+of those medians, and the per-round ratios (both figures of a ratio come from the same round).
+
+SecretFlow lives in its own interpreter (it needs its own pins, see benchmarks/secretflow_peer/INSTALL.md):
+
+    MESHSL_SECRETFLOW_PYTHON=/work/sfvenv/bin/python python -m benchmarks --only secretflow [--quick]
+    MESHSL_SECRETFLOW_PYTHON=... python -m benchmarks.secretflow_compare --rounds 3 --out runs/sf.json
+
+Without that variable (or with an interpreter that cannot import SecretFlow) the section is skipped with
+a message saying why.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_DIR = Path(__file__).resolve().parent / "secretflow_peer"
+PEER_SCRIPT = PEER_DIR / "sf_split_learning.py"
+ENV_VAR = "MESHSL_SECRETFLOW_PYTHON"
+INSTALL_HINT = "see benchmarks/secretflow_peer/INSTALL.md"
+
+
+# -- the peer's interpreter ---------------------------------------------------------------------------
+def find_peer(timeout: float = 300.0) -> tuple[Optional[str], str]:
+    """(interpreter, SecretFlow version) or (None, why not). Importing SecretFlow takes seconds."""
+    python = os.environ.get(ENV_VAR, "").strip()
+    if not python:
+        return None, f"SecretFlow not configured: set {ENV_VAR} to the python of a SecretFlow 1.13 venv ({INSTALL_HINT})"
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return None, f"{ENV_VAR}={python}: no executable there ({INSTALL_HINT})"
+    probe = "import secretflow, secretflow_fl.ml.nn; print(secretflow.__version__)"
+    try:
+        proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=timeout,
+                              env=_peer_env(), cwd=tempfile.gettempdir())
+    except subprocess.TimeoutExpired:
+        return None, f"{ENV_VAR}={python}: importing SecretFlow took over {timeout:.0f}s"
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, f"{ENV_VAR}={python} cannot import SecretFlow's SLModel: {last} ({INSTALL_HINT})"
+    return python, proc.stdout.strip().splitlines()[-1]
+
+
+def _peer_env() -> dict:
+    """The caller's environment without what points at meshsl's own venv."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+
+
+# -- memory of a process tree -------------------------------------------------------------------------
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # the command name (field 2) may hold spaces and parentheses: the parent pid follows the last ")"
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(root: int) -> list[int]:
+    children, out, todo = _children_map(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _memory_kib(pid: int) -> tuple[int, int, str]:
+    """(peak RSS, current PSS) in KiB and the command name of one process; zeros when it is gone."""
+    hwm = pss = 0
+    name = ""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("Name:"):
+                    name = line.split(None, 1)[1].strip()
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                    break
+    except (OSError, ValueError):
+        pass
+    return hwm, pss, name
+
+
+class TreeMemory:
+    """Polls every process descending from `root`: each one's peak RSS (VmHWM, kept from its last reading)
+    and the peak over time of the summed PSS (shared pages such as libtorch's counted once)."""
+
+    def __init__(self, root: int, interval: float = 0.25) -> None:
+        self.root, self.interval = root, interval
+        self.peak_rss_kib: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.peak_pss_sum_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def sample(self) -> list[int]:
+        pids = _descendants(self.root)
+        pss_sum = 0
+        for pid in pids:
+            hwm, pss, name = _memory_kib(pid)
+            if hwm:
+                self.peak_rss_kib[pid] = max(self.peak_rss_kib.get(pid, 0), hwm)
+                self.names.setdefault(pid, name)
+            pss_sum += pss
+        self.peak_pss_sum_kib = max(self.peak_pss_sum_kib, pss_sum)
+        return pids
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return {"peak_rss_sum_mib": round(sum(self.peak_rss_kib.values()) / 1024, 1),
+                "peak_pss_sum_mib": round(self.peak_pss_sum_kib / 1024, 1),
+                "processes": len(self.peak_rss_kib),
+                "process_names": sorted(set(self.names.values()))}
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[subprocess.CompletedProcess, float, dict]:
+    """Run `cmd` in a session of its own; wall seconds and the memory of its whole process tree. Whatever
+    of the tree outlives it (a framework's daemons) is stopped by process id afterwards."""
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    memory = TreeMemory(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = "", f"timed out after {timeout:.0f}s"
+        proc.returncode = 124
+    wall = time.perf_counter() - started
+    leftovers = [p for p in memory.sample() if p != proc.pid]
+    result = memory.stop()
+    _stop_tree(proc, leftovers)
+    result["load_avg_1m"] = load
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), wall, result
+
+
+def _stop_tree(proc: subprocess.Popen, pids: list[int]) -> None:
+    for pid in [proc.pid, *pids]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# -- the cases ----------------------------------------------------------------------------------------
+def _vanilla() -> dict:
+    return yaml.safe_load((ROOT / "topologies" / "vanilla.yaml").read_text())
+
+
+def _wide(hidden: int = 1024, micro_batches: Optional[int] = None) -> dict:
+    document = _vanilla()
+    document["name"] = f"vanilla-digits-hidden{hidden}"
+    segments = {s["name"]: s for s in document["segments"]}
+    segments["bottom"]["layers"] = [["Linear", 64, hidden], ["ReLU"], ["Linear", hidden, hidden], ["ReLU"]]
+    segments["top"]["layers"] = [["Linear", hidden, hidden], ["ReLU"], ["Linear", hidden, 10]]
+    if micro_batches:
+        document["training"]["micro_batches"] = micro_batches
+    return document
+
+
+CASES: dict[str, dict] = {
+    "vanilla": {"label": "vanilla.yaml (digits)", "task": "digit", "peer_args": ["--task", "digits"],
+                "meshsl": {"M=4 1f1b": lambda: _vanilla()}},
+    "vertical": {"label": "vertical.yaml (breast cancer, 3 parties)", "task": "cancer",
+                 "peer_args": ["--task", "vertical"],
+                 "meshsl": {"M=2 gpipe": lambda: yaml.safe_load((ROOT / "topologies" / "vertical.yaml").read_text())}},
+    "wide": {"label": "vanilla.yaml, hidden 1024", "task": "digit", "peer_args": ["--task", "digits", "--hidden", "1024"],
+             "meshsl": {"M=4 1f1b": lambda: _wide(), "M=1": lambda: _wide(micro_batches=1)}},
+}
+
+
+def run_meshsl(document: dict, task: str, timeout: float = 600.0) -> dict:
+    """`meshsl run T.yaml` as a user runs it: every node its own process, real ZeroMQ on loopback."""
+    with tempfile.TemporaryDirectory(prefix="meshsl-vs-sf-") as tmp:
+        topology = Path(tmp) / "topology.yaml"
+        topology.write_text(yaml.safe_dump(document, sort_keys=False))
+        summary_path = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "meshsl", "run", str(topology), "--free-ports", "--no-progress",
+               "--summary-json", str(summary_path), "--run-dir", str(Path(tmp) / "run")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        proc, wall, memory = run_measured(cmd, ROOT, env, timeout)
+        if proc.returncode != 0 or not summary_path.exists():
+            return {"error": f"meshsl run exited {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}", **memory}
+        summary = json.loads(summary_path.read_text())
+    evaluation = summary["tasks"][task]["eval"]
+    return {"samples_per_s": summary["samples_per_s"], "wall_s": wall, "accuracy": evaluation.get("accuracy"),
+            "samples": summary["samples"], "steps": summary["steps"], "train_seconds_reported":
+            summary["samples"] / summary["samples_per_s"] if summary["samples_per_s"] else None, **memory}
+
+
+def run_secretflow(python: str, peer_args: list[str], timeout: float = 900.0) -> dict:
+    """The peer's script (same data, split, models, optimizer) in SecretFlow's own interpreter."""
+    with tempfile.TemporaryDirectory(prefix="sf-vs-meshsl-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [python, str(PEER_SCRIPT), *peer_args, "--out", str(out)]
+        proc, wall, memory = run_measured(cmd, Path(tmp), _peer_env(), timeout)
+        if proc.returncode != 0 or not out.exists():
+            return {"error": f"SecretFlow exited {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}", **memory}
+        result = json.loads(out.read_text())
+    phases = {k: result.get(k) for k in ("import_seconds", "init_seconds", "build_seconds", "workers_ready_seconds",
+                                          "train_seconds", "eval_seconds", "script_seconds")}
+    return {"samples_per_s": result["samples_per_s"], "wall_s": wall, "accuracy": result["accuracy"],
+            "samples": result["samples"], "test_rows": result["test_rows"], "version": result["version"],
+            "steady_samples_per_s": result.get("steady_samples_per_s"), "phases": phases, **memory}
+
+
+# -- the comparison -----------------------------------------------------------------------------------
+def _median(rows: list[dict], key: str) -> Optional[float]:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a and b else None
+
+
+def summarise(case: str, meshsl_runs: dict[str, list[dict]], peer_runs: list[dict]) -> list[dict]:
+    """One row per meshsl configuration of `case` against the SecretFlow runs of the same rounds."""
+    rows = []
+    test_rows = next((r["test_rows"] for r in peer_runs if "test_rows" in r), None)
+    for variant, runs in meshsl_runs.items():
+        pairs = [(m, s) for m, s in zip(runs, peer_runs) if "error" not in m and "error" not in s]
+        med = {side: {k: _median(rs, k) for k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib",
+                                                   "accuracy", "processes")}
+               for side, rs in (("meshsl", runs), ("secretflow", peer_runs))}
+        accuracy_gap = None
+        if test_rows and med["meshsl"]["accuracy"] is not None and med["secretflow"]["accuracy"] is not None:
+            accuracy_gap = round(abs(med["meshsl"]["accuracy"] - med["secretflow"]["accuracy"]) * test_rows, 1)
+        rows.append({
+            "case": case, "label": CASES[case]["label"], "meshsl_config": variant, "rounds": len(runs),
+            "meshsl": med["meshsl"], "secretflow": med["secretflow"],
+            "speedup_samples_per_s": _ratio(med["meshsl"]["samples_per_s"], med["secretflow"]["samples_per_s"]),
+            "speedup_wall": _ratio(med["secretflow"]["wall_s"], med["meshsl"]["wall_s"]),
+            "memory_ratio_rss": _ratio(med["secretflow"]["peak_rss_sum_mib"], med["meshsl"]["peak_rss_sum_mib"]),
+            "memory_ratio_pss": _ratio(med["secretflow"]["peak_pss_sum_mib"], med["meshsl"]["peak_pss_sum_mib"]),
+            "per_round_speedup": [round(m["samples_per_s"] / s["samples_per_s"], 2) for m, s in pairs],
+            "per_round_wall_speedup": [round(s["wall_s"] / m["wall_s"], 2) for m, s in pairs],
+            "accuracy_gap_held_out_samples": accuracy_gap, "test_rows": test_rows,
+            "errors": [r["error"] for r in [*runs, *peer_runs] if "error" in r],
+        })
+    return rows
+
+
+def compare(python: str, rounds: int, cases: list[str], variants: bool = True,
+            on_run: Optional[Callable[[str, dict], None]] = None) -> dict:
+    meshsl_runs = {c: {v: [] for v in (CASES[c]["meshsl"] if variants else list(CASES[c]["meshsl"])[:1])}
+                   for c in cases}
+    peer_runs: dict[str, list[dict]] = {c: [] for c in cases}
+    loads = []
+    for round_ in range(rounds):
+        for case in cases:
+            spec = CASES[case]
+
+            def mine():
+                for variant in meshsl_runs[case]:
+                    row = run_meshsl(spec["meshsl"][variant](), spec["task"])
+                    row["round"] = round_
+                    meshsl_runs[case][variant].append(row)
+                    loads.append(row["load_avg_1m"])
+                    if on_run:
+                        on_run(f"meshsl {case} {variant} round {round_}", row)
+
+            def theirs():
+                row = run_secretflow(python, spec["peer_args"])
+                row["round"] = round_
+                peer_runs[case].append(row)
+                loads.append(row["load_avg_1m"])
+                if on_run:
+                    on_run(f"secretflow {case} round {round_}", row)
+
+            for side in ((mine, theirs) if round_ % 2 == 0 else (theirs, mine)):
+                side()
+    rows = [row for case in cases for row in summarise(case, meshsl_runs[case], peer_runs[case])]
+    return {"rows": rows, "runs": {"meshsl": meshsl_runs, "secretflow": peer_runs}, "rounds": rounds,
+            "load_avg_1m": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)} if loads else None}
+
+
+def measure(quick: bool = False) -> dict:
+    python, version = find_peer()
+    if python is None:
+        return {"skipped": version}
+    if quick:  # a smoke run: one round of the vanilla task
+        result = compare(python, rounds=1, cases=["vanilla"], variants=False)
+    else:
+        result = compare(python, rounds=3, cases=list(CASES))
+    result["secretflow_version"] = version
+    result["secretflow_python"] = python
+    return result
+
+
+def table(result: dict) -> str:
+    if result.get("skipped"):
+        return f"SecretFlow comparison | skipped: {result['skipped']}"
+    fmt = lambda v, spec=",.0f": format(v, spec) if isinstance(v, (int, float)) else "-"
+    load = result.get("load_avg_1m") or {}
+    lines = [f"vs SecretFlow {result.get('secretflow_version', '')} SLModel (torch, Ray simulation); medians of "
+             f"{result['rounds']} alternating rounds; load avg {fmt(load.get('min'), '.1f')}-{fmt(load.get('max'), '.1f')}"
+             f" (median {fmt(load.get('median'), '.1f')})",
+             "task | meshsl | samples/s meshsl / SF | x (per round) | start-to-finish s meshsl / SF | x | "
+             "peak RSS sum MiB meshsl / SF (processes) | peak PSS MiB meshsl / SF | accuracy meshsl / SF (samples apart)"]
+    for r in result["rows"]:
+        m, s = r["meshsl"], r["secretflow"]
+        lines.append(
+            f"{r['label']} | {r['meshsl_config']} | {fmt(m['samples_per_s'])} / {fmt(s['samples_per_s'])} | "
+            f"{fmt(r['speedup_samples_per_s'], '.1f')} ({', '.join(str(x) for x in r['per_round_speedup'])}) | "
+            f"{fmt(m['wall_s'], '.1f')} / {fmt(s['wall_s'], '.1f')} | {fmt(r['speedup_wall'], '.1f')} | "
+            f"{fmt(m['peak_rss_sum_mib'])} ({fmt(m['processes'], '.0f')}) / {fmt(s['peak_rss_sum_mib'])} "
+            f"({fmt(s['processes'], '.0f')}) | {fmt(m['peak_pss_sum_mib'])} / {fmt(s['peak_pss_sum_mib'])} | "
+            f"{fmt(m['accuracy'], '.3f')} / {fmt(s['accuracy'], '.3f')} ({fmt(r['accuracy_gap_held_out_samples'], '.0f')})"
+            + (f" | errors: {len(r['errors'])}" if r["errors"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.secretflow_compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--no-variants", action="store_true", help="meshsl: only the topology's own micro-batching")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    python, version = find_peer()
+    if python is None:
+        print(table({"skipped": version}))
+        return 0
+
+    def progress(what: str, row: dict) -> None:
+        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                 if k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib", "processes", "accuracy",
+                          "load_avg_1m", "error")}
+        print(what, json.dumps(brief), file=sys.stderr, flush=True)
+
+    result = compare(python, args.rounds, args.cases, variants=not args.no_variants, on_run=progress)
+    result.update(secretflow_version=version, secretflow_python=python)
+    print(table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
