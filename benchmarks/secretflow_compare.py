@@ -332,12 +332,19 @@ def measure(quick: bool = False) -> dict:
     if python is None:
         return {"skipped": version}
     if quick:  # a smoke run: one round of the vanilla task
-        result = compare(python, rounds=1, cases=["vanilla"], variants=False)
+        result = compare(python, rounds=1, cases=["vanilla"], variants=False, on_run=_progress)
     else:
-        result = compare(python, rounds=3, cases=list(CASES))
+        result = compare(python, rounds=3, cases=list(CASES), on_run=_progress)
     result["secretflow_version"] = version
     result["secretflow_python"] = python
     return result
+
+
+def _progress(what: str, row: dict) -> None:
+    brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+             if k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib", "processes", "accuracy",
+                      "load_avg_1m", "error")}
+    print(what, json.dumps(brief), file=sys.stderr, flush=True)
 
 
 def table(result: dict) -> str:
@@ -376,11 +383,14 @@ def main(argv=None) -> int:
         print(table({"skipped": version}))
         return 0
 
+    done: list = []
+
     def progress(what: str, row: dict) -> None:
-        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                 if k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib", "processes", "accuracy",
-                          "load_avg_1m", "error")}
-        print(what, json.dumps(brief), file=sys.stderr, flush=True)
+        _progress(what, row)
+        if args.out:  # every run as it finishes, so that an interrupted comparison keeps what it measured
+            done.append({"run": what, **row})
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".partial.json").write_text(json.dumps(done, indent=1, default=str))
 
     result = compare(python, args.rounds, args.cases, variants=not args.no_variants, on_run=progress)
     result.update(secretflow_version=version, secretflow_python=python)
