@@ -100,6 +100,19 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _memory_kib(pid: int) -> tuple[int, int, str]:
     """(peak RSS, current PSS) in KiB and the command name of one process; zeros when it is gone."""
     hwm = pss = 0
@@ -123,12 +136,14 @@ def _memory_kib(pid: int) -> tuple[int, int, str]:
 
 class TreeMemory:
     """Polls every process descending from `root`: each one's peak RSS (VmHWM, kept from its last reading)
-    and the peak over time of the summed PSS (shared pages such as libtorch's counted once)."""
+    and the peak over time of the summed PSS (shared pages such as libtorch's counted once); also each
+    one's CPU seconds (the steadier figure on a loaded machine; a process's last interval may be missed)."""
 
     def __init__(self, root: int, interval: float = 0.25) -> None:
         self.root, self.interval = root, interval
         self.peak_rss_kib: dict[int, int] = {}
         self.names: dict[int, str] = {}
+        self.cpu_s: dict[int, float] = {}
         self.peak_pss_sum_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -148,6 +163,7 @@ class TreeMemory:
             if hwm:
                 self.peak_rss_kib[pid] = max(self.peak_rss_kib.get(pid, 0), hwm)
                 self.names.setdefault(pid, name)
+            self.cpu_s[pid] = max(self.cpu_s.get(pid, 0.0), _cpu_seconds(pid))
             pss_sum += pss
         self.peak_pss_sum_kib = max(self.peak_pss_sum_kib, pss_sum)
         return pids
@@ -157,7 +173,7 @@ class TreeMemory:
         self._thread.join(timeout=5)
         return {"peak_rss_sum_mib": round(sum(self.peak_rss_kib.values()) / 1024, 1),
                 "peak_pss_sum_mib": round(self.peak_pss_sum_kib / 1024, 1),
-                "processes": len(self.peak_rss_kib),
+                "processes": len(self.peak_rss_kib), "cpu_s": round(sum(self.cpu_s.values()), 2),
                 "process_names": sorted(set(self.names.values()))}
 
 
@@ -273,7 +289,7 @@ def summarise(case: str, meshsl_runs: dict[str, list[dict]], peer_runs: list[dic
     for variant, runs in meshsl_runs.items():
         pairs = [(m, s) for m, s in zip(runs, peer_runs) if "error" not in m and "error" not in s]
         med = {side: {k: _median(rs, k) for k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib",
-                                                   "accuracy", "processes")}
+                                                   "accuracy", "processes", "cpu_s")}
                for side, rs in (("meshsl", runs), ("secretflow", peer_runs))}
         accuracy_gap = None
         if test_rows and med["meshsl"]["accuracy"] is not None and med["secretflow"]["accuracy"] is not None:
@@ -283,6 +299,7 @@ def summarise(case: str, meshsl_runs: dict[str, list[dict]], peer_runs: list[dic
             "meshsl": med["meshsl"], "secretflow": med["secretflow"],
             "speedup_samples_per_s": _ratio(med["meshsl"]["samples_per_s"], med["secretflow"]["samples_per_s"]),
             "speedup_wall": _ratio(med["secretflow"]["wall_s"], med["meshsl"]["wall_s"]),
+            "cpu_ratio": _ratio(med["secretflow"]["cpu_s"], med["meshsl"]["cpu_s"]),
             "memory_ratio_rss": _ratio(med["secretflow"]["peak_rss_sum_mib"], med["meshsl"]["peak_rss_sum_mib"]),
             "memory_ratio_pss": _ratio(med["secretflow"]["peak_pss_sum_mib"], med["meshsl"]["peak_pss_sum_mib"]),
             "per_round_speedup": [round(m["samples_per_s"] / s["samples_per_s"], 2) for m, s in pairs],
@@ -343,7 +360,7 @@ def measure(quick: bool = False) -> dict:
 def _progress(what: str, row: dict) -> None:
     brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
              if k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib", "processes", "accuracy",
-                      "load_avg_1m", "error")}
+                      "cpu_s", "load_avg_1m", "error")}
     print(what, json.dumps(brief), file=sys.stderr, flush=True)
 
 
@@ -356,13 +373,15 @@ def table(result: dict) -> str:
              f"{result['rounds']} alternating rounds; load avg {fmt(load.get('min'), '.1f')}-{fmt(load.get('max'), '.1f')}"
              f" (median {fmt(load.get('median'), '.1f')})",
              "task | meshsl | samples/s meshsl / SF | x (per round) | start-to-finish s meshsl / SF | x | "
-             "peak RSS sum MiB meshsl / SF (processes) | peak PSS MiB meshsl / SF | accuracy meshsl / SF (samples apart)"]
+             "CPU s meshsl / SF | x | peak RSS sum MiB meshsl / SF (processes) | peak PSS MiB meshsl / SF | "
+             "accuracy meshsl / SF (samples apart)"]
     for r in result["rows"]:
         m, s = r["meshsl"], r["secretflow"]
         lines.append(
             f"{r['label']} | {r['meshsl_config']} | {fmt(m['samples_per_s'])} / {fmt(s['samples_per_s'])} | "
             f"{fmt(r['speedup_samples_per_s'], '.1f')} ({', '.join(str(x) for x in r['per_round_speedup'])}) | "
             f"{fmt(m['wall_s'], '.1f')} / {fmt(s['wall_s'], '.1f')} | {fmt(r['speedup_wall'], '.1f')} | "
+            f"{fmt(m.get('cpu_s'), '.1f')} / {fmt(s.get('cpu_s'), '.1f')} | {fmt(r.get('cpu_ratio'), '.1f')} | "
             f"{fmt(m['peak_rss_sum_mib'])} ({fmt(m['processes'], '.0f')}) / {fmt(s['peak_rss_sum_mib'])} "
             f"({fmt(s['processes'], '.0f')}) | {fmt(m['peak_pss_sum_mib'])} / {fmt(s['peak_pss_sum_mib'])} | "
             f"{fmt(m['accuracy'], '.3f')} / {fmt(s['accuracy'], '.3f')} ({fmt(r['accuracy_gap_held_out_samples'], '.0f')})"

@@ -66,21 +66,22 @@ def test_tree_memory_counts_every_process():
         proc.wait(timeout=60)
     result = memory.stop()
     assert result["processes"] == 2 and result["peak_rss_sum_mib"] >= 64 and result["peak_pss_sum_mib"] >= 64
+    assert result["cpu_s"] > 0
 
 
 @pytest.mark.unit
 def test_ratios_pair_runs_of_the_same_round():
     mine = [{"samples_per_s": 1000.0, "wall_s": 5.0, "peak_rss_sum_mib": 900.0, "peak_pss_sum_mib": 600.0,
-             "accuracy": 0.95, "processes": 3},
+             "accuracy": 0.95, "processes": 3, "cpu_s": 4.0},
             {"samples_per_s": 2000.0, "wall_s": 4.0, "peak_rss_sum_mib": 900.0, "peak_pss_sum_mib": 600.0,
-             "accuracy": 0.95, "processes": 3}]
+             "accuracy": 0.95, "processes": 3, "cpu_s": 4.0}]
     theirs = [{"samples_per_s": 100.0, "wall_s": 50.0, "peak_rss_sum_mib": 7000.0, "peak_pss_sum_mib": 3900.0,
-               "accuracy": 0.9472, "processes": 15, "test_rows": 359},
+               "accuracy": 0.9472, "processes": 15, "test_rows": 359, "cpu_s": 40.0},
               {"error": "SecretFlow exited 1: boom"}]
     (row,) = sfc.summarise("vanilla", {"M=4 1f1b": mine}, theirs)
     assert row["per_round_speedup"] == [10.0]  # the failed round pairs with nothing
     assert row["speedup_samples_per_s"] == pytest.approx(15.0)  # median 1500 against the one good run
-    assert row["speedup_wall"] == pytest.approx(50 / 4.5)
+    assert row["speedup_wall"] == pytest.approx(50 / 4.5) and row["cpu_ratio"] == pytest.approx(10.0)
     assert row["accuracy_gap_held_out_samples"] == pytest.approx(1.0, abs=0.05)
     assert row["errors"] == ["SecretFlow exited 1: boom"]
     assert "errors: 1" in sfc.table({"rows": [row], "rounds": 2, "load_avg_1m": None})
