@@ -113,6 +113,15 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _runqueue_wait_s(pid: int) -> float:
+    """Seconds one process has spent runnable but waiting for a CPU (schedstat's run delay); 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as handle:
+            return int(handle.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _memory_kib(pid: int) -> tuple[int, int, str]:
     """(peak RSS, current PSS) in KiB and the command name of one process; zeros when it is gone."""
     hwm = pss = 0
@@ -144,6 +153,7 @@ class TreeMemory:
         self.peak_rss_kib: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.cpu_s: dict[int, float] = {}
+        self.wait_s: dict[int, float] = {}
         self.peak_pss_sum_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -164,6 +174,7 @@ class TreeMemory:
                 self.peak_rss_kib[pid] = max(self.peak_rss_kib.get(pid, 0), hwm)
                 self.names.setdefault(pid, name)
             self.cpu_s[pid] = max(self.cpu_s.get(pid, 0.0), _cpu_seconds(pid))
+            self.wait_s[pid] = max(self.wait_s.get(pid, 0.0), _runqueue_wait_s(pid))
             pss_sum += pss
         self.peak_pss_sum_kib = max(self.peak_pss_sum_kib, pss_sum)
         return pids
@@ -174,6 +185,7 @@ class TreeMemory:
         return {"peak_rss_sum_mib": round(sum(self.peak_rss_kib.values()) / 1024, 1),
                 "peak_pss_sum_mib": round(self.peak_pss_sum_kib / 1024, 1),
                 "processes": len(self.peak_rss_kib), "cpu_s": round(sum(self.cpu_s.values()), 2),
+                "runqueue_wait_s": round(sum(self.wait_s.values()), 2),
                 "process_names": sorted(set(self.names.values()))}
 
 
@@ -289,7 +301,7 @@ def summarise(case: str, meshsl_runs: dict[str, list[dict]], peer_runs: list[dic
     for variant, runs in meshsl_runs.items():
         pairs = [(m, s) for m, s in zip(runs, peer_runs) if "error" not in m and "error" not in s]
         med = {side: {k: _median(rs, k) for k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib",
-                                                   "accuracy", "processes", "cpu_s")}
+                                                   "accuracy", "processes", "cpu_s", "runqueue_wait_s")}
                for side, rs in (("meshsl", runs), ("secretflow", peer_runs))}
         accuracy_gap = None
         if test_rows and med["meshsl"]["accuracy"] is not None and med["secretflow"]["accuracy"] is not None:
@@ -360,7 +372,7 @@ def measure(quick: bool = False) -> dict:
 def _progress(what: str, row: dict) -> None:
     brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
              if k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib", "processes", "accuracy",
-                      "cpu_s", "load_avg_1m", "error")}
+                      "cpu_s", "runqueue_wait_s", "load_avg_1m", "error")}
     print(what, json.dumps(brief), file=sys.stderr, flush=True)
 
 
