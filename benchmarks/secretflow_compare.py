@@ -254,22 +254,46 @@ CASES: dict[str, dict] = {
 }
 
 
+def steady_rate(log_lines, batch_size: int) -> Optional[float]:
+    """Samples/s after the first epoch, from the coordinator's "step committed" log lines (INFO), the way
+    the peer's script reports SecretFlow's (epochs 2..n): the first epoch carries one-off costs (lazy
+    imports on the first step, warm-up). Evaluation rounds between epochs stay in, against meshsl."""
+    from datetime import datetime
+    commits = []
+    for line in log_lines:
+        if " step committed" not in line:
+            continue
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if "epoch" in fields:
+            stamp = datetime.fromisoformat(line.split(" ", 1)[0].rstrip("Z")).timestamp()
+            commits.append((stamp, int(fields["epoch"])))
+    first_epoch_end = max((t for t, e in commits if e == 0), default=None)
+    later = [t for t, e in commits if e > 0]
+    if first_epoch_end is None or not later or later[-1] <= first_epoch_end:
+        return None
+    return len(later) * batch_size / (later[-1] - first_epoch_end)
+
+
 def run_meshsl(document: dict, task: str, timeout: float = 600.0) -> dict:
-    """`meshsl run T.yaml` as a user runs it: every node its own process, real ZeroMQ on loopback."""
+    """`meshsl run T.yaml` as a user runs it: every node its own process, real ZeroMQ on loopback. INFO
+    logging (one line per committed step on the coordinator) gives the steady rate after the first epoch."""
     with tempfile.TemporaryDirectory(prefix="meshsl-vs-sf-") as tmp:
         topology = Path(tmp) / "topology.yaml"
         topology.write_text(yaml.safe_dump(document, sort_keys=False))
         summary_path = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "meshsl", "run", str(topology), "--free-ports", "--no-progress",
+        cmd = [sys.executable, "-m", "meshsl", "run", str(topology), "--free-ports", "--no-progress", "--log-level", "INFO",
                "--summary-json", str(summary_path), "--run-dir", str(Path(tmp) / "run")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         proc, wall, memory = run_measured(cmd, ROOT, env, timeout)
         if proc.returncode != 0 or not summary_path.exists():
             return {"error": f"meshsl run exited {proc.returncode}: {(proc.stderr or proc.stdout)[-600:]}", **memory}
         summary = json.loads(summary_path.read_text())
+        lines = [line for log in (Path(tmp) / "run").glob("*.log") for line in log.read_text(errors="replace").splitlines()]
     evaluation = summary["tasks"][task]["eval"]
+    steady = steady_rate(lines, document["training"]["batch_size"])
     return {"samples_per_s": summary["samples_per_s"], "wall_s": wall, "accuracy": evaluation.get("accuracy"),
-            "samples": summary["samples"], "steps": summary["steps"], "train_seconds_reported":
+            "samples": summary["samples"], "steps": summary["steps"], "steady_samples_per_s": steady,
+            "train_seconds_reported":
             summary["samples"] / summary["samples_per_s"] if summary["samples_per_s"] else None, **memory}
 
 
@@ -305,8 +329,8 @@ def summarise(case: str, meshsl_runs: dict[str, list[dict]], peer_runs: list[dic
     test_rows = next((r["test_rows"] for r in peer_runs if "test_rows" in r), None)
     for variant, runs in meshsl_runs.items():
         pairs = [(m, s) for m, s in zip(runs, peer_runs) if "error" not in m and "error" not in s]
-        med = {side: {k: _median(rs, k) for k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib",
-                                                   "accuracy", "processes", "cpu_s", "runqueue_wait_s")}
+        med = {side: {k: _median(rs, k) for k in ("samples_per_s", "steady_samples_per_s", "wall_s", "peak_rss_sum_mib",
+                                                   "peak_pss_sum_mib", "accuracy", "processes", "cpu_s", "runqueue_wait_s")}
                for side, rs in (("meshsl", runs), ("secretflow", peer_runs))}
         accuracy_gap = None
         if test_rows and med["meshsl"]["accuracy"] is not None and med["secretflow"]["accuracy"] is not None:
@@ -315,6 +339,7 @@ def summarise(case: str, meshsl_runs: dict[str, list[dict]], peer_runs: list[dic
             "case": case, "label": CASES[case]["label"], "meshsl_config": variant, "rounds": len(runs),
             "meshsl": med["meshsl"], "secretflow": med["secretflow"],
             "speedup_samples_per_s": _ratio(med["meshsl"]["samples_per_s"], med["secretflow"]["samples_per_s"]),
+            "speedup_steady": _ratio(med["meshsl"]["steady_samples_per_s"], med["secretflow"]["steady_samples_per_s"]),
             "speedup_wall": _ratio(med["secretflow"]["wall_s"], med["meshsl"]["wall_s"]),
             "cpu_ratio": _ratio(med["secretflow"]["cpu_s"], med["meshsl"]["cpu_s"]),
             "memory_ratio_rss": _ratio(med["secretflow"]["peak_rss_sum_mib"], med["meshsl"]["peak_rss_sum_mib"]),
@@ -376,7 +401,7 @@ def measure(quick: bool = False) -> dict:
 
 def _progress(what: str, row: dict) -> None:
     brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-             if k in ("samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib", "processes", "accuracy",
+             if k in ("samples_per_s", "steady_samples_per_s", "wall_s", "peak_rss_sum_mib", "peak_pss_sum_mib", "processes", "accuracy",
                       "cpu_s", "runqueue_wait_s", "load_avg_1m", "error")}
     print(what, json.dumps(brief), file=sys.stderr, flush=True)
 
@@ -389,7 +414,8 @@ def table(result: dict) -> str:
     lines = [f"vs SecretFlow {result.get('secretflow_version', '')} SLModel (torch, Ray simulation); medians of "
              f"{result['rounds']} alternating rounds; load avg {fmt(load.get('min'), '.1f')}-{fmt(load.get('max'), '.1f')}"
              f" (median {fmt(load.get('median'), '.1f')})",
-             "task | meshsl | samples/s meshsl / SF | x (per round) | start-to-finish s meshsl / SF | x | "
+             "task | meshsl | samples/s meshsl / SF | x (per round) | after epoch 1 meshsl / SF | x | "
+             "start-to-finish s meshsl / SF | x | "
              "CPU s meshsl / SF | x | peak RSS sum MiB meshsl / SF (processes) | peak PSS MiB meshsl / SF | "
              "accuracy meshsl / SF (samples apart)"]
     for r in result["rows"]:
@@ -397,6 +423,8 @@ def table(result: dict) -> str:
         lines.append(
             f"{r['label']} | {r['meshsl_config']} | {fmt(m['samples_per_s'])} / {fmt(s['samples_per_s'])} | "
             f"{fmt(r['speedup_samples_per_s'], '.1f')} ({', '.join(str(x) for x in r['per_round_speedup'])}) | "
+            f"{fmt(m.get('steady_samples_per_s'))} / {fmt(s.get('steady_samples_per_s'))} | "
+            f"{fmt(r.get('speedup_steady'), '.1f')} | "
             f"{fmt(m['wall_s'], '.1f')} / {fmt(s['wall_s'], '.1f')} | {fmt(r['speedup_wall'], '.1f')} | "
             f"{fmt(m.get('cpu_s'), '.1f')} / {fmt(s.get('cpu_s'), '.1f')} | {fmt(r.get('cpu_ratio'), '.1f')} | "
             f"{fmt(m['peak_rss_sum_mib'])} ({fmt(m['processes'], '.0f')}) / {fmt(s['peak_rss_sum_mib'])} "

@@ -85,3 +85,12 @@ def test_ratios_pair_runs_of_the_same_round():
     assert row["accuracy_gap_held_out_samples"] == pytest.approx(1.0, abs=0.05)
     assert row["errors"] == ["SecretFlow exited 1: boom"]
     assert "errors: 1" in sfc.table({"rows": [row], "rounds": 2, "load_avg_1m": None})
+
+
+@pytest.mark.unit
+def test_steady_rate_reads_the_coordinators_commits():
+    line = "2026-12-02T10:00:{:06.3f}Z INFO meshsl.coordinator node=lab step committed step={} epoch={} samples_per_s=1.0"
+    lines = [line.format(0.5 * i, i, i // 4) for i in range(12)] + ["2026-12-02T10:00:09.000Z INFO other line"]
+    # epoch 0 ends at 1.5 s; epochs 1-2 commit 8 steps of 32 samples until 5.5 s
+    assert sfc.steady_rate(lines, 32) == pytest.approx(8 * 32 / 4.0)
+    assert sfc.steady_rate(lines[:4], 32) is None
