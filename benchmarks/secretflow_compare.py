@@ -13,8 +13,9 @@ Per run: samples/s as each framework reports its training (meshsl: the coordinat
 SecretFlow: `SLModel.fit` wall time), start-to-finish seconds of the user's command (`meshsl run ...`
 against `python sf_split_learning.py ...`: imports, start-up, training, evaluation, shut-down), memory
 of every process of the run (polled from /proc: the sum of each process's peak RSS, and the peak of the
-summed PSS, which counts shared pages once) and held-out accuracy. Reported: medians over rounds, ratios
-of those medians, and the per-round ratios (both figures of a ratio come from the same round).
+summed PSS, which counts shared pages once) and held-out accuracy. Reported: medians over rounds of each
+figure, and every ratio as the median of the rounds' own ratios (both figures of a ratio come from the
+same round), with each round's ratio.
 
 SecretFlow lives in its own interpreter (it needs its own pins, see benchmarks/secretflow_peer/INSTALL.md):
 
@@ -335,17 +336,27 @@ def summarise(case: str, meshsl_runs: dict[str, list[dict]], peer_runs: list[dic
         accuracy_gap = None
         if test_rows and med["meshsl"]["accuracy"] is not None and med["secretflow"]["accuracy"] is not None:
             accuracy_gap = round(abs(med["meshsl"]["accuracy"] - med["secretflow"]["accuracy"]) * test_rows, 1)
+        def per_round(key: str, mine_over_theirs: bool) -> list[float]:
+            pairs_with = [(m.get(key), s.get(key)) for m, s in pairs]
+            return [round((a / b) if mine_over_theirs else (b / a), 2) for a, b in pairs_with if a and b]
+
+        def ratio(key: str, mine_over_theirs: bool) -> Optional[float]:
+            """The median of the rounds' own ratios: both figures of each from the same round."""
+            values = per_round(key, mine_over_theirs)
+            return statistics.median(values) if values else None
+
         rows.append({
             "case": case, "label": CASES[case]["label"], "meshsl_config": variant, "rounds": len(runs),
             "meshsl": med["meshsl"], "secretflow": med["secretflow"],
-            "speedup_samples_per_s": _ratio(med["meshsl"]["samples_per_s"], med["secretflow"]["samples_per_s"]),
-            "speedup_steady": _ratio(med["meshsl"]["steady_samples_per_s"], med["secretflow"]["steady_samples_per_s"]),
-            "speedup_wall": _ratio(med["secretflow"]["wall_s"], med["meshsl"]["wall_s"]),
-            "cpu_ratio": _ratio(med["secretflow"]["cpu_s"], med["meshsl"]["cpu_s"]),
-            "memory_ratio_rss": _ratio(med["secretflow"]["peak_rss_sum_mib"], med["meshsl"]["peak_rss_sum_mib"]),
-            "memory_ratio_pss": _ratio(med["secretflow"]["peak_pss_sum_mib"], med["meshsl"]["peak_pss_sum_mib"]),
-            "per_round_speedup": [round(m["samples_per_s"] / s["samples_per_s"], 2) for m, s in pairs],
-            "per_round_wall_speedup": [round(s["wall_s"] / m["wall_s"], 2) for m, s in pairs],
+            "speedup_samples_per_s": ratio("samples_per_s", True),
+            "speedup_steady": ratio("steady_samples_per_s", True),
+            "speedup_wall": ratio("wall_s", False),
+            "cpu_ratio": ratio("cpu_s", False),
+            "memory_ratio_rss": ratio("peak_rss_sum_mib", False),
+            "memory_ratio_pss": ratio("peak_pss_sum_mib", False),
+            "ratio_of_median_samples_per_s": _ratio(med["meshsl"]["samples_per_s"], med["secretflow"]["samples_per_s"]),
+            "per_round_speedup": per_round("samples_per_s", True),
+            "per_round_wall_speedup": per_round("wall_s", False),
             "accuracy_gap_held_out_samples": accuracy_gap, "test_rows": test_rows,
             "errors": [r["error"] for r in [*runs, *peer_runs] if "error" in r],
         })

@@ -80,8 +80,9 @@ def test_ratios_pair_runs_of_the_same_round():
               {"error": "SecretFlow exited 1: boom"}]
     (row,) = sfc.summarise("vanilla", {"M=4 1f1b": mine}, theirs)
     assert row["per_round_speedup"] == [10.0]  # the failed round pairs with nothing
-    assert row["speedup_samples_per_s"] == pytest.approx(15.0)  # median 1500 against the one good run
-    assert row["speedup_wall"] == pytest.approx(50 / 4.5) and row["cpu_ratio"] == pytest.approx(10.0)
+    assert row["speedup_samples_per_s"] == pytest.approx(10.0)  # from the one round with both sides
+    assert row["ratio_of_median_samples_per_s"] == pytest.approx(15.0)  # median 1500 against 100: not quoted
+    assert row["speedup_wall"] == pytest.approx(10.0) and row["cpu_ratio"] == pytest.approx(10.0)
     assert row["accuracy_gap_held_out_samples"] == pytest.approx(1.0, abs=0.05)
     assert row["errors"] == ["SecretFlow exited 1: boom"]
     assert "errors: 1" in sfc.table({"rows": [row], "rounds": 2, "load_avg_1m": None})
