@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 SECTIONS = ("transport", "pipelining", "scale", "startup", "gpu")
-# Run only when named: wan needs root, network namespaces and nft; psi at 10^6 ids takes minutes.
-OPTIONAL = ("wan", "psi")
+# Run only when named: wan needs root, network namespaces and nft; psi at 10^6 ids takes minutes;
+# secretflow needs SecretFlow in its own venv (MESHSL_SECRETFLOW_PYTHON) and takes 10+ minutes.
+OPTIONAL = ("wan", "psi", "secretflow")
+MODULES = {"secretflow": "secretflow_compare"}  # a module named secretflow would shadow the peer's package
 
 
 def machine() -> dict:
@@ -128,6 +130,10 @@ def table(results: dict) -> str:
         from benchmarks.psi import table as psi_table
         add("")
         lines.append(psi_table(results["psi"]))
+    if "secretflow" in results:
+        from benchmarks.secretflow_compare import table as secretflow_table
+        add("")
+        lines.append(secretflow_table(results["secretflow"]))
     return "\n".join(lines)
 
 
@@ -137,14 +143,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (< 2 minutes)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     parser.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL,
-                        help="run only these sections (wan and psi run only when named)")
+                        help="run only these sections (wan, psi and secretflow run only when named)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     results: dict = {"machine": machine(), "quick": args.quick}
     timings = {}
     for section in args.only or SECTIONS:
         started = time.perf_counter()
-        module = __import__(f"benchmarks.{section}", fromlist=["measure"])
+        module = __import__(f"benchmarks.{MODULES.get(section, section)}", fromlist=["measure"])
         print(f"== {section} ...", file=sys.stderr, flush=True)
         results[section] = module.measure(quick=args.quick)
         timings[section] = round(time.perf_counter() - started, 1)

@@ -734,7 +734,7 @@ class NodeRuntime:
             worker.begin(RoundContext(round=action.round, phase="train", micro_batches=self.machine.micro_batches,
                                       lanes=action.lanes, epoch=info.epoch, step=info.step,
                                       step_in_epoch=info.step_in_epoch))
-            self._round_meta = {"lanes": list(action.lanes)}
+            self._round_meta = {"lanes": action.lanes}  # shared tuple (a copy per node: clients squared)
             self._train_step = info.step
             if self.metrics:
                 self.metrics.progress(info.step, info.epoch)
