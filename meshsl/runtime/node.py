@@ -71,11 +71,14 @@ class NodeRuntime:
                  coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
                  resume: bool = False, endpoint: Optional[str] = None, weights_dir: Optional[Path] = None,
                  inference=None, executor: Optional[concurrent.futures.Executor] = None,
-                 bind: Optional[str] = None, peer_endpoints: Optional[dict] = None) -> None:
+                 bind: Optional[str] = None, peer_endpoints: Optional[dict] = None, standby: bool = False,
+                 metrics_factory: Optional[Callable] = None) -> None:
         """`weights_dir`: start from saved segment weights (see entry.load_saved_weights); `inference`: a
         meshsl.predict.NodeInference (this node's own prediction input/output; no checkpoints are written);
         `executor`: where compute runs, one task at a time per node (default: a thread of its own; a
-        simulation hosting many nodes passes one shared single-thread executor)."""
+        simulation hosting many nodes passes one shared single-thread executor); `standby`: a warm
+        standby (docs/failover.md): build everything, then wait for "takeover" on stdin, take the
+        endpoint over and resume from the newest checkpoint; `metrics_factory`: serves metrics then."""
         self.topology = topology
         self.weights_dir = weights_dir
         self.inference = inference
@@ -90,9 +93,14 @@ class NodeRuntime:
                                        **transport_security(topology, node, self._on_auth_refused),
                                        **({"bind": bind} if bind else {}))
         self.transport = transport
+        if hasattr(transport, "on_dropped"):
+            transport.on_dropped = self._on_connection_dropped
         self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
         self.checkpoint_every = topology.spec.checkpoint.every if inference is None else 0
-        self.resume = resume
+        self.resume = resume or standby
+        self.standby = standby
+        self.stood_down = False  # a standby that was never needed (its supervisor closed stdin)
+        self._metrics_factory = metrics_factory
         self.policy = topology.spec.retry
         self._coordinator_seen = time.monotonic()
         self._run: Optional[control.Run] = None  # the self-driven training steps in progress (docs/wan.md)
@@ -142,13 +150,20 @@ class NodeRuntime:
         loop = self._loop = asyncio.get_running_loop()
         self._poster = poster_for(loop)
         from meshsl.align.runner import align_before_training
+        if self.standby and not await self._stand_by():
+            self.stood_down = True
+            await self.transport.close()
+            if self._owns_executor:
+                self.executor.shutdown(wait=True)
+            return
         aligned = await align_before_training(self)  # PSI on sample ids before any data is read (meshsl.align)
         if aligned is False:
             await self.transport.close()
             if self._owns_executor:
                 self.executor.shutdown(wait=True)
             return
-        self.worker = await loop.run_in_executor(self.executor, self._build_worker)
+        if self.worker is None:  # (a warm standby built it while waiting)
+            self.worker = await loop.run_in_executor(self.executor, self._build_worker)
         await loop.run_in_executor(self.executor, self._prepare_checkpoints)
         if aligned is None:
             await self.transport.start()
@@ -172,6 +187,35 @@ class NodeRuntime:
             await self.transport.close()
             if self._owns_executor:
                 self.executor.shutdown(wait=True)
+
+    async def _stand_by(self) -> bool:
+        """A warm standby: everything a start needs is done now (imports, topology, and the modules,
+        optimizers and data unless rows are aligned by id first); then wait for the supervisor's
+        "takeover" line on stdin (EOF: stand down, False) and for the endpoint to be free."""
+        import sys
+        from meshsl.align.ids import uses_ids
+        loop = asyncio.get_running_loop()
+        if not uses_ids(self.topology):
+            self.worker = await loop.run_in_executor(self.executor, self._build_worker)
+        log.info("%s: warm standby ready", self.node)
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                log.info("%s: standby not needed", self.node)
+                return False
+            if line.strip() == "takeover":
+                break
+        started = time.monotonic()
+        address = getattr(self.transport, "bind", None) or self.transport.endpoint
+        while address and not _endpoint_free(address):
+            if time.monotonic() - started > self.policy.startup_timeout_s:
+                raise MeshslError(f"standby of {self.node!r}: {address} still in use after "
+                                  f"{self.policy.startup_timeout_s:.0f}s (is the primary still running?)")
+            await asyncio.sleep(0.01)
+        if self.metrics is None and self._metrics_factory is not None:
+            self.metrics = self._metrics_factory()
+        log.warning("%s: standby taking over %s", self.node, address)
+        return True
 
     def _build_worker(self) -> SegmentWorker:
         torch.set_num_threads(self.spec.threads)
@@ -274,6 +318,15 @@ class NodeRuntime:
         if self.metrics:
             self.metrics.auth_refused()
         log.warning("%s: refused a connection (%s)", self.node, reason)
+
+    def _on_connection_dropped(self) -> None:
+        """The socket dropped a connection: a frame above the message limit (refused unread, so it is
+        counted here) or a peer that went away; the socket cannot tell which."""
+        self.counters.reject("connection_dropped")
+        if self.metrics:
+            self.metrics.rejected("connection_dropped")
+        log.info("%s: a connection was dropped (a frame above %s bytes, or the peer left)", self.node,
+                 self.max_message_bytes)
 
     def _stop_if_key_refused(self, since: float) -> bool:
         """The coordinator keeps refusing our CURVE key: give up after the startup timeout."""
@@ -851,6 +904,25 @@ class NodeRuntime:
         if cached is None:
             cached = self.__dict__["_model_hash_value"] = checkpoint.model_hash(self.topology)
         return cached
+
+
+def _endpoint_free(endpoint: str) -> bool:
+    """Can a listener bind this tcp:// endpoint now (the primary's socket is gone)? Other transports: yes."""
+    import socket
+    from urllib.parse import urlsplit
+    if not endpoint.startswith("tcp://"):
+        return True
+    parts = urlsplit(endpoint)
+    host = "" if parts.hostname in (None, "*") else parts.hostname
+    try:
+        family = socket.getaddrinfo(host or None, parts.port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq does: TIME_WAIT is no owner
+            probe.bind((host, parts.port))
+            probe.listen(1)
+    except OSError:
+        return False
+    return True
 
 
 def coordinator_silence_limit(policy) -> float:

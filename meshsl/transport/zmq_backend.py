@@ -100,6 +100,9 @@ class ZmqTransport(Transport):
         self._monitors: list = []
         self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
         self.sent_hook = None
+        # Called when the bound socket drops an established connection: a frame above MAXMSGSIZE is
+        # refused unread that way (libzmq cannot tell it from a peer hanging up); set before start().
+        self.on_dropped: Optional[Callable[[], None]] = None
         self.copy_threshold = copy_threshold
         self.max_message_bytes = max_message_bytes
         self.connection_timeout_s = connection_timeout_s
@@ -114,6 +117,7 @@ class ZmqTransport(Transport):
         self._routes: dict[str, bytes] = {}  # accepting: dial-out peer -> routing id it announced (authenticated)
         self._dial_monitor: Optional[asyncio.Task] = None
         self._loopback: collections.deque = collections.deque()  # dial-out: messages to itself (bounded by HWM)
+        self._nonce = secrets.token_hex(6)  # this process's part of its outgoing routing ids
 
     async def start(self) -> None:
         if self.dial_out:
@@ -141,8 +145,11 @@ class ZmqTransport(Transport):
             configure_server(router, self.keyring)
             from meshsl.security.curve import HandshakeMonitor
             # ZAP refusals are counted by the authenticator; the monitor adds what never reaches ZAP
-            # (plain-text clients, garbled handshakes).
-            self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure))
+            # (plain-text clients, garbled handshakes), and connections dropped after a handshake.
+            self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure, on_dropped=self.on_dropped))
+        elif self.on_dropped is not None:
+            from meshsl.security.curve import HandshakeMonitor
+            self._monitors.append(HandshakeMonitor(router, None, on_dropped=self.on_dropped))
         try:
             router.bind(self.bind or self.endpoint)
         except zmq.ZMQError as exc:
@@ -295,7 +302,9 @@ class ZmqTransport(Transport):
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.ROUTING_ID, self.node.encode())
+        # `name#nonce`, new in every process: a restarted node's connection never collides with the one
+        # its dead predecessor left behind (libzmq leaves a duplicate routing id unread for good).
+        sock.setsockopt(zmq.ROUTING_ID, f"{self.node}#{self._nonce}".encode())
         if self.keyring is not None:
             from meshsl.security.curve import configure_client
             configure_client(sock, self.keyring, peer)
@@ -436,7 +445,13 @@ class ZmqTransport(Transport):
     def _is_announcement(self, frames: list) -> bool:
         """One empty frame from a dial-out route (`name#nonce`): it only tells us the way back. The same
         from any other connection is an ordinary (malformed) message, rejected and counted by the node."""
-        return len(frames) == 2 and len(frames[1]) == 0 and (self.dial_out or b"#" in frames[0].bytes)
+        if len(frames) != 2 or len(frames[1]) != 0:
+            return False
+        if self.dial_out:
+            return True
+        name, hashed, _ = frames[0].bytes.partition(b"#")
+        peer = name.decode("utf-8", "replace")
+        return bool(hashed) and peer in self.address_book and not self.address_book[peer]
 
     def _identify(self, frames: list) -> tuple[str, list]:
         routing_id = frames[0].bytes
