@@ -195,6 +195,8 @@ def run(topology: Path = typer.Argument(...),
         no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="no checkpoints: a lost node ends the run"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
+        warm_standby: bool = typer.Option(False, "--warm-standby", help="a waiting second process per node takes "
+                                          "over when the node dies (no start-up in recovery)"),
         log_level: Optional[str] = typer.Option(None, "--log-level",
                                                 help="DEBUG, INFO, WARNING or ERROR, here and in every node's log")) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
@@ -220,7 +222,7 @@ def run(topology: Path = typer.Argument(...),
     every = 0 if no_checkpoint else (checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
     launcher = LocalRun(topology, run_dir or default_run_dir(topo.spec.name), steps=steps, epochs=epochs,
                         free_ports=free_ports, weights_out=weights_out, resume=resume, log_level=level,
-                        weights_in=weights, checkpoint_every=every)
+                        weights_in=weights, checkpoint_every=every, warm_standby=warm_standby)
     resolved = launcher.prepare()
     console.print(f"run directory: {launcher.run_dir} (logs, checkpoints, summary)")
     resolved_topo = load(resolved, topology.parent)
@@ -285,6 +287,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
                                                  "peers keep using the topology's endpoint"),
          peer: list[str] = typer.Option([], "--peer", help="NAME=ENDPOINT: reach peer NAME there instead of at the "
                                          "topology's endpoint (repeatable; also MESHSL_PEERS=NAME=ENDPOINT,...)"),
+         standby: bool = typer.Option(False, "--standby", help="warm standby: start and wait; a line 'takeover' on "
+                                      "stdin (after the primary died) takes over its endpoint and resumes"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime.coordinator import RunOptions
@@ -302,6 +306,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
     runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights, **overrides}
+    if standby:
+        runtime_options["standby"] = True
     if partial_weights_out is not None:
         runtime_options["partial_weights_out"] = partial_weights_out
     if checkpoint_dir is not None:

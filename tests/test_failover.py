@@ -34,9 +34,10 @@ def chaos_topology(tmp_path: Path, name: str = "vanilla.yaml", every: int = 1, s
     return path
 
 
-def train(path: Path, run_dir: Path, fault=None) -> tuple[dict, LocalRun]:
+def train(path: Path, run_dir: Path, fault=None, warm_standby: bool = False) -> tuple[dict, LocalRun]:
     """Run with real node processes; `fault(launcher, row)` may kill or pause nodes from the progress stream."""
-    run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False)
+    run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False,
+                   warm_standby=warm_standby)
     resolved = run.prepare()
     topology = topology_from_spec(load_spec(resolved), str(resolved), path.parent)
     if fault:
@@ -125,6 +126,38 @@ def test_middle_hop_fails_over_to_its_standby_endpoint(tmp_path):
     relay = next(n for n in standby["nodes"] if n["name"] == "relay_2")
     assert restart["endpoint"] == relay["standby"][0] != relay["endpoint"]
     assert summary["failovers"] == 1
+    assert_same_weights(weights(tmp_path / "chaos"), weights(tmp_path / "clean"))
+
+
+def test_warm_standby_takes_over_a_killed_node(tmp_path, reference_run):
+    """`meshsl run --warm-standby`: a second process per node waits, already started; the client is
+    SIGKILLed and its standby takes over its endpoint at once (detected by the new incarnation, not by a
+    timeout; no process start-up). Weights equal those of an uninterrupted run; no standby is left."""
+    path, expected, _ = reference_run
+    summary, run = train(path, tmp_path / "run", kill_at("client", 5), warm_standby=True)
+    replaced = [(e["event"], e["node"]) for e in run.events if e["event"] in ("takeover", "restart")]
+    assert replaced == [("takeover", "client")]
+    assert summary["failovers"] == 1 and summary["failover_events"][0]["cause"] == "restarted"
+    assert not run.standbys
+    assert_same_weights(weights(tmp_path / "run"), expected)
+
+
+LONG = pytest.mark.skipif(not os.environ.get("MESHSL_CHAOS_LONG"), reason="set MESHSL_CHAOS_LONG=1 (minutes)")
+
+
+@pytest.mark.slow
+@LONG
+def test_warm_standby_takes_over_a_killed_middle_hop(tmp_path):
+    """`meshsl run --warm-standby`: a second process per node waits, already started; relay_2 is
+    SIGKILLed and its standby takes over its endpoint at once (no process start-up, detected by its
+    new incarnation, not by a timeout). Weights equal those of an uninterrupted run."""
+    path = chaos_topology(tmp_path, "multi_hop.yaml", steps=12)
+    train(path, tmp_path / "clean")
+    summary, run = train(path, tmp_path / "chaos", kill_at("relay_2", 5), warm_standby=True)
+    takeover = [e for e in run.events if e["event"] in ("takeover", "restart")]
+    assert [(e["event"], e["node"]) for e in takeover] == [("takeover", "relay_2")]
+    assert summary["failovers"] == 1 and summary["failover_events"][0]["cause"] == "restarted"
+    assert not run.standbys and all(p.poll() is not None for p in run.processes.values())
     assert_same_weights(weights(tmp_path / "chaos"), weights(tmp_path / "clean"))
 
 
