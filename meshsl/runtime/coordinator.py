@@ -113,11 +113,13 @@ class Coordinator:
         """Nodes not heard from within the heartbeat timeout (never heard from: not lost)."""
         now = time.monotonic()
         if now - self._last_liveness_check > self.policy.heartbeat_timeout_s / 2:
-            # We ourselves did not run (process paused, loop starved): the silence is ours, and the
-            # peers' heartbeats may still sit unread in the socket. Start their clocks afresh.
-            for name in self.last_seen:
-                self.last_seen[name] = now
+            # We ourselves did not run (process paused, loop starved): the peers' heartbeats may still
+            # sit unread in the socket. Judge nobody until we have run long enough to read them; their
+            # clocks are kept (a reset would hide a dead peer for as long as a busy machine starves us).
+            self._judge_after = now + max(2 * self.policy.heartbeat_interval_s, 0.5)
         self._last_liveness_check = now
+        if now < getattr(self, "_judge_after", 0.0):
+            return set()
         limit = now - self.policy.heartbeat_timeout_s
         lost = set()
         for name, when in self.last_seen.items():
@@ -126,6 +128,11 @@ class Coordinator:
             if name != self.node.node and name in self._node_set:
                 lost.add(name)
         return lost
+
+    def _silent(self, nodes: set[str]) -> set[str]:
+        """Those of `nodes` not heard from within the heartbeat timeout (never heard from: silent)."""
+        limit = time.monotonic() - self.policy.heartbeat_timeout_s
+        return {n for n in nodes if n != self.node.node and self.last_seen.get(n, 0.0) < limit}
 
     @property
     def _node_set(self) -> frozenset:
@@ -189,7 +196,11 @@ class Coordinator:
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NodesLost(pending, f"did not {what} within {timeout or self.policy.timeout_s:.1f}s")
+                # Nodes that still heartbeat are waiting on the others (a chain behind a frozen hop): name
+                # only the silent ones when there are any, so healthy processes are not replaced.
+                silent = self._silent(pending)
+                raise NodesLost(silent or pending, f"did not {what} within {timeout or self.policy.timeout_s:.1f}s"
+                                + (" (no heartbeat either)" if silent else ""))
             lost = self._lost_nodes()
             if lost:
                 raise NodesLost(lost, f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s", cause="heartbeat")

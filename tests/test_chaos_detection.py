@@ -1,0 +1,90 @@
+"""Failure detection in the coordinator (no processes; the clock is driven by the test): a coordinator
+that was starved or paused judges nobody until it has had time to read the queued heartbeats, but it
+keeps every peer's clock, so a dead peer is still found on a machine that keeps starving it; a round
+that times out names only the nodes that are silent, not the healthy ones waiting behind them."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from meshsl.runtime import coordinator as coordinator_module
+from meshsl.runtime.coordinator import Coordinator, NodesLost
+from meshsl.topology.model import load_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def chain(tmp_path, monkeypatch):
+    clock = Clock()
+    fake_time = SimpleNamespace(monotonic=clock, time=time.time, perf_counter=time.perf_counter)
+    monkeypatch.setattr(coordinator_module, "time", fake_time)  # the coordinator's clock only, not asyncio's
+    topology = load_topology(ROOT / "topologies" / "multi_hop.yaml")
+    node = SimpleNamespace(topology=topology, node=topology.coordinator, checkpoint_dir=tmp_path, metrics=None)
+    coordinator = Coordinator(node)
+    for name in topology.nodes:
+        coordinator.seen(name)
+    return coordinator, clock
+
+
+def test_a_dead_peer_is_found_although_the_coordinator_keeps_being_starved(chain):
+    coordinator, clock = chain
+    timeout = coordinator.policy.heartbeat_timeout_s  # 5 s by default
+    everyone_but_clinic = [n for n in coordinator.nodes if n not in ("clinic", coordinator.node.node)]
+    lost: set = set()
+    for _ in range(6):  # a loaded machine: starved for 0.6 timeout, then 0.6 timeout of normal running
+        clock.now += 0.6 * timeout
+        for _ in range(int(0.6 * timeout / 0.2)):
+            for name in everyone_but_clinic:
+                coordinator.seen(name)  # their heartbeats are read whenever we run; clinic stays silent
+            lost |= coordinator._lost_nodes()
+            clock.now += 0.2
+    assert lost == {"clinic"}
+
+
+def test_a_paused_coordinator_declares_nobody_lost_before_reading_the_queue(chain):
+    coordinator, clock = chain
+    clock.now += 3 * coordinator.policy.heartbeat_timeout_s  # we were paused (SIGSTOP) past the timeout
+    assert coordinator._lost_nodes() == set()  # the peers' heartbeats are still unread in the socket
+    for name in coordinator.nodes:
+        coordinator.seen(name)  # ... and now read
+    clock.now += 0.6
+    assert coordinator._lost_nodes() == set()
+
+
+def test_a_round_timeout_names_only_the_silent_nodes(chain):
+    import asyncio
+    coordinator, clock = chain
+    coordinator.policy = coordinator.policy.model_copy(update={"timeout_s": 1.0, "heartbeat_timeout_s": 60.0})
+    clock.now += 61.0
+    for name in ("relay_1", "relay_2", "relay_3"):
+        coordinator.seen(name)  # alive, waiting for the clinic's activations
+    coordinator._last_liveness_check = clock.now - 40.0  # we were starved: no heartbeat judgement for now
+
+    class Ticking(Clock):  # every look at the clock costs half a second
+        def __call__(self) -> float:
+            self.now += 0.5
+            return self.now
+    ticking = Ticking()
+    ticking.now = clock.now
+    coordinator_module.time.monotonic = ticking  # (restored by monkeypatch)
+
+    async def collect():
+        await coordinator._collect(coordinator_module.Kind.DONE, {"clinic", "relay_1", "relay_2", "relay_3"}, 1,
+                                   "finish its step", timeout=1.0)
+
+    with pytest.raises(NodesLost) as raised:
+        asyncio.run(collect())
+    assert raised.value.nodes == {"clinic"}
+    assert "no heartbeat either" in raised.value.why
