@@ -81,6 +81,7 @@ class Coordinator:
         # node -> when it was last heard from, oldest first (seen() moves a node to the end): the lost-node
         # check, done for every message collected, looks only at the head instead of at every node.
         self.last_seen: OrderedDict[str, float] = OrderedDict()
+        self.heard: dict[str, float] = {}  # node -> when it was last heard from (never reset)
         self.checkpoints: dict[str, set[int]] = {}  # node -> checkpoint steps it reported
         self.endpoints: dict[str, str] = {}  # node -> endpoint it announced (standbys move nodes)
         self.predict_rows: dict[str, int] = {}  # node -> rows of its prediction input (predict runs)
@@ -106,20 +107,19 @@ class Coordinator:
         self.round = self.incarnation * ROUNDS_PER_INCARNATION
 
     def seen(self, node: str) -> None:
-        self.last_seen[node] = time.monotonic()
+        self.last_seen[node] = self.heard[node] = time.monotonic()
         self.last_seen.move_to_end(node)
 
     def _lost_nodes(self) -> set[str]:
         """Nodes not heard from within the heartbeat timeout (never heard from: not lost)."""
         now = time.monotonic()
         if now - self._last_liveness_check > self.policy.heartbeat_timeout_s / 2:
-            # We ourselves did not run (process paused, loop starved): the peers' heartbeats may still
-            # sit unread in the socket. Judge nobody until we have run long enough to read them; their
-            # clocks are kept (a reset would hide a dead peer for as long as a busy machine starves us).
-            self._judge_after = now + max(2 * self.policy.heartbeat_interval_s, 0.5)
+            # We ourselves did not run (process paused, loop starved): the silence is ours, and the
+            # peers' heartbeats may still sit unread in the socket. Start their clocks afresh (a busy
+            # machine starves everyone alike: lenient here; `heard` keeps the true times, see _silent).
+            for name in self.last_seen:
+                self.last_seen[name] = now
         self._last_liveness_check = now
-        if now < getattr(self, "_judge_after", 0.0):
-            return set()
         limit = now - self.policy.heartbeat_timeout_s
         lost = set()
         for name, when in self.last_seen.items():
@@ -132,7 +132,7 @@ class Coordinator:
     def _silent(self, nodes: set[str]) -> set[str]:
         """Those of `nodes` not heard from within the heartbeat timeout (never heard from: silent)."""
         limit = time.monotonic() - self.policy.heartbeat_timeout_s
-        return {n for n in nodes if n != self.node.node and self.last_seen.get(n, 0.0) < limit}
+        return {n for n in nodes if n != self.node.node and self.heard.get(n, 0.0) < limit}
 
     @property
     def _node_set(self) -> frozenset:
