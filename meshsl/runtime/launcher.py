@@ -87,6 +87,7 @@ class LocalRun:
     restarts: dict = field(default_factory=dict)
     events: list = field(default_factory=list)  # failover events with monotonic timestamps
     _lost: list = field(default_factory=list)
+    _last_step_seen: Optional[float] = None  # when the coordinator last reported a committed step
     started_at: dict = field(default_factory=dict)
     processes: dict = field(default_factory=dict)
 
@@ -214,8 +215,11 @@ class LocalRun:
             silence = topology.spec.retry.heartbeat_timeout_s
             for name, noticed in self._lost_by_coordinator():
                 proc = self.processes.get(name)
-                # Replace a process that went silent (e.g. paused); not a replacement started since.
-                if proc is not None and proc.poll() is None and self.started_at[name] < noticed - silence:
+                # Replace a process that went silent (e.g. paused); not a replacement started since (on
+                # a busy machine the coordinator notices late: one started after the last step is new).
+                since_step = self._last_step_seen is None or self.started_at[name] < self._last_step_seen
+                if proc is not None and proc.poll() is None and self.started_at[name] < noticed - silence \
+                        and since_step:
                     proc.kill()
                     proc.wait()
             # The coordinator first: when it fails, the nodes it told stop too (non-zero), and the run is its.
@@ -288,6 +292,8 @@ class LocalRun:
                 row = json.loads(line[len(PROGRESS_PREFIX):])
             except ValueError:
                 continue
+            if "step" in row and not row.get("event"):
+                self._last_step_seen = time.monotonic()
             if row.get("event"):
                 self.events.append(dict(row, time=time.monotonic()))
                 if row["event"] == "nodes_lost":

@@ -282,7 +282,10 @@ class NodeRuntime:
                 now - self._last_heartbeat.get(peer, 0.0) < self.policy.heartbeat_timeout_s / 2:
             return
         self._last_heartbeat[peer] = now
-        self._post(peer, encode_message(self.envelope(Kind.HEARTBEAT)), None)
+        # The coordinator's node names its process: a peer that sees a new one (a standby took over
+        # within the heartbeat timeout) announces itself again at once.
+        meta = {"incarnation": self.incarnation} if self.coordinator is not None else {}
+        self._post(peer, encode_message(self.envelope(Kind.HEARTBEAT, meta=meta)), None)
 
     def _finish_if_idle(self) -> None:
         """Stop once the compute thread has nothing left (a commit's optimizer step must not be lost)."""
@@ -544,11 +547,23 @@ class NodeRuntime:
             else:
                 self.coordinator.deliver(sender, envelope, tensors)
         elif kind == Kind.HEARTBEAT:
+            if sender == self.coordinator_node and self.coordinator is None:
+                self._check_coordinator_incarnation(envelope.meta.get("incarnation"))
             if self.metrics:
                 self.metrics.heartbeat(sender)
                 self.metrics.peer_up(sender, True)
         else:
             raise ProtocolError("unexpected", f"{kind.value} is not handled by a node", sender)
+
+    def _check_coordinator_incarnation(self, token) -> None:
+        """A heartbeat from a new process of the coordinator's node: it knows nothing of us yet."""
+        if not isinstance(token, str) or len(token) > 64:
+            return
+        previous, self._coordinator_incarnation = getattr(self, "_coordinator_incarnation", None), token
+        if previous is not None and previous != token and self._hello_acked.is_set():
+            log.warning("%s: coordinator %s restarted; announcing again", self.node, self.coordinator_node)
+            self._hello_acked.clear()
+            self._group.create_task(self._announce(), name=f"{self.node}-hello-again")
 
     def _on_tensor(self, sender: str, envelope: Envelope, tensors: list) -> None:
         edge = self.edges.get(envelope.edge)

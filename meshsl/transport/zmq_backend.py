@@ -31,6 +31,8 @@ YIELD_INTERVAL_S = 0.0005
 _NOBLOCK = int(zmq.NOBLOCK)
 FRAME_SLACK_BYTES = 64 * 1024
 CLOSE_LINGER_MS = 500
+# A restarted peer is reached again within this after it binds (recovery waits on it; 2 s was the old cap).
+RECONNECT_IVL_MAX_MS = 500
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
@@ -167,7 +169,7 @@ class ZmqTransport(Transport):
         if self.max_message_bytes is not None:  # as on the bound socket: refused before it is buffered
             router.setsockopt(zmq.MAXMSGSIZE, int(self.max_message_bytes) + FRAME_SLACK_BYTES)
         router.setsockopt(zmq.RECONNECT_IVL, 100)
-        router.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        router.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # A fresh nonce per socket: a restarted node is a new route, never a takeover of an old one.
         router.setsockopt(zmq.ROUTING_ID, f"{self.node}#{secrets.token_hex(6)}".encode())
         if self.keyring is not None:
@@ -301,7 +303,7 @@ class ZmqTransport(Transport):
         sock.setsockopt(zmq.SNDHWM, self.high_water_mark)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # `name#nonce`, new in every process: a restarted node's connection never collides with the one
         # its dead predecessor left behind (libzmq leaves a duplicate routing id unread for good).
         sock.setsockopt(zmq.ROUTING_ID, f"{self.node}#{self._nonce}".encode())
