@@ -73,3 +73,16 @@ def test_a_round_timeout_names_only_the_silent_nodes(chain):
         asyncio.run(collect())
     assert raised.value.nodes == {"clinic"}
     assert "no heartbeat either" in raised.value.why
+
+
+def test_a_standby_sees_the_endpoint_free_only_once_the_primary_socket_is_gone():
+    import socket
+    from meshsl.runtime.standby import endpoint_free
+    with socket.socket() as primary:
+        primary.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        primary.bind(("127.0.0.1", 0))
+        primary.listen(1)
+        endpoint = f"tcp://127.0.0.1:{primary.getsockname()[1]}"
+        assert not endpoint_free(endpoint)
+    assert endpoint_free(endpoint)
+    assert endpoint_free("ipc:///tmp/anything")  # only tcp endpoints are probed

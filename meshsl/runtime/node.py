@@ -192,26 +192,15 @@ class NodeRuntime:
         """A warm standby: everything a start needs is done now (imports, topology, and the modules,
         optimizers and data unless rows are aligned by id first); then wait for the supervisor's
         "takeover" line on stdin (EOF: stand down, False) and for the endpoint to be free."""
-        import sys
         from meshsl.align.ids import uses_ids
-        loop = asyncio.get_running_loop()
+        from meshsl.runtime.standby import wait_for_takeover, wait_until_free
         if not uses_ids(self.topology):
-            self.worker = await loop.run_in_executor(self.executor, self._build_worker)
+            self.worker = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_worker)
         log.info("%s: warm standby ready", self.node)
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                log.info("%s: standby not needed", self.node)
-                return False
-            if line.strip() == "takeover":
-                break
-        started = time.monotonic()
+        if not await wait_for_takeover(self.node):
+            return False
         address = getattr(self.transport, "bind", None) or self.transport.endpoint
-        while address and not _endpoint_free(address):
-            if time.monotonic() - started > self.policy.startup_timeout_s:
-                raise MeshslError(f"standby of {self.node!r}: {address} still in use after "
-                                  f"{self.policy.startup_timeout_s:.0f}s (is the primary still running?)")
-            await asyncio.sleep(0.01)
+        await wait_until_free(self.node, address, self.policy.startup_timeout_s)
         if self.metrics is None and self._metrics_factory is not None:
             self.metrics = self._metrics_factory()
         log.warning("%s: standby taking over %s", self.node, address)
@@ -919,25 +908,6 @@ class NodeRuntime:
         if cached is None:
             cached = self.__dict__["_model_hash_value"] = checkpoint.model_hash(self.topology)
         return cached
-
-
-def _endpoint_free(endpoint: str) -> bool:
-    """Can a listener bind this tcp:// endpoint now (the primary's socket is gone)? Other transports: yes."""
-    import socket
-    from urllib.parse import urlsplit
-    if not endpoint.startswith("tcp://"):
-        return True
-    parts = urlsplit(endpoint)
-    host = "" if parts.hostname in (None, "*") else parts.hostname
-    try:
-        family = socket.getaddrinfo(host or None, parts.port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq does: TIME_WAIT is no owner
-            probe.bind((host, parts.port))
-            probe.listen(1)
-    except OSError:
-        return False
-    return True
 
 
 def coordinator_silence_limit(policy) -> float:
