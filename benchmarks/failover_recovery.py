@@ -57,6 +57,8 @@ def one_run(path: Path, run_dir: Path, victim: str | None, kill_step: int, warm_
         if victim and row.get("step") == kill_step and "kill" not in marks:
             marks["kill"] = time.monotonic()
             os.kill(run.processes[victim].pid, signal.SIGKILL)
+        elif "kill" not in marks:
+            return  # (a loss before the kill, e.g. a node starved on a busy machine, is not this one)
         elif row.get("event") == "nodes_lost":
             marks.setdefault("detected", now)
         elif row.get("event") == "recovered":
