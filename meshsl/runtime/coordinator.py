@@ -193,14 +193,21 @@ class Coordinator:
                     pending.discard(sender)
                     got[sender] = message
         deadline = time.monotonic() + (timeout or self.policy.timeout_s)
+        extended = False
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
                 # Nodes that still heartbeat are waiting on the others (a chain behind a frozen hop): name
                 # only the silent ones when there are any, so healthy processes are not replaced.
                 silent = self._silent(pending)
-                raise NodesLost(silent or pending, f"did not {what} within {timeout or self.policy.timeout_s:.1f}s"
-                                + (" (no heartbeat either)" if silent else ""))
+                if not silent and not extended:  # everyone is alive, the machine is slow: once more
+                    extended, deadline = True, time.monotonic() + (timeout or self.policy.timeout_s)
+                    log.warning("every node is alive but %s did not %s in time; waiting once more",
+                                ", ".join(sorted(pending)), what)
+                    continue
+                others = pending - {self.node.node}  # our own node is not replaced by our own recovery
+                raise NodesLost(silent or others or pending, f"did not {what} within "
+                                f"{timeout or self.policy.timeout_s:.1f}s" + (" (no heartbeat either)" if silent else ""))
             lost = self._lost_nodes()
             if lost:
                 raise NodesLost(lost, f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s", cause="heartbeat")
