@@ -86,3 +86,32 @@ def test_a_standby_sees_the_endpoint_free_only_once_the_primary_socket_is_gone()
         assert not endpoint_free(endpoint)
     assert endpoint_free(endpoint)
     assert endpoint_free("ipc:///tmp/anything")  # only tcp endpoints are probed
+
+
+def test_a_slow_round_of_live_nodes_gets_one_more_timeout_and_never_names_the_coordinator(chain):
+    """Every node heartbeats but the round is slow (a loaded machine): wait once more; then name the
+    others, never the coordinator's own node (its own recovery cannot replace it)."""
+    import asyncio
+    coordinator, clock = chain
+    coordinator.policy = coordinator.policy.model_copy(update={"heartbeat_timeout_s": 60.0})
+    looks = []
+
+    class Ticking(Clock):  # every look at the clock costs half a second; everyone keeps heartbeating
+        def __call__(self) -> float:
+            self.now += 0.5
+            looks.append(self.now)
+            for name in coordinator.nodes:
+                coordinator.heard[name] = self.now
+            return self.now
+    ticking = Ticking()
+    ticking.now = clock.now
+    coordinator_module.time.monotonic = ticking
+
+    async def collect():
+        await coordinator._collect(coordinator_module.Kind.DONE, set(coordinator.nodes), 1, "finish its step",
+                                   timeout=3.0)
+
+    with pytest.raises(NodesLost) as raised:
+        asyncio.run(collect())
+    assert raised.value.nodes == set(coordinator.nodes) - {coordinator.node.node}
+    assert looks[-1] - looks[0] >= 6.0  # two timeouts of 3 s, not one
