@@ -418,13 +418,12 @@ def _node(resolved: Path, name: str, base: Path, run_dir: Path, *extra: str) -> 
     return proc
 
 
-@pytest.mark.xfail(reason="open defect found at this session's merge: some fuzzed messages sent to the lone server "
-                   "before its client joins are not counted as rejected within 15 s (e.g. an empty header frame "
-                   "plus a payload), so the count lags and the run times out; the node does not crash. The "
-                   "in-process fuzz above, control messages included, passes", strict=False)
 def test_fuzz_real_zeromq_node_process(tmp_path: Path) -> None:
     """A real `meshsl node server` process, attacked over ZeroMQ before its client joins; then the
-    client joins and training ends with the weights of an unattacked (in-process) run."""
+    client joins and training ends with the weights of an unattacked (in-process) run.
+
+    A frame above the socket's limit (e.g. a bad_shape of 80x80x80 floats) never reaches the node: the
+    socket drops the connection unread, and the node counts that as `connection_dropped`."""
     from meshsl.runtime.launcher import with_free_ports
     _, reference = asyncio.run(simulate(load_topology(fuzz_topology_file(tmp_path)), RunOptions(evaluate=False)))
     source = fuzz_topology_file(tmp_path, metrics=True, startup_timeout_s=240)

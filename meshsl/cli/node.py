@@ -35,6 +35,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
                                                  "peers keep using the topology's endpoint"),
          peer: list[str] = typer.Option([], "--peer", help="NAME=ENDPOINT: reach peer NAME there instead of at the "
                                          "topology's endpoint (repeatable; also MESHSL_PEERS=NAME=ENDPOINT,...)"),
+         standby: bool = typer.Option(False, "--standby", help="warm standby: start and wait; a line 'takeover' on "
+                                      "stdin (after the primary died) takes over its endpoint and resumes"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime import entry  # torch: not for `meshsl --help` (entry.node_main: looked up per call)
@@ -51,6 +53,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
     runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights, **overrides}
+    if standby:
+        runtime_options["standby"] = True
     if partial_weights_out is not None:
         runtime_options["partial_weights_out"] = partial_weights_out
     if checkpoint_dir is not None:

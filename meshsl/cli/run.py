@@ -30,6 +30,8 @@ def run(topology: Path = typer.Argument(...),
         no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="no checkpoints: a lost node ends the run"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
+        warm_standby: bool = typer.Option(False, "--warm-standby", help="a waiting second process per node takes "
+                                          "over when the node dies (no start-up in recovery)"),
         log_level: Optional[str] = typer.Option(None, "--log-level",
                                                 help="DEBUG, INFO, WARNING or ERROR, here and in every node's log")) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
@@ -55,7 +57,7 @@ def run(topology: Path = typer.Argument(...),
     every = 0 if no_checkpoint else (checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
     launcher = LocalRun(topology, run_dir or default_run_dir(topo.spec.name), steps=steps, epochs=epochs,
                         free_ports=free_ports, weights_out=weights_out, resume=resume, log_level=level,
-                        weights_in=weights, checkpoint_every=every)
+                        weights_in=weights, checkpoint_every=every, warm_standby=warm_standby)
     resolved = launcher.prepare()
     console.print(f"run directory: {launcher.run_dir} (logs, checkpoints, summary)")
     resolved_topo = load(resolved, topology.parent)

@@ -76,6 +76,7 @@ class Coordinator:
         # node -> when it was last heard from, oldest first (seen() moves a node to the end): the lost-node
         # check, done for every message collected, looks only at the head instead of at every node.
         self.last_seen: OrderedDict[str, float] = OrderedDict()
+        self.heard: dict[str, float] = {}  # node -> when it was last heard from (never reset)
         self.checkpoints: dict[str, set[int]] = {}  # node -> checkpoint steps it reported
         self.endpoints: dict[str, str] = {}  # node -> endpoint it announced (standbys move nodes)
         self.predict_rows: dict[str, int] = {}  # node -> rows of its prediction input (predict runs)
@@ -105,7 +106,7 @@ class Coordinator:
         self._handed_over_for: Optional[int] = None  # sequential: the step the last hand-off prepared
 
     def seen(self, node: str) -> None:
-        self.last_seen[node] = time.monotonic()
+        self.last_seen[node] = self.heard[node] = time.monotonic()
         self.last_seen.move_to_end(node)
 
     def _lost_nodes(self) -> set[str]:
@@ -113,7 +114,8 @@ class Coordinator:
         now = time.monotonic()
         if now - self._last_liveness_check > self.policy.heartbeat_timeout_s / 2:
             # We ourselves did not run (process paused, loop starved): the silence is ours, and the
-            # peers' heartbeats may still sit unread in the socket. Start their clocks afresh.
+            # peers' heartbeats may still sit unread in the socket. Start their clocks afresh (a busy
+            # machine starves everyone alike: lenient here; `heard` keeps the true times, see _silent).
             for name in self.last_seen:
                 self.last_seen[name] = now
         self._last_liveness_check = now
@@ -125,6 +127,11 @@ class Coordinator:
             if name != self.node.node and name in self._node_set:
                 lost.add(name)
         return lost
+
+    def _silent(self, nodes: set[str]) -> set[str]:
+        """Those of `nodes` not heard from within the heartbeat timeout (never heard from: silent)."""
+        limit = time.monotonic() - self.policy.heartbeat_timeout_s
+        return {n for n in nodes if n != self.node.node and self.heard.get(n, 0.0) < limit}
 
     @property
     def _node_set(self) -> frozenset:
@@ -187,10 +194,21 @@ class Coordinator:
                     pending.discard(sender)
                     got[sender] = message
         deadline = time.monotonic() + (timeout or self.policy.timeout_s)
+        extended = False
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NodesLost(pending, f"did not {what} within {timeout or self.policy.timeout_s:.1f}s")
+                # Nodes that still heartbeat are waiting on the others (a chain behind a frozen hop): name
+                # only the silent ones when there are any, so healthy processes are not replaced.
+                silent = self._silent(pending)
+                if not silent and not extended:  # everyone is alive, the machine is slow: once more
+                    extended, deadline = True, time.monotonic() + (timeout or self.policy.timeout_s)
+                    log.warning("every node is alive but %s did not %s in time; waiting once more",
+                                ", ".join(sorted(pending)), what)
+                    continue
+                others = pending - {self.node.node}  # our own node is not replaced by our own recovery
+                raise NodesLost(silent or others or pending, f"did not {what} within "
+                                f"{timeout or self.policy.timeout_s:.1f}s" + (" (no heartbeat either)" if silent else ""))
             lost = self._lost_nodes()
             if lost:
                 raise NodesLost(lost, f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s", cause="heartbeat")

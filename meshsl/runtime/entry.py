@@ -59,7 +59,10 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
             sys.stdout.flush()
         options.progress = emit
     if metrics is None and runtime_options.pop("serve_metrics", True):
-        metrics = make_metrics(topology, node)
+        if runtime_options.get("standby"):  # the primary holds the port until the standby takes over
+            runtime_options["metrics_factory"] = lambda: make_metrics(topology, node)
+        else:
+            metrics = make_metrics(topology, node)
 
     def coordinator_factory(runtime: NodeRuntime) -> Coordinator:
         return Coordinator(runtime, options)
@@ -67,6 +70,8 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
     runtime = NodeRuntime(topology, node, transport=transport, metrics=metrics,
                           coordinator_factory=coordinator_factory, **runtime_options)
     await runtime.run()
+    if runtime.stood_down:  # a warm standby that was not needed: no weights, no summary
+        return runtime, {}
     if weights_out is not None and not runtime.failure and not runtime.dropped:  # dropped: no final weights
         save_weights(runtime, weights_out)
     elif partial_weights_out is not None and runtime.failure and runtime.worker is not None:

@@ -80,9 +80,14 @@ class LocalRun:
     # None: as the topology says; N > 0: checkpoint every N steps where the topology declares no
     # checkpoint.every (failover on by default); 0: never (overrides the topology).
     checkpoint_every: Optional[int] = None
+    # A second, already started process per node waits (`meshsl node --standby`) and takes over when the
+    # node dies: recovery does not pay process start-up (docs/failover.md).
+    warm_standby: bool = False
+    standbys: dict = field(default_factory=dict)  # node -> its waiting standby process
     restarts: dict = field(default_factory=dict)
     events: list = field(default_factory=list)  # failover events with monotonic timestamps
     _lost: list = field(default_factory=list)
+    _last_step_seen: Optional[float] = None  # when the coordinator last reported a committed step
     started_at: dict = field(default_factory=dict)
     processes: dict = field(default_factory=dict)
 
@@ -111,7 +116,7 @@ class LocalRun:
         document["checkpoint"] = section
 
     def command(self, resolved: Path, node: str, coordinator: bool, resume: bool = False,
-                endpoint: Optional[str] = None) -> list[str]:
+                endpoint: Optional[str] = None, standby: bool = False) -> list[str]:
         cmd = [sys.executable, "-m", "meshsl", "--log-level", self.log_level, "node", node,
                "--topology", str(resolved), "--base-dir", str(self.topology_path.parent.resolve()),
                "--checkpoint-dir", str(self.checkpoint_dir)]
@@ -119,6 +124,8 @@ class LocalRun:
             cmd.append("--resume")
         if endpoint:
             cmd += ["--endpoint", endpoint]
+        if standby:
+            cmd.append("--standby")
         if self.weights_out is not None:
             cmd += ["--weights-out", str(self.weights_out.resolve())]
         if self.weights_in is not None:
@@ -142,27 +149,59 @@ class LocalRun:
         self._topology, self._resolved = topology, resolved
         for name in topology.nodes:
             self._spawn(name)
+        if self.warm_standby:
+            for name in topology.nodes:
+                self._spawn_standby(name)
 
-    def _spawn(self, name: str, resume: bool = False, endpoint: Optional[str] = None) -> None:
+    def _spawn(self, name: str, resume: bool = False, endpoint: Optional[str] = None,
+               standby: bool = False) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         coordinator = name == self._topology.coordinator
         log_file = open(self.run_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(self.command(self._resolved, name, coordinator, resume, endpoint), env=env,
-                                stdout=subprocess.PIPE if coordinator else log_file, stderr=log_file)
+        proc = subprocess.Popen(self.command(self._resolved, name, coordinator, resume, endpoint, standby), env=env,
+                                stdout=subprocess.PIPE if coordinator else log_file, stderr=log_file,
+                                stdin=subprocess.PIPE if standby else None)
         log_file.close()
-        self.processes[name] = proc
-        self.started_at[name] = time.monotonic()
         if coordinator:
             threading.Thread(target=self._read_progress, args=(proc,), daemon=True).start()
+        if standby:
+            return proc
+        self.processes[name] = proc
+        self.started_at[name] = time.monotonic()
+        return proc
+
+    def _next_endpoint(self, name: str) -> Optional[str]:
+        """Where the node's next replacement binds: its declared standby endpoints in turn, else its own."""
+        node = self._topology.nodes[name]
+        return node.standby[self.restarts.get(name, 0) % len(node.standby)] if node.standby else None
+
+    def _spawn_standby(self, name: str) -> None:
+        self.standbys[name] = self._spawn(name, resume=True, endpoint=self._next_endpoint(name), standby=True)
 
     def restart(self, name: str) -> None:
-        """Start a failed node again from its last checkpoint (at its standby endpoint if it has one)."""
+        """Start a failed node again from its last checkpoint (at its standby endpoint if it has one);
+        with a warm standby waiting, that process takes over instead and a new standby starts."""
         node = self._topology.nodes[name]
+        endpoint = self._next_endpoint(name)
         self.restarts[name] = self.restarts.get(name, 0) + 1
-        endpoint = node.standby[(self.restarts[name] - 1) % len(node.standby)] if node.standby else None
-        self.events.append({"event": "restart", "node": name, "endpoint": endpoint or node.endpoint,
-                            "time": time.monotonic()})
-        self._spawn(name, resume=True, endpoint=endpoint)
+        standby = self.standbys.pop(name, None)
+        if standby is not None and standby.poll() is None:
+            try:
+                standby.stdin.write(b"takeover\n")
+                standby.stdin.flush()
+            except OSError:
+                standby = None
+        else:
+            standby = None
+        self.events.append({"event": "takeover" if standby else "restart", "node": name,
+                            "endpoint": endpoint or node.endpoint, "time": time.monotonic()})
+        if standby is None:
+            self._spawn(name, resume=True, endpoint=endpoint)
+        else:
+            self.processes[name] = standby
+            self.started_at[name] = time.monotonic()
+        if self.warm_standby:
+            self._spawn_standby(name)  # waits for the next failure
 
     def follow(self, topology, timeout: Optional[float] = None) -> dict:
         """Follow the run until the coordinator finishes; restart nodes that die (failover)."""
@@ -176,8 +215,11 @@ class LocalRun:
             silence = topology.spec.retry.heartbeat_timeout_s
             for name, noticed in self._lost_by_coordinator():
                 proc = self.processes.get(name)
-                # Replace a process that went silent (e.g. paused); not a replacement started since.
-                if proc is not None and proc.poll() is None and self.started_at[name] < noticed - silence:
+                # Replace a process that went silent (e.g. paused); not a replacement started since (on
+                # a busy machine the coordinator notices late: one started after the last step is new).
+                since_step = self._last_step_seen is None or self.started_at[name] < self._last_step_seen
+                if proc is not None and proc.poll() is None and self.started_at[name] < noticed - silence \
+                        and since_step:
                     proc.kill()
                     proc.wait()
             # The coordinator first: when it fails, the nodes it told stop too (non-zero), and the run is its.
@@ -197,7 +239,8 @@ class LocalRun:
             if deadline and time.monotonic() > deadline:
                 self.stop()
                 raise PeerFailed(topology.coordinator, f"the run did not finish within {timeout:.0f}s")
-            time.sleep(0.05)
+            time.sleep(0.02)
+        self._dismiss_standbys()
         path = self.run_dir / "summary.json"
         left_out = _dropped_at_end(json.loads(path.read_text())) if path.exists() else set()  # their exit
         # does not decide the run: clients dropped and not readmitted (clients.on_loss: drop)
@@ -255,6 +298,8 @@ class LocalRun:
                 row = json.loads(line[len(PROGRESS_PREFIX):])
             except ValueError:
                 continue
+            if "step" in row and not row.get("event"):
+                self._last_step_seen = time.monotonic()
             if row.get("event"):
                 self.events.append(dict(row, time=time.monotonic()))
                 if row["event"] == "nodes_lost":
@@ -268,7 +313,25 @@ class LocalRun:
         tail = "\n".join(text[-lines:])
         return f"log {path}:\n{tail}" if tail else f"exit code {self.processes[node].returncode}, log {path} is empty"
 
+    def _dismiss_standbys(self) -> None:
+        """The run is over: each waiting standby reads end of input and exits without doing anything."""
+        standbys, self.standbys = list(self.standbys.values()), {}
+        for proc in standbys:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            if proc.poll() is None:
+                proc.terminate()  # it may still be importing torch: no need to wait until it reads stdin
+        for proc in standbys:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def stop(self) -> None:
+        self._dismiss_standbys()
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.terminate()

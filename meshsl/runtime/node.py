@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from meshsl import checkpoint
+from meshsl.align.ids import uses_ids
 from meshsl.align.runner import align_before_training
 from meshsl.compute.staging import to_host
 from meshsl.compute.weights import load_saved_weights
@@ -40,6 +41,7 @@ from meshsl.protocol.frames import decode_message, describe, encode_message
 from meshsl.runtime import faults
 from meshsl.runtime import machine as m
 from meshsl.runtime.stale_machine import StaleMachine
+from meshsl.runtime.standby import wait_for_takeover, wait_until_free
 from meshsl.runtime.keys_loading import transport_security
 from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.outbox import Outbox
@@ -76,11 +78,14 @@ class NodeRuntime:
                  coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
                  resume: bool = False, endpoint: Optional[str] = None, weights_dir: Optional[Path] = None,
                  inference=None, executor: Optional[concurrent.futures.Executor] = None,
-                 bind: Optional[str] = None, peer_endpoints: Optional[dict] = None) -> None:
+                 bind: Optional[str] = None, peer_endpoints: Optional[dict] = None, standby: bool = False,
+                 metrics_factory: Optional[Callable] = None) -> None:
         """`weights_dir`: start from saved segment weights (see entry.load_saved_weights); `inference`: a
         meshsl.predict.NodeInference (this node's own prediction input/output; no checkpoints are written);
         `executor`: where compute runs, one task at a time per node (default: a thread of its own; a
-        simulation hosting many nodes passes one shared single-thread executor)."""
+        simulation hosting many nodes passes one shared single-thread executor); `standby`: a warm
+        standby (docs/failover.md): build everything, then wait for "takeover" on stdin, take the
+        endpoint over and resume from the newest checkpoint; `metrics_factory`: serves metrics then."""
         self.topology = topology
         self.weights_dir = weights_dir
         self.inference = inference
@@ -94,9 +99,14 @@ class NodeRuntime:
                                        **transport_security(topology, node, self._on_auth_refused),
                                        **({"bind": bind} if bind else {}))
         self.transport = transport
+        if hasattr(transport, "on_dropped"):
+            transport.on_dropped = self._on_connection_dropped
         self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
         self.checkpoint_every = topology.spec.checkpoint.every if inference is None else 0
-        self.resume = resume
+        self.resume = resume or standby
+        self.standby = standby
+        self.stood_down = False  # a standby that was never needed (its supervisor closed stdin)
+        self._metrics_factory = metrics_factory
         self.policy = topology.spec.retry
         self._coordinator_seen = time.monotonic()
         self._run: Optional[control.Run] = None  # the self-driven training steps in progress (docs/wan.md)
@@ -151,13 +161,20 @@ class NodeRuntime:
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._poster = poster_for(loop)
+        if self.standby and not await self._stand_by():
+            self.stood_down = True
+            await self.transport.close()
+            if self._owns_executor:
+                self.executor.shutdown(wait=True)
+            return
         aligned = await align_before_training(self)  # PSI on sample ids before any data is read (meshsl.align)
         if aligned is False:
             await self.transport.close()
             if self._owns_executor:
                 self.executor.shutdown(wait=True)
             return
-        self.worker = await loop.run_in_executor(self.executor, self._build_worker)
+        if self.worker is None:  # (a warm standby built it while waiting)
+            self.worker = await loop.run_in_executor(self.executor, self._build_worker)
         await loop.run_in_executor(self.executor, self._prepare_checkpoints)
         if aligned is None:
             await self.transport.start()
@@ -180,6 +197,22 @@ class NodeRuntime:
             await self.transport.close()
             if self._owns_executor:
                 self.executor.shutdown(wait=True)
+
+    async def _stand_by(self) -> bool:
+        """A warm standby: everything a start needs is done now (imports, topology, and the modules,
+        optimizers and data unless rows are aligned by id first); then wait for the supervisor's
+        "takeover" line on stdin (EOF: stand down, False) and for the endpoint to be free."""
+        if not uses_ids(self.topology):
+            self.worker = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_worker)
+        log.info("%s: warm standby ready", self.node)
+        if not await wait_for_takeover(self.node):
+            return False
+        address = getattr(self.transport, "bind", None) or self.transport.endpoint
+        await wait_until_free(self.node, address, self.policy.startup_timeout_s)
+        if self.metrics is None and self._metrics_factory is not None:
+            self.metrics = self._metrics_factory()
+        log.warning("%s: standby taking over %s", self.node, address)
+        return True
 
     def _build_worker(self) -> SegmentWorker:
         torch.set_num_threads(self.spec.threads)
@@ -245,7 +278,10 @@ class NodeRuntime:
                 now - self._last_heartbeat.get(peer, 0.0) < self.policy.heartbeat_timeout_s / 2:
             return
         self._last_heartbeat[peer] = now
-        self._post(peer, encode_message(self.envelope(Kind.HEARTBEAT)), None)
+        # The coordinator's node names its process: a peer that sees a new one (a standby took over
+        # within the heartbeat timeout) announces itself again at once.
+        meta = {"incarnation": self.incarnation} if self.coordinator is not None else {}
+        self._post(peer, encode_message(self.envelope(Kind.HEARTBEAT, meta=meta)), None)
 
     def _finish_if_idle(self) -> None:
         """Stop once the compute thread has nothing left (a commit's optimizer step must not be lost)."""
@@ -281,6 +317,15 @@ class NodeRuntime:
         if self.metrics:
             self.metrics.auth_refused()
         log.warning("%s: refused a connection (%s)", self.node, reason)
+
+    def _on_connection_dropped(self) -> None:
+        """The socket dropped a connection: a frame above the message limit (refused unread, so it is
+        counted here) or a peer that went away; the socket cannot tell which."""
+        self.counters.reject("connection_dropped")
+        if self.metrics:
+            self.metrics.rejected("connection_dropped")
+        log.info("%s: a connection was dropped (a frame above %s bytes, or the peer left)", self.node,
+                 self.max_message_bytes)
 
     def _stop_if_key_refused(self, since: float) -> bool:
         """The coordinator keeps refusing our CURVE key: give up after the startup timeout."""
@@ -498,11 +543,23 @@ class NodeRuntime:
             else:
                 self.coordinator.deliver(sender, envelope, tensors)
         elif kind == Kind.HEARTBEAT:
+            if sender == self.coordinator_node and self.coordinator is None:
+                self._check_coordinator_incarnation(envelope.meta.get("incarnation"))
             if self.metrics:
                 self.metrics.heartbeat(sender)
                 self.metrics.peer_up(sender, True)
         else:
             raise ProtocolError("unexpected", f"{kind.value} is not handled by a node", sender)
+
+    def _check_coordinator_incarnation(self, token) -> None:
+        """A heartbeat from a new process of the coordinator's node: it knows nothing of us yet."""
+        if not isinstance(token, str) or len(token) > 64:
+            return
+        previous, self._coordinator_incarnation = getattr(self, "_coordinator_incarnation", None), token
+        if previous is not None and previous != token and self._hello_acked.is_set():
+            log.warning("%s: coordinator %s restarted; announcing again", self.node, self.coordinator_node)
+            self._hello_acked.clear()
+            self._group.create_task(self._announce(), name=f"{self.node}-hello-again")
 
     def _on_tensor(self, sender: str, envelope: Envelope, tensors: list) -> None:
         edge = self.edges.get(envelope.edge)

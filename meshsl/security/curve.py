@@ -146,12 +146,19 @@ class HandshakeMonitor:
 
     This sees what the ZAP callback cannot: plain-text clients and garbled handshakes."""
 
-    def __init__(self, sock: zmq.Socket, on_failure: RefusalCallback | None = None) -> None:
+    def __init__(self, sock: zmq.Socket, on_failure: RefusalCallback | None = None,
+                 on_dropped: Callable[[], None] | None = None) -> None:
+        """`on_dropped`: called for each connection dropped after its handshake succeeded (a frame
+        above MAXMSGSIZE, a peer gone); a failed handshake's own disconnection is not reported again."""
         self.failures: Counter[str] = Counter()
         self._on_failure = on_failure
+        self._on_dropped = on_dropped
+        self._failed_unmatched = 0  # failed handshakes whose disconnection is still to come
         events = 0
         for event in _HANDSHAKE_FAILURES:
             events |= event
+        if on_dropped is not None:
+            events |= zmq.EVENT_DISCONNECTED
         self._sock = sock
         self._monitor = sock.get_monitor_socket(events)
         self._task = asyncio.ensure_future(self._run())
@@ -166,10 +173,17 @@ class HandshakeMonitor:
                 event = await next_monitor_event(self._monitor)
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                if self._failed_unmatched:
+                    self._failed_unmatched -= 1
+                elif self._on_dropped is not None:
+                    self._on_dropped()
+                continue
             reason = _HANDSHAKE_FAILURES.get(event["event"])
             if reason is None:
                 continue
             self.failures[reason] += 1
+            self._failed_unmatched += 1
             log.warning(
                 "handshake failed (%s) on %s", reason, event["endpoint"].decode("utf-8", "replace")
             )

@@ -32,6 +32,8 @@ YIELD_INTERVAL_S = 0.0005
 _NOBLOCK = int(zmq.NOBLOCK)
 FRAME_SLACK_BYTES = 64 * 1024
 CLOSE_LINGER_MS = 500
+# A restarted peer is reached again within this after it binds (recovery waits on it; 2 s was the old cap).
+RECONNECT_IVL_MAX_MS = 500
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
@@ -103,6 +105,9 @@ class ZmqTransport(Transport):
         self._monitors: list = []
         self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
         self.sent_hook = None
+        # Called when the bound socket drops an established connection: a frame above MAXMSGSIZE is
+        # refused unread that way (libzmq cannot tell it from a peer hanging up); set before start().
+        self.on_dropped: Optional[Callable[[], None]] = None
         self.copy_threshold = copy_threshold
         self.max_message_bytes = max_message_bytes
         self.connection_timeout_s = connection_timeout_s
@@ -117,6 +122,7 @@ class ZmqTransport(Transport):
         self._routes: dict[str, bytes] = {}  # accepting: dial-out peer -> routing id it announced (authenticated)
         self._dial_monitor: Optional[asyncio.Task] = None
         self._loopback: collections.deque = collections.deque()  # dial-out: messages to itself (bounded by HWM)
+        self._nonce = secrets.token_hex(6)  # this process's part of its outgoing routing ids
 
     async def start(self) -> None:
         if self.dial_out:
@@ -142,8 +148,10 @@ class ZmqTransport(Transport):
             self._authenticator = await start_authenticator(self.context, self.keyring, self.on_auth_refused)
             configure_server(router, self.keyring)
             # ZAP refusals are counted by the authenticator; the monitor adds what never reaches ZAP
-            # (plain-text clients, garbled handshakes).
-            self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure))
+            # (plain-text clients, garbled handshakes), and connections dropped after a handshake.
+            self._monitors.append(HandshakeMonitor(router, self._on_handshake_failure, on_dropped=self.on_dropped))
+        elif self.on_dropped is not None:
+            self._monitors.append(HandshakeMonitor(router, None, on_dropped=self.on_dropped))
         try:
             router.bind(self.bind or self.endpoint)
         except zmq.ZMQError as exc:
@@ -161,7 +169,7 @@ class ZmqTransport(Transport):
         if self.max_message_bytes is not None:  # as on the bound socket: refused before it is buffered
             router.setsockopt(zmq.MAXMSGSIZE, int(self.max_message_bytes) + FRAME_SLACK_BYTES)
         router.setsockopt(zmq.RECONNECT_IVL, 100)
-        router.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        router.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         # A fresh nonce per socket: a restarted node is a new route, never a takeover of an old one.
         router.setsockopt(zmq.ROUTING_ID, f"{self.node}#{secrets.token_hex(6)}".encode())
         if self.keyring is not None:
@@ -293,8 +301,10 @@ class ZmqTransport(Transport):
         sock.setsockopt(zmq.SNDHWM, self.high_water_mark)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: a dead peer blocks, not buffers
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.ROUTING_ID, self.node.encode())
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        # `name#nonce`, new in every process: a restarted node's connection never collides with the one
+        # its dead predecessor left behind (libzmq leaves a duplicate routing id unread for good).
+        sock.setsockopt(zmq.ROUTING_ID, f"{self.node}#{self._nonce}".encode())
         if self.keyring is not None:
             configure_client(sock, self.keyring, peer)
             self._monitors.append(HandshakeMonitor(sock, lambda reason, peer=peer: self._on_refused_by(peer, reason)))
@@ -424,7 +434,13 @@ class ZmqTransport(Transport):
     def _is_announcement(self, frames: list) -> bool:
         """One empty frame from a dial-out route (`name#nonce`): it only tells us the way back. The same
         from any other connection is an ordinary (malformed) message, rejected and counted by the node."""
-        return len(frames) == 2 and len(frames[1]) == 0 and (self.dial_out or b"#" in frames[0].bytes)
+        if len(frames) != 2 or len(frames[1]) != 0:
+            return False
+        if self.dial_out:
+            return True
+        name, hashed, _ = frames[0].bytes.partition(b"#")
+        peer = name.decode("utf-8", "replace")
+        return bool(hashed) and peer in self.address_book and not self.address_book[peer]
 
     def _identify(self, frames: list) -> tuple[str, list]:
         routing_id = frames[0].bytes
