@@ -136,8 +136,11 @@ def read_counter(directory: Path, name: str) -> int:
 
 
 def write_counter(directory: Path, name: str, value: int) -> None:
-    Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / f"{name}.counter"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(value))
-    os.replace(tmp, path)
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(value))
+        os.replace(tmp, path)
+    except OSError as exc:  # a full or read-only disk: a typed, loud failure instead of a traceback
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
