@@ -134,7 +134,8 @@ def run_u_shaped(monkeypatch, hijack: bool) -> dict:
         original = SegmentWorker.backward
 
         def hijacking(self, segment, lane, micro_batch):
-            leaf = self.stash[(segment, lane, micro_batch)].leaves.get("encoder") if self.node == "cloud" else None
+            key = (self.context.round, segment, lane, micro_batch)  # the stash is kept per round (staleness)
+            leaf = self.stash[key].leaves.get("encoder") if self.node == "cloud" else None
             original(self, segment, lane, micro_batch)
             if leaf is not None:
                 z = leaf.detach().clone().requires_grad_(True)
