@@ -33,25 +33,31 @@ def with_free_ports(document: dict) -> dict:
     """Rewrite tcp endpoints and metrics ports to free loopback ports (parallel runs, tests)."""
     replicas = (document.get("clients") or {}).get("count", 1)
     replicated = set((document.get("clients") or {}).get("replicate", []))
+    taken: set[int] = set()  # every port handed out here: no two nodes get the same one
     for node in document["nodes"]:
         span = replicas if node["name"] in replicated else 1
         if str(node.get("endpoint")).startswith("tcp://"):  # a dial-out node (inbound: false) has none
-            base = _free_block(span)
+            base = _free_block(span, taken)
             node["endpoint"] = f"tcp://127.0.0.1:{base}"
-            node["standby"] = [f"tcp://127.0.0.1:{_free_block(span)}" for _ in node.get("standby", [])]
+            node["standby"] = [f"tcp://127.0.0.1:{_free_block(span, taken)}" for _ in node.get("standby", [])]
         if node.get("metrics_port"):
-            node["metrics_port"] = _free_block(span)
+            node["metrics_port"] = _free_block(span, taken)
     return document
 
 
-def _free_block(span: int) -> int:
-    """A base port whose next `span` ports are free (replicated nodes use base+lane)."""
+def _free_block(span: int, taken: set[int] | None = None) -> int:
+    """A base port whose next `span` ports are free (replicated nodes use base+lane) and not in `taken`
+    (the kernel may hand the same ephemeral port out twice in a row once the probe socket is closed)."""
+    taken = set() if taken is None else taken
     for _ in range(200):
         base = free_port()
         if base + span >= 65535:
             continue
         ok = True
         for port in range(base, base + span):
+            if port in taken:
+                ok = False
+                break
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", port))
@@ -59,6 +65,7 @@ def _free_block(span: int) -> int:
                     ok = False
                     break
         if ok:
+            taken.update(range(base, base + span))
             return base
     raise MeshslError(f"no block of {span} free ports found")
 
