@@ -158,7 +158,7 @@ class Coordinator:
         if isinstance(steps, list):
             self.checkpoints[sender] = {s for s in steps if isinstance(s, int)}
         endpoint = meta.get("endpoint")
-        if isinstance(endpoint, str) and endpoint and endpoint != self.node.transport.address_book.get(sender):
+        if isinstance(endpoint, str) and endpoint and endpoint != self.node.endpoint_of(sender):
             if sender != self.node.node:
                 self.node.reroute(sender, endpoint)  # it came back at a standby endpoint
         if isinstance(endpoint, str):
@@ -279,6 +279,18 @@ class Coordinator:
                          rejoined={node: hello})
 
     # -- the run ---------------------------------------------------------------------------------
+    async def run_to_end(self) -> None:
+        """Run; any error is recorded in `error`/`exception` and aborts the run on every node."""
+        try:
+            await self.run()
+        except Exception as exc:  # noqa: BLE001 - any coordinator error aborts the run on every node
+            if not isinstance(exc, MeshslError):
+                log.exception("%s: coordinator crashed", self.node.node)
+            log.error("%s: coordinator stopped: %s", self.node.node, exc)
+            self.error = str(exc) or type(exc).__name__
+            self.exception = exc
+            await self.broadcast_abort(self.error)
+
     async def run(self) -> None:
         unknown = {n for kind in (self._planned or {}).values() for groups in kind.values() for nodes in groups
                    for n in nodes if n not in self.roster.lane_of_node}

@@ -295,17 +295,9 @@ class NodeRuntime:
         self._stopped.set()
 
     async def _run_coordinator(self) -> None:
-        try:
-            await self.coordinator.run()
-        except Exception as exc:  # noqa: BLE001 - any coordinator error aborts the run on every node
-            if not isinstance(exc, MeshslError):
-                log.exception("%s: coordinator crashed", self.node)
-            log.error("%s: coordinator stopped: %s", self.node, exc)
-            self.coordinator.error = str(exc) or type(exc).__name__
-            self.coordinator.exception = exc
-            self.aborted = True
-            await self.coordinator.broadcast_abort(self.coordinator.error)
+        await self.coordinator.run_to_end()  # never raises: an error aborts the run on every node
         if self.coordinator.error:
+            self.aborted = True
             self.stop(self.coordinator.error)
         else:
             self._shutdown_requested = True  # its own SHUTDOWN may still be in flight
@@ -483,6 +475,10 @@ class NodeRuntime:
                 log.warning("%s: dropped a message to %s: %s", self.node, peer, exc or "timed out")
             finally:
                 box.done()
+
+    def endpoint_of(self, peer: str) -> Optional[str]:
+        """Where this node's transport reaches `peer` now (None: unknown)."""
+        return self.transport.address_book.get(peer)
 
     def reroute(self, peer: str, endpoint: str) -> None:
         """`peer` now lives at `endpoint` (a standby took over): drop what was queued for the old one."""
