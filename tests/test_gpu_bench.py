@@ -47,6 +47,7 @@ def test_generated_topology_validates_and_keeps_data_with_owners(parts):
     assert sum(info.parameters for info in topology.segment_info.values()) == 11_173_962
 
 
+@pytest.mark.e2e  # starts node processes (through the benchmark's launcher)
 def test_split_resnet_trains_across_two_node_processes_on_cpu():
     """The GPU section's code path (unsplit process, meshsl chain, ratio, table) with a narrow ResNet on CPU."""
     result = gpu.figures("cpu", [(2, 2, "1f1b")], width_multiplier=1 / 16, batch_size=32, steps=4, warmup=1,
