@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -241,7 +242,17 @@ def edge_gradients(topology, modules: dict[str, torch.nn.Module], rows: np.ndarr
     gradient defence and backward codec; and the true labels. Label DP is applied as in training."""
     features = feature_tensors(topology, rows)
     labels = label_tensors(topology, rows)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # one stream, drawn in the runtime's order
+    trained_labels = _trained_labels(topology, labels, generator)
+    cut = set(topology.cut_edges())
+    with torch.enable_grad():
+        forward = _forward(topology, modules, features, trained_labels, cut, generator)
+        crossed = _backward(topology, forward, trained_labels, cut, generator, scale=float(len(rows)))
+    return crossed, labels
+
+
+def _trained_labels(topology, labels: dict[str, torch.Tensor], generator) -> dict[str, torch.Tensor]:
+    """The labels training sees: randomized response on classification labels under label DP."""
     trained_labels = dict(labels)
     label_dp = topology.spec.training.label_dp
     if label_dp is not None:
@@ -250,63 +261,85 @@ def edge_gradients(topology, modules: dict[str, torch.nn.Module], rows: np.ndarr
                 classes = topology.num_classes.get(task.labels) or int(labels[task.labels].max()) + 1
                 trained_labels[task.labels] = randomized_response(labels[task.labels].long(), classes,
                                                                   label_dp.epsilon, generator)
-    cut = set(topology.cut_edges())
+    return trained_labels
+
+
+@dataclass
+class _Forward:
+    outputs: dict[str, torch.Tensor]  # segment -> its output (after the edge's DP and codec)
+    leaves: dict[tuple[str, str], torch.Tensor]  # (segment, input segment) -> the detached input it read
+    losses: dict[str, torch.Tensor]  # segment -> the weighted sum of its tasks' losses
+
+
+def _forward(topology, modules, features, trained_labels, cut, generator) -> _Forward:
+    """Every segment in order, each cut input a fresh leaf (as a receiving node sees it)."""
     outputs, leaves, losses = {}, {}, {}
-    with torch.enable_grad():
-        for name in topology.segment_order:
-            spec = topology.segments[name]
-            inputs = []
-            for source in spec.inputs:
-                if source in features:
-                    inputs.append(features[source])
-                else:
-                    leaves[(name, source)] = outputs[source].detach().requires_grad_(True)
-                    inputs.append(leaves[(name, source)])
-            output = modules[name](merge_inputs(inputs, spec.merge))
-            entry = next((p for p in topology.spec.privacy if p.segment == name), None)
-            if entry is not None and any(p == name for p, _ in cut):
-                if entry.dp is not None:  # differentiable: the gradient flows through the clipping
-                    output = clip_and_noise(output, effective_dp(topology, name), generator)
-                without_dp = entry.model_copy(update={"dp": None})
-                output = _straight_through(output, _codec_round_trip(without_dp.forward, output.detach(), name))
-            outputs[name] = output
-            for task in topology.tasks_of(name):
-                term = task_loss(task.loss, output, trained_labels[task.labels]) * task.weight
-                losses[name] = term if name not in losses else losses[name] + term
-        incoming: dict[str, list[torch.Tensor]] = {}
-        crossed: dict[tuple[str, str], torch.Tensor] = {}
-        scale = float(len(rows))  # rows of the mean loss -> per-sample-loss units
-        for name in reversed(topology.segment_order):
-            targets, grads = [], []
-            if incoming.get(name):
-                targets.append(outputs[name])
-                grads.append(sum(incoming[name][1:], incoming[name][0]))
-            if name in losses:
-                targets.append(losses[name])
-                grads.append(torch.ones_like(losses[name]))
-            sources = [s for s in topology.segments[name].inputs if (name, s) in leaves]
-            if not sources:
-                continue
-            if not targets:
-                found = [torch.zeros_like(leaves[(name, s)]) for s in sources]
+    for name in topology.segment_order:
+        spec = topology.segments[name]
+        inputs = []
+        for source in spec.inputs:
+            if source in features:
+                inputs.append(features[source])
             else:
-                found = torch.autograd.grad(targets, [leaves[(name, s)] for s in sources], grads, allow_unused=True)
-            for source, grad in zip(sources, found):
-                grad = torch.zeros_like(leaves[(name, source)]) if grad is None else grad.detach()
-                if (source, name) in cut:
-                    entry = next((p for p in topology.spec.privacy if p.segment == source), None)
-                    if entry is not None and entry.gradient is not None:
-                        tasks = label_tasks(topology, source, name)
-                        task_labels = trained_labels[tasks[0].labels] if tasks else None
-                        noise = None
-                        if entry.gradient.defence == "dp":
-                            noise = gradient_noise(topology, f"{source}->{name}")
-                        grad = defend(grad, entry.gradient, generator, labels=task_labels, scale=scale,
-                                      noise_multiplier=noise)
-                    grad = _backward_crossing(topology, source, grad)
-                    crossed[(source, name)] = grad
-                incoming.setdefault(source, []).append(grad)
-    return crossed, labels
+                leaves[(name, source)] = outputs[source].detach().requires_grad_(True)
+                inputs.append(leaves[(name, source)])
+        output = modules[name](merge_inputs(inputs, spec.merge))
+        entry = next((p for p in topology.spec.privacy if p.segment == name), None)
+        if entry is not None and any(p == name for p, _ in cut):
+            if entry.dp is not None:  # differentiable: the gradient flows through the clipping
+                output = clip_and_noise(output, effective_dp(topology, name), generator)
+            without_dp = entry.model_copy(update={"dp": None})
+            output = _straight_through(output, _codec_round_trip(without_dp.forward, output.detach(), name))
+        outputs[name] = output
+        for task in topology.tasks_of(name):
+            term = task_loss(task.loss, output, trained_labels[task.labels]) * task.weight
+            losses[name] = term if name not in losses else losses[name] + term
+    return _Forward(outputs, leaves, losses)
+
+
+def _backward(topology, forward: _Forward, trained_labels, cut, generator, scale: float
+              ) -> dict[tuple[str, str], torch.Tensor]:
+    """Segments in reverse: each one's input gradients from its loss plus what came back to its output;
+    a gradient crossing a cut edge is defended and codec'd first. `scale`: rows of the mean loss."""
+    outputs, leaves, losses = forward.outputs, forward.leaves, forward.losses
+    incoming: dict[str, list[torch.Tensor]] = {}
+    crossed: dict[tuple[str, str], torch.Tensor] = {}
+    for name in reversed(topology.segment_order):
+        targets, grads = [], []
+        if incoming.get(name):
+            targets.append(outputs[name])
+            grads.append(sum(incoming[name][1:], incoming[name][0]))
+        if name in losses:
+            targets.append(losses[name])
+            grads.append(torch.ones_like(losses[name]))
+        sources = [s for s in topology.segments[name].inputs if (name, s) in leaves]
+        if not sources:
+            continue
+        if not targets:
+            found = [torch.zeros_like(leaves[(name, s)]) for s in sources]
+        else:
+            found = torch.autograd.grad(targets, [leaves[(name, s)] for s in sources], grads, allow_unused=True)
+        for source, grad in zip(sources, found):
+            grad = torch.zeros_like(leaves[(name, source)]) if grad is None else grad.detach()
+            if (source, name) in cut:
+                grad = _crossing_gradient(topology, source, name, grad, trained_labels, generator, scale)
+                crossed[(source, name)] = grad
+            incoming.setdefault(source, []).append(grad)
+    return crossed
+
+
+def _crossing_gradient(topology, source: str, name: str, grad: torch.Tensor, trained_labels, generator,
+                       scale: float) -> torch.Tensor:
+    """What the edge `source -> name` carries back: the gradient after its defence and backward codec."""
+    entry = next((p for p in topology.spec.privacy if p.segment == source), None)
+    if entry is not None and entry.gradient is not None:
+        tasks = label_tasks(topology, source, name)
+        task_labels = trained_labels[tasks[0].labels] if tasks else None
+        noise = None
+        if entry.gradient.defence == "dp":
+            noise = gradient_noise(topology, f"{source}->{name}")
+        grad = defend(grad, entry.gradient, generator, labels=task_labels, scale=scale, noise_multiplier=noise)
+    return _backward_crossing(topology, source, grad)
 
 
 def audit_labels(topology, modules: dict[str, torch.nn.Module], *, rows: Optional[np.ndarray] = None,

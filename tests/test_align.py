@@ -425,7 +425,7 @@ def test_local_tools_intersect_in_the_clear_with_the_same_result(tmp_path):
 def test_sigkill_after_psi_resumes_from_the_saved_alignment_with_identical_weights(tmp_path):
     """A node killed mid-training restarts with --resume, takes its alignment from its checkpoint
     folder (its peers are past the PSI) and the run ends with the weights of an uninterrupted one."""
-    from test_failover import assert_same_weights, kill_at, train, weights
+    from processes import assert_same_weights, kill_at, saved_weights as weights, train
     document = example_document(tmp_path)
     document["training"].update(steps=16, eval_every=0)
     document["checkpoint"] = {"every": 1}

@@ -18,7 +18,7 @@ from meshsl.errors import RunAborted
 from meshsl.runtime.entry import EXIT_ABORTED
 from meshsl.runtime.launcher import LocalRun
 from meshsl.topology.model import topology_from_spec
-from test_failover import assert_same_weights, chaos_topology, kill_at, train, weights
+from processes import assert_same_weights, chaos_topology, kill_at, saved_weights as weights, train  # tests/ on sys.path
 
 
 pytestmark = pytest.mark.timeout(900)  # real processes: start-up alone can take minutes on a busy machine

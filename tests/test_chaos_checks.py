@@ -15,7 +15,7 @@ from meshsl.config.loader import load_spec
 from meshsl.errors import CheckpointError, ConfigError, PeerFailed
 from meshsl.runtime.launcher import LocalRun
 from meshsl.topology.model import load_topology, topology_from_spec
-from test_failover import assert_same_weights, chaos_topology, train, weights
+from processes import assert_same_weights, chaos_topology, saved_weights as weights, train  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 

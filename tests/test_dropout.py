@@ -14,18 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from meshsl.config.loader import load_spec, parse_spec
+import processes  # tests/ is on sys.path
+from meshsl.config.loader import parse_spec
 from meshsl.errors import MeshslError
 from meshsl.plan.steps import training_steps
 from meshsl.runtime.coordinator import RunOptions
 from meshsl.runtime.launcher import LocalRun
 from meshsl.runtime.simulate import simulate
 from meshsl.topology.model import topology_from_spec
-
-ROOT = Path(__file__).resolve().parent.parent
-TOPOLOGIES = ROOT / "topologies"
+from processes import TOPOLOGIES, assert_same_weights, saved_weights
 
 
 def dropout_document(name: str = "splitfed.yaml", clients: int = 3, steps: int = 12, every: int = 2,
@@ -45,27 +43,11 @@ def dropout_document(name: str = "splitfed.yaml", clients: int = 3, steps: int =
 def train(document: dict, run_dir: Path, fault, runs: list | None = None) -> tuple[dict, LocalRun]:
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(document))
-    run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False)
-    if runs is not None:
-        runs.append(run)
-    resolved = run.prepare()
-    topology = topology_from_spec(load_spec(resolved), str(resolved), path.parent)
-    run.on_progress = lambda row: fault(run, row)
-    run.start(topology, resolved)
-    try:
-        return run.follow(topology, timeout=240), run
-    finally:
-        run.stop()
+    return processes.train(path, run_dir, fault, runs=runs)
 
 
 def kill_at(node: str, step: int):
-    fired = threading.Event()
-
-    def fault(run: LocalRun, row: dict) -> None:
-        if row.get("step") == step and "event" not in row and not fired.is_set():
-            fired.set()
-            os.kill(run.processes[node].pid, signal.SIGKILL)
-    return fault
+    return processes.kill_at(node, step, skip_events=True)  # at the step's own row, not at an event's
 
 
 def reference_weights(document: dict, schedule: list) -> dict[str, dict[str, torch.Tensor]]:
@@ -81,17 +63,6 @@ def reference_weights(document: dict, schedule: list) -> dict[str, dict[str, tor
             stem = f"{segment}@{node}" if topology.is_replicated(segment) else segment
             out[stem] = {k: v.detach().clone() for k, v in module.state_dict().items()}
     return out
-
-
-def saved_weights(run_dir: Path) -> dict:
-    return {p.stem: load_file(str(p)) for p in sorted((run_dir / "weights").glob("*.safetensors"))}
-
-
-def assert_same_weights(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys() and got
-    for stem in want:
-        for key in want[stem]:
-            assert torch.equal(got[stem][key], want[stem][key]), f"{stem}.{key} differs from the reference"
 
 
 def test_splitfed_goes_on_over_the_survivors_of_a_sigkill(tmp_path):

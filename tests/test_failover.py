@@ -1,74 +1,15 @@
 """Chaos tests with real processes: killing any node mid-training loses nothing and changes nothing."""
 import os
 import signal
-import threading
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from meshsl.config.loader import load_spec
 from meshsl.errors import PeerFailed
 from meshsl.runtime.launcher import LocalRun
-from meshsl.topology.model import topology_from_spec
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def chaos_topology(tmp_path: Path, name: str = "vanilla.yaml", every: int = 1, standby: bool = False,
-                   steps: int = 16, **retry) -> Path:
-    document = yaml.safe_load((ROOT / "topologies" / name).read_text())
-    document["training"]["steps"] = steps
-    document["training"]["eval_every"] = 0
-    document["checkpoint"] = {"every": every}
-    # A restarted process imports torch: at load average 30 on two cores that took 33-54 s this session.
-    document["retry"] = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 2.0, "timeout_s": 20,
-                         "startup_timeout_s": 120, "max_restarts": 3, **retry}
-    for node in document["nodes"]:
-        node.pop("metrics_port", None)
-        if standby:
-            node["standby"] = [node["endpoint"].rsplit(":", 1)[0] + ":1"]  # rewritten to a free port
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(document))
-    return path
-
-
-def train(path: Path, run_dir: Path, fault=None, warm_standby: bool = False) -> tuple[dict, LocalRun]:
-    """Run with real node processes; `fault(launcher, row)` may kill or pause nodes from the progress stream."""
-    run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False,
-                   warm_standby=warm_standby)
-    resolved = run.prepare()
-    topology = topology_from_spec(load_spec(resolved), str(resolved), path.parent)
-    if fault:
-        run.on_progress = lambda row: fault(run, row)
-    run.start(topology, resolved)
-    try:
-        return run.follow(topology, timeout=240), run
-    finally:
-        run.stop()
-
-
-def weights(run_dir: Path) -> dict:
-    return {p.stem: load_file(str(p)) for p in sorted((run_dir / "weights").glob("*.safetensors"))}
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for segment in a:
-        for key in a[segment]:
-            assert torch.equal(a[segment][key], b[segment][key]), f"{segment}.{key} differs"
-
-
-def kill_at(node: str, step: int, sig=signal.SIGKILL):
-    fired = threading.Event()
-
-    def fault(run: LocalRun, row: dict) -> None:
-        if row.get("step") == step and not fired.is_set():
-            fired.set()
-            os.kill(run.processes[node].pid, sig)
-    return fault
+from processes import (  # noqa: F401  (tests/ is on sys.path; still importable from here, as before)
+    assert_same_weights, chaos_topology, kill_at, saved_weights as weights, train)
 
 
 @pytest.fixture(scope="module")
@@ -207,15 +148,7 @@ def test_run_resume_continues_from_the_last_consistent_checkpoint(tmp_path, refe
                 os.kill(proc.pid, signal.SIGKILL)
 
     with pytest.raises(PeerFailed):
-        run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False)
-        resolved = run.prepare()
-        topology = topology_from_spec(load_spec(resolved), str(resolved), path.parent)
-        run.on_progress = lambda row: kill_everything(run, row)
-        run.start(topology, resolved)
-        try:
-            run.follow(topology, timeout=120)
-        finally:
-            run.stop()
+        train(path, run_dir, kill_everything, timeout=120)
     from typer.testing import CliRunner
     from meshsl.cli import app
     result = CliRunner().invoke(app, ["run", str(path), "--resume", "--run-dir", str(run_dir), "--no-progress",

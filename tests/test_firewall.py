@@ -336,7 +336,7 @@ def test_dial_out_nodes_follow_a_peer_to_its_standby_and_come_back_from_anywhere
     replacement binds its standby endpoint: both dial-out neighbours connect to it there. Then the
     dial-out relay_1 dies: restarted (a new process, a new route) it connects again. The weights equal
     those of an uninterrupted run."""
-    from test_failover import assert_same_weights as same, chaos_topology, kill_at, train, weights
+    from processes import assert_same_weights as same, chaos_topology, kill_at, saved_weights as weights, train
     path = chaos_topology(tmp_path, "multi_hop.yaml", standby=True, steps=16)
     document = yaml.safe_load(path.read_text())
     for node in document["nodes"]:

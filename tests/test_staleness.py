@@ -24,7 +24,7 @@ from meshsl.runtime.stale_machine import StaleMachine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_equivalence import chain, topology_of  # noqa: E402
-from test_failover import assert_same_weights, chaos_topology, kill_at, train, weights  # noqa: E402
+from processes import assert_same_weights, chaos_topology, kill_at, saved_weights as weights, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,12 +1,14 @@
 """The outcome of a sample-id alignment, per node, and what the rest of meshsl derives from it.
 
-Kept on the topology object per node (`topology.__dict__["_alignments"]`): the sample pools
+Kept per node in a registry keyed (weakly) by the topology, which stays frozen: the sample pools
 (`meshsl.plan.steps`) and a node's data (`meshsl.compute.node_data`) read it, the runner
 (`meshsl.align.runner`) writes it. Without a node's outcome (local tools) every party's files are
 intersected here in the clear.
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -20,16 +22,53 @@ def alignment_settings(topology) -> tuple[float, int]:
     return (spec.timeout_s, spec.min_intersection) if spec is not None else (600.0, 1)
 
 
+@dataclass
+class _Alignments:
+    """What this process knows of one topology's alignment (runtime input, not derived data)."""
+    training: dict[str, AlignmentOutcome] = field(default_factory=dict)
+    predict: dict[str, AlignmentOutcome] = field(default_factory=dict)
+    predict_mode: bool = False
+    version: int = 0  # bumped on every outcome: what is derived from the intersection size is stale
+
+
+_BY_TOPOLOGY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _alignments(topology) -> _Alignments:
+    found = _BY_TOPOLOGY.get(topology)
+    if found is None:
+        found = _BY_TOPOLOGY[topology] = _Alignments()
+    return found
+
+
 def remember(topology, node: str, outcome: AlignmentOutcome, predict: bool = False) -> None:
     """Keep a node's outcome; `predict`: of its prediction input (the training rows are then not used)."""
-    topology.__dict__.setdefault("_predict_alignments" if predict else "_alignments", {})[node] = outcome
+    book = _alignments(topology)
+    (book.predict if predict else book.training)[node] = outcome
     if predict:
-        topology.__dict__["_predict_mode"] = True
-    topology.__dict__.pop("_sample_pools", None)  # pools depend on the intersection size
+        book.predict_mode = True
+    book.version += 1  # pools depend on the intersection size
+
+
+def enter_predict_mode(topology) -> None:
+    """From now on this process aligns (and reads) prediction inputs, not the training rows."""
+    _alignments(topology).predict_mode = True
+
+
+def predict_mode(topology) -> bool:
+    found = _BY_TOPOLOGY.get(topology)
+    return found is not None and found.predict_mode
+
+
+def alignment_version(topology) -> int:
+    """Changes whenever an outcome is kept: a cache of what depends on the alignment compares it."""
+    found = _BY_TOPOLOGY.get(topology)
+    return 0 if found is None else found.version
 
 
 def outcome_of(topology, node: Optional[str] = None, predict: bool = False) -> Optional[AlignmentOutcome]:
-    found = topology.__dict__.get("_predict_alignments" if predict else "_alignments", {})
+    book = _BY_TOPOLOGY.get(topology)
+    found = {} if book is None else (book.predict if predict else book.training)
     if node is not None:
         return found.get(node)
     return next(iter(found.values()), None)
@@ -41,7 +80,7 @@ def aligned_size(topology) -> Optional[int]:
     files are read here and intersected directly: the same rows in the same order as the PSI gives."""
     if not uses_ids(topology):
         return None
-    if topology.__dict__.get("_predict_mode"):
+    if predict_mode(topology):
         return outcome_of(topology, predict=True).size
     outcome = outcome_of(topology)
     if outcome is None:
@@ -51,7 +90,7 @@ def aligned_size(topology) -> Optional[int]:
 
 def aligned_rows(topology, node: str, source: str) -> Optional[np.ndarray]:
     """Row of `source` (held by `node`) for each common sample, in the agreed order; None without ids."""
-    if not uses_ids(topology) or topology.__dict__.get("_predict_mode"):
+    if not uses_ids(topology) or predict_mode(topology):
         return None  # predicting: the training rows are loaded but not used
     outcome = outcome_of(topology, node)
     if outcome is None:

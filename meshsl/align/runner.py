@@ -17,7 +17,8 @@ from typing import Optional
 
 from meshsl.align.ids import data_nodes, id_column_of, leader_of, node_ids, read_node_ids, uses_ids
 from meshsl.align.outcomes import (  # noqa: F401  (re-exported: the runner's public names)
-    aligned_rows, aligned_size, alignment_settings, intersect_locally, outcome_of, remember)
+    aligned_rows, aligned_size, alignment_settings, enter_predict_mode, intersect_locally, outcome_of, predict_mode,
+    remember)
 from meshsl.align.session import AlignmentError, AlignmentOutcome, Session
 from meshsl.errors import ConfigError, MeshslError
 from meshsl.transport.inprocess import InProcessHub, InProcessTransport
@@ -43,7 +44,7 @@ async def align_node(topology, node: str, transport, checkpoint_dir: Optional[Pa
                      resume: bool = False, predict_ids: Optional[list[str]] = None) -> AlignmentOutcome:
     """This node's side of the alignment over its (started) transport; raises AlignmentError.
     `predict_ids`: align these (a prediction input's ids) instead of the training data's."""
-    predict = predict_ids is not None or topology.__dict__.get("_predict_mode", False)
+    predict = predict_ids is not None or predict_mode(topology)
     if predict:
         ids = predict_ids
         checkpoint_dir = None
@@ -84,7 +85,7 @@ async def align_before_training(runtime) -> Optional[bool]:
     try:
         predict_ids = None
         if runtime.inference is not None:  # `meshsl predict`: align the prediction inputs' ids instead
-            topology.__dict__["_predict_mode"] = True
+            enter_predict_mode(topology)
             predict_ids = _prediction_ids(runtime)
         await align_node(topology, runtime.node, runtime.transport,
                          runtime.checkpoint_dir if runtime.checkpoint_every > 0 else None, runtime.resume,

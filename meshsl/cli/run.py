@@ -41,6 +41,23 @@ def run(topology: Path = typer.Argument(...),
     topo = load(topology)
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    total = _planned_steps(topo, steps, epochs)
+    if resume and run_dir is None:
+        fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
+    every = 0 if no_checkpoint else (checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
+    launcher = LocalRun(topology, run_dir or default_run_dir(topo.spec.name), steps=steps, epochs=epochs,
+                        free_ports=free_ports, weights_out=weights_out, resume=resume, log_level=level,
+                        weights_in=weights, checkpoint_every=every, warm_standby=warm_standby)
+    resolved = launcher.prepare()
+    console.print(f"run directory: {launcher.run_dir} (logs, checkpoints, summary)")
+    summary, history = _train_with_progress(launcher, load(resolved, topology.parent), resolved,
+                                            f"training {topo.spec.name}", total, progress, timeout)
+    print_summary(summary)
+    _write_outputs(summary, history, summary_json, report)
+
+
+def _planned_steps(topo, steps: Optional[int], epochs: Optional[int]) -> int:
+    """How many steps the run trains; a run over a declared epsilon budget does not start."""
     from meshsl.plan.steps import training_steps  # start-up: `meshsl --help` parses nothing
     try:
         total = len(training_steps(topo, steps, epochs))  # with sample ids: reads every party's ids here
@@ -52,21 +69,19 @@ def run(topology: Path = typer.Argument(...),
             privacy_budget_of(topo, total)  # a run over a declared epsilon budget does not start
         except ConfigError as exc:
             fail(exc)
-    if resume and run_dir is None:
-        fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
-    every = 0 if no_checkpoint else (checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
-    launcher = LocalRun(topology, run_dir or default_run_dir(topo.spec.name), steps=steps, epochs=epochs,
-                        free_ports=free_ports, weights_out=weights_out, resume=resume, log_level=level,
-                        weights_in=weights, checkpoint_every=every, warm_standby=warm_standby)
-    resolved = launcher.prepare()
-    console.print(f"run directory: {launcher.run_dir} (logs, checkpoints, summary)")
-    resolved_topo = load(resolved, topology.parent)
+    return total
+
+
+def _train_with_progress(launcher, resolved_topo, resolved: Path, title: str, total: int, progress: bool,
+                         timeout: Optional[float]) -> tuple[dict, list[dict]]:
+    """Start the nodes and follow them to the end under a progress bar; returns the summary and the
+    progress rows seen (the history when the summary carries none)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # rich: never in a node process
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console.real(), disable=not progress)
     history = []
     with bar:
-        job = bar.add_task(f"training {topo.spec.name}", total=total, info="")
+        job = bar.add_task(title, total=total, info="")
 
         def on_progress(row: dict) -> None:
             if row.get("event"):
@@ -87,7 +102,10 @@ def run(topology: Path = typer.Argument(...),
         except KeyboardInterrupt:
             launcher.stop()
             raise typer.Exit(130)
-    print_summary(summary)
+    return summary, history
+
+
+def _write_outputs(summary: dict, history: list[dict], summary_json: Optional[Path], report: Optional[Path]) -> None:
     if summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2, default=float))

@@ -18,11 +18,12 @@ from meshsl.compute.eager_optim import eager
 from meshsl.compute.hijack_guard import HijackGuard
 from meshsl.compute.label_guard import LabelGuard
 from meshsl.compute.layers import build_segment_module, merge_inputs
+from meshsl.compute.leakage_gauge import LeakageGauge, raw_upstream
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.staging import to_device
 from meshsl.compute.tasks import correct_count, summarise, task_loss
+from meshsl.compute.weight_versions import WeightVersions
 from meshsl.privacy.accounting import effective_dp
-from meshsl.privacy.dcor import distance_correlation
 from meshsl.privacy.dp import clip_and_noise, randomized_response
 from meshsl.privacy.nopeek import nopeek_loss
 
@@ -49,6 +50,18 @@ def build_optimizer(spec, params) -> torch.optim.Optimizer:
     if spec.name == "adamw":
         return eager(torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay))
     return eager(torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay))
+
+
+def build_segments(topology, segments: list[str], device: torch.device
+                   ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
+    """Each segment's module (on `device`) and its optimizer (the segment's own, else training's)."""
+    modules: dict[str, torch.nn.Module] = {}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for name in segments:
+        module = modules[name] = build_module(topology, name).to(device)
+        spec = topology.segments[name].optimizer or topology.spec.training.optimizer
+        optimizers[name] = build_optimizer(spec, module.parameters())
+    return modules, optimizers
 
 
 @dataclass
@@ -86,16 +99,30 @@ class _Stash:
     loss: Optional[torch.Tensor]
 
 
-@dataclass
-class _StaleRound:
-    """One training round in flight under `training.staleness` (weight stashing, docs/wan.md)."""
-    context: RoundContext
-    stats: dict
-    params: dict[str, dict[str, torch.Tensor]]  # segment -> parameter name -> leaf on weight version W_{step-k}
+def _new_stats(tasks) -> dict:
+    return {t.name: {"loss_sum": 0.0, "correct": 0, "count": 0} for t in tasks}
 
 
-def _parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
+def eval_summary(topology, tasks, eval_outputs: dict, eval_lanes: dict) -> dict:
+    """An evaluation round's metrics per task (and per lane, one model per client, where lanes differ)."""
+    by_task = {}
+    for task in tasks:
+        outs, ys = eval_outputs[task.name]
+        by_task[task.name] = summarise(task.loss, task.metrics, outs, ys)
+        lanes = eval_lanes.get(task.name, [])
+        if topology.lanes > 1 and len(set(lanes)) > 1:  # per-client metrics (one model per lane)
+            by_task[task.name]["by_lane"] = {
+                str(lane): summarise(task.loss, task.metrics, [o for o, l in zip(outs, lanes) if l == lane],
+                                     [y for y, l in zip(ys, lanes) if l == lane])
+                for lane in sorted(set(lanes))}
+    return {"tasks": by_task}
+
+
+def noisy_label_table(topology, name: str, clean: torch.Tensor) -> torch.Tensor:
+    """Label DP: one randomized response per sample of labels `name`, seeded by the topology."""
+    classes = topology.num_classes.get(name) or int(clean.max()) + 1
+    generator = torch.Generator().manual_seed(topology.spec.training.seed * 1_000_003 + 4242)
+    return randomized_response(clean.long(), classes, topology.spec.training.label_dp.epsilon, generator)
 
 
 class SegmentWorker:
@@ -107,20 +134,11 @@ class SegmentWorker:
         self.node = node
         self.device = torch.device(topology.nodes[node].device)
         self.segments = [s for s in topology.segment_order if node in topology.placement[s]]
-        self.modules: dict[str, torch.nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        for name in self.segments:
-            module = build_module(topology, name).to(self.device)
-            self.modules[name] = module
-            spec = topology.segments[name].optimizer or topology.spec.training.optimizer
-            self.optimizers[name] = build_optimizer(spec, module.parameters())
+        self.modules, self.optimizers = build_segments(topology, self.segments, self.device)
         self.data = NodeData(topology, node)
-        # Latency hiding: step s runs on weight version W_{s-k}, the weights after the updates of steps
-        # 0 .. s-k-1. Versions are detached copies, never updated in place, so a graph of a step still
-        # waiting for its backward is never touched by the optimizer steps applied meanwhile.
+        # Latency hiding: step s runs on weight version W_{s-k} (meshsl.compute.weight_versions).
         self.staleness = topology.spec.training.staleness
-        self.versions: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # version -> segment -> name -> tensor
-        self._stale_rounds: dict[int, _StaleRound] = {}
+        self._stale = WeightVersions(self.staleness)
         self.store = TensorStore()
         self.stash: dict[tuple, _Stash] = {}
         self.context = RoundContext(-1, "train", 1, (0,))
@@ -131,14 +149,14 @@ class SegmentWorker:
         self.compute_seconds: dict[tuple[str, str], float] = defaultdict(float)
         self.predictions: dict[str, dict[tuple[int, int], torch.Tensor]] = {}  # task -> (lane, mb) -> output
         self._noisy_labels: dict[str, torch.Tensor] = {}  # label DP: one randomized response per sample
-        # Live leakage gauge: segments whose output crosses a party boundary -> their cut edges.
-        self._gauged: dict[str, list[str]] = defaultdict(list)
-        for producer, consumer in topology.cut_edges():
-            if producer in self.modules:
-                self._gauged[producer].append(f"{producer}->{consumer}")
-        self._leakage_samples: dict[str, tuple[list, list]] = {}
+        self._gauge = LeakageGauge(topology, self.modules, self.leakage_max_samples)
         self._label_guard = LabelGuard(topology, node, self)
         self._hijack_guard = HijackGuard(topology, node, self)
+
+    @property
+    def versions(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+        """Staleness > 0: the stashed weight versions (version -> segment -> name -> tensor)."""
+        return self._stale.versions
 
     # -- rounds ----------------------------------------------------------------------------------
     def begin(self, context: RoundContext) -> None:
@@ -147,13 +165,13 @@ class SegmentWorker:
         self.context = context
         self.store.drop_before(context.round)
         self.stash.clear()
-        self._stale_rounds.clear()
-        self.stats = {t.name: {"loss_sum": 0.0, "correct": 0, "count": 0} for t in self._my_tasks()}
+        self._stale.rounds.clear()
+        self.stats = _new_stats(self._my_tasks())
         self.eval_outputs = {t.name: ([], []) for t in self._my_tasks()}
         self.eval_lanes: dict[str, list[int]] = {t.name: [] for t in self._my_tasks()}  # lane of each eval output
         self.predictions = {t.name: {} for t in self._my_tasks()}
         self.compute_seconds.clear()
-        self._leakage_samples.clear()
+        self._gauge.samples.clear()
         self._label_guard.begin()
         self._hijack_guard.begin(context)
         for module in self.modules.values():
@@ -165,21 +183,11 @@ class SegmentWorker:
         self.store.drop_before(oldest)
         for key in [k for k in self.stash if k[0] < oldest]:
             del self.stash[key]
-        for round_ in [r for r in self._stale_rounds if r < oldest]:
-            del self._stale_rounds[round_]
-        if not self.versions and context.step == 0:  # W_0: the weights as built, loaded or restored at step 0
-            self.versions[0] = {name: _parameters(module) for name, module in self.modules.items()}
-        version = self.versions.get(max(0, context.step - self.staleness))
-        if version is None:
-            raise RuntimeError(f"weight version {max(0, context.step - self.staleness)} for step {context.step} "
-                               f"is not stashed (have {sorted(self.versions)})")
-        params = {seg: {n: t.detach().requires_grad_(True) for n, t in tensors.items()}
-                  for seg, tensors in version.items()}
-        stats = {t.name: {"loss_sum": 0.0, "correct": 0, "count": 0} for t in self._my_tasks()}
-        self._stale_rounds[context.round] = _StaleRound(context, stats, params)
-        self.context, self.stats = context, stats
+        self._stale.drop_rounds_before(oldest)
+        state = self._stale.begin(context, _new_stats(self._my_tasks()), self.modules)
+        self.context, self.stats = context, state.stats
         self.compute_seconds.clear()
-        self._leakage_samples.clear()
+        self._gauge.samples.clear()
         self._label_guard.begin()
         self._hijack_guard.begin(context)
         for module in self.modules.values():
@@ -187,12 +195,12 @@ class SegmentWorker:
 
     def use_round(self, round_: int) -> None:
         """Staleness > 0: the next compute action or summary is for training round `round_`."""
-        state = self._stale_rounds.get(round_)
+        state = self._stale.rounds.get(round_)
         if state is not None:
             self.context, self.stats = state.context, state.stats
 
     def _call(self, segment: str, x: torch.Tensor) -> torch.Tensor:
-        state = self._stale_rounds.get(self.context.round) if self.staleness else None
+        state = self._stale.rounds.get(self.context.round) if self.staleness else None
         if state is None or self.context.phase != "train":
             return self.modules[segment](x)
         return torch.func.functional_call(self.modules[segment], state.params[segment], (x,))
@@ -229,7 +237,7 @@ class SegmentWorker:
             for task in self.topology.tasks_of(segment):
                 labels = self.data.get(task.labels, rows, c.phase) if c.phase != "predict" else None
                 loss = self._task(task, output, labels, len(rows), loss, rows, lane=lane, micro_batch=micro_batch)
-        if training and segment in self._gauged and c.step % self.leakage_every == 0:
+        if training and segment in self._gauge.gauged and c.step % self.leakage_every == 0:
             self._sample_leakage(segment, lane, rows, output)
         self.store.outputs[(c.round, segment, lane, micro_batch)] = output
         if training:
@@ -267,51 +275,26 @@ class SegmentWorker:
         fresh draws every epoch would let repeated releases average the noise away (epsilon per epoch)."""
         table = self._noisy_labels.get(task.labels)
         if table is None:
-            clean = self.data.tensors[task.labels]
-            classes = self.topology.num_classes.get(task.labels) or int(clean.max()) + 1
-            generator = torch.Generator().manual_seed(self.topology.spec.training.seed * 1_000_003 + 4242)
-            table = randomized_response(clean.long(), classes, self.topology.spec.training.label_dp.epsilon, generator)
-            self._noisy_labels[task.labels] = table
+            table = self._noisy_labels[task.labels] = noisy_label_table(self.topology, task.labels,
+                                                                        self.data.tensors[task.labels])
         if rows is None:
             raise RuntimeError("label DP needs the sample ids of the micro-batch")
         return table[torch.as_tensor(rows)].to(labels.device)
 
     def _raw_upstream(self, segment: str, leaves: dict, rows) -> list[torch.Tensor]:
-        """Raw features this node holds that feed `segment`, directly or through local segments."""
-        raw = [v for k, v in leaves.items() if k in self.topology.data]
-        if raw or rows is None:
-            return raw
-        import networkx as nx
-        upstream = nx.ancestors(self.topology.graph, segment)
-        return [self.data.get(name, rows, self.context.phase).to(self.device) for name, d in self.topology.data.items()
-                if name in upstream and d.kind == "features" and name in self.data.tensors]
+        return raw_upstream(self.topology, self.data, self.context.phase, self.device, segment, leaves, rows)
 
     def _sample_leakage(self, segment: str, lane: int, rows, output: torch.Tensor) -> None:
         """Live leakage gauge: keep (raw, activation) of the first lane's micro-batches of a sampled step."""
         if lane != min(self.topology.lanes_of(segment, self.node)):
             return
         raw = self._raw_upstream(segment, {}, rows)
-        if not raw:
-            return
-        flat = torch.cat([r.reshape(r.shape[0], -1) for r in raw], dim=1).detach().cpu()
-        raws, outs = self._leakage_samples.setdefault(segment, ([], []))
-        if sum(len(r) for r in raws) < self.leakage_max_samples:
-            raws.append(flat)
-            outs.append(output.detach().reshape(output.shape[0], -1).cpu())
+        if raw:
+            self._gauge.add(segment, raw, output)
 
     def leakage(self) -> dict[str, float]:
         """dCor(raw input, what leaves) per cut edge from the sampled step; empties the sample."""
-        result = {}
-        for segment, (raws, outs) in self._leakage_samples.items():
-            if sum(len(r) for r in raws) < 4:
-                continue
-            raw, out = torch.cat(raws)[:self.leakage_max_samples], torch.cat(outs)[:self.leakage_max_samples]
-            with torch.no_grad():
-                value = float(distance_correlation(raw.double(), out.double()))
-            for edge in self._gauged[segment]:
-                result[edge] = value
-        self._leakage_samples.clear()
-        return result
+        return self._gauge.measure()
 
     def _privacy_terms(self, segment: str, leaves: dict, output: torch.Tensor, rows=None) -> Optional[torch.Tensor]:
         edge = self.privacy.get(segment)
@@ -362,21 +345,12 @@ class SegmentWorker:
 
     def apply_optimizer(self, round_: Optional[int] = None) -> None:
         self._hijack_guard.before_optimizer()
-        state = self._stale_rounds.get(round_) if self.staleness else None
-        if state is not None:  # the step's gradients were taken on its stashed version: onto the live weights
-            for name, module in self.modules.items():
-                leaves = state.params[name]
-                for pname, param in module.named_parameters():
-                    param.grad = leaves[pname].grad
+        state = self._stale.take_gradients(round_, self.modules) if self.staleness else None
         for name, optimizer in self.optimizers.items():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if state is not None:
-            state.params = {}
-            applied = state.context.step + 1  # live weights are now W_{step+1}
-            self.versions[applied] = {name: _parameters(module) for name, module in self.modules.items()}
-            for version in [v for v in self.versions if v < applied - self.staleness]:
-                del self.versions[version]  # no later step uses it (step s uses W_{s-k})
+            self._stale.applied(state, self.modules)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -389,8 +363,7 @@ class SegmentWorker:
             "label_guard_generator": self._label_guard.generator.get_state(),  # gradient-defence noise
             "torch_rng": torch.get_rng_state(),
             # staleness > 0: the stashed versions the next k steps run on (W_{s-k} .. W_s at step s)
-            **({"stale_versions": {v: {n: {k: t.cpu().clone() for k, t in ts.items()} for n, ts in seg.items()}
-                                   for v, seg in self.versions.items()}} if self.staleness else {}),
+            **({"stale_versions": self._stale.checkpoint()} if self.staleness else {}),
         }
 
     def restore(self, state: dict) -> None:
@@ -403,35 +376,23 @@ class SegmentWorker:
             self._label_guard.generator.set_state(state["label_guard_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.stash.clear()
-        self._stale_rounds.clear()
-        if self.staleness:
-            versions = state.get("stale_versions") or {}  # empty at step 0: W_0 is taken at the first step
-            self.versions = {int(v): {n: {k: t.to(self.device) for k, t in ts.items()} for n, ts in seg.items()}
-                             for v, seg in versions.items()}
+        self._stale.rounds.clear()
+        if self.staleness:  # empty at step 0: W_0 is taken at the first step
+            self._stale.restore(state.get("stale_versions") or {}, self.device)
 
     def discard_gradients(self) -> None:
         """Abort: forget the round's partial gradients (the step will be replayed)."""
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.stash.clear()
-        self._stale_rounds.clear()
+        self._stale.rounds.clear()
 
     # -- results ---------------------------------------------------------------------------------
     def round_summary(self) -> dict:
         if self.context.phase == "eval":
-            by_task = {}
-            for task in self._my_tasks():
-                outs, ys = self.eval_outputs[task.name]
-                by_task[task.name] = summarise(task.loss, task.metrics, outs, ys)
-                lanes = self.eval_lanes.get(task.name, [])
-                if self.topology.lanes > 1 and len(set(lanes)) > 1:  # per-client metrics (one model per lane)
-                    by_task[task.name]["by_lane"] = {
-                        str(lane): summarise(task.loss, task.metrics, [o for o, l in zip(outs, lanes) if l == lane],
-                                             [y for y, l in zip(ys, lanes) if l == lane])
-                        for lane in sorted(set(lanes))}
-            return {"tasks": by_task}
+            return eval_summary(self.topology, self._my_tasks(), self.eval_outputs, self.eval_lanes)
         summary = {"tasks": self.stats}
-        if self._leakage_samples:
+        if self._gauge.samples:
             summary["leakage"] = self.leakage()
         label_leakage = self._label_guard.gauge()
         if label_leakage:

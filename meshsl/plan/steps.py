@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
-from meshsl.align.outcomes import aligned_size
+from meshsl.align.outcomes import aligned_size, alignment_version
 from meshsl.data import load_dataset, partition, train_test_indices
 
 
@@ -27,10 +28,15 @@ class SamplePools:
 
 def sample_pools(topology) -> SamplePools:
     """Train rows per lane (client shard) and the shared held-out rows, from the shared sample ids."""
-    cached = topology.__dict__.get("_sample_pools")
-    if cached is None:
-        cached = topology.__dict__["_sample_pools"] = _pools(topology)
-    return cached
+    cached = _POOLS.get(topology)
+    if cached is None or cached[0] != alignment_version(topology):  # pools depend on the intersection size
+        pools = _pools(topology)  # may align locally first (the version read after it includes that)
+        cached = _POOLS[topology] = (alignment_version(topology), pools)
+    return cached[1]
+
+
+# Derived data memoised beside the (frozen) topology, not on it; gone with the topology.
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _pools(topology) -> SamplePools:

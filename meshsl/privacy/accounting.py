@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -115,7 +116,7 @@ def _label_parties(topology, consumer: str, producer: str) -> list[str]:
 
 def mechanisms(topology) -> list[Mechanism]:
     """Every Gaussian mechanism the topology declares, with its noise multiplier (calibrated if asked)."""
-    cached = topology.__dict__.get("_dp_mechanisms")
+    cached = _MECHANISMS.get(topology)
     if cached is not None:
         return cached
     found: list[Mechanism] = []
@@ -142,8 +143,12 @@ def mechanisms(topology) -> list[Mechanism]:
             rate, count = releases(topology, steps, m.amplification)
             m.noise_multiplier = calibrate(m.target_epsilon, rate, count, m.delta)
             m.calibrated = True
-    topology.__dict__["_dp_mechanisms"] = found
+    _MECHANISMS[topology] = found
     return found
+
+
+# Memoised beside the (frozen) topology, not on it (calibration runs the accountant); gone with the topology.
+_MECHANISMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def noise_multiplier(topology, edge: str, kind: str) -> Optional[float]:

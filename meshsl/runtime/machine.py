@@ -209,6 +209,31 @@ class _SegmentQueue:
         self.open: list[tuple[int, int]] = []
 
 
+def _round_units(wiring: Wiring, begin: Begin) -> tuple[dict[tuple[str, int, int], _Unit], dict[str, _SegmentQueue]]:
+    """The units of work of a round (segment, lane, micro-batch) this node computes, and per segment
+    the queue of them (forwards with no segment inputs ready at once)."""
+    units: dict[tuple[str, int, int], _Unit] = {}
+    queues: dict[str, _SegmentQueue] = {}
+    training = begin.phase == "train"
+    round_lanes = set(begin.lanes)
+    for seg in wiring.segments.values():
+        queue = _SegmentQueue()
+        for lane in seg.lanes:
+            if lane not in round_lanes:
+                continue
+            for mb in range(begin.micro_batches):
+                units[(seg.name, lane, mb)] = _Unit(inputs_missing=set(seg.segment_inputs),
+                                                    grads_missing=set(seg.consumers) if training else set())
+                queue.open.append((mb, lane))
+                if not seg.segment_inputs:
+                    queue.ready_forwards.append((mb, lane))
+        if queue.open:
+            heapq.heapify(queue.open)
+            heapq.heapify(queue.ready_forwards)
+            queues[seg.name] = queue
+    return units, queues
+
+
 @dataclass
 class NodeMachine:
     wiring: Wiring
@@ -306,27 +331,8 @@ class NodeMachine:
         self.round, self.phase, self.micro_batches = event.round, event.phase, event.micro_batches
         self.auto = prepare
         self.done = False
-        self.units = {}
         self.in_flight = {name: 0 for name in self.wiring.segments}
-        self._queues = {}
-        training = event.phase == "train"
-        round_lanes = set(event.lanes)
-        for seg in self.wiring.segments.values():
-            queue = _SegmentQueue()
-            for lane in seg.lanes:
-                if lane not in round_lanes:
-                    continue
-                for mb in range(event.micro_batches):
-                    self.units[(seg.name, lane, mb)] = _Unit(
-                        inputs_missing=set(seg.segment_inputs),
-                        grads_missing=set(seg.consumers) if training else set())
-                    queue.open.append((mb, lane))
-                    if not seg.segment_inputs:
-                        queue.ready_forwards.append((mb, lane))
-            if queue.open:
-                heapq.heapify(queue.open)
-                heapq.heapify(queue.ready_forwards)
-                self._queues[seg.name] = queue
+        self.units, self._queues = _round_units(self.wiring, event)
         self._open_units = len(self.units)
         early, self.early, self._early_seen = self.early, [], set()
         for held in early:

@@ -124,7 +124,6 @@ def simulate_on_ray(topology, document: dict, options: Optional[RunOptions] = No
     running cluster ("auto", "host:port"); None starts a local Ray instance for this run."""
     ray = _ray()
     from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     settings = topology.spec.ray or RaySpec()
     plans = plan_actors(topology)
@@ -136,31 +135,11 @@ def simulate_on_ray(topology, document: dict, options: Optional[RunOptions] = No
     bundles = [{k: v for k, v in (("CPU", p.num_cpus), ("GPU", p.num_gpus)) if v > 0} or {"CPU": 0.01}
                for p in plans]
     group = placement_group(bundles, strategy=settings.placement, name=run)
-    hosts = []
+    hosts: list = []  # filled as they start: every one started is killed below
     try:
-        ready, _ = ray.wait([group.ready()], timeout=settings.ready_timeout_s)
-        if not ready:
-            raise MeshslError(
-                f"Ray could not place {len(plans)} actors ({', '.join(f'{p.name}: {bundles[i]}' for i, p in enumerate(plans))}) "
-                f"with strategy {settings.placement} within {settings.ready_timeout_s:.0f}s; the cluster has "
-                f"{ray.cluster_resources()} (nodes[].ray.num_cpus / num_gpus / actors, ray.placement)")
-        remote_host = ray.remote(NodeHost)
-        source, base_dir = topology.source, str(topology.base_dir)
-        for i, plan in enumerate(plans):
-            hosts.append(remote_host.options(
-                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=0, name=f"{run}-{plan.name}",
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
-                                                                     placement_group_bundle_index=i),
-            ).remote(document, source, base_dir, run, plan.name, plan.nodes))
-        try:
-            addresses = ray.get([h.open.remote() for h in hosts], timeout=settings.ready_timeout_s)
-        except ray.exceptions.RayActorError as exc:
-            raise PeerFailed(", ".join(p.name for p in plans), f"a Ray actor died while starting: "
-                                                              f"{str(exc).splitlines()[0]}") from None
-        except ray.exceptions.GetTimeoutError:
-            raise PeerFailed(", ".join(p.name for p in plans),
-                             f"Ray actors did not start within {settings.ready_timeout_s:.0f}s") from None
-        actors = {p.name: (a, p.nodes) for p, a in zip(plans, addresses)}
+        _wait_placed(ray, group, plans, bundles, settings)
+        _start_hosts(ray, group, topology, document, run, plans, hosts)
+        actors = _open_hosts(ray, hosts, plans, settings)
         pending = {h.run.remote(actors, options, return_weights): p for h, p in zip(hosts, plans)}
         results = _collect(ray, pending, timeout)
     finally:
@@ -169,6 +148,46 @@ def simulate_on_ray(topology, document: dict, options: Optional[RunOptions] = No
         remove_placement_group(group)
         if started_ray:
             ray.shutdown()
+    return _outcome(plans, actors, results, return_weights)
+
+
+def _wait_placed(ray, group, plans, bundles: list[dict], settings: RaySpec) -> None:
+    ready, _ = ray.wait([group.ready()], timeout=settings.ready_timeout_s)
+    if not ready:
+        raise MeshslError(
+            f"Ray could not place {len(plans)} actors ({', '.join(f'{p.name}: {bundles[i]}' for i, p in enumerate(plans))}) "
+            f"with strategy {settings.placement} within {settings.ready_timeout_s:.0f}s; the cluster has "
+            f"{ray.cluster_resources()} (nodes[].ray.num_cpus / num_gpus / actors, ray.placement)")
+
+
+def _start_hosts(ray, group, topology, document: dict, run: str, plans, hosts: list) -> None:
+    """One NodeHost actor per plan, each in its own bundle of the placement group; appended to `hosts`."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    remote_host = ray.remote(NodeHost)
+    source, base_dir = topology.source, str(topology.base_dir)
+    for i, plan in enumerate(plans):
+        hosts.append(remote_host.options(
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=0, name=f"{run}-{plan.name}",
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
+                                                                 placement_group_bundle_index=i),
+        ).remote(document, source, base_dir, run, plan.name, plan.nodes))
+
+
+def _open_hosts(ray, hosts: list, plans, settings: RaySpec) -> dict[str, tuple[str, list[str]]]:
+    """Every actor binds its nodes; returns actor name -> (its address, its nodes)."""
+    try:
+        addresses = ray.get([h.open.remote() for h in hosts], timeout=settings.ready_timeout_s)
+    except ray.exceptions.RayActorError as exc:
+        raise PeerFailed(", ".join(p.name for p in plans), f"a Ray actor died while starting: "
+                                                          f"{str(exc).splitlines()[0]}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise PeerFailed(", ".join(p.name for p in plans),
+                         f"Ray actors did not start within {settings.ready_timeout_s:.0f}s") from None
+    return {p.name: (a, p.nodes) for p, a in zip(plans, addresses)}
+
+
+def _outcome(plans, actors: dict, results: list[dict], return_weights: bool) -> dict:
+    """The run's summary, weights and per-actor figures; the first node failure is raised."""
     failures = {n: why for r in results for n, why in r["failures"].items()}
     if failures:
         node, detail = next(iter(failures.items()))

@@ -115,21 +115,46 @@ def _check_staleness(topology, problem) -> None:
 
 
 def check_topology(topology) -> None:
+    """Every structural check, in a fixed order; raises ConfigErrors naming each problem's key path."""
     problems: list[ConfigError] = []
     src = topology.source
-    spec = topology.spec
 
     def problem(message: str, where: str) -> None:
         problems.append(TopologyError(message, f"{src}: {where}"))
 
+    declared = _declared_keys(topology)
+    names_seen = _check_node_names(topology.spec, problem)
+    _check_endpoints(topology, declared, names_seen, problem)
+    _check_metrics_ports(topology, declared, problem)
+    _check_data_inputs(topology, problem)
+    _check_task_labels(topology, problem)
+    _check_every_part_used(topology, problem)
+    _check_privacy_entries(topology, problem)
+    _check_coordinator(topology, problem)
+    _check_dial_out(topology, declared, problem)
+    _check_staleness(topology, problem)
+    spec = topology.spec
+    if spec.security.curve and not spec.security.keys_dir and any(n.public_key is None for n in spec.nodes):
+        problem("curve is on but neither keys_dir nor every node's public_key is given", "security")
+    if problems:
+        raise ConfigErrors(problems)
+
+
+def _check_node_names(spec, problem) -> dict[str, int]:
+    """Declared node name -> its index in `nodes`; a name given twice is a problem."""
     names_seen: dict[str, int] = {}
-    endpoints_seen: dict[str, str] = {}
     for i, node in enumerate(spec.nodes):
         if node.name in names_seen:
             problem(f"duplicate node name {node.name!r} (also nodes[{names_seen[node.name]}])", f"nodes[{i}].name")
         names_seen[node.name] = i
-    declared = _declared_keys(topology)
-    replica_hint = " (copies of a replicated node use the declared port + client index)" if spec.clients else ""
+    return names_seen
+
+
+def _check_endpoints(topology, declared: dict[str, str], names_seen: dict[str, int], problem) -> None:
+    """No two nodes (or standbys) bind the same endpoint."""
+    replica_hint = (" (copies of a replicated node use the declared port + client index)"
+                    if topology.spec.clients else "")
+    endpoints_seen: dict[str, str] = {}
     for name, node in topology.nodes.items():
         for k, written in enumerate([node.endpoint, *node.standby]):
             if written is None:  # a dial-out node binds nothing
@@ -142,6 +167,9 @@ def check_topology(topology) -> None:
                         + (replica_hint if other != name and (name not in names_seen or other not in names_seen)
                            else ""), key)
             endpoints_seen[endpoint] = name
+
+
+def _check_metrics_ports(topology, declared: dict[str, str], problem) -> None:
     ports: dict[tuple[str, int], str] = {}
     for name, node in topology.nodes.items():
         if node.metrics_port:
@@ -152,7 +180,10 @@ def check_topology(topology) -> None:
                         f"and {name!r}", f"{declared.get(name, f'nodes({name})')}.metrics_port")
             ports[(host, node.metrics_port)] = name
 
-    for i, seg in enumerate(spec.segments):
+
+def _check_data_inputs(topology, problem) -> None:
+    """Raw data feeds only segments on the node holding it; labels feed only tasks."""
+    for i, seg in enumerate(topology.spec.segments):
         for j, source in enumerate(seg.inputs):
             data = topology.data.get(source)
             if data is None:
@@ -173,7 +204,10 @@ def check_topology(topology) -> None:
                             f"{seg_node!r} cannot read it (raw data never travels)", where)
                 break
 
-    for i, task in enumerate(spec.tasks):
+
+def _check_task_labels(topology, problem) -> None:
+    """A task's labels sit on the node that computes its output."""
+    for i, task in enumerate(topology.spec.tasks):
         labels = topology.data.get(task.labels)
         if labels is None or task.output not in topology.segments:
             continue
@@ -192,18 +226,24 @@ def check_topology(topology) -> None:
                         f"({topology.node_of(task.output, lane)!r})", where)
                 break
 
-    graph = topology.graph
+
+def _check_every_part_used(topology, problem) -> None:
+    """Every segment feeds a task (a problem); every data source is used (a warning)."""
+    spec = topology.spec
     task_names = set(topology.tasks)
     for i, seg in enumerate(spec.segments):
-        if not (nx.descendants(graph, seg.name) & task_names):
+        if not (nx.descendants(topology.graph, seg.name) & task_names):
             problem(f"segment {seg.name!r} feeds no task: its gradient would be undefined", f"segments[{i}]({seg.name})")
     used = {src for seg in spec.segments for src in seg.inputs} | {t.labels for t in spec.tasks}
     for name in topology.data:
         if name not in used:
-            topology.warnings.append(f"{src}: data source {name!r} is not used by any segment or task")
+            topology.warnings.append(f"{topology.source}: data source {name!r} is not used by any segment or task")
 
+
+def _check_privacy_entries(topology, problem) -> None:
+    """One privacy entry per known segment; one on a segment that crosses no party boundary is a warning."""
     privacy_seen: dict[str, int] = {}
-    for i, edge in enumerate(spec.privacy):
+    for i, edge in enumerate(topology.spec.privacy):
         if edge.segment in privacy_seen:
             problem(f"segment {edge.segment!r} already has privacy settings (privacy[{privacy_seen[edge.segment]}]); "
                     f"give one entry per segment", f"privacy[{i}].segment")
@@ -211,9 +251,12 @@ def check_topology(topology) -> None:
         if edge.segment not in topology.segments:
             problem(f"unknown segment {edge.segment!r}", f"privacy[{i}].segment")
         elif not any(a == edge.segment for a, _ in topology.cut_edges()):
-            topology.warnings.append(f"{src}: privacy[{i}]: segment {edge.segment!r} sends nothing across a party "
-                                     f"boundary; its privacy settings protect nothing")
+            topology.warnings.append(f"{topology.source}: privacy[{i}]: segment {edge.segment!r} sends nothing "
+                                     f"across a party boundary; its privacy settings protect nothing")
 
+
+def _check_coordinator(topology, problem) -> None:
+    spec = topology.spec
     coordinator = spec.training.coordinator
     if coordinator and coordinator not in topology.nodes:
         if spec.clients and coordinator in spec.clients.replicate:
@@ -221,12 +264,6 @@ def check_topology(topology) -> None:
                     f"(one that clients.replicate does not list)", "training.coordinator")
         else:
             problem(f"unknown node {coordinator!r} (nodes: {', '.join(topology.nodes)})", "training.coordinator")
-    _check_dial_out(topology, declared, problem)
-    _check_staleness(topology, problem)
-    if spec.security.curve and not spec.security.keys_dir and any(n.public_key is None for n in spec.nodes):
-        problem("curve is on but neither keys_dir nor every node's public_key is given", "security")
-    if problems:
-        raise ConfigErrors(problems)
 
 
 def privacy_problems(topology) -> list[ConfigError]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # torch: shape inference fills it, parsing does not need it
     from meshsl.topology.shapes import SegmentInfo
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)  # eq=False: identity hash, so derived data can be memoised beside it (weakly)
 class Topology:
     spec: TopologySpec
     source: str
@@ -75,7 +76,9 @@ class Topology:
 
     def _lanes_by_node(self, name: str) -> dict[str, list[int]]:
         """node -> its lanes of `name`, built once per name (every node of a 1,000-client topology asks)."""
-        index = self.__dict__.setdefault("_lanes_index", {})
+        index = _LANES_INDEX.get(self)
+        if index is None:
+            index = _LANES_INDEX[self] = {}
         placement = self.placement[name]
         cached = index.get(name)
         if cached is None or cached[0] is not placement:
@@ -93,11 +96,10 @@ class Topology:
 
     def cut_edges(self) -> list[tuple[str, str]]:
         """(producer segment, consumer segment) pairs whose ends sit on different parties in some lane."""
-        key = (id(self.placement), id(self.nodes))
-        cached = self.__dict__.get("_cut_edges")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_cut_edges"] = (key, self._find_cut_edges())
-        return list(cached[1])
+        cached = _CUT_EDGES.get(self)
+        if cached is None:
+            cached = _CUT_EDGES[self] = tuple(self._find_cut_edges())
+        return list(cached)
 
     def _find_cut_edges(self) -> list[tuple[str, str]]:
         edges = []
@@ -156,6 +158,11 @@ class Topology:
                 (longest[p] + (self.party_of(p) != self.party_of(name)) for p in preds), default=0
             ) if name in self.segments else 0
         return max(longest.values(), default=0)
+
+
+# Derived data memoised beside a (frozen) topology rather than stashed on it; gone with the topology.
+_LANES_INDEX: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # name -> (placement, node -> lanes)
+_CUT_EDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _KIND_WORDS = {"data": "data source", "segment": "segment", "task": "task"}
