@@ -34,6 +34,7 @@ from meshsl.runtime.loop_post import poster_for
 from meshsl.runtime.node_checkpoints import NodeCheckpoints
 from meshsl.runtime.node_control import NodeControl
 from meshsl.runtime.node_inbox import NodeInbox
+from meshsl.runtime.node_presence import NodePresence
 from meshsl.runtime.node_work import NodeWork
 from meshsl.runtime.owned_tasks import OwnedTasks
 from meshsl.runtime.peer_outboxes import PeerOutboxes
@@ -81,8 +82,9 @@ class NodeRuntime:
         self.coordinator_node = topology.coordinator
         self.counters = NodeCounters()
         self.metrics, self._metrics_factory = metrics, metrics_factory
-        self.transport = transport or self._make_transport(endpoint, bind, peer_endpoints)
-        self.transport.on_dropped = self._on_connection_dropped
+        self.transport = transport or _transport_for(topology, node, endpoint, bind, peer_endpoints,
+                                                      lambda reason: self.inbox.auth_refused(reason))
+        self.transport.on_dropped = lambda: self.inbox.connection_dropped()
         self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
         self.checkpoint_every = topology.spec.checkpoint.every if inference is None else 0
         self.resume, self.standby = resume or standby, standby
@@ -97,18 +99,10 @@ class NodeRuntime:
         self.coordinator = coordinator_factory(self) if coordinator_factory and node == self.coordinator_node else None
         self.liveness = lv.Liveness(node, self.coordinator_node, topology.nodes, self.policy,
                                     self.coordinator is not None, time.monotonic())
+        self.presence = NodePresence(self)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._group: Optional[OwnedTasks] = None
         self._stopped = asyncio.Event()
-        self._acked = asyncio.Event()  # wakes the announcer (Liveness.hello_acked says whether we are)
-
-    def _make_transport(self, endpoint: Optional[str], bind: Optional[str], peer_endpoints: Optional[dict]):
-        address_book = {name: n.endpoint for name, n in self.topology.nodes.items()}
-        address_book.update(peer_endpoints or {})  # per-node overrides (`meshsl node --peer`)
-        # CURVE (when the topology asks for it) authenticates against its allow-list
-        return make_transport(self.node, endpoint or self.spec.endpoint, address_book,
-                              **transport_security(self.topology, self.node, self._on_auth_refused),
-                              **({"bind": bind} if bind else {}))
 
     def _build_parts(self, executor: Optional[concurrent.futures.Executor]) -> None:
         topology, training, metrics = self.topology, self.topology.spec.training, (lambda: self.metrics)
@@ -116,11 +110,7 @@ class NodeRuntime:
         self.codecs = EdgeCodecs(self.edges, aligned=training.deterministic)
         self.wiring = m.Wiring.from_topology(topology, self.node)
         self.staleness = training.staleness
-        if self.staleness:  # latency hiding: several steps in flight on stashed weights (docs/wan.md)
-            self.machine = StaleMachine(self.wiring, training.schedule, deterministic=training.deterministic,
-                                        staleness=self.staleness)
-        else:
-            self.machine = m.NodeMachine(self.wiring, training.schedule, deterministic=training.deterministic)
+        self.machine = _machine_for(self.wiring, training)
         self.book = CommitBook(self.checkpoint_every, self.staleness)
         self.checkpoints = NodeCheckpoints(topology, self.node, self.checkpoint_dir, self.book, self.resume, metrics,
                                            lambda: self.machine.lag if self.staleness else 0)
@@ -161,8 +151,7 @@ class NodeRuntime:
                 group = self._group = OwnedTasks(group)
                 self.outboxes.start(group)
                 receiver = group.create_task(self._receive_loop(), name=f"{self.node}-receive")
-                group.create_task(self._announce(), name=f"{self.node}-hello")
-                group.create_task(self._heartbeat_loop(), name=f"{self.node}-heartbeat")
+                self.presence.start(group)
                 if self.coordinator is not None:
                     group.create_task(self._run_coordinator(), name=f"{self.node}-coordinator")
                 await self._stopped.wait()
@@ -212,6 +201,15 @@ class NodeRuntime:
             self.failure = failure
         self._stopped.set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def give_up(self, reason: str, aborted: bool = True) -> None:
+        """Stop with `reason`; `aborted`: the run is lost (exit non-zero)."""
+        self.aborted = self.aborted or aborted
+        self.stop(reason)
+
     def _finish_if_idle(self) -> None:
         if self.liveness.finished(self.lane.idle):
             self.stop()
@@ -237,75 +235,6 @@ class NodeRuntime:
             self.liveness.request_shutdown()  # its own SHUTDOWN may still be in flight
             self._finish_if_idle()
 
-    # -- liveness --------------------------------------------------------------------------------
-    async def _heartbeat_loop(self) -> None:
-        """Tell the coordinator we are alive; notice when it is gone and announce again to its successor."""
-        while True:
-            await asyncio.sleep(self.policy.heartbeat_interval_s)
-            if self._apply(self.liveness.handle(lv.Tick(time.monotonic()))):
-                return
-
-    async def _announce(self) -> None:
-        """Say hello to the coordinator until it acknowledges (it may start after us)."""
-        delay, since = 0.05, time.monotonic()
-        while not self.liveness.hello_acked and not self._stopped.is_set():
-            await self.send_control(self.coordinator_node, Kind.HELLO, meta={
-                "checkpoints": self.checkpoints.steps(), "endpoint": self.transport.endpoint,
-                "incarnation": self.incarnation,
-                **({"predict_rows": self.inference.rows} if self.inference and self.inference.rows is not None else {})})
-            try:
-                await asyncio.wait_for(self._acked.wait(), timeout=delay)
-            except TimeoutError:
-                delay = min(delay * 2, 1.0)
-                refused = self.transport.refused_by.get(self.coordinator_node, 0)
-                if self._apply(self.liveness.handle(lv.HelloUnanswered(time.monotonic(), since, refused))):
-                    return
-
-    def _apply(self, decisions: list) -> bool:
-        """Carry out Liveness's decisions; True once the node gives up."""
-        for decision in decisions:
-            if isinstance(decision, lv.SendHeartbeat):
-                self._send_heartbeat(decision.peer)
-            elif isinstance(decision, lv.PeerDown):
-                if self.metrics:
-                    self.metrics.peer_up(decision.peer, False)
-            elif isinstance(decision, lv.Announce):
-                log.warning("%s: coordinator %s %s; announcing again", self.node, self.coordinator_node,
-                            decision.reason)
-                self._acked.clear()
-                self._group.create_task(self._announce(), name=f"{self.node}-hello-again")
-            elif isinstance(decision, lv.GiveUp):
-                self.aborted = self.aborted or decision.aborted
-                self.stop(decision.reason)
-                return True
-        return False
-
-    def _send_heartbeat(self, peer: str) -> None:
-        """Never waits: a heartbeat that does not fit a full outbox is skipped (the peer is busy or gone)."""
-        if self.outboxes.full(peer) or not self.liveness.heartbeat_due(
-                peer, time.monotonic(), self.outboxes.last_sent.get(peer, 0.0)):
-            return
-        # The coordinator's node names its process: a peer that sees a new one (a standby took over
-        # within the heartbeat timeout) announces itself again at once.
-        meta = {"incarnation": self.incarnation} if self.coordinator is not None else {}
-        self.outboxes.post(peer, encode_message(self.envelope(Kind.HEARTBEAT, meta=meta)), None)
-
-    def _on_auth_refused(self, reason: str) -> None:
-        """A peer failed CURVE authentication (unknown key, plain text): counted, never let in."""
-        self.counters.reject(f"auth_{reason}")
-        if self.metrics:
-            self.metrics.auth_refused()
-        log.warning("%s: refused a connection (%s)", self.node, reason)
-
-    def _on_connection_dropped(self) -> None:
-        """The socket dropped a connection: a frame above the message limit (refused unread, so it is
-        counted here) or a peer that went away; the socket cannot tell which."""
-        self.counters.reject("connection_dropped")
-        if self.metrics:
-            self.metrics.rejected("connection_dropped")
-        log.info("%s: a connection was dropped (a frame above %s bytes, or the peer left)", self.node,
-                 self.max_message_bytes)
-
     # -- sending ---------------------------------------------------------------------------------
     def envelope(self, kind: Kind, **fields) -> Envelope:
         return Envelope(kind=kind, topology=self.topology.hash, sender=self.node, **fields)
@@ -330,53 +259,30 @@ class NodeRuntime:
             try:
                 await self._on_message(sender, frames)
             except ProtocolError as exc:
-                self.counters.reject(exc.reason)
-                if self.metrics:
-                    self.metrics.rejected(exc.reason)
-                log.warning("%s: rejected message from %r: %s", self.node, sender[:64], exc)
+                self.inbox.rejected(sender, exc)
 
     async def _on_message(self, sender: str, frames: list) -> None:
         envelope, tensors = self.inbox.accept(sender, frames)
-        coordinator = self.coordinator_node
-        if sender == coordinator:
-            self.liveness.handle(lv.CoordinatorHeard(time.monotonic()))
+        self.presence.heard(sender, envelope)
         if self.coordinator is not None:
             self.coordinator.seen(sender)
         kind = envelope.kind
         if kind in (Kind.ACTIVATION, Kind.GRADIENT):
             self.execute(self.inbox.on_tensor(sender, envelope, tensors))
         elif kind in CONTROL_FROM_COORDINATOR:
-            if sender != coordinator:
+            if sender != self.coordinator_node:
                 raise ProtocolError("not_coordinator", f"{kind.value} may only come from the coordinator", sender)
             await self.control.on_control(envelope)
         elif kind == Kind.WEIGHTS:
-            if sender == coordinator and envelope.meta.get("load"):
-                await self.control.load_weights(envelope, tensors)
-            elif self.coordinator is not None:
-                self.coordinator.deliver(sender, envelope, tensors)
-            else:
-                raise ProtocolError("unexpected", "weights sent to a node that is not the coordinator", sender)
+            await self.control.on_weights(sender, envelope, tensors)
         elif kind in TO_COORDINATOR:
-            self._to_coordinator(sender, envelope, tensors)
+            self.control.to_coordinator(sender, envelope, tensors)
         elif kind == Kind.HEARTBEAT:
-            if sender == coordinator and self.coordinator is None:
-                self._apply(self.liveness.handle(lv.IncarnationHeard(envelope.meta.get("incarnation"))))
             if self.metrics:
                 self.metrics.heartbeat(sender)
                 self.metrics.peer_up(sender, True)
         else:
             raise ProtocolError("unexpected", f"{kind.value} is not handled by a node", sender)
-
-    def _to_coordinator(self, sender: str, envelope: Envelope, tensors: list) -> None:
-        message = control.parse(envelope)  # typed and checked: a malformed one is rejected, counted
-        if envelope.kind == Kind.ACK and message.of == "hello" and sender == self.coordinator_node:
-            self.liveness.handle(lv.HelloAcked())
-            self._acked.set()
-        elif self.coordinator is None:
-            raise ProtocolError("unexpected", f"{envelope.kind.value} sent to a node that is not the coordinator",
-                                sender)
-        else:
-            self.coordinator.deliver(sender, envelope, tensors)
 
     # -- executing the machine's actions ---------------------------------------------------------
     def execute(self, actions: list) -> None:
@@ -427,3 +333,19 @@ class NodeRuntime:
             summary["predicted"] = await self.lane.call(writer, self.worker) if writer else {}
         await self.send_control(self.coordinator_node, Kind.DONE, phase=action.phase, step=action.round,
                                 meta=summary)
+
+
+def _transport_for(topology, node: str, endpoint: Optional[str], bind: Optional[str], peer_endpoints: Optional[dict],
+                   on_auth_refused: Callable[[str], None]) -> Transport:
+    address_book = {name: n.endpoint for name, n in topology.nodes.items()}
+    address_book.update(peer_endpoints or {})  # per-node overrides (`meshsl node --peer`)
+    # CURVE (when the topology asks for it) authenticates against its allow-list
+    return make_transport(node, endpoint or topology.nodes[node].endpoint, address_book,
+                          **transport_security(topology, node, on_auth_refused), **({"bind": bind} if bind else {}))
+
+
+def _machine_for(wiring: m.Wiring, training):
+    if training.staleness:  # latency hiding: several steps in flight on stashed weights (docs/wan.md)
+        return StaleMachine(wiring, training.schedule, deterministic=training.deterministic,
+                            staleness=training.staleness)
+    return m.NodeMachine(wiring, training.schedule, deterministic=training.deterministic)

@@ -117,7 +117,27 @@ class NodeControl:
                                         tensors=tuple(_describe_all(weights)), meta={"segment": segment},
                                         step=envelope.step)
 
-    async def load_weights(self, envelope: Envelope, tensors: list) -> None:
+    async def on_weights(self, sender: str, envelope: Envelope, tensors: list) -> None:
+        """Weights to load (from the coordinator) or to collect (for the coordinator hosted here)."""
+        if sender == self.coordinator and envelope.meta.get("load"):
+            await self._load_weights(envelope, tensors)
+        elif self.runtime.coordinator is not None:
+            self.runtime.coordinator.deliver(sender, envelope, tensors)
+        else:
+            raise ProtocolError("unexpected", "weights sent to a node that is not the coordinator", sender)
+
+    def to_coordinator(self, sender: str, envelope: Envelope, tensors: list) -> None:
+        """A message for the coordinator (or its acknowledgement of our hello)."""
+        message = control.parse(envelope)  # typed and checked: a malformed one is rejected, counted
+        if envelope.kind == Kind.ACK and message.of == "hello" and sender == self.coordinator:
+            self.runtime.presence.acked()
+        elif self.runtime.coordinator is None:
+            raise ProtocolError("unexpected", f"{envelope.kind.value} sent to a node that is not the coordinator",
+                                sender)
+        else:
+            self.runtime.coordinator.deliver(sender, envelope, tensors)
+
+    async def _load_weights(self, envelope: Envelope, tensors: list) -> None:
         """The coordinator sends a segment's weights (a readmitted client, a hand-off)."""
         segment = self._segment(str(envelope.meta.get("segment")), envelope.sender)
         worker = self.work.worker

@@ -4,12 +4,16 @@ lane and size; an accepted activation or gradient is stored and fed to the state
 Every refusal is a ProtocolError with a reason, counted by the node, which keeps running."""
 from __future__ import annotations
 
+import logging
+
 from meshsl.errors import ProtocolError
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message
 from meshsl.runtime import machine as m
 from meshsl.runtime.wire import EdgeCodecs, max_rows
 from meshsl.transport.base import SPOOFED_PREFIX
+
+log = logging.getLogger("meshsl.node")
 
 
 class NodeInbox:
@@ -76,3 +80,29 @@ class NodeInbox:
         if metrics:
             metrics.message(edge.name, "received", nbytes)
         return actions
+
+    # -- refusals: counted by reason, logged; the node keeps running ---------------------------------
+    def rejected(self, sender: str, exc: ProtocolError) -> None:
+        self.counters.reject(exc.reason)
+        metrics = self._metrics()
+        if metrics:
+            metrics.rejected(exc.reason)
+        log.warning("%s: rejected message from %r: %s", self.node, sender[:64], exc)
+
+    def auth_refused(self, reason: str) -> None:
+        """A peer failed CURVE authentication (unknown key, plain text): counted, never let in."""
+        self.counters.reject(f"auth_{reason}")
+        metrics = self._metrics()
+        if metrics:
+            metrics.auth_refused()
+        log.warning("%s: refused a connection (%s)", self.node, reason)
+
+    def connection_dropped(self) -> None:
+        """The socket dropped a connection: a frame above the message limit (refused unread, so it is
+        counted here) or a peer that went away; the socket cannot tell which."""
+        self.counters.reject("connection_dropped")
+        metrics = self._metrics()
+        if metrics:
+            metrics.rejected("connection_dropped")
+        log.info("%s: a connection was dropped (a frame above %s bytes, or the peer left)", self.node,
+                 self.max_message_bytes)
