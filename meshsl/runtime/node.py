@@ -21,7 +21,6 @@ from meshsl.align.ids import uses_ids
 from meshsl.align.runner import align_before_training
 from meshsl.errors import ProtocolError
 from meshsl.plan.nodeplan import build_edges
-from meshsl.protocol import control
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import encode_message
 from meshsl.runtime import faults
@@ -210,21 +209,10 @@ class NodeRuntime:
         self.aborted = self.aborted or aborted
         self.stop(reason)
 
-    def _finish_if_idle(self) -> None:
+    def finish_if_idle(self) -> None:
+        """Stop after a requested shutdown once compute has nothing left."""
         if self.liveness.finished(self.lane.idle):
             self.stop()
-
-    def on_shutdown(self, message: control.Shutdown) -> None:
-        if message.abort:  # the coordinator stopped the run on an error: a failure here too (exit non-zero)
-            self.aborted = True
-            log.error("%s: run aborted by the coordinator (%s): %s", self.node, self.coordinator_node, message.abort)
-            self.stop(f"run aborted by the coordinator ({self.coordinator_node}): {message.abort}")
-            return
-        if message.dropped:  # a dropped client not readmitted: the run went on without it
-            self.dropped = message.dropped
-            log.warning("%s: %s", self.node, message.dropped)
-        self.liveness.request_shutdown()
-        self._finish_if_idle()
 
     async def _run_coordinator(self) -> None:
         await self.coordinator.run_to_end()  # never raises: an error aborts the run on every node
@@ -233,7 +221,7 @@ class NodeRuntime:
             self.stop(self.coordinator.error)
         else:
             self.liveness.request_shutdown()  # its own SHUTDOWN may still be in flight
-            self._finish_if_idle()
+            self.finish_if_idle()
 
     # -- sending ---------------------------------------------------------------------------------
     def envelope(self, kind: Kind, **fields) -> Envelope:
@@ -310,7 +298,7 @@ class NodeRuntime:
             summary, round_ = done
             self.outboxes.post(self.coordinator_node, encode_message(self.envelope(
                 Kind.DONE, phase="train", step=round_, meta=summary)), None)
-        self._finish_if_idle()
+        self.finish_if_idle()
 
     def _report_failure(self, error: str) -> None:
         """On the loop: a compute failure the coordinator must hear (it would wait for the step otherwise)."""

@@ -50,7 +50,19 @@ class NodeControl:
         elif isinstance(message, control.WeightsPull):
             await self._send_weights(envelope, message.segment)
         elif isinstance(message, control.Shutdown):
-            self.runtime.on_shutdown(message)
+            self._shutdown(message)
+
+    def _shutdown(self, message: control.Shutdown) -> None:
+        runtime = self.runtime
+        if message.abort:  # the coordinator stopped the run on an error: a failure here too (exit non-zero)
+            log.error("%s: run aborted by the coordinator (%s): %s", runtime.node, self.coordinator, message.abort)
+            runtime.give_up(f"run aborted by the coordinator ({self.coordinator}): {message.abort}")
+            return
+        if message.dropped:  # a dropped client not readmitted: the run went on without it
+            runtime.dropped = message.dropped
+            log.warning("%s: %s", runtime.node, message.dropped)
+        runtime.liveness.request_shutdown()
+        runtime.finish_if_idle()
 
     async def _begin(self, envelope: Envelope, message: control.Begin) -> None:
         context = RoundContext(round=envelope.step, phase=envelope.phase, micro_batches=message.micro_batches,
