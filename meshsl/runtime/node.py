@@ -1,9 +1,9 @@
 """The asyncio node shell: turns frames into events for its parts and their decisions into I/O.
 
-Its parts: the NodeMachine (rounds) and Liveness (the coordinator's), both free of I/O; the CommitBook
-(steps, checkpoints); the ComputeLane (compute off the event loop, a chain of actions at a time); the
-PeerOutboxes (bounded, ordered sending); the NodeInbox (checks on arrivals) and NodeControl (the
-coordinator's commands). Every task it starts belongs to its TaskGroup. A message that fails validation
+Its parts: the NodeMachine (rounds), Liveness (the coordinator's) and the CommitBook (steps,
+checkpoints), all free of I/O; NodePresence (hello, heartbeats); the ComputeLane (compute off the event
+loop, a chain of actions at a time) running NodeWork; NodeCheckpoints (files); PeerOutboxes (bounded,
+ordered sending); NodeInbox (checks on arrivals) and NodeControl (the coordinator's commands). Every task it starts belongs to its TaskGroup. A message that fails validation
 is counted by reason, logged and dropped; the node keeps running.
 """
 from __future__ import annotations
