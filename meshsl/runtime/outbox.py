@@ -1,7 +1,7 @@
 """A per-peer send queue that keeps order, bounds what waits, and lets the producer skip the queue.
 
 Producers on the event loop either `await put` (waits for room) or `post` (never waits; used for
-messages whose producer applies backpressure itself, see NodeRuntime._wait_for_room). The one sender
+messages whose producer applies backpressure itself, see PeerOutboxes.wait_for_room). The one sender
 task per peer drains it. `idle` is set when nothing is queued and nothing is being sent, so a message
 may go straight to the transport (`Transport.try_send`) without overtaking an earlier one.
 """

@@ -16,12 +16,27 @@ class Transport(abc.ABC):
     never a field the peer wrote into the header.
 
     `endpoint` None: a dial-out node that binds nothing; an address-book entry None: a dial-out peer,
-    reached over the connection it opened to us."""
+    reached over the connection it opened to us.
+
+    Capabilities are declared here, with defaults a backend overrides, so callers never probe for them:
+    `threadsafe_send` (whether `try_send_threadsafe` can ever succeed), `bind` (where to bind when that
+    differs from `endpoint`), `refused_by` (peer -> CURVE handshakes it refused) and `on_dropped` (called
+    when the socket drops a connection; set before `start`)."""
+
+    threadsafe_send: bool = False
+    bind: Optional[str] = None
 
     def __init__(self, node: str, endpoint: Optional[str], address_book: dict[str, Optional[str]]) -> None:
         self.node = node
         self.endpoint = endpoint
         self.address_book = dict(address_book)
+        self.refused_by: dict[str, int] = {}
+        self.on_dropped: Optional[Callable[[], None]] = None
+
+    @property
+    def bind_address(self) -> Optional[str]:
+        """Where this transport listens (a standby waits for it to be free)."""
+        return self.bind or self.endpoint
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -35,6 +50,11 @@ class Transport(abc.ABC):
 
         True: sent. False: nothing was sent; use `send` (which may wait). The node's hot path uses this
         to skip a task switch per message when the peer keeps up."""
+        return False
+
+    def try_send_threadsafe(self, peer: str, frames: Sequence) -> bool:
+        """`try_send` from a thread other than the event loop's; only backends declaring
+        `threadsafe_send` ever send here (the default sends nothing: the caller hands over to the loop)."""
         return False
 
     @abc.abstractmethod

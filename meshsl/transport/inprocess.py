@@ -3,8 +3,8 @@
 The queues live in an `InProcessHub`, one per simulation (no process-wide table): two simulations in
 one process cannot see each other's nodes, and a finished one leaves nothing behind.
 
-It has no `try_send_threadsafe`: asyncio queues belong to the event loop, so a node's compute thread
-hands its messages to the loop (the node falls back to that when the transport lacks the method)."""
+It declares no `threadsafe_send`: asyncio queues belong to the event loop, so a node's compute thread
+hands its messages to the loop."""
 from __future__ import annotations
 
 import asyncio

@@ -35,6 +35,8 @@ CLOSE_LINGER_MS = 500
 
 
 class ZmqTransport(Transport):
+    threadsafe_send = True  # try_send_threadsafe below
+
     def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
                  keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
                  context: Optional[zmq.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD,
