@@ -11,7 +11,8 @@ steps of a run.
 This module is the async driver. What incoming messages mean is decided by the I/O-free
 coordinator_machine (one loop, `_drive`, feeds it the inbox and the clock and carries out its actions);
 where barriers fall by coordinator_plan; what the run reports by coordinator_summary; client weights
-at barriers by coordinator_clients; recovery by coordinator_recovery."""
+at barriers by coordinator_clients; runs of training steps and evaluation by coordinator_training;
+recovery by coordinator_recovery."""
 from __future__ import annotations
 
 import asyncio
@@ -21,9 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 from meshsl import checkpoint
-from meshsl.data import eval_batches
 from meshsl.errors import ConfigError, MeshslError, NodesLost, ProtocolError
-from meshsl.plan.steps import StepInfo, sample_pools, training_steps
+from meshsl.plan.steps import training_steps
 from meshsl.privacy.accounting import check_budget
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
@@ -33,7 +33,8 @@ from meshsl.runtime.coordinator_machine import (
 )
 from meshsl.runtime.coordinator_plan import StepPlanner
 from meshsl.runtime.coordinator_recovery import Recovery
-from meshsl.runtime.coordinator_summary import RunRecord, merge_evaluation
+from meshsl.runtime.coordinator_summary import RunRecord
+from meshsl.runtime.coordinator_training import Training
 from meshsl.runtime.policies import ClientRoster, planned_changes
 from meshsl.runtime.prediction import coordinate_prediction
 
@@ -51,13 +52,6 @@ def privacy_budget_of(topology, steps: int) -> Optional[dict]:
     if not topology.spec.privacy and topology.spec.training.label_dp is None:
         return None
     return check_budget(topology, steps)
-
-
-def _log_evaluation(node: str, row: dict) -> None:
-    for task, result in row["eval"].items():
-        log.info("evaluated", extra={"node": node, "step": row["step"], "task": task, **{
-            k: round(v, 5) for k, v in result.items() if k in ("loss", "accuracy", "f1", "auroc")
-            and isinstance(v, float)}})
 
 
 class CoordinatorHost(Protocol):
@@ -100,8 +94,6 @@ class Coordinator:
     def __post_init__(self) -> None:
         topology = self.topology = self.node.topology
         self.inbox: asyncio.Queue = asyncio.Queue(maxsize=max(256, 8 * len(topology.nodes)))
-        self.last_train_round = 0
-        self.last_lanes: tuple[int, ...] = ()  # clients of the last training step (sequential: the live model)
         self.deferred_checkpoint: Optional[int] = None  # written by the next Run (after FedAvg/hand-off)
         self.checkpoint_every = topology.spec.checkpoint.every
         self.checkpoint_dir = self.node.checkpoint_dir
@@ -117,7 +109,7 @@ class Coordinator:
         self.record = RunRecord({f"{p}->{c}" for p, c in topology.cut_edges()}, history=self.history)
         self.clients = ClientSync(self)
         self.recovery = Recovery(self)
-        self.planner: Optional[StepPlanner] = None  # once the run's steps are known
+        self.training: Optional[Training] = None  # once the run's steps are known
         self.privacy_budget: Optional[dict] = None
 
     # -- the machine's state, for the host and tests ----------------------------------------------
@@ -271,12 +263,13 @@ class Coordinator:
         # steps=0: no training at all (evaluate saved weights); training_steps reads 0 as "not given"
         steps = [] if self.options.steps == 0 else training_steps(self.topology, self.options.steps, self.options.epochs)
         self.privacy_budget = privacy_budget_of(self.topology, len(steps))  # over budget: stops here, before step 0
-        self.planner = StepPlanner(self.topology, self.roster, steps, self.options.evaluate, self.planned)
+        self.training = Training(self, StepPlanner(self.topology, self.roster, steps, self.options.evaluate,
+                                                   self.planned))
         index = await self.recovery.restore_consistent() if self.checkpoint_every > 0 else 0
         started = time.perf_counter()
-        await self._train(steps, index)
-        await self._await_commits(self.last_train_round)
-        eval_only = await self._evaluate() if not steps and self.options.evaluate else None
+        await self.training.train(index)
+        await self.training.await_commits()
+        eval_only = await self.training.evaluate() if not steps and self.options.evaluate else None
         self.summary = self.record.summarise(self.topology, steps, time.perf_counter() - started, self.privacy_budget)
         if eval_only is not None:
             for name, result in eval_only.items():
@@ -284,84 +277,6 @@ class Coordinator:
         self.summary["client_events"] = list(self.record.client_events)
         await self.broadcast_shutdown()
         await self.clients.release_dropped()
-
-    async def _train(self, steps: list[StepInfo], index: int) -> None:
-        """Runs of self-driven steps from `index`, each up to its barrier, then what the barrier does
-        (client weights, evaluation); a lost node sends the run back to a checkpoint."""
-        planner = self.planner
-        while index < len(steps):
-            index = self._next_training_step(index)  # sequential: the turns of dropped clients are skipped
-            if index is None:
-                break
-            end = planner.barrier_after(index) + 1
-            try:
-                await self.clients.hand_over_past_dropped(planner, index)
-                await self._run_steps(steps, index, end)
-                info, row = steps[end - 1], self.history[-1]
-                if await self.clients.sync(info, planner) and self.checkpoint_every > 0 \
-                        and end % self.checkpoint_every == 0:
-                    self.deferred_checkpoint = end  # written by the next Run, after the averaging/hand-off
-                if self.options.evaluate and planner.eval_due(info):
-                    row["eval"] = await self._evaluate()
-                    _log_evaluation(self.node.node, row)
-            except NodesLost as lost:
-                index = await self.recovery.recover(lost)
-                continue
-            if self.options.progress:
-                self.options.progress(row)
-            index = end
-
-    def _next_training_step(self, index: int) -> Optional[int]:
-        index, changes = self.planner.next_training_step(index)
-        for change in changes:
-            self.note_change(change)
-        if self.planned:
-            self.nodes = self.roster.active_nodes(self.topology.nodes)
-        return index
-
-    async def _run_steps(self, steps: list[StepInfo], index: int, end: int) -> None:
-        """Steps [index, end) run self-driven: one Run out, then a DONE per node and step back, each
-        answered by a COMMIT (the nodes stay within `lag` steps of the last commit)."""
-        base = self.round
-        self.round = base + (end - index)  # rounds base+1 .. base+count are this run's steps
-        training = self.topology.spec.training
-        run = control.Run(first_step=index, count=end - index, micro_batches=training.micro_batches,
-                          checkpoint=self.deferred_checkpoint, hold_checkpoint=self.planner.sync_due(steps[end - 1]),
-                          dropped_lanes=self.roster.dropped_lanes())
-        await self.broadcast(Kind.RUN, step=base, meta=run.to_meta())
-        self.deferred_checkpoint = None
-        mark = time.perf_counter()
-        for i in range(index, end):
-            info, round_ = self.planner.as_trained(steps[i]), base + 1 + (i - index)
-            done = await self.collect(Kind.DONE, set(self.nodes), round_, "finish its step")
-            await self.broadcast(Kind.COMMIT, phase="train", step=round_)
-            now = time.perf_counter()
-            row = self.record.commit_step(info, done, now - mark, training.batch_size)
-            mark = now
-            self.last_train_round = round_
-            self.last_lanes = tuple(info.lanes)
-            log.info("step committed", extra={
-                "node": self.node.node, "step": row["step"], "epoch": row["epoch"],
-                "samples_per_s": round(row["samples_per_s"], 1),
-                **{f"{t}_loss": round(v["loss"], 5) for t, v in row["tasks"].items()}})
-            if self.options.progress and i < end - 1:
-                self.options.progress(row)  # the run's last row goes out after its evaluation
-
-    async def _await_commits(self, round_: int) -> None:
-        """Every node reported (DONE) that it applied the optimizer step of `round_`."""
-        missing = {n for n in self.nodes if self.machine.book.committed.get(n, 0) < round_}
-        if round_ and missing:
-            await self.collect(Kind.DONE, missing, round_, "finish its step")
-
-    async def _evaluate(self) -> dict:
-        pools = sample_pools(self.topology)
-        batches = len(eval_batches(pools.test, self.topology.spec.training.eval_batch_size))
-        lanes = self.roster.active_lanes(range(self.topology.lanes))  # dropped clients are not evaluated
-        done = await self.forward_round("eval", control.Begin(lanes=lanes, micro_batches=batches), "finish evaluation")
-        clients = self.topology.spec.clients
-        latest = self.clients.client_node(self.last_lanes[0]) if self.last_lanes else None
-        sequential = clients is not None and clients.mode == "sequential"
-        return merge_evaluation(done, self.topology.lanes, self.clients.client_node, latest if sequential else None)
 
     # -- clients taking part ----------------------------------------------------------------------
     def note_change(self, change, **extra) -> None:
