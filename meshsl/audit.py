@@ -26,6 +26,8 @@ from typing import Optional
 import networkx as nx
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from meshsl.align.runner import aligned_rows
 from meshsl.compression import make_codec
@@ -71,8 +73,6 @@ def train_modules(topology, steps: Optional[int] = None, epochs: Optional[int] =
 
 def load_modules(topology, directory: Path) -> dict[str, torch.nn.Module]:
     """Modules with weights from `meshsl run --weights-out DIR` (safetensors; lane 0 for replicated segments)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     if not directory.is_dir():

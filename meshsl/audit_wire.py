@@ -25,6 +25,8 @@ data and the plan:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -220,9 +222,6 @@ class WireAudit:
         """No sample id (raw or SHA-256) in any crossing frame; PSI messages hold only counts and points.
 
         Ids shorter than 6 bytes are not searched for: short strings turn up in random bytes by chance."""
-        import hashlib
-        import json
-
         if not uses_ids(self.topology):
             return []
         ids = {v for name in self.topology.data for v in source_ids(self.topology, name)}

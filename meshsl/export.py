@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from meshsl.compute.layers import merge_inputs as merge  # the same rule as in training
@@ -93,7 +94,6 @@ def segment_spec(topology, segment: str, node: str) -> dict:
 
 def export_node(topology, weights_dir: Path, node: str, out_dir: Path) -> list[Path]:
     """Export `node`'s own segments (and nothing else) from the weights it saved."""
-    from safetensors.torch import load_file, save_file
     if node not in topology.nodes:
         raise ConfigError(f"unknown node {node!r} (nodes: {', '.join(topology.nodes)})", "--node")
     segments = [s for s in topology.segment_order if node in topology.placement[s]]
@@ -130,7 +130,6 @@ def export_node(topology, weights_dir: Path, node: str, out_dir: Path) -> list[P
 
 def load_segment(json_path: Path) -> tuple[nn.Module, dict]:
     """One exported segment as a torch module (checks the weights file's hash)."""
-    from safetensors.torch import load_file
     json_path = Path(json_path)
     spec = json.loads(json_path.read_text())
     weights = json_path.parent / spec["state_dict"]["file"]
@@ -171,7 +170,6 @@ def _lane_of(topology, client: Optional[str]) -> int:
 def assemble(topology, export_dirs: list[Path], out: Path, client: Optional[str] = None) -> Path:
     """One model from every segment's owner export; `out` ending in .pt: one torch file (weights_only
     loadable), otherwise a directory with model.safetensors + model.json."""
-    from safetensors.torch import save_file
     lane = _lane_of(topology, client)
     exports = _scan(export_dirs)
     chosen: dict[str, tuple[Path, dict]] = {}
@@ -254,7 +252,6 @@ def load_assembled(path: Union[str, Path]) -> AssembledModel:
         blob = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
         spec, state = json.loads(blob["model"]), blob["state_dict"]
     else:
-        from safetensors.torch import load_file
         spec, state = json.loads((path / "model.json").read_text()), load_file(str(path / "model.safetensors"))
     model = AssembledModel(spec)
     model.segments.load_state_dict(state)

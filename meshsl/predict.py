@@ -15,6 +15,7 @@ Pieces:
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -239,7 +240,6 @@ def _exits_soon(proc, seconds: float = 10.0) -> bool:
 
 def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
     """Wait for the local processes; the coordinator's typed error (offline party, bad input) is re-raised."""
-    import json
     deadline = time.monotonic() + timeout if timeout else None
     coordinator = topology.coordinator
     summary_path = run.run_dir / "summary.json"

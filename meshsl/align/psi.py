@@ -22,7 +22,7 @@ POINT_BYTES = 33  # a compressed P-256 point
 
 def _library():
     try:
-        import private_set_intersection.python as psi
+        import private_set_intersection.python as psi  # optional extra 'psi'
     except ImportError:  # the optional 'psi' extra: only topologies with sample ids need it
         raise ConfigError("this topology matches rows by sample id (private set intersection), which needs the "
                           "'psi' extra: pip install 'meshsl[psi]' (openmined-psi)", "alignment") from None

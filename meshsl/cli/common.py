@@ -20,7 +20,7 @@ class _LazyConsole:
 
     def real(self):
         if self._console is None:
-            from rich.console import Console
+            from rich.console import Console  # rich takes ~0.1 s: only when something is printed
             self._console = Console(**self._options)
         return self._console
 

@@ -1,6 +1,7 @@
 """`meshsl simulate`: every logical node in this process (in-process engine) or on Ray actors (`--engine ray`)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -43,7 +44,6 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
             summary = result["summary"]
             summary["engine"] = {"name": "ray", "actors": result["actors"]}
         else:
-            import asyncio
             from meshsl.runtime.simulate import simulate as simulate_here  # torch: not for `meshsl --help`
             coroutine = simulate_here(topo, options)
             summary, _ = asyncio.run(asyncio.wait_for(coroutine, timeout) if timeout else coroutine)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import networkx as nx
 import torch
 
 from meshsl.privacy.dcor import distance_correlation
@@ -14,7 +15,6 @@ def raw_upstream(topology, data, phase: str, device, segment: str, leaves: dict,
     raw = [v for k, v in leaves.items() if k in topology.data]
     if raw or rows is None:
         return raw
-    import networkx as nx
     upstream = nx.ancestors(topology.graph, segment)
     return [data.get(name, rows, phase).to(device) for name, d in topology.data.items()
             if name in upstream and d.kind == "features" and name in data.tensors]

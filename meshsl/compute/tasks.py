@@ -39,7 +39,7 @@ def correct_count(kind: str, output: torch.Tensor, labels: torch.Tensor) -> int:
 
 def summarise(kind: str, metrics: list[str], outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> dict:
     """Held-out metrics of a task from all of its evaluation outputs (computed on the label holder)."""
-    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score  # pulls scipy: seconds, paid at evaluation only
 
     out = torch.cat(outputs) if outputs else torch.empty(0)
     y = torch.cat(labels) if labels else torch.empty(0)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from meshsl.errors import ConfigError
 
 
 def save_weights(runtime, directory: Path) -> list[Path]:
     """Each segment's final weights as safetensors (replicated client segments get the node name too)."""
-    from safetensors.torch import save_file
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for segment, module in runtime.worker.modules.items():
@@ -29,8 +31,6 @@ def load_saved_weights(worker, directory: Path) -> list[Path]:
     """Start a node from the weights `save_weights` wrote (`meshsl node --weights DIR`).
 
     Optimizer state is not restored: saved weights are for evaluation, prediction or fine-tuning."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     paths = []
     for segment, module in worker.modules.items():
         path = weights_file(worker.topology, segment, worker.node, directory)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import importlib.util
 import inspect
 import math
 import threading
@@ -164,8 +165,6 @@ def _positive_int(value: Any, name: str, where: str) -> int:
 def _sklearn_data_file(name: str) -> Path:
     """A data file shipped inside scikit-learn, found without importing sklearn (which pulls in
     scipy and costs seconds of start-up in every node process)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("scikit-learn is not installed (it ships this dataset)", f"dataset file {name!r}")

@@ -12,7 +12,7 @@ from meshsl.privacy.contract import control_figures
 
 def wire_bytes_per_sample(shape: tuple[int, ...], codec_spec) -> int:
     """Bytes one sample of a float32 tensor of `shape` takes on the wire after the edge's codec (headers aside)."""
-    import torch
+    import torch  # `meshsl plan` explains a topology without loading torch unless a codec is measured
 
 
     samples = 64  # per-sample overhead (int8 scales, top-k indices) is averaged over a typical micro-batch

@@ -25,6 +25,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
+import networkx as nx
+
 from meshsl.errors import ConfigError, PrivacyBudgetError
 from meshsl.plan.steps import epoch_steps, sample_pools, training_steps
 
@@ -33,7 +35,7 @@ DEFAULT_DELTA = 1e-5
 
 def _accountants():
     try:
-        from opacus.accountants import RDPAccountant
+        from opacus.accountants import RDPAccountant  # heavy (opacus, scipy): only when DP is declared
         from opacus.accountants.utils import get_noise_multiplier
     except ImportError as exc:  # pragma: no cover - opacus is a core dependency
         raise ConfigError(f"privacy accounting needs opacus (pip install opacus): {exc}") from None
@@ -108,7 +110,6 @@ def planned_steps(topology) -> int:
 
 
 def _label_parties(topology, consumer: str, producer: str) -> list[str]:
-    import networkx as nx
     below = nx.descendants(topology.graph, consumer) | {consumer}
     parties = {topology.party_of(t.labels) for t in topology.spec.tasks if t.output in below}
     return sorted(parties - {topology.party_of(producer)})

@@ -85,7 +85,7 @@ def cosine_attack_auc(grads: Tensor, labels: Tensor, references: int = 10, seed:
 def cluster_attack(grads: Tensor, labels: Tensor, num_classes: int, seed: int = 0) -> dict:
     """k-means (k = classes) on L2-normalised gradient rows, clusters matched to classes by the
     Hungarian method; accuracy against chance (the share of the most frequent class)."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # scipy/sklearn: heavy, only for this attack
     from sklearn.cluster import KMeans
     rows = _rows(grads)
     y = labels.detach().reshape(-1).cpu().numpy().astype(np.int64)

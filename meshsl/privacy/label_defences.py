@@ -63,7 +63,7 @@ def _sym_kl(params: np.ndarray, u: tuple, v: tuple, gap2: float, d: int) -> floa
 def marvell_covariances(flat: np.ndarray, labels: np.ndarray, strength: float) -> Optional[dict]:
     """The four noise variances (class 1/0 x along/orthogonal to the mean difference) minimising the
     symmetrised KL under p * tr(S1) + (1 - p) * tr(S0) <= strength * ||m1 - m0||^2."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # scipy: heavy, only for the Marvell defence
     ones, zeros = flat[labels == 1], flat[labels == 0]
     if len(ones) < 2 or len(zeros) < 2:
         return None

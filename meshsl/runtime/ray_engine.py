@@ -61,7 +61,7 @@ def plan_actors(topology) -> list[ActorPlan]:
 
 def _ray():
     try:
-        import ray
+        import ray  # optional extra 'ray'
     except ImportError:
         raise ConfigError("the Ray engine needs Ray: pip install 'meshsl[ray]'", "--engine ray") from None
     return ray
@@ -106,7 +106,7 @@ class NodeHost:
         finally:
             executor.shutdown(wait=True)
             await self.bridge.close()
-        import ray
+        import ray  # optional extra 'ray'
         out = {"actor": self.actor, "wall_s": time.perf_counter() - started, "refused": self.bridge.refused,
                "ray_node": ray.get_runtime_context().get_node_id(), "peak_rss_mib": _peak_rss_mib(),
                "failures": {n: r.failure for n, (r, _) in results.items() if r.failure},
@@ -123,7 +123,7 @@ def simulate_on_ray(topology, document: dict, options: Optional[RunOptions] = No
     asked), "actors": [{name, nodes, address, ray_node, wall_s, peak_rss_mib, refused}]}. `address`: a
     running cluster ("auto", "host:port"); None starts a local Ray instance for this run."""
     ray = _ray()
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group  # optional extra 'ray'
 
     settings = topology.spec.ray or RaySpec()
     plans = plan_actors(topology)
@@ -162,7 +162,7 @@ def _wait_placed(ray, group, plans, bundles: list[dict], settings: RaySpec) -> N
 
 def _start_hosts(ray, group, topology, document: dict, run: str, plans, hosts: list) -> None:
     """One NodeHost actor per plan, each in its own bundle of the placement group; appended to `hosts`."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # optional extra 'ray'
     remote_host = ray.remote(NodeHost)
     source, base_dir = topology.source, str(topology.base_dir)
     for i, plan in enumerate(plans):

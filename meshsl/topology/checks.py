@@ -269,7 +269,6 @@ def _check_coordinator(topology, problem) -> None:
 def privacy_problems(topology) -> list[ConfigError]:
     """Privacy settings that need the data (class counts, row counts): label-leakage defences that
     cannot run where declared, and DP budgets the declared training would exceed."""
-    import networkx as nx
     problems: list[ConfigError] = []
     src = topology.source
     for i, entry in enumerate(topology.spec.privacy):

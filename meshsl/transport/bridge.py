@@ -36,7 +36,7 @@ def node_endpoint(run: str, node: str) -> str:
 def host_address() -> str:
     """An address other machines of the cluster can reach this one at (Ray's node IP when in Ray)."""
     try:
-        import ray
+        import ray  # optional extra 'ray'
         if ray.is_initialized():
             return ray.util.get_node_ip_address()
     except ImportError:
