@@ -38,14 +38,20 @@ def chain(tmp_path, monkeypatch):
     return coordinator, clock
 
 
+def lost_nodes(coordinator) -> set[str]:
+    """Who the coordinator's machine would declare lost at the coordinator's clock now."""
+    machine = coordinator.machine
+    return machine.liveness.lost(coordinator_module.time.monotonic(), machine.node_set, coordinator.node.node)
+
+
 def test_a_paused_coordinator_declares_nobody_lost_before_reading_the_queue(chain):
     coordinator, clock = chain
     clock.now += 3 * coordinator.policy.heartbeat_timeout_s  # we were paused (SIGSTOP) past the timeout
-    assert coordinator._lost_nodes() == set()  # the peers' heartbeats are still unread in the socket
+    assert lost_nodes(coordinator) == set()  # the peers' heartbeats are still unread in the socket
     for name in coordinator.nodes:
         coordinator.seen(name)  # ... and now read
     clock.now += 0.6
-    assert coordinator._lost_nodes() == set()
+    assert lost_nodes(coordinator) == set()
 
 
 def test_a_round_timeout_names_only_the_silent_nodes(chain):
@@ -55,7 +61,7 @@ def test_a_round_timeout_names_only_the_silent_nodes(chain):
     clock.now += 61.0
     for name in ("relay_1", "relay_2", "relay_3"):
         coordinator.seen(name)  # alive, waiting for the clinic's activations
-    coordinator._last_liveness_check = clock.now - 40.0  # we were starved: no heartbeat judgement for now
+    coordinator.machine.liveness.last_check = clock.now - 40.0  # we were starved: no heartbeat judgement for now
 
     class Ticking(Clock):  # every look at the clock costs half a second
         def __call__(self) -> float:
@@ -66,7 +72,7 @@ def test_a_round_timeout_names_only_the_silent_nodes(chain):
     coordinator_module.time.monotonic = ticking  # (restored by monkeypatch)
 
     async def collect():
-        await coordinator._collect(coordinator_module.Kind.DONE, {"clinic", "relay_1", "relay_2", "relay_3"}, 1,
+        await coordinator.collect(coordinator_module.Kind.DONE, {"clinic", "relay_1", "relay_2", "relay_3"}, 1,
                                    "finish its step", timeout=1.0)
 
     with pytest.raises(NodesLost) as raised:
@@ -108,7 +114,7 @@ def test_a_slow_round_of_live_nodes_gets_one_more_timeout_and_never_names_the_co
     coordinator_module.time.monotonic = ticking
 
     async def collect():
-        await coordinator._collect(coordinator_module.Kind.DONE, set(coordinator.nodes), 1, "finish its step",
+        await coordinator.collect(coordinator_module.Kind.DONE, set(coordinator.nodes), 1, "finish its step",
                                    timeout=3.0)
 
     with pytest.raises(NodesLost) as raised:

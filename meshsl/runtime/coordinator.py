@@ -117,15 +117,9 @@ class Coordinator:
     policy = property(lambda self: self.machine.policy, lambda self, p: setattr(self.machine, "policy", p))
     heard = property(lambda self: self.machine.liveness.heard)
     predict_rows = property(lambda self: self.machine.book.predict_rows)
-    _last_liveness_check = property(lambda self: self.machine.liveness.last_check,
-                                    lambda self, now: setattr(self.machine.liveness, "last_check", now))
 
     def seen(self, node: str) -> None:
         self.machine.heard_from(node, _now())
-
-    def _lost_nodes(self) -> set[str]:
-        """Nodes not heard from within the heartbeat timeout (never heard from: not lost)."""
-        return self.machine.liveness.lost(_now(), self.machine.node_set, self.node.node)
 
     # -- messages ---------------------------------------------------------------------------------
     def deliver(self, sender: str, envelope, tensors) -> None:
@@ -197,8 +191,6 @@ class Coordinator:
                       timeout: Optional[float] = None) -> dict[str, tuple]:
         """One `kind` message from each of `senders` (for `round_`) as {node: (envelope, tensors)}."""
         return await self._drive(self.machine.expect(kind, senders, round_, self.round, what, _now(), timeout))
-
-    _collect = collect
 
     async def wait_for_nodes(self, nodes: Optional[set[str]] = None) -> None:
         """Every one of `nodes` (default: all) announced itself (HELLO); PeerTimeout past the startup timeout."""
