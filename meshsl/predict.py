@@ -158,7 +158,7 @@ class NodeInference:
             worker.data.predict_inputs.update(tensors)
         aligned = outcome_of(topology, worker.node, predict=True)
         self.ids = aligned.ids if aligned is not None else None
-        for task in worker._my_tasks():
+        for task in worker.my_tasks():
             if self.output_dir is None:
                 raise ConfigError(f"node {worker.node!r} owns the output of task {task.name!r}; give it "
                                   f"--predict-output DIR", "--predict-output")
@@ -172,7 +172,7 @@ class NodeInference:
         """After a predict round: append this round's predictions (in row order) to the owner's files."""
         context = worker.context
         counts = {}
-        for task in worker._my_tasks():
+        for task in worker.my_tasks():
             outputs = worker.predictions.get(task.name, {})
             path = self.files[task.name]
             with path.open("a", newline="") as handle:
@@ -284,10 +284,7 @@ def _launch(topology_path: Path, run_dir: Optional[Path], free_ports: bool, remo
     unknown = [n for n in remote if n not in topology.nodes]
     if unknown:
         raise ConfigError(f"unknown node(s) {', '.join(unknown)} (nodes: {', '.join(topology.nodes)})", "--remote")
-    run._topology, run._resolved = topology, resolved
-    for name in topology.nodes:
-        if name not in remote:
-            run._spawn(name)
+    run.start(topology, resolved, elsewhere=remote)
     return run, topology
 
 

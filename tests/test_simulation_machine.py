@@ -44,11 +44,11 @@ def reference_next_compute(machine: m.NodeMachine):
 class CheckedMachine(m.NodeMachine):
     choices = 0
 
-    def _next_compute(self):
+    def next_compute(self):
         if self.pending_commit is not None:
-            return super()._next_compute()
+            return super().next_compute()
         expected = reference_next_compute(self)
-        got = super()._next_compute()
+        got = super().next_compute()
         assert got == expected, (got, expected)
         CheckedMachine.choices += 1
         return got

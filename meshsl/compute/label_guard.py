@@ -43,10 +43,10 @@ class LabelGuard:
         return self._tasks[key]
 
     def _labels(self, task, lane: int, micro_batch: int) -> torch.Tensor:
-        rows = self.worker._rows(lane, micro_batch)
+        rows = self.worker.batch_rows(lane, micro_batch)
         labels = self.worker.data.get(task.labels, rows, "train")
         if self.topology.spec.training.label_dp is not None:
-            labels = self.worker._label_dp(task, labels, rows)
+            labels = self.worker.private_labels(task, labels, rows)
         return labels.reshape(-1).cpu()
 
     def outgoing(self, producer: str, consumer: str, lane: int, micro_batch: int, grad: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class LabelGuard:
             return
         sampled, ys = self._samples.setdefault(edge, ([], []))
         if sum(len(n) for n in sampled) < self.max_samples:
-            rows = torch.as_tensor(self.worker._rows(lane, micro_batch))
+            rows = torch.as_tensor(self.worker.batch_rows(lane, micro_batch))
             sampled.append(grad.detach().reshape(grad.shape[0], -1).float().norm(dim=1).cpu())
             ys.append(self.worker.data.tensors[task.labels][rows].reshape(-1))
 

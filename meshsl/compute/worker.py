@@ -166,10 +166,10 @@ class SegmentWorker:
         self.store.drop_before(context.round)
         self.stash.clear()
         self._stale.rounds.clear()
-        self.stats = _new_stats(self._my_tasks())
-        self.eval_outputs = {t.name: ([], []) for t in self._my_tasks()}
-        self.eval_lanes: dict[str, list[int]] = {t.name: [] for t in self._my_tasks()}  # lane of each eval output
-        self.predictions = {t.name: {} for t in self._my_tasks()}
+        self.stats = _new_stats(self.my_tasks())
+        self.eval_outputs = {t.name: ([], []) for t in self.my_tasks()}
+        self.eval_lanes: dict[str, list[int]] = {t.name: [] for t in self.my_tasks()}  # lane of each eval output
+        self.predictions = {t.name: {} for t in self.my_tasks()}
         self.compute_seconds.clear()
         self._gauge.samples.clear()
         self._label_guard.begin()
@@ -184,7 +184,7 @@ class SegmentWorker:
         for key in [k for k in self.stash if k[0] < oldest]:
             del self.stash[key]
         self._stale.drop_rounds_before(oldest)
-        state = self._stale.begin(context, _new_stats(self._my_tasks()), self.modules)
+        state = self._stale.begin(context, _new_stats(self.my_tasks()), self.modules)
         self.context, self.stats = context, state.stats
         self.compute_seconds.clear()
         self._gauge.samples.clear()
@@ -205,10 +205,10 @@ class SegmentWorker:
             return self.modules[segment](x)
         return torch.func.functional_call(self.modules[segment], state.params[segment], (x,))
 
-    def _my_tasks(self):
+    def my_tasks(self):
         return [t for t in self.topology.spec.tasks if t.output in self.modules]
 
-    def _rows(self, lane: int, micro_batch: int):
+    def batch_rows(self, lane: int, micro_batch: int):
         c = self.context
         return self.data.rows(c.phase, lane, c.epoch, c.step_in_epoch, micro_batch, c.micro_batches,
                               offset=c.offset, count=c.count)
@@ -227,7 +227,7 @@ class SegmentWorker:
         start = time.perf_counter()
         c = self.context
         spec = self.topology.segments[segment]
-        rows = self._rows(lane, micro_batch)
+        rows = self.batch_rows(lane, micro_batch)
         training = c.phase == "train"
         with torch.set_grad_enabled(training):
             leaves = {src: self._input(segment, src, lane, micro_batch, rows) for src in spec.inputs}
@@ -258,7 +258,7 @@ class SegmentWorker:
             self.eval_lanes.setdefault(task.name, []).append(lane)
             return loss
         if self.topology.spec.training.label_dp is not None and task.loss != "mse":
-            labels = self._label_dp(task, labels, rows)
+            labels = self.private_labels(task, labels, rows)
         if self._hijack_guard.probe and task.loss != "mse":
             labels = self._hijack_guard.labels(task, labels)
         mean_loss = task_loss(task.loss, output, labels)
@@ -270,7 +270,7 @@ class SegmentWorker:
         scaled = mean_loss * (n * task.weight / (self.topology.spec.training.batch_size * len(c.lanes)))
         return scaled if loss is None else loss + scaled
 
-    def _label_dp(self, task, labels: torch.Tensor, rows=None) -> torch.Tensor:
+    def private_labels(self, task, labels: torch.Tensor, rows=None) -> torch.Tensor:
         """Randomized response drawn ONCE per sample (fixed for the whole run, seeded by the topology):
         fresh draws every epoch would let repeated releases average the noise away (epsilon per epoch)."""
         table = self._noisy_labels.get(task.labels)
@@ -390,7 +390,7 @@ class SegmentWorker:
     # -- results ---------------------------------------------------------------------------------
     def round_summary(self) -> dict:
         if self.context.phase == "eval":
-            return eval_summary(self.topology, self._my_tasks(), self.eval_outputs, self.eval_lanes)
+            return eval_summary(self.topology, self.my_tasks(), self.eval_outputs, self.eval_lanes)
         summary = {"tasks": self.stats}
         if self._gauge.samples:
             summary["leakage"] = self.leakage()

@@ -152,12 +152,15 @@ class LocalRun:
     def checkpoint_dir(self) -> Path:
         return (self.run_dir / "checkpoints").resolve()
 
-    def start(self, topology, resolved: Path) -> None:
+    def start(self, topology, resolved: Path, elsewhere=()) -> None:
+        """One process per node of `topology` (`resolved`: its file), but none for the nodes run
+        `elsewhere` (on other machines: `meshsl predict --remote`)."""
         self._topology, self._resolved = topology, resolved
-        for name in topology.nodes:
+        local = [name for name in topology.nodes if name not in elsewhere]
+        for name in local:
             self._spawn(name)
         if self.warm_standby:
-            for name in topology.nodes:
+            for name in local:
                 self._spawn_standby(name)
 
     def _spawn(self, name: str, resume: bool = False, endpoint: Optional[str] = None,

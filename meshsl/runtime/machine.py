@@ -262,21 +262,21 @@ class NodeMachine:
     def handle(self, event: Event) -> list[Action]:
         """Apply one event; raises ProtocolError (and changes nothing) for events a peer had no right to send."""
         if isinstance(event, Begin):
-            return self._begin(event)
+            return self.begin_round(event)
         if isinstance(event, Commit):
             return self._commit(event)
         if isinstance(event, Run):
             return self._run(event)
         if isinstance(event, ComputeFinished):
-            return self._finished(event.action)
+            return self.compute_finished(event.action)
         if event.round > self.round:
             return self._hold(event)
         if event.round < self.round:
             raise ProtocolError("stale_round", f"round {event.round} is over (now {self.round})")
         if isinstance(event, InputArrived):
-            self._input(event.segment, event.source, event.lane, event.micro_batch)
+            self.input_arrived(event.segment, event.source, event.lane, event.micro_batch)
         else:
-            self._gradient(event.segment, event.consumer, event.lane, event.micro_batch)
+            self.gradient_arrived(event.segment, event.consumer, event.lane, event.micro_batch)
         return self._dispatch()
 
     @property
@@ -319,11 +319,11 @@ class NodeMachine:
         if round_ - self.lag > self.committed:
             return []
         self.queued.popleft()
-        self._begin(Begin(round_, "train", lanes, self.micro_batches), prepare=True)
+        self.begin_round(Begin(round_, "train", lanes, self.micro_batches), prepare=True)
         self.running = Prepare(round_, step, lanes)
         return [self.running]
 
-    def _begin(self, event: Begin, prepare: bool = False) -> list[Action]:
+    def begin_round(self, event: Begin, prepare: bool = False) -> list[Action]:
         if event.round <= self.round:
             raise ProtocolError("stale_round", f"begin of round {event.round} after round {self.round}")
         if self.queued and not prepare:
@@ -338,9 +338,9 @@ class NodeMachine:
         for held in early:
             if held.round == self.round:
                 if isinstance(held, InputArrived):
-                    self._input(held.segment, held.source, held.lane, held.micro_batch)
+                    self.input_arrived(held.segment, held.source, held.lane, held.micro_batch)
                 else:
-                    self._gradient(held.segment, held.consumer, held.lane, held.micro_batch)
+                    self.gradient_arrived(held.segment, held.consumer, held.lane, held.micro_batch)
         if prepare:
             return []  # the Prepare action runs first; its ComputeFinished dispatches
         if not self.units:
@@ -365,7 +365,11 @@ class NodeMachine:
             raise ProtocolError("unexpected", f"no work for {segment} lane {lane} micro-batch {micro_batch}")
         return unit
 
-    def _input(self, segment: str, source: str, lane: int, micro_batch: int) -> None:
+    def hold_early(self, events: list) -> None:
+        """Events of this machine's next round that were held elsewhere (by the stale machine's routing)."""
+        self.early, self._early_seen = list(events), set(events)
+
+    def input_arrived(self, segment: str, source: str, lane: int, micro_batch: int) -> None:
         unit = self._unit(segment, lane, micro_batch)
         if source not in unit.inputs_missing:
             raise ProtocolError("duplicate", f"input {source} of {segment} ({lane}, {micro_batch}) already here")
@@ -373,7 +377,7 @@ class NodeMachine:
         if not unit.inputs_missing and not unit.forwarded:
             heapq.heappush(self._queues[segment].ready_forwards, (micro_batch, lane))
 
-    def _gradient(self, segment: str, consumer: str, lane: int, micro_batch: int) -> None:
+    def gradient_arrived(self, segment: str, consumer: str, lane: int, micro_batch: int) -> None:
         if self.phase != "train":
             raise ProtocolError("unexpected", "gradient outside a training round")
         unit = self._unit(segment, lane, micro_batch)
@@ -401,7 +405,7 @@ class NodeMachine:
             return []  # a late commit of a round abandoned by a restore
         raise ProtocolError("unexpected", f"commit of round {event.round} (at {self.round}, done={self.done})")
 
-    def _finished(self, action: ComputeAction) -> list[Action]:
+    def compute_finished(self, action: ComputeAction) -> list[Action]:
         if action != self.running:
             return []  # finished after a reset: the thread is free again, nothing else changes
         self.running = None
@@ -423,7 +427,7 @@ class NodeMachine:
                 self.in_flight[seg.name] += 1
             for consumer in seg.consumers:
                 if self.wiring.is_local(consumer, action.lane):
-                    self._input(consumer, seg.name, action.lane, action.micro_batch)
+                    self.input_arrived(consumer, seg.name, action.lane, action.micro_batch)
                 else:
                     out.append(SendActivation(action.round, seg.name, consumer, action.lane, action.micro_batch,
                                               self.wiring.node_of[consumer][action.lane]))
@@ -438,7 +442,7 @@ class NodeMachine:
             self.in_flight[seg.name] -= 1
             for producer in seg.segment_inputs:
                 if self.wiring.is_local(producer, action.lane):
-                    self._gradient(producer, seg.name, action.lane, action.micro_batch)
+                    self.gradient_arrived(producer, seg.name, action.lane, action.micro_batch)
                 else:
                     out.append(SendGradient(action.round, producer, seg.name, action.lane, action.micro_batch,
                                             self.wiring.node_of[producer][action.lane]))
@@ -457,13 +461,13 @@ class NodeMachine:
     def _dispatch(self) -> list[Action]:
         if self.busy or self.external_dispatch:
             return []
-        action = self._next_compute()
+        action = self.next_compute()
         if action is None:
             return []
         self.running = action
         return [action]
 
-    def _next_compute(self) -> Optional[ComputeAction]:
+    def next_compute(self) -> Optional[ComputeAction]:
         """The ready unit with the smallest (micro-batch, lane, segment), by the rules in the module doc.
 
         Deterministic order: a segment's backwards run in (micro-batch, lane) order, so only the unit at

@@ -76,20 +76,20 @@ class StaleMachine:
         if isinstance(event, Run):
             return self._run(event)
         if isinstance(event, Begin):
-            return self._begin(event)
+            return self.begin_round(event)
         if isinstance(event, Commit):
             return self._commit(event)
         if isinstance(event, ComputeFinished):
-            return self._finished(event.action)
+            return self.compute_finished(event.action)
         inner = self.rounds.get(event.round)
         if inner is None:
             if event.round > self.round:
                 return self._hold(event)
             raise ProtocolError("stale_round", f"round {event.round} is over (now {self.round})")
         if isinstance(event, InputArrived):
-            inner._input(event.segment, event.source, event.lane, event.micro_batch)
+            inner.input_arrived(event.segment, event.source, event.lane, event.micro_batch)
         else:
-            inner._gradient(event.segment, event.consumer, event.lane, event.micro_batch)
+            inner.gradient_arrived(event.segment, event.consumer, event.lane, event.micro_batch)
         return self._dispatch()
 
     def _run(self, event: Run) -> list[Action]:
@@ -103,7 +103,7 @@ class StaleMachine:
         self.committed = max(self.committed, event.first_round - 1)
         return self._dispatch()
 
-    def _begin(self, event: Begin) -> list[Action]:
+    def begin_round(self, event: Begin) -> list[Action]:
         """A coordinator-driven round (evaluation, prediction): only between runs, with nothing in flight."""
         if event.round <= self.round:
             raise ProtocolError("stale_round", f"begin of round {event.round} after round {self.round}")
@@ -111,14 +111,14 @@ class StaleMachine:
             raise ProtocolError("unexpected", f"begin of round {event.round} during self-driven training")
         inner = self._open(event.round)
         self.phase, self.micro_batches = event.phase, event.micro_batches
-        out = inner._begin(event)
+        out = inner.begin_round(event)
         return self._collect(event.round, inner, out) + self._dispatch()
 
     def _open(self, round_: int) -> NodeMachine:
         inner = NodeMachine(self.wiring, self.schedule, deterministic=self.deterministic, round=round_ - 1,
                             external_dispatch=True)
         held = self.early.pop(round_, [])
-        inner.early, inner._early_seen = held, set(held)
+        inner.hold_early(held)
         self._early_seen.difference_update(held)
         for stale in [r for r in self.early if r < round_]:  # cannot happen in order; never keep them
             self._early_seen.difference_update(self.early.pop(stale))
@@ -150,7 +150,7 @@ class StaleMachine:
             return []  # a late commit of a round abandoned by a restore
         raise ProtocolError("unexpected", f"commit of round {event.round} (applied up to {self.applied})")
 
-    def _finished(self, action: ComputeAction) -> list[Action]:
+    def compute_finished(self, action: ComputeAction) -> list[Action]:
         if action != self.running:
             return []  # finished after a reset
         self.running = None
@@ -158,7 +158,7 @@ class StaleMachine:
         if inner is None:
             return self._dispatch()
         inner.running = action
-        out = inner._finished(action)
+        out = inner.compute_finished(action)
         if isinstance(action, ApplyOptimizer):
             self.applied = action.round
         return self._collect(action.round, inner, out) + self._dispatch()
@@ -173,13 +173,13 @@ class StaleMachine:
     def _dispatch(self) -> list[Action]:
         if self.running is not None:
             return []
-        action = self._next_compute()
+        action = self.next_compute()
         if action is None:
             return []
         self.running = action
         return [action]
 
-    def _next_compute(self) -> Optional[ComputeAction]:
+    def next_compute(self) -> Optional[ComputeAction]:
         oldest = next(iter(self.rounds.items()), None)
         if oldest is not None and oldest[1].pending_commit is not None:
             oldest[1].pending_commit = None
@@ -190,7 +190,7 @@ class StaleMachine:
         for inner in self.rounds.values():
             if inner.pending_commit is not None:
                 continue  # done, waiting for the optimizer steps of older rounds
-            action = inner._next_compute()
+            action = inner.next_compute()
             if action is not None:
                 return action
         return None
@@ -206,7 +206,7 @@ class StaleMachine:
         self.queued.popleft()
         inner = self._open(round_)
         self.phase = "train"
-        inner._begin(Begin(round_, "train", lanes, self.micro_batches), prepare=True)
+        inner.begin_round(Begin(round_, "train", lanes, self.micro_batches), prepare=True)
         return Prepare(round_, step, lanes)
 
 
