@@ -281,7 +281,7 @@ class NodeRuntime:
             elif isinstance(action, (m.SendActivation, m.SendGradient)):
                 self.outboxes.post(*self.work.tensor_message(action, self.machine.phase))
             elif isinstance(action, m.RoundDone):
-                self._group.create_task(self._report_done(action))
+                self._group.create_task(self.control.report_done(action))
 
     def _on_loop(self, callback, *args) -> None:
         """Run `callback(*args)` on the node's event loop (from the compute thread), in order."""
@@ -311,16 +311,6 @@ class NodeRuntime:
         loop runs it)."""
         if self._loop is not None and self.lane.owns_executor:
             self.outboxes.wait_for_room(peers, self._loop, self._stopped)
-
-    async def _report_done(self, action: m.RoundDone) -> None:
-        """A coordinator-driven round (evaluation, prediction) is finished: report it."""
-        summary = await self.lane.call(self.work.round_summary, action)
-        if action.phase == "predict":
-            # Predictions stay with the owner of the task output: written to its own file, only counts leave.
-            writer = self.inference.write if self.inference is not None else None
-            summary["predicted"] = await self.lane.call(writer, self.worker) if writer else {}
-        await self.send_control(self.coordinator_node, Kind.DONE, phase=action.phase, step=action.round,
-                                meta=summary)
 
 
 def _transport_for(topology, node: str, endpoint: Optional[str], bind: Optional[str], peer_endpoints: Optional[dict],

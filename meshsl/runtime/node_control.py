@@ -163,6 +163,17 @@ class NodeControl:
             await self.lane.call(worker.reset_optimizer, segment)
         await self._ack(envelope.step, of="weights", segment=segment)
 
+    async def report_done(self, action: m.RoundDone) -> None:
+        """A coordinator-driven round (evaluation, prediction) is finished: report it."""
+        summary = await self.lane.call(self.work.round_summary, action)
+        if action.phase == "predict":
+            # Predictions stay with the owner of the task output: written to its own file, only counts leave.
+            writer = self.runtime.inference.write if self.runtime.inference is not None else None
+            summary["predicted"] = await self.lane.call(writer, self.runtime.worker) if writer else {}
+        await self.runtime.send_control(self.coordinator, Kind.DONE, phase=action.phase, step=action.round,
+                                        meta=summary)
+
+
 
 def _describe_all(tensors):
     return [describe(t.dtype, tuple(t.shape), "none", [t]) for t in tensors]
