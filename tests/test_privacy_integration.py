@@ -165,14 +165,14 @@ def test_label_dp_flips_labels_at_the_declared_rate(monkeypatch):
     epsilon = 1.0
     topology = topology_of(document(label_dp={"epsilon": epsilon}, steps=26, batch_size=128))
     used = []  # (sample id, label the loss saw) from the worker's own label-DP path
-    original = SegmentWorker._label_dp
+    original = SegmentWorker.private_labels
 
     def recording(self, task, labels, rows=None):
         noisy = original(self, task, labels, rows)
         used.extend(zip(np.asarray(rows).tolist(), noisy.tolist()))
         return noisy
 
-    monkeypatch.setattr(SegmentWorker, "_label_dp", recording)
+    monkeypatch.setattr(SegmentWorker, "private_labels", recording)
     summary, _, _ = run(topology, evaluate=False)
     truth = NodeData(topology, "server").tensors["digit_labels"]
     ids = torch.tensor([i for i, _ in used])
