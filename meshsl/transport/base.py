@@ -20,8 +20,9 @@ class Transport(abc.ABC):
 
     Capabilities are declared here, with defaults a backend overrides, so callers never probe for them:
     `threadsafe_send` (whether `try_send_threadsafe` can ever succeed), `bind` (where to bind when that
-    differs from `endpoint`), `refused_by` (peer -> CURVE handshakes it refused) and `on_dropped` (called
-    when the socket drops a connection; set before `start`)."""
+    differs from `endpoint`), `refused_by` (peer -> CURVE handshakes it refused), `on_dropped` (called
+    when the socket drops a connection; set before `start`) and `sent_hook(sender, peer, frames)` (sees
+    every message sent: the wire audit, `meshsl audit-wire`)."""
 
     threadsafe_send: bool = False
     bind: Optional[str] = None
@@ -32,6 +33,7 @@ class Transport(abc.ABC):
         self.address_book = dict(address_book)
         self.refused_by: dict[str, int] = {}
         self.on_dropped: Optional[Callable[[], None]] = None
+        self.sent_hook: Optional[Callable[[str, str, Sequence], None]] = None
 
     @property
     def bind_address(self) -> Optional[str]:

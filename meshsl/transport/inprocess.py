@@ -48,7 +48,6 @@ class InProcessTransport(Transport):
         super().__init__(node, endpoint, address_book)
         self.queue_size = queue_size
         self.hub = hub
-        self.sent_hook = None  # tests record traffic here: hook(sender, peer, frames)
         self._mailbox: asyncio.Queue | None = None
 
     async def start(self) -> None:

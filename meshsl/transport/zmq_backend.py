@@ -59,11 +59,7 @@ class ZmqTransport(Transport):
         self._dealers: dict[str, zmq.Socket] = {}
         self._authenticator = None
         self._monitors: list = []
-        self.refused_by: dict[str, int] = {}  # peer -> CURVE handshakes it refused (our key is not theirs)
-        self.sent_hook = None
-        # Called when the bound socket drops an established connection: a frame above MAXMSGSIZE is
-        # refused unread that way (libzmq cannot tell it from a peer hanging up); set before start().
-        self.on_dropped: Optional[Callable[[], None]] = None
+        # on_dropped (base): a frame above MAXMSGSIZE makes libzmq drop the connection unread
         self.copy_threshold = copy_threshold
         self.max_message_bytes = max_message_bytes
         self.connection_timeout_s = connection_timeout_s
