@@ -34,7 +34,7 @@ from meshsl.compression import make_codec
 from meshsl.compute.layers import merge_inputs
 from meshsl.compute.tasks import task_loss
 from meshsl.compute.worker import build_module
-from meshsl.data import load_dataset, select_columns
+from meshsl.data import load_source
 from meshsl.errors import ConfigError
 from meshsl.plan.steps import sample_pools
 from meshsl.privacy.accounting import budget, effective_dp, gradient_noise
@@ -103,11 +103,10 @@ def feature_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
     for name, spec in topology.data.items():
         if spec.kind != "features":
             continue
-        table = load_dataset(spec.source_dataset, topology.base_dir)
+        table = load_source(spec, topology.base_dir)
         aligned = aligned_rows(topology, topology.placement[name][0], name)  # sample ids matched by PSI
         at = index if aligned is None else aligned[index]
-        values[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)[at]),
-                                       dtype=torch.float32)
+        values[name] = torch.as_tensor(np.ascontiguousarray(table.features[at]), dtype=torch.float32)
     return values
 
 
@@ -194,7 +193,7 @@ def label_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
     values = {}
     for name, spec in topology.data.items():
         if spec.kind == "labels":
-            table = load_dataset(spec.dataset, topology.base_dir)
+            table = load_source(spec, topology.base_dir)
             values[name] = torch.as_tensor(np.asarray(table.labels)[np.asarray(rows)])
     return values
 

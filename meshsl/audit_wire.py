@@ -38,7 +38,7 @@ from meshsl.align.psi import POINT_BYTES, response_values
 from meshsl.align.session import MAGIC, is_alignment_message
 from meshsl.compression import make_codec
 from meshsl.compute.layers import build_segment_module
-from meshsl.data import load_dataset, select_columns
+from meshsl.data import load_source
 from meshsl.plan.nodeplan import build_edges, build_plans
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import TORCH_DTYPES, decode_message
@@ -155,14 +155,14 @@ def holdings(topology) -> Holdings:
     """Every data source exactly as its node loads it (`NodeData`): float32 feature rows, labels."""
     held = Holdings()
     for name, spec in topology.data.items():
-        table = load_dataset(spec.source_dataset, topology.base_dir)
+        table = load_source(spec, topology.base_dir)
         parties = sorted({topology.nodes[n].party for n in topology.placement[name]})
         if spec.kind == "labels":
             y = np.asarray(table.labels)
             classes = topology.num_classes.get(name) or int(np.max(y)) + 1
             held.labels[name] = (",".join(parties), y, int(classes))
         else:
-            rows = np.ascontiguousarray(select_columns(table, spec.columns), dtype=np.float32)
+            rows = np.ascontiguousarray(table.features, dtype=np.float32)
             held.features[name] = (",".join(parties), rows.reshape(rows.shape[0], -1))
     return held
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from meshsl.data import load_dataset
+from meshsl.data import Selection, load_dataset
 from meshsl.errors import ConfigError, DataError, TopologyError
 
 
@@ -75,7 +75,7 @@ def source_ids(topology, name: str) -> list[str]:
     where = _where(topology, name)
     origin = _id_origin(topology, spec)
     try:
-        table = load_dataset(spec.source_dataset, topology.base_dir)
+        table = load_dataset(spec.source_dataset, topology.base_dir, Selection(features=False))  # ids only
     except DataError as exc:
         raise DataError(f"{origin}: {exc.message}", where) from None
     if spec.id_column is not None:

@@ -1,13 +1,25 @@
 """The data a node holds: its feature and label sources, and the batches of every round."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from meshsl.align.outcomes import aligned_rows
-from meshsl.data import batch_indices, eval_batches, load_dataset, select_columns
+from meshsl.data import batch_indices, eval_batches, load_source
 from meshsl.errors import DataError
 from meshsl.plan.steps import sample_pools
+
+
+def feature_tensor(features: np.ndarray) -> torch.Tensor:
+    """float32 features as a tensor sharing their memory: a read-only memory map stays one (rows are
+    gathered per micro-batch, never written), so torch's warning about non-writable arrays is moot."""
+    if features.dtype != np.float32:
+        raise DataError(f"features must be float32 by now, got {features.dtype}", "data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(features if features.flags.c_contiguous else np.ascontiguousarray(features))
 
 
 class NodeData:
@@ -19,12 +31,11 @@ class NodeData:
         for name, spec in topology.data.items():
             if node not in topology.placement[name]:
                 continue
-            table = load_dataset(spec.source_dataset, topology.base_dir)
+            table = load_source(spec, topology.base_dir)
             if spec.kind == "labels":
                 self.tensors[name] = torch.as_tensor(np.asarray(table.labels))
             else:
-                self.tensors[name] = torch.as_tensor(np.ascontiguousarray(select_columns(table, spec.columns)),
-                                                     dtype=torch.float32)
+                self.tensors[name] = feature_tensor(table.features)
             rows = aligned_rows(topology, node, name)
             if rows is not None:  # sample ids matched by PSI: row i is the i-th common sample
                 self.tensors[name] = self.tensors[name][torch.as_tensor(rows)].contiguous()

@@ -11,7 +11,6 @@ or generate data. NumPy files are always read with `allow_pickle=False` (a pickl
 """
 from __future__ import annotations
 
-import csv
 import importlib
 import importlib.util
 import inspect
@@ -19,10 +18,11 @@ import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from meshsl.data.selection import Selection, resolve_columns
 from meshsl.data.specs import DatasetSpec
 from meshsl.errors import DataError
 
@@ -58,6 +58,24 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return decorate
 
 
+RowCount = Callable[..., int]
+ROW_COUNTS: dict[str, RowCount] = {}
+
+
+def register_row_count(name: str, count: RowCount) -> None:
+    """`count(base_dir, **options) -> rows` of dataset `name`, answered without loading it."""
+    ROW_COUNTS[name] = count
+
+
+def dataset_rows(spec: DatasetSpec, base_dir: Path | str = ".") -> int:
+    """How many rows a dataset has: from the file's metadata where a counter is registered."""
+    counter, loader = ROW_COUNTS.get(spec.name), DATASETS.get(spec.name)
+    if counter is None or loader is None:
+        return len(load_dataset(spec, base_dir).features)
+    _check_options(loader, spec.options, f"dataset {spec.name!r}")
+    return counter(Path(base_dir).expanduser().resolve(), **spec.options)
+
+
 _cache: dict[str, Table] = {}
 _cache_lock = threading.Lock()
 
@@ -67,27 +85,37 @@ def clear_dataset_cache() -> None:
         _cache.clear()
 
 
-def load_dataset(spec: DatasetSpec, base_dir: Path | str = ".") -> Table:
-    """Load (once per process) the dataset a spec describes; relative paths resolve against base_dir."""
+def load_dataset(spec: DatasetSpec, base_dir: Path | str = ".", select: Optional[Selection] = None) -> Table:
+    """Load (once per process) the dataset a spec describes; relative paths resolve against base_dir.
+
+    With `select`, a loader that projects (`projects(loader)`) converts only the selected columns and rows;
+    the Table it returns holds exactly those. Other loaders ignore it (select from their Table)."""
     base = Path(base_dir).expanduser().resolve()
-    key = f"{spec.model_dump_json()}|{base}"
+    loader = DATASETS.get(spec.name)
+    if select is not None and (loader is None or not projects(loader)):
+        select = None
+    key = f"{spec.model_dump_json()}|{base}|{select.key() if select else ''}"
     with _cache_lock:
         if key in _cache:
             return _cache[key]
     where = f"dataset {spec.name!r}"
-    loader = DATASETS.get(spec.name)
     if loader is None:
         raise DataError(f"unknown dataset {spec.name!r}; known datasets: {', '.join(sorted(DATASETS))}", where)
     _check_options(loader, spec.options, where)
-    table = loader(base, **spec.options)
+    table = loader(base, **spec.options) if select is None else loader(base, select=select, **spec.options)
     if not isinstance(table, Table):
         raise DataError(f"loader returned {type(table).__name__}, not a Table", where)
     with _cache_lock:
         return _cache.setdefault(key, table)
 
 
+def projects(loader: Loader) -> bool:
+    """Whether a loader takes a `select` argument (reads only the selected columns and rows)."""
+    return "select" in inspect.signature(loader).parameters
+
+
 def _check_options(loader: Loader, options: dict[str, Any], where: str) -> None:
-    params = inspect.signature(loader).parameters
+    params = {n: p for n, p in inspect.signature(loader).parameters.items() if n != "select"}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return  # the loader takes anything; it checks its own options
     known = [n for n, p in list(params.items())[1:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]  # [0]: base_dir
@@ -112,7 +140,7 @@ def make_table(features: Any, labels: Any, where: str, feature_names: Sequence[s
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise DataError("features contain NaN or infinite values", where)
-    y, num_classes = (None, None) if labels is None else _normalise_labels(labels, where)
+    y, num_classes = (None, None) if labels is None else normalise_labels(labels, where)
     if y is not None and len(y) != len(x):
         raise DataError(f"{len(y)} labels for {len(x)} feature rows", where)
     if feature_names is None:
@@ -124,7 +152,7 @@ def make_table(features: Any, labels: Any, where: str, feature_names: Sequence[s
     return Table(features=x, labels=y, num_classes=num_classes, feature_names=names)
 
 
-def _normalise_labels(labels: Any, where: str) -> tuple[np.ndarray, int | None]:
+def normalise_labels(labels: Any, where: str) -> tuple[np.ndarray, int | None]:
     """Whole numbers become int64 class ids; other numbers stay float32 regression targets."""
     y = np.asarray(labels)
     if y.dtype.kind not in "biuf":
@@ -144,7 +172,7 @@ def _normalise_labels(labels: Any, where: str) -> tuple[np.ndarray, int | None]:
     return y, int(y.max()) + 1 if len(y) else 0
 
 
-def _resolve(base_dir: Path, path: Any, where: str) -> Path:
+def resolve_path(base_dir: Path, path: Any, where: str) -> Path:
     if not isinstance(path, (str, Path)) or not str(path):
         raise DataError(f"expected a file path, got {path!r}", where)
     full = Path(path).expanduser()
@@ -222,102 +250,6 @@ def _load_synthetic(base_dir: Path, *, shape: Sequence[int] = (16,), num_samples
     return make_table(x, labels, where)
 
 
-@register_dataset("csv")
-def _load_csv(base_dir: Path, *, path: str, label_column: str | None = None, delimiter: str = ",",
-              id_column: str | None = None) -> Table:
-    """A CSV file with a header row; every column but `label_column` and `id_column` must be numeric."""
-    where = "dataset 'csv'"
-    file = _resolve(base_dir, path, f"{where}.options.path")
-    try:
-        with file.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle, delimiter=delimiter))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {file}: {exc}", where) from None
-    rows = [r for r in rows if r]  # blank lines
-    if len(rows) < 2:
-        raise DataError(f"{file} needs a header row and at least one data row", where)
-    header = [h.strip() for h in rows[0]]
-    label_at = None
-    if label_column is not None:
-        if label_column not in header:
-            raise DataError(f"label_column {label_column!r} is not in the header {header}",
-                            f"{where}.options.label_column")
-        label_at = header.index(label_column)
-    id_at = None
-    if id_column is not None:
-        if id_column not in header:
-            raise DataError(f"{file}: id column {id_column!r} is not in the header {header}", f"{where}.id_column")
-        id_at = header.index(id_column)
-    feature_at = [i for i in range(len(header)) if i not in (label_at, id_at)]
-    values = np.empty((len(rows) - 1, len(feature_at)), dtype=np.float64)
-    raw_labels: list[str] = []
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise DataError(f"{file}:{line} has {len(row)} fields, the header has {len(header)}", where)
-        for j, i in enumerate(feature_at):
-            try:
-                values[line - 2, j] = float(row[i])
-            except ValueError:
-                raise DataError(f"{file}:{line} column {header[i]!r}: {row[i]!r} is not a number", where) from None
-        if label_at is not None:
-            raw_labels.append(row[label_at].strip())
-    labels = _csv_labels(raw_labels) if label_at is not None else None
-    table = make_table(values, labels, where, [header[i] for i in feature_at])
-    if id_at is not None:
-        table = replace(table, ids=tuple(row[id_at].strip() for row in rows[1:]))
-    return table
-
-
-def _csv_labels(raw: list[str]) -> np.ndarray:
-    """Numeric label columns keep their values; text labels become class ids in sorted order."""
-    try:
-        return np.array([float(v) for v in raw])
-    except ValueError:
-        classes = sorted(set(raw))
-        ids = {c: i for i, c in enumerate(classes)}
-        return np.array([ids[v] for v in raw], dtype=np.int64)
-
-
-@register_dataset("numpy")
-def _load_numpy(base_dir: Path, *, path: str, labels: str | None = None, features_key: str = "x",
-                labels_key: str | None = None) -> Table:
-    """Features from a .npy file (labels from another .npy) or from keys of one .npz archive."""
-    where = "dataset 'numpy'"
-    file = _resolve(base_dir, path, f"{where}.options.path")
-    if file.suffix == ".npz":
-        with _np_load(file, where) as archive:
-            x = _npz_member(archive, features_key, file, where)
-            y = None if labels_key is None else _npz_member(archive, labels_key, file, where)
-    else:
-        if labels_key is not None:
-            raise DataError("labels_key only applies to .npz archives; use 'labels: file.npy'", f"{where}.options")
-        x = _np_load(file, where)
-        y = None
-    if labels is not None:
-        if y is not None:
-            raise DataError("give labels either as 'labels' (a file) or 'labels_key', not both", f"{where}.options")
-        y = _np_load(_resolve(base_dir, labels, f"{where}.options.labels"), where)
-    if not isinstance(x, np.ndarray) or (y is not None and not isinstance(y, np.ndarray)):
-        raise DataError("expected .npy arrays (a .npz archive needs features_key)", where)
-    return make_table(x, y, where)
-
-
-def _np_load(file: Path, where: str) -> Any:
-    try:
-        return np.load(file, allow_pickle=False)  # never unpickle: a pickle can run arbitrary code
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"cannot load {file} (pickled/object arrays are refused): {exc}", where) from None
-
-
-def _npz_member(archive: Any, key: str, file: Path, where: str) -> np.ndarray:
-    if key not in archive.files:
-        raise DataError(f"{file} has no array {key!r}; it holds {archive.files}", where)
-    try:
-        return archive[key]
-    except ValueError as exc:
-        raise DataError(f"cannot load {key!r} from {file} (pickled/object arrays are refused): {exc}", where) from None
-
-
 @register_dataset("factory")
 def _load_factory(base_dir: Path, *, target: str, kwargs: dict[str, Any] | None = None) -> Table:
     """Call `package.module:function(**kwargs)`, which returns `(features, labels)` or a Table."""
@@ -350,61 +282,25 @@ def _load_factory(base_dir: Path, *, target: str, kwargs: dict[str, Any] | None 
 
 # ---------------------------------------------------------------- column selection and split
 
-def _column_indices(table: Table, columns: Any) -> list[int] | None:
+def column_indices(table: Table, columns: Any) -> list[int] | None:
     """Column positions a `columns:` value selects; None means all of them (any feature rank)."""
-    where = "columns"
     if isinstance(columns, str) and columns == "all":
         return None
     if table.features.ndim != 2:
         raise DataError(f"only 'all' can select from features of shape {table.feature_shape}; "
-                        f"column selection needs 2-D [N, D] features", where)
-    width = table.features.shape[1]
-    if isinstance(columns, str):
-        if ":" in columns:
-            return _slice_indices(columns, width, where)
-        columns = [columns]
-    if not isinstance(columns, (list, tuple)) or not columns:
-        raise DataError(f"expected 'all', an 'a:b' slice or a non-empty list of columns, got {columns!r}", where)
-    positions = {name: i for i, name in enumerate(table.feature_names)}
-    chosen: list[int] = []
-    for item in columns:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            if not 0 <= item < width:
-                raise DataError(f"column {item} is out of range; features have {width} columns", where)
-            chosen.append(int(item))
-        elif isinstance(item, str) and item in positions:
-            chosen.append(positions[item])
-        else:
-            known = ", ".join(list(table.feature_names)[:8]) + (", ..." if width > 8 else "")
-            raise DataError(f"unknown column {item!r}; columns are 0..{width - 1} or names like {known}", where)
-    if len(set(chosen)) != len(chosen):
-        raise DataError(f"columns {columns!r} select a column twice", where)
-    return chosen
-
-
-def _slice_indices(text: str, width: int, where: str) -> list[int]:
-    parts = text.split(":")
-    try:
-        bounds = [int(p) if p.strip() else None for p in parts]
-    except ValueError:
-        bounds = []
-    if not 2 <= len(parts) <= 3 or not bounds or (len(bounds) == 3 and bounds[2] == 0):
-        raise DataError(f"{text!r} is not a slice like '0:10', '5:' or '::2'", where)
-    chosen = list(range(width))[slice(*bounds)]
-    if not chosen:
-        raise DataError(f"slice {text!r} selects no columns of {width}", where)
-    return chosen
+                        f"column selection needs 2-D [N, D] features", "columns")
+    return resolve_columns(table.feature_names, columns)
 
 
 def select_columns(table: Table, columns: Any = "all") -> np.ndarray:
     """Features restricted to `columns`: 'all', a list of ints and/or feature names, or an 'a:b' slice."""
-    chosen = _column_indices(table, columns)
+    chosen = column_indices(table, columns)
     return table.features if chosen is None else table.features[:, chosen]
 
 
 def selected_shape(table: Table, columns: Any = "all") -> tuple[int, ...]:
     """Per-sample shape of `select_columns(table, columns)`, without copying data."""
-    chosen = _column_indices(table, columns)
+    chosen = column_indices(table, columns)
     return table.feature_shape if chosen is None else (len(chosen),)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshsl.align.outcomes import aligned_size, alignment_version
-from meshsl.data import load_dataset, partition, train_test_indices
+from meshsl.data import dataset_rows, load_dataset, partition, train_test_indices
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,14 @@ _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _pools(topology) -> SamplePools:
     first = topology.spec.data[0]
     size = aligned_size(topology)  # with sample ids: the common samples after PSI, in the agreed order
-    table = load_dataset(first.source_dataset, topology.base_dir) if size is None or topology.spec.clients else None
+    if size is None:  # the file's metadata where it has any: a bank's table is not read to count its rows
+        size = dataset_rows(first.source_dataset, topology.base_dir)
     seed = topology.spec.training.seed
-    train, test = train_test_indices(len(table.features) if size is None else size, first.dataset.test_fraction, seed)
+    train, test = train_test_indices(size, first.dataset.test_fraction, seed)
     clients = topology.spec.clients
     if clients is None:
         return SamplePools(train=(train,), test=test)
+    table = load_dataset(first.source_dataset, topology.base_dir)  # the shards follow its labels
     shards = partition(train, table.labels, clients.count, clients.partition, seed)
     return SamplePools(train=tuple(shards), test=test)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from meshsl.align.ids import check_ids, uses_ids
 from meshsl.compute.layers import build_segment_module, count_parameters, merge_inputs, trainable_layer_count
 from meshsl.config.loader import ConfigErrors
-from meshsl.data import load_dataset, select_columns
+from meshsl.data import dataset_rows, load_source
 from meshsl.errors import ConfigError, DataError, TopologyError
 from meshsl.topology.checks import privacy_problems
 
@@ -114,16 +115,17 @@ def _probe_data(topology) -> dict[str, torch.Tensor]:
         raise ConfigErrors(id_problems)  # checked first: a wrong id column would also fail every load below
     for name, data in topology.data.items():
         where = f"{src}: data[{_index(topology, 'data', name)}]({name})"
-        try:
-            table = load_dataset(data.source_dataset, topology.base_dir)
+        try:  # a feature source reads a few rows; a label source its whole (single) column, for the classes
+            table = load_source(data, topology.base_dir, head=PROBE_BATCH if data.kind == "features" else None)
+            rows[name] = dataset_rows(data.source_dataset, topology.base_dir)
         except DataError as exc:
-            problems.append(DataError(exc.message, f"{where}.dataset{_inner_key(exc.where)}"))
+            key = ".columns" if exc.where == "columns" else f".dataset{_inner_key(exc.where)}"
+            problems.append(DataError(exc.message, f"{where}{key}"))
             continue
         except Exception as exc:  # a registered or custom loader failed in its own way
             problems.append(DataError(f"loading dataset {data.dataset.name!r} failed: {type(exc).__name__}: {exc}",
                                       f"{where}.dataset"))
             continue
-        rows[name] = len(table.features)
         if data.kind == "labels":
             if table.labels is None:
                 problems.append(DataError("dataset has no labels", f"{where}.dataset"))
@@ -132,15 +134,11 @@ def _probe_data(topology) -> dict[str, torch.Tensor]:
             values[name] = torch.as_tensor(table.labels[:PROBE_BATCH])
             topology.shapes[name] = tuple(table.labels.shape[1:])
             continue
-        try:
-            features = select_columns(table, data.columns)
-        except DataError as exc:
-            problems.append(DataError(exc.message, f"{where}.columns"))
-            continue
+        features = table.features
         if features.ndim < 2 or features.shape[0] == 0:
             problems.append(DataError(f"features of shape {features.shape} hold no samples", f"{where}.dataset"))
             continue
-        values[name] = torch.as_tensor(features[:PROBE_BATCH], dtype=torch.float32)
+        values[name] = torch.tensor(np.array(features[:PROBE_BATCH]), dtype=torch.float32)  # a copy: may be a map
         topology.shapes[name] = tuple(features.shape[1:])
     if len(set(rows.values())) > 1 and not matched_by_id:  # with ids, PSI matches the rows
         problems.append(DataError(f"data sources have different row counts {rows}; samples are aligned by row "
