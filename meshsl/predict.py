@@ -27,7 +27,9 @@ import torch
 
 from meshsl.align.ids import data_nodes, id_column_of, read_node_ids, uses_ids  # noqa: F401  (re-exported)
 from meshsl.align.outcomes import outcome_of
+from meshsl.compute.node_data import feature_tensor
 from meshsl.config.loader import load_spec
+from meshsl.data import load_source, selection_of
 from meshsl.errors import ConfigError, DataError, PartyOffline, PeerFailed, PeerTimeout  # noqa: F401  (re-exported)
 from meshsl.runtime.entry import EXIT_ABORTED
 from meshsl.runtime.launcher import LocalRun, default_run_dir
@@ -43,42 +45,43 @@ def feature_sources(topology, node: str) -> list:
     return [d for d in topology.spec.data if d.kind == "features" and node in topology.placement[d.name]]
 
 
-def _read_matrix(path: Path, where: str, drop_column: Optional[str] = None) -> np.ndarray:
+COLUMNAR = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
+
+
+def _read_matrix(path: Path, where: str, drop_column: Optional[str] = None, allow_missing: bool = False) -> np.ndarray:
+    """A CSV (optional header) or .npy input: the node's feature columns side by side, as float32."""
     if not path.is_file():
         raise DataError(f"input file {path} does not exist", where)
     if path.suffix == ".npy":
         try:
-            array = np.load(path, allow_pickle=False)  # never unpickle
+            array = np.load(path, allow_pickle=False, mmap_mode="r")  # never unpickle
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"cannot load {path} (pickled/object arrays are refused): {exc}", where) from None
         if not np.issubdtype(array.dtype, np.number) or array.ndim < 1:
             raise DataError(f"{path} holds {array.dtype} of shape {array.shape}, expected numbers [rows, ...]", where)
         return array.reshape(len(array), -1) if array.ndim == 1 else array
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [r for r in csv.reader(handle) if r]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {path}: {exc}", where) from None
-    if drop_column is not None and rows:  # the sample-id column (read by read_node_ids) is not a feature
-        at = [h.strip() for h in rows[0]].index(drop_column)
-        rows = [r[:at] + r[at + 1:] for r in rows]
-    if rows:
+    from meshsl.data.arrow_files import read_input_csv  # pyarrow only where a CSV is read
+    return read_input_csv(path, drop_column, allow_missing, where)
+
+
+def _columnar_input(topology, sources: list, path: Path, where: str) -> dict[str, np.ndarray]:
+    """A Parquet / Arrow input holds the same columns as the training file: each source reads its own."""
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist", where)
+    out = {}
+    for d in sources:
+        options = {**d.dataset.options, "path": str(path.resolve())}
+        spec = d.model_copy(update={"dataset": d.dataset.model_copy(update={"name": COLUMNAR[path.suffix],
+                                                                           "options": options})})
         try:
-            [float(v) for v in rows[0]]
-        except ValueError:
-            rows = rows[1:]  # a header row
-    if not rows:
-        raise DataError(f"{path} has no data rows", where)
-    width = len(rows[0])
-    values = np.empty((len(rows), width), dtype=np.float64)
-    for i, row in enumerate(rows):
-        if len(row) != width:
-            raise DataError(f"{path}: data row {i} has {len(row)} fields, the first has {width}", where)
-        try:
-            values[i] = [float(v) for v in row]
-        except ValueError:
-            raise DataError(f"{path}: data row {i} has a value that is not a number", where) from None
-    return values
+            out[d.name] = load_source(spec, topology.base_dir).features
+        except DataError as exc:
+            if "label_column" not in exc.where or "label_column" not in options:
+                raise DataError(exc.message, where) from None
+            options.pop("label_column")  # rows to predict need not carry the training label
+            spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"options": options})})
+            out[d.name] = load_source(spec, topology.base_dir).features
+    return out
 
 
 def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Tensor], int]:
@@ -96,7 +99,13 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
         raise ConfigError(f"node {node!r} holds no feature data, so it takes no prediction input", where)
     shapes = [tuple(topology.shapes[d.name]) for d in sources]
     widths = [math.prod(s) for s in shapes]
-    array = _read_matrix(path, where, id_column_of(topology, node))
+    if path.suffix in COLUMNAR:
+        blocks = _columnar_input(topology, sources, path, where)
+        rows = len(next(iter(blocks.values())))
+        return {d.name: feature_tensor(b).reshape(rows, *shape) for (d, shape), b in
+                zip(zip(sources, shapes), blocks.values())}, rows
+    missing_ok = any(selection_of(d).allow_missing for d in sources)
+    array = _read_matrix(path, where, id_column_of(topology, node), missing_ok)
     if len(sources) == 1 and tuple(array.shape[1:]) == shapes[0]:
         array = array.reshape(len(array), -1)
     elif array.ndim != 2:
@@ -105,8 +114,11 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
         needs = ", ".join(f"{d.name}: {w}" for d, w in zip(sources, widths))
         raise DataError(f"input file {path} has {array.shape[1]} columns; "
                         f"node {node!r} needs {sum(widths)} ({needs})", where)
-    if not np.isfinite(array).all():
-        raise DataError(f"node {node!r}: input file {path} contains NaN or infinite values", where)
+    bad = np.isinf(array) if missing_ok else ~np.isfinite(array)
+    if bad.any():
+        row, column = (int(v[0]) for v in np.nonzero(bad))
+        raise DataError(f"node {node!r}: input file {path}, data row {row + 1}, column {column + 1}: "
+                        f"{array[row, column]} (missing values need `preprocess: {{impute: ...}}`)", where)
     tensors, start = {}, 0
     for d, shape, width in zip(sources, shapes, widths):
         block = np.ascontiguousarray(array[:, start:start + width], dtype=np.float32)

@@ -255,6 +255,36 @@ def _csv_error(exc: Exception, file: Path, header: list[str], delimiter: str, wh
     return DataError(f"cannot read {file}: {text}", where)
 
 
+def read_input_csv(file: Path, drop_column: Optional[str], allow_missing: bool, where: str) -> np.ndarray:
+    """A prediction input: every column but `drop_column` (the sample ids) is a feature; the header is
+    optional (a first line of numbers is data)."""
+    header = csv_header(file, ",", where)
+    try:
+        [float(v) for v in header]
+        names = [f"c{i}" for i in range(len(header))]
+        has_header = False
+    except ValueError:
+        names, has_header = header, True
+    if drop_column is not None and drop_column not in names:
+        raise DataError(f"{file}: id column {drop_column!r} is not in the header {names[:12]}", where)
+    selection = Selection(allow_missing=allow_missing)
+    columns = plan_columns(names, file, selection, None, drop_column if has_header else None, where)
+    types = {n: pa.float32() for n in columns.features}
+    fill = MatrixFill(max(_line_count(file) - has_header, 0), Columns(columns.names, columns.features, None, None),
+                      file, selection, line_offset=1 + has_header)
+    read = pa_csv.ReadOptions(use_threads=True, block_size=1 << 24, column_names=None if has_header else names,
+                              skip_rows=0)
+    convert = pa_csv.ConvertOptions(column_types=types, include_columns=list(columns.features))
+    try:
+        for batch in pa_csv.open_csv(file, read_options=read, convert_options=convert):
+            fill.add(batch)
+    except pa.ArrowInvalid as exc:
+        raise _csv_error(exc, file, names, ",", where) from None
+    if fill.rows == 0:
+        raise DataError(f"{file} has no data rows", where)
+    return fill.result().features
+
+
 # ---------------------------------------------------------------- Parquet
 
 def read_parquet(file: Path, selection: Selection, *, label_column: Optional[str], id_column: Optional[str],
