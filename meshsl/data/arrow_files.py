@@ -290,7 +290,7 @@ def read_input_csv(file: Path, drop_column: Optional[str], allow_missing: bool, 
 def read_parquet(file: Path, selection: Selection, *, label_column: Optional[str], id_column: Optional[str],
                  where: str) -> FileRead:
     try:
-        source = pq.ParquetFile(file, memory_map=True)
+        source = pq.ParquetFile(file)  # read, not mapped: mapped pages would count as this process's memory
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"cannot read {file} as Parquet: {exc}", where) from None
     columns = plan_columns(source.schema_arrow.names, file, selection, label_column, id_column, where)
