@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from meshsl.compute.layers import Preprocess, with_preprocess
 from meshsl.compute.layers import merge_inputs as merge  # the same rule as in training
+from meshsl.compute.preprocessing import preprocess_layer, preprocessed_inputs
 from meshsl.compute.weights import weights_file
 from meshsl.compute.worker import build_module
 from meshsl.errors import ConfigError
@@ -47,11 +49,15 @@ def build_layer(entry: list) -> nn.Module:
 
 
 def build_segment(spec: dict) -> nn.Module:
-    """The segment's module from its JSON spec (layers: nn.Sequential; factory: the user's function)."""
+    """The segment's module from its JSON spec (layers: nn.Sequential; factory: the user's function),
+    with the party's fitted input transform first when it has one (`preprocess`: its width and imputing)."""
     if spec.get("layers") is not None:
-        return nn.Sequential(*[build_layer(e) for e in spec["layers"]])
-    module_name, _, function = spec["factory"]["target"].partition(":")
-    return getattr(importlib.import_module(module_name), function)(**spec["factory"].get("kwargs", {}))
+        module = nn.Sequential(*[build_layer(e) for e in spec["layers"]])
+    else:
+        module_name, _, function = spec["factory"]["target"].partition(":")
+        module = getattr(importlib.import_module(module_name), function)(**spec["factory"].get("kwargs", {}))
+    prep = spec.get("preprocess")
+    return with_preprocess(module, Preprocess(prep["width"], prep["impute"]) if prep else None)
 
 
 
@@ -89,7 +95,16 @@ def segment_spec(topology, segment: str, node: str) -> dict:
         "factory": spec.factory.model_dump() if spec.factory is not None else None,
         "output_shape": list(topology.shapes[segment]),
         "tasks": tasks,
+        "preprocess": _preprocess_entry(topology, segment),
     }
+
+
+def _preprocess_entry(topology, segment: str) -> Optional[dict]:
+    layer = preprocess_layer(topology, segment)
+    if layer is None:
+        return None
+    return {"width": layer.fill.numel(), "impute": layer.impute,
+            "sources": {s: topology.data[s].preprocess.model_dump() for s in preprocessed_inputs(topology, segment)}}
 
 
 def export_node(topology, weights_dir: Path, node: str, out_dir: Path) -> list[Path]:

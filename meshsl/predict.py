@@ -122,7 +122,7 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
     tensors, start = {}, 0
     for d, shape, width in zip(sources, shapes, widths):
         block = np.ascontiguousarray(array[:, start:start + width], dtype=np.float32)
-        tensors[d.name] = torch.from_numpy(block).reshape(len(array), *shape)
+        tensors[d.name] = feature_tensor(block).reshape(len(array), *shape)
         start += width
     return tensors, len(array)
 

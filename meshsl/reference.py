@@ -11,6 +11,7 @@ import torch
 
 from meshsl.compute.layers import merge_inputs
 from meshsl.compute.node_data import NodeData
+from meshsl.compute.preprocessing import fit_preprocessing
 from meshsl.compute.tasks import task_loss
 from meshsl.compute.worker import build_module, build_optimizer
 from meshsl.plan.steps import training_steps
@@ -26,6 +27,8 @@ def train_reference(topology, steps: int | None = None) -> tuple[dict[str, dict[
     for node in topology.nodes:
         node_data = NodeData(topology, node)
         data.update(node_data.tensors)
+        fit_preprocessing(topology, node, {n: modules[n] for n in topology.segment_order
+                                           if node in topology.placement[n]}, node_data)
     rows_of = node_data  # any node's sampler: row ids depend only on the topology
     losses = []
     k = topology.spec.training.staleness

@@ -24,8 +24,39 @@ class Reshape(nn.Module):
         return f"shape={self.shape}"
 
 
+class Preprocess(nn.Module):
+    """A party's fitted input transform: fill missing values, then (x - shift) * scale, per column.
+
+    The values are buffers, fitted on the party's own training rows (meshsl.compute.preprocessing),
+    so they travel with the segment's weights into checkpoints and exports, never over the wire."""
+
+    def __init__(self, width: int, impute: bool = False) -> None:
+        super().__init__()
+        self.impute = bool(impute)
+        self.register_buffer("fill", torch.zeros(width))
+        self.register_buffer("shift", torch.zeros(width))
+        self.register_buffer("scale", torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impute:
+            x = torch.where(torch.isnan(x), self.fill, x)
+        return (x - self.shift) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"width={self.fill.numel()}, impute={self.impute}"
+
+
+def with_preprocess(module: nn.Module, preprocess: nn.Module | None) -> nn.Module:
+    """The segment with its input transform first (the same layout in training, export and assemble)."""
+    if preprocess is None:
+        return module
+    if isinstance(module, nn.Sequential):
+        return nn.Sequential(preprocess, *module)
+    return nn.Sequential(preprocess, module)
+
+
 # Layers beyond torch.nn that a layer list may name.
-EXTRA_LAYERS: dict[str, type[nn.Module]] = {"Reshape": Reshape}
+EXTRA_LAYERS: dict[str, type[nn.Module]] = {"Reshape": Reshape, "Preprocess": Preprocess}
 
 
 def layer_class(name: Any, where: str) -> type[nn.Module]:

@@ -17,9 +17,10 @@ import torch
 from meshsl.compute.eager_optim import eager
 from meshsl.compute.hijack_guard import HijackGuard
 from meshsl.compute.label_guard import LabelGuard
-from meshsl.compute.layers import build_segment_module, merge_inputs
+from meshsl.compute.layers import build_segment_module, merge_inputs, with_preprocess
 from meshsl.compute.leakage_gauge import LeakageGauge, raw_upstream
 from meshsl.compute.node_data import NodeData
+from meshsl.compute.preprocessing import fit_preprocessing, preprocess_layer
 from meshsl.compute.staging import to_device
 from meshsl.compute.tasks import correct_count, summarise, task_loss
 from meshsl.compute.weight_versions import WeightVersions
@@ -38,9 +39,11 @@ _INIT_LOCK = threading.Lock()  # torch's global RNG: nodes simulated in one proc
 
 
 def build_module(topology, segment: str) -> torch.nn.Module:
+    """The segment's module, with its inputs' fitted preprocessing first (identity until fitted)."""
     with _INIT_LOCK:
         torch.manual_seed(segment_seed(topology, segment))
-        return build_segment_module(topology.segments[segment], f"segments({segment})")
+        module = build_segment_module(topology.segments[segment], f"segments({segment})")
+    return with_preprocess(module, preprocess_layer(topology, segment))
 
 
 def build_optimizer(spec, params) -> torch.optim.Optimizer:
@@ -136,6 +139,7 @@ class SegmentWorker:
         self.segments = [s for s in topology.segment_order if node in topology.placement[s]]
         self.modules, self.optimizers = build_segments(topology, self.segments, self.device)
         self.data = NodeData(topology, node)
+        fit_preprocessing(topology, node, self.modules, self.data)  # restored checkpoints hold the same values
         # Latency hiding: step s runs on weight version W_{s-k} (meshsl.compute.weight_versions).
         self.staleness = topology.spec.training.staleness
         self._stale = WeightVersions(self.staleness)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from meshsl.config.specs import (ActivationDPSpec, CompressionSpec, DatasetSpec, GradientDefenceSpec, HijackCheckSpec,
-                                 LabelDPSpec, PartitionSpec)
+                                 LabelDPSpec, PartitionSpec, PreprocessSpec)
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
 ENDPOINT_PATTERN = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
@@ -83,14 +83,18 @@ class DataSpec(Strict):
                                      description="csv dataset: the column naming each row's sample id (not a feature)")
     id_file: Optional[str] = Field(default=None, min_length=1,
                                    description="a text file with one sample id per line, line i naming row i")
+    preprocess: Optional[PreprocessSpec] = Field(
+        default=None, description="impute and scale this party's columns, fitted on its own training rows")
 
     @model_validator(mode="after")
     def _one_id_source(self) -> "DataSpec":
         if self.id_column is not None and self.id_file is not None:
             raise ValueError("give the sample ids either as 'id_column' or as 'id_file', not both")
-        if self.id_column is not None and self.dataset.name != "csv":
-            raise ValueError(f"'id_column' needs a csv dataset (this one is {self.dataset.name!r}); "
-                             f"use 'id_file' for other datasets")
+        if self.id_column is not None and self.dataset.name not in ("csv", "parquet", "arrow", "feather"):
+            raise ValueError(f"'id_column' needs a csv, parquet or arrow dataset (this one is "
+                             f"{self.dataset.name!r}); use 'id_file' for other datasets")
+        if self.preprocess is not None and self.kind == "labels":
+            raise ValueError("'preprocess' applies to features; a labels source is used as it is")
         return self
 
     @property

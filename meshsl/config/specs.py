@@ -113,3 +113,17 @@ class PartitionSpec(BaseModel):
     alpha: float = Field(default=0.5, gt=0.0, description="Dirichlet concentration; small = more label skew")
     classes_per_client: int = Field(default=2, ge=1, description="label_skew: classes each client holds")
     min_samples: int = Field(default=8, ge=1, description="every shard gets at least this many rows")
+
+
+class PreprocessSpec(BaseModel):
+    """`data[].preprocess`: a per-party transform fitted on that party's own training rows (never sent).
+
+    It runs as the first layer of the segment that reads the source, so checkpoints, exports, `assemble`
+    and `predict` carry and apply exactly the fitted values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    impute: Literal["none", "mean", "zero"] = Field(
+        default="none", description="missing values (empty cells, nulls, NaN): an error, or filled")
+    scale: Literal["none", "standard", "minmax"] = Field(
+        default="none", description="standard: zero mean, unit variance; minmax: [0, 1] on the training rows")

@@ -14,6 +14,7 @@ from meshsl.config.loader import ConfigErrors
 from meshsl.data import dataset_rows, load_source
 from meshsl.errors import ConfigError, DataError, TopologyError
 from meshsl.topology.checks import privacy_problems
+from meshsl.topology.target_leakage import target_leakage_problems
 
 PROBE_BATCH = 2
 
@@ -110,6 +111,7 @@ def _probe_data(topology) -> dict[str, torch.Tensor]:
     problems: list[ConfigError] = []
     values: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    names: dict[str, tuple[str, ...]] = {}
     matched_by_id = uses_ids(topology)
     if matched_by_id and (id_problems := check_ids(topology)):
         raise ConfigErrors(id_problems)  # checked first: a wrong id column would also fail every load below
@@ -135,6 +137,7 @@ def _probe_data(topology) -> dict[str, torch.Tensor]:
             topology.shapes[name] = tuple(table.labels.shape[1:])
             continue
         features = table.features
+        names[name] = tuple(table.feature_names)
         if features.ndim < 2 or features.shape[0] == 0:
             problems.append(DataError(f"features of shape {features.shape} hold no samples", f"{where}.dataset"))
             continue
@@ -144,6 +147,8 @@ def _probe_data(topology) -> dict[str, torch.Tensor]:
         problems.append(DataError(f"data sources have different row counts {rows}; samples are aligned by row "
                                   f"index (shared sample ids), so every source must describe the same samples",
                                   f"{src}: data"))
+    problems.extend(target_leakage_problems(
+        topology, names, lambda n: f"{src}: data[{_index(topology, 'data', n)}]({n})"))
     if problems:
         raise ConfigErrors(problems)
     return values
