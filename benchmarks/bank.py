@@ -113,6 +113,7 @@ import pyarrow.csv as pc, pyarrow.parquet as pq
 from meshsl.config.specs import DatasetSpec
 from meshsl.data import Selection, load_dataset
 from meshsl.data import arrow_files  # imported before the clock starts, as pyarrow is
+import torch  # a node process has it loaded before it reads its data
 kind, path, label = sys.argv[1], sys.argv[2], sys.argv[3] or None
 def hwm_mib():  # VmHWM: reset at exec, unlike ru_maxrss
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
@@ -293,6 +294,85 @@ def run_clear(folder: Path, parties: int, features: int, epochs: int, batch_size
     if out.returncode != 0:
         raise RuntimeError(f"clear training failed: {out.stderr[-1500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- a party whose table is larger than its memory ----------------------------------------------
+def out_of_core_files(folder: Path, rows: int, features: int) -> None:
+    """party1.npy: float32 [rows, features] (the big one); party0.parquet: the label and 8 columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if (folder / "done").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    big = np.lib.format.open_memmap(folder / "party1.npy", mode="w+", dtype=np.float32, shape=(rows, features))
+    w = teacher(1, features)[0] * 4.0
+    rng = np.random.default_rng(5)
+    labels, small = np.empty(rows, np.int8), np.empty((rows, 8), np.float32)
+    for first in range(0, rows, 65_536):
+        block = rng.standard_normal((min(65_536, rows - first), features), dtype=np.float32)
+        big[first:first + len(block)] = block
+        labels[first:first + len(block)] = rng.random(len(block)) < 1 / (1 + np.exp(-(block @ w)))
+        small[first:first + len(block)] = rng.standard_normal((len(block), 8), dtype=np.float32)
+    big.flush()
+    del big
+    table = pa.table({**{f"s{j}": small[:, j] for j in range(8)}, "label": labels})
+    pq.write_table(table, folder / "party0.parquet")
+    (folder / "done").write_text("")
+
+
+def out_of_core_document(folder: Path, ports: tuple[int, int], features: int, steps: int) -> dict:
+    return {
+        "name": "bank-out-of-core",
+        "nodes": [{"name": "party0", "endpoint": f"tcp://127.0.0.1:{ports[0]}", "party": "bank0"},
+                  {"name": "party1", "endpoint": f"tcp://127.0.0.1:{ports[1]}", "party": "bank1"}],
+        "data": [{"name": "small", "node": "party0", "dataset": {"name": "parquet", "test_fraction": 0.05, "options": {
+                      "path": str(folder / "party0.parquet"), "label_column": "label"}}},
+                 {"name": "label", "node": "party0", "kind": "labels", "dataset": {
+                     "name": "parquet", "test_fraction": 0.05,
+                     "options": {"path": str(folder / "party0.parquet"), "label_column": "label"}}},
+                 {"name": "big", "node": "party1", "dataset": {"name": "numpy", "test_fraction": 0.05,
+                                                              "options": {"path": str(folder / "party1.npy")}}}],
+        "segments": [{"name": "bottom1", "node": "party1", "inputs": ["big"],
+                      "layers": [["Linear", features, HIDDEN], ["ReLU"]]},
+                     {"name": "top", "node": "party0", "inputs": ["bottom1", "small"], "merge": "concat",
+                      "layers": [["Linear", HIDDEN + 8, HIDDEN], ["ReLU"], ["Linear", HIDDEN, 2]]}],
+        "tasks": [{"name": "default", "output": "top", "labels": "label", "metrics": ["auroc"]}],
+        "training": {"steps": steps, "batch_size": 2048, "micro_batches": 2, "schedule": "1f1b",
+                     "optimizer": {"name": "adam", "lr": 2e-3}, "seed": 0, "eval_batch_size": 4096},
+        "retry": {"timeout_s": 300, "heartbeat_timeout_s": 120, "startup_timeout_s": 300}}
+
+
+def out_of_core(folder: Path, rows: int, features: int, limit_mib: int, steps: int, work: Path) -> dict:
+    """Train with party1 in a cgroup of `limit_mib` while its .npy is larger; then show the limit bites:
+    reading the same file into memory under the same limit is killed."""
+    from benchmarks.memory_limit import MemoryLimit, drop_page_cache
+    from meshsl.runtime.launcher import free_port
+    out_of_core_files(folder, rows, features)
+    path = work / "out_of_core.yaml"
+    path.write_text(yaml.safe_dump(out_of_core_document(folder, (free_port(), free_port()), features, steps)))
+    drop_page_cache()
+    start = time.perf_counter()
+    with MemoryLimit(limit_mib << 20) as limit:
+        procs = {}
+        for name in ("party0", "party1"):
+            argv = [sys.executable, "-m", "meshsl", "--log-level", "warning", "node", name, "--topology", str(path),
+                    "--summary-json", str(work / f"ooc-{name}.json")]
+            log = open(work / f"ooc-{name}.log", "w")
+            procs[name] = subprocess.Popen(limit.wrap(argv) if name == "party1" else argv, cwd=ROOT, stdout=log,
+                                           stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        codes = {name: proc.wait(timeout=1800) for name, proc in procs.items()}
+        seconds = time.perf_counter() - start
+        peak, killed = limit.peak_bytes(), limit.oom_killed()
+    with MemoryLimit(limit_mib << 20) as control:
+        read = subprocess.run(control.wrap([sys.executable, "-c", "import numpy, sys; numpy.load(sys.argv[1]).sum()",
+                                            str(folder / "party1.npy")]), capture_output=True)
+        control_killed = read.returncode != 0 and control.oom_killed()
+    summary = json.loads((work / "ooc-party0.json").read_text()) if codes["party0"] == 0 else {}
+    return {"file_mib": round((folder / "party1.npy").stat().st_size / 2**20), "limit_mib": limit_mib,
+            "exit_codes": codes, "seconds": round(seconds, 1), "cgroup_peak_mib": round(peak / 2**20),
+            "oom_killed": killed, "whole_read_killed_under_same_limit": control_killed,
+            "eval": summary.get("tasks", {}).get("default", {}).get("eval", {}),
+            "log_tail": "" if codes["party1"] == 0 else (work / "ooc-party1.log").read_text()[-1500:]}
 
 
 # ---- the whole comparison --------------------------------------------------------------------------

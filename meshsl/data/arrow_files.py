@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import mmap
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -80,7 +81,7 @@ class MatrixFill:
             for j, name in enumerate(self.columns.features):
                 block[j] = _float_column(batch.column(name), self.file, name)
             self._check(block)
-            self.out[self.rows:self.rows + take] = block.T
+            transpose_into(self.out[self.rows:self.rows + take], block)
         if self.columns.label is not None:
             self.labels.append(batch.column(self.columns.label))
         if self.columns.ids is not None:
@@ -112,6 +113,13 @@ class MatrixFill:
         if self.columns.ids is not None:
             ids = [("" if v is None else str(v)).strip() for v in pa.chunked_array(self.ids).to_pylist()]
         return FileRead(features, labels, ids, self.columns.features)
+
+
+def transpose_into(target: np.ndarray, block: np.ndarray) -> None:
+    """target[:] = block.T. torch's blocked transpose copy is ~4x numpy's strided one, and the transpose
+    is most of what reading costs beyond Arrow's own decoding (torch is in every node process anyway)."""
+    import torch
+    torch.from_numpy(target).copy_(torch.from_numpy(block).t())
 
 
 @dataclass(frozen=True)
@@ -297,14 +305,24 @@ def read_parquet(file: Path, selection: Selection, *, label_column: Optional[str
     total = source.metadata.num_rows
     fill = MatrixFill(total if selection.head is None else min(total, selection.head), columns, file, selection, 0)
     wanted = list(columns.features) + [c for c in (label_column, id_column) if c is not None]
-    try:
-        for group in range(source.num_row_groups):  # row groups decode in parallel inside Arrow
-            table = source.read_row_group(group, columns=wanted, use_threads=True)
-            for batch in table.to_batches(max_chunksize=BLOCK_ROWS):
-                if not fill.add(batch):
-                    return fill.result()
-    except pa.ArrowException as exc:
-        raise DataError(f"cannot read {file}: {exc}", where) from None
+    groups = range(source.num_row_groups)
+    read = lambda group: source.read_row_group(group, columns=wanted, use_threads=True)  # noqa: E731
+    # Arrow decodes row group g + 1 (its own threads, GIL released) while group g is converted here.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-read") as pool:
+        pending = pool.submit(read, groups[0]) if groups else None
+        try:
+            for group in groups:
+                table = pending.result()
+                pending = pool.submit(read, group + 1) if group + 1 < len(groups) else None
+                for batch in table.to_batches(max_chunksize=BLOCK_ROWS):
+                    if not fill.add(batch):
+                        return fill.result()
+                del table
+        except pa.ArrowException as exc:
+            raise DataError(f"cannot read {file}: {exc}", where) from None
+        finally:
+            if pending is not None:
+                pending.cancel()
     return fill.result()
 
 
