@@ -44,5 +44,7 @@ def known_keys(root: type[BaseModel], loc: tuple) -> list[str]:
 
 def did_you_mean(key: Any, known: list[str]) -> str:
     """' (did you mean 'epochs'?)' when a known key is close to `key`, else ''."""
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    text = str(key)
+    same_letters = [k for k in known if sorted(k.lower()) == sorted(text.lower())]  # case, swapped letters
+    close = same_letters or difflib.get_close_matches(text, known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
