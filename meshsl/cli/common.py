@@ -40,12 +40,14 @@ def fail(exc: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load(path: Path, base_dir: Optional[Path] = None, overrides: Optional[list[str]] = None):
-    """The checked topology of `path` (`overrides`: `--set KEY.PATH=VALUE` lines), or an `error:` exit 2."""
+def load(path: Path, base_dir: Optional[Path] = None, overrides: Optional[list[str]] = None, data: bool = True):
+    """The checked topology of `path` (`overrides`: `--set KEY.PATH=VALUE` lines), or an `error:` exit 2.
+    `data=False`: without shape inference, so no data file is read (monitoring only needs the nodes)."""
     from meshsl.config.loader import load_spec  # start-up: `meshsl --help` parses nothing
     from meshsl.topology.model import topology_from_spec  # start-up: `meshsl --help` parses nothing
     try:
-        return topology_from_spec(load_spec(path, overrides), str(path), path.parent if base_dir is None else base_dir)
+        return topology_from_spec(load_spec(path, overrides), str(path), path.parent if base_dir is None else base_dir,
+                                  infer_shapes=data)
     except ConfigError as exc:
         fail(exc)
 
