@@ -46,7 +46,7 @@ class LineProgress:
             return
         step = row["step"] + 1
         if row.get("eval"):
-            self._print(f"step {step}{self._of()}: evaluated: {eval_text(row)}")
+            self._print(f"step {step}{self._of()}: {step_text(row)}; evaluated: {eval_text(row)}")
         elif step % self.every == 0 or step == self.total:
             self._print(f"step {step}{self._of()}: {step_text(row)}")
 

@@ -116,7 +116,7 @@ def _train_with_progress(launcher, resolved_topo, resolved: Path, title: str, to
             launcher.stop()
             interrupted = interrupted_text(history, launcher.run_dir, resume_hint,
                                            resolved_topo.spec.checkpoint.every > 0)
-    console.print(interrupted, markup=False, highlight=False)  # below the bar, once it is closed
+    console.print(interrupted, markup=False, highlight=False, soft_wrap=True)  # below the bar, once closed
     raise typer.Exit(130)
 
 

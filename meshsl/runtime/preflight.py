@@ -125,11 +125,14 @@ def check_writable(paths: dict[str, Optional[Path]]) -> list[ConfigError]:
 def preflight(topology, nodes: Optional[Iterable[str]] = None, *, ports: bool = True,
               directories: Optional[dict[str, Optional[Path]]] = None,
               port_hint: str = "`meshsl run --free-ports`") -> None:
-    """Every check for the nodes started on this machine (default: all of them); raises ConfigErrors."""
+    """Every check for the nodes started on this machine (default: all of them); raises the PreflightError
+    found, or ConfigErrors holding each of several."""
     local = list(topology.nodes if nodes is None else nodes)
     problems = check_devices(topology, local)
     if ports:
         problems += check_ports(topology, local, port_hint)
     problems += check_writable(directories or {})
+    if len(problems) == 1:
+        raise problems[0]
     if problems:
         raise ConfigErrors(problems)
