@@ -47,7 +47,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     topo = load(topology, base_dir, overrides_of(assignments))
     if name not in topo.nodes:
         fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
-    _preflight(topo, name, checkpoint_dir, weights_out, check_port=not (standby or bind or endpoint))
+    _preflight(topo, name, checkpoint_dir, weights_out, check_port=not (standby or bind or endpoint or resume))
     overrides = _endpoint_overrides(topo, name, topology, bind, peer)
     from meshsl.security.curve import warn_if_plaintext_exposed  # start-up: `meshsl --help` parses nothing
     _configure_logging(_logging["level"], node=name)  # every line of this process names its node

@@ -70,6 +70,9 @@ def check_devices(topology, nodes: Iterable[str], available: Optional[int] = Non
 def _port_in_use(host: str, port: int) -> bool:
     host = "0.0.0.0" if host in ("*", "") else host
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As ZeroMQ and the metrics server bind: a port left in TIME_WAIT by a previous process is free,
+        # one another socket listens on is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
