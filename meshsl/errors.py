@@ -150,6 +150,21 @@ class AlignmentError(DataError):
     or a peer did not take part in time."""
 
 
+class PreflightError(ConfigError):
+    """This machine cannot run the node as declared (a missing CUDA device, a port in use, a directory that
+    cannot be written): found before any process starts, since a restart would fail the same way."""
+
+
+class RunCancelled(MeshslError):
+    """The run was stopped on request (`Run.cancel()`, a progress callback returning False); every node
+    process was stopped. `step`: the last committed step seen (-1: none)."""
+
+    def __init__(self, step: int, run_dir: str = "") -> None:
+        self.step = step
+        self.run_dir = run_dir
+        super().__init__(f"run cancelled after step {step}" if step >= 0 else "run cancelled before its first step")
+
+
 class PrivacyBudgetError(ConfigError):
     """A run would spend more privacy budget (epsilon) than the topology declares."""
 

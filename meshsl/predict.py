@@ -28,7 +28,7 @@ import torch
 from meshsl.align.ids import data_nodes, id_column_of, read_node_ids, uses_ids  # noqa: F401  (re-exported)
 from meshsl.align.outcomes import outcome_of
 from meshsl.compute.node_data import feature_tensor
-from meshsl.config.loader import load_spec
+from meshsl.config.loader import load_spec, parse_spec
 from meshsl.data import load_source, selection_of
 from meshsl.errors import ConfigError, DataError, PartyOffline, PeerFailed, PeerTimeout  # noqa: F401  (re-exported)
 from meshsl.runtime.entry import EXIT_ABORTED
@@ -324,9 +324,11 @@ def check_inputs(topology, inputs: dict[str, Path], remote=()) -> dict[str, int]
 def predict_local(topology_path: Path, weights: Path, inputs: dict[str, Path], output: Path, *,
                   remote=(), run_dir: Optional[Path] = None, free_ports: bool = False,
                   startup_timeout: Optional[float] = None, batch_size: Optional[int] = None,
-                  timeout: Optional[float] = None, log_level: str = "WARNING") -> dict:
-    """`meshsl predict`: start the local nodes (those not in `remote`) in prediction mode; returns the summary."""
-    topology = load_topology(topology_path)
+                  timeout: Optional[float] = None, log_level: str = "WARNING", document: Optional[dict] = None) -> dict:
+    """`meshsl predict`: start the local nodes (those not in `remote`) in prediction mode; returns the summary.
+    `document`: the topology as data (the Python API), relative paths starting from `topology_path`'s folder."""
+    topology = load_topology(topology_path) if document is None else \
+        topology_from_spec(parse_spec(document, str(topology_path)), str(topology_path), Path(topology_path).parent)
     check_inputs(topology, {n: Path(p) for n, p in inputs.items()}, remote)
     node_args: dict = {"*": ["--predict", "--predict-output", str(Path(output).resolve())]}
     if batch_size:
@@ -336,17 +338,17 @@ def predict_local(topology_path: Path, weights: Path, inputs: dict[str, Path], o
     for node, path in inputs.items():
         node_args[node] = ["--predict-input", str(Path(path).resolve())]
     run, resolved = _launch(topology_path, run_dir, free_ports, remote, weights_in=Path(weights),
-                            node_args=node_args, evaluate=False, log_level=log_level)
+                            node_args=node_args, evaluate=False, log_level=log_level, document=document)
     return follow_local(run, resolved, timeout)
 
 
 def evaluate_local(topology_path: Path, weights: Path, *, run_dir: Optional[Path] = None, free_ports: bool = False,
                    startup_timeout: Optional[float] = None, timeout: Optional[float] = None,
-                   log_level: str = "WARNING") -> dict:
+                   log_level: str = "WARNING", document: Optional[dict] = None) -> dict:
     """`meshsl evaluate`: an evaluation round only (steps=0) on the held-out rows, from saved weights."""
     node_args = {"*": ["--startup-timeout", str(startup_timeout)]} if startup_timeout else {}
     run, resolved = _launch(topology_path, run_dir, free_ports, (), weights_in=Path(weights), steps=0,
-                            evaluate=True, node_args=node_args, log_level=log_level)
+                            evaluate=True, node_args=node_args, log_level=log_level, document=document)
     summary = follow_local(run, resolved, timeout)
     summary["weights"] = str(Path(weights).resolve())
     return summary

@@ -107,9 +107,27 @@ def test_a_step_row_reads_losses_and_the_worst_leakage_per_edge():
         seconds=2.0, batch_size=8)
     assert row == {"step": 4, "epoch": 1, "lanes": [0, 1], "tasks": {"digit": {"loss": 1.5, "accuracy": 0.75}},
                    "leakage": {"clinic->server": 0.5}, "label_leakage": {"clinic->server": 0.7},
-                   "samples_per_s": 8.0}
+                   "samples_per_s": 8.0, "samples_per_s_mean": 8.0}
     assert record.history == [row] and record.samples == 16
     assert record.leakage == {"clinic->server": 0.5} and record.label_leakage == {"clinic->server": 0.7}
+
+
+def test_a_rows_throughput_is_that_of_the_last_steps_not_a_running_average_since_the_start():
+    """A slow first step (start-up, warm-up) does not drag every later row's samples/s down."""
+    record = RunRecord(set())
+    seconds = [10.0] + [1.0] * 12  # the first step pays the start-up
+    rows = [record.commit_step(StepInfo(i, 0, 0, (0,)), done(server={"tasks": {}}), seconds=s, batch_size=10)
+            for i, s in enumerate(seconds)]
+    assert rows[-1]["samples_per_s"] == pytest.approx(10.0)  # the last 10 steps: 100 samples in 10 s
+    assert rows[-1]["samples_per_s_mean"] == pytest.approx(130 / 22)
+
+
+def test_a_regression_task_has_no_accuracy_in_its_rows():
+    record = RunRecord(set(), regression_tasks=frozenset({"price"}))
+    row = record.commit_step(StepInfo(0, 0, 0, (0,)), done(server={"tasks": {
+        "price": {"loss_sum": 2.0, "correct": 0, "count": 4}, "digit": {"loss_sum": 1.0, "correct": 2, "count": 4}}}),
+        seconds=1.0, batch_size=4)
+    assert row["tasks"] == {"price": {"loss": 0.5}, "digit": {"loss": 0.25, "accuracy": 0.5}}
 
 
 def test_the_summary_counts_bytes_once_and_reports_failovers():

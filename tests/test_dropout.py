@@ -132,6 +132,7 @@ def test_below_min_clients_every_party_fails_loudly(tmp_path):
     assert "clinic1" in str(failure.value)
     assert all(p.returncode != 0 for p in runs[0].processes.values()), \
         {n: p.returncode for n, p in runs[0].processes.items()}
+    assert runs[0].processes["server"].returncode == 3  # the coordinator's own exit, not a SIGTERM 5 s in
     run_dir = tmp_path / "run"
     assert not list(run_dir.glob("weights/*.safetensors"))  # no party wrote final weights
     for node in ("clinic0", "clinic2"):

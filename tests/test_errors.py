@@ -10,7 +10,7 @@ import pytest
 from meshsl import errors
 from meshsl.errors import (AlignmentError, AuthError, CheckpointError, ConfigError, ConfigErrors, DataError,
                            MeshslError, NodesLost, PartyOffline, PeerFailed, PeerTimeout, PrivacyBudgetError, ProtocolError,
-                           RunAborted, TopologyError, TransportError)
+                           PreflightError, RunAborted, RunCancelled, TopologyError, TransportError)
 
 pytestmark = pytest.mark.unit
 
@@ -31,6 +31,8 @@ EXAMPLES = [
     NodesLost({"relay_2"}, "no heartbeat for 5.0s", cause="heartbeat"),
     CheckpointError("no common checkpoint"),
     AuthError("client.key_secret is missing"),
+    PreflightError("node 'lab' asks for device 'cuda'", "t.yaml: nodes[2](lab).device"),
+    RunCancelled(12, "runs/vertical"),
 ]
 
 

@@ -219,7 +219,7 @@ def test_validate_reports_every_problem(tmp_path):
     result = invoke("validate", str(path))
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [f"error: {path}: nodes[0](client).colour: unknown key",
-                                          f"error: {path}: tasks[0](digit).lossy: unknown key"]
+                                          f"error: {path}: tasks[0](digit).lossy: unknown key (did you mean 'loss'?)"]
 
 
 def test_validate_missing_file_and_bad_yaml(tmp_path):

@@ -40,15 +40,36 @@ def fail(exc: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load(path: Path, base_dir: Optional[Path] = None):
+def load(path: Path, base_dir: Optional[Path] = None, overrides: Optional[list[str]] = None, data: bool = True):
+    """The checked topology of `path` (`overrides`: `--set KEY.PATH=VALUE` lines), or an `error:` exit 2.
+    `data=False`: without shape inference, so no data file is read (monitoring only needs the nodes)."""
     from meshsl.config.loader import load_spec  # start-up: `meshsl --help` parses nothing
-    from meshsl.topology.model import load_topology, topology_from_spec  # start-up: `meshsl --help` parses nothing
+    from meshsl.topology.model import topology_from_spec  # start-up: `meshsl --help` parses nothing
     try:
-        if base_dir is None:
-            return load_topology(path)
-        return topology_from_spec(load_spec(path), str(path), base_dir)
+        return topology_from_spec(load_spec(path, overrides), str(path), path.parent if base_dir is None else base_dir,
+                                  infer_shapes=data)
     except ConfigError as exc:
         fail(exc)
+
+
+def overrides_of(assignments: list[str], device: Optional[str] = None) -> list[str]:
+    """`--set` lines plus `--device D` (every node's device), in the order they apply."""
+    return [*assignments, *([f"nodes.*.device={device}"] if device else [])]
+
+
+SET_HELP = ("KEY.PATH=VALUE: override a topology key, validated like the YAML (repeatable; e.g. "
+            "training.optimizer.lr=0.01, nodes.server.device=cuda:1, nodes.*.threads=2); the topology hash changes")
+DEVICE_HELP = "run every node on this device (cpu, cuda, cuda:N): the same as --set nodes.*.device=DEVICE"
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version  # only for --version
+        try:
+            print(f"meshsl {version('meshsl')}")
+        except PackageNotFoundError:
+            print("meshsl (not installed: run from a checkout)")
+        raise typer.Exit(0)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -66,7 +87,9 @@ def _configure_logging(level: str, node: Optional[str] = None) -> str:
 
 def root(log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING or ERROR"),
          log_format: str = typer.Option("text", "--log-format", envvar="MESHSL_LOG_FORMAT",
-                                        help="text or json: one line per event either way")) -> None:
+                                        help="text or json: one line per event either way"),
+         version: bool = typer.Option(False, "--version", is_eager=True, callback=version_callback,
+                                      help="print the version and exit")) -> None:
     if log_format not in ("text", "json"):
         fail(ConfigError(f"--log-format {log_format!r}: expected text or json"))
     _logging["json"] = log_format == "json"

@@ -18,7 +18,7 @@ app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_he
 def monitoring_prometheus(topology: Path = typer.Argument(...),
                           output: Optional[Path] = typer.Option(None, "-o", "--output", help="file_sd JSON path")) -> None:
     """Write Prometheus file_sd scrape targets for every node with a metrics port."""
-    topo = load(topology)
+    topo = load(topology, data=False)  # endpoints and ports only: a run directory's topology has no data beside it
     rows = []
     for name, n in topo.nodes.items():
         if n.metrics_port and not n.inbound:  # behind its firewall: only a Prometheus on its own host reaches it

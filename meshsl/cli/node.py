@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from meshsl.cli.common import _configure_logging, _logging, fail, load
+from meshsl.cli.common import SET_HELP, _configure_logging, _logging, fail, load, overrides_of
+from meshsl.cli.progress import LineProgress
 from meshsl.errors import ConfigError, MeshslError
 
 
@@ -37,37 +39,72 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
                                          "topology's endpoint (repeatable; also MESHSL_PEERS=NAME=ENDPOINT,...)"),
          standby: bool = typer.Option(False, "--standby", help="warm standby: start and wait; a line 'takeover' on "
                                       "stdin (after the primary died) takes over its endpoint and resumes"),
-         progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True)) -> None:
+         progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True),
+         assignments: list[str] = typer.Option([], "--set", help=SET_HELP + " (every party must set the same)")) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.runtime import entry  # torch: not for `meshsl --help` (entry.node_main: looked up per call)
     from meshsl.runtime.coordinator import RunOptions  # torch: not for `meshsl --help`
-    topo = load(topology, base_dir)
+    topo = load(topology, base_dir, overrides_of(assignments))
     if name not in topo.nodes:
         fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
+    _preflight(topo, name, checkpoint_dir, weights_out, check_port=not (standby or bind or endpoint or resume))
     overrides = _endpoint_overrides(topo, name, topology, bind, peer)
     from meshsl.security.curve import warn_if_plaintext_exposed  # start-up: `meshsl --help` parses nothing
     _configure_logging(_logging["level"], node=name)  # every line of this process names its node
     if topo.nodes[name].endpoint:  # a dial-out node binds nothing
         warn_if_plaintext_exposed(bind or topo.nodes[name].endpoint, topo.spec.security.curve, logging.getLogger("meshsl.node"))
     options = RunOptions(steps=steps, epochs=epochs, evaluate=not no_eval, startup_timeout_s=startup_timeout)
+    if not progress_stream and name == topo.coordinator:  # `meshsl run` reads its progress from stdout instead
+        options.progress = LineProgress(f"node {name}", steps or topo.spec.training.steps).row
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
-    runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights, **overrides}
-    if standby:
-        runtime_options["standby"] = True
-    if partial_weights_out is not None:
-        runtime_options["partial_weights_out"] = partial_weights_out
-    if checkpoint_dir is not None:
-        runtime_options["checkpoint_dir"] = checkpoint_dir
+    runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights, **overrides,
+                       **({"standby": True} if standby else {}),
+                       **({"partial_weights_out": partial_weights_out} if partial_weights_out is not None else {}),
+                       **({"checkpoint_dir": checkpoint_dir} if checkpoint_dir is not None else {})}
     try:
         if predict or predict_input or predict_output:
             from meshsl.predict import node_predict_options  # torch: not for `meshsl --help`
             options.predict, runtime_options["inference"] = node_predict_options(
                 topo, name, predict_input, predict_output, predict_batch_size)
-        code = entry.node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options)
+        code = entry.node_main(topo, name, summary_json, options, progress_stream, weights_out,
+                               on_finish=lambda runtime, summary: print_final_line(runtime, summary, weights_out,
+                                                                                   summary_json),
+                               **runtime_options)
     except MeshslError as exc:  # bad keys, data or checkpoints: a restart would fail the same way
         fail(exc, entry.EXIT_ABORTED)
     raise typer.Exit(code)
+
+
+def _preflight(topo, name: str, checkpoint_dir: Optional[Path], weights_out: Optional[Path], check_port: bool) -> None:
+    """What a restart would not fix, before the node builds anything (exit 2, never restarted): a CUDA
+    device this machine lacks, its port in use, a checkpoint or weights directory it cannot write."""
+    from meshsl.runtime.preflight import preflight  # torch: not for `meshsl --help`
+    directories = {"--checkpoint-dir" if checkpoint_dir else "checkpoint.directory":
+                   checkpoint_dir or Path(topo.spec.checkpoint.directory)} if topo.spec.checkpoint.every else {}
+    directories["--weights-out"] = weights_out
+    try:
+        preflight(topo, [name], ports=check_port, directories=directories,
+                  port_hint="another --endpoint/--bind, or stop the process holding it")
+    except ConfigError as exc:
+        fail(exc)
+
+
+def print_final_line(runtime, summary: dict, weights_out: Optional[Path], summary_json: Optional[Path]) -> None:
+    """The node's last line on stderr: how the run ended for it (errors have their own `error:` lines)."""
+    if runtime.failure or runtime.stood_down:
+        return
+    where = f"; weights saved to {weights_out}" if weights_out is not None and not runtime.dropped else ""
+    if runtime.coordinator is None or not summary:
+        print(f"node {runtime.node}: finished{where}", file=sys.stderr, flush=True)
+        return
+    figures = ", ".join(f"{task} " + " ".join(f"{k} {v:.4f}" for k, v in t.get("eval", {}).items()
+                                               if k in ("loss", "accuracy", "f1", "auroc") and isinstance(v, float))
+                        for task, t in summary.get("tasks", {}).items())
+    saved = f"; summary written to {summary_json}" if summary_json else ""
+    print(f"node {runtime.node}: run finished: {summary.get('steps', 0)} steps, {summary.get('epochs', 0)} epochs, "
+          f"{summary.get('wall_seconds', 0.0):.1f} s; {figures or 'no evaluation'}{where}{saved}",
+          file=sys.stderr, flush=True)
 
 
 def _endpoint_overrides(topo, name: str, topology: Path, bind: Optional[str], peers: list[str]) -> dict:

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from meshsl.cli.common import load, out
+from meshsl.cli.common import DEVICE_HELP, SET_HELP, load, out, overrides_of
 
 
-def validate(topology: Path = typer.Argument(..., help="topology YAML")) -> None:
+def validate(topology: Path = typer.Argument(..., help="topology YAML"),
+             assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
+             device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Check a topology; exit 0 when valid, print `error: ...` lines otherwise."""
-    topo = load(topology)
+    topo = load(topology, overrides=overrides_of(assignments, device))
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out.print(f"{topology}: valid ({', '.join(topo.recognised_configurations())}; "
@@ -20,15 +23,20 @@ def validate(topology: Path = typer.Argument(..., help="topology YAML")) -> None
 
 
 def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json", help="machine-readable"),
-         cuts: bool = typer.Option(False, "--cuts", help="evaluate candidate cut points")) -> None:
+         cuts: bool = typer.Option(False, "--cuts", help="evaluate candidate cut points"),
+         assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
+         device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Explain a topology: per-node plan, bytes per hop, the privacy contract, an ASCII drawing."""
     from rich.table import Table  # rich: imported by the commands that print tables, never by a node
     from meshsl.plan.explain import ascii_graph, plan_document  # torch: not for `meshsl --help`
-    topo = load(topology)
+    topo = load(topology, overrides=overrides_of(assignments, device))
     document = plan_document(topo)
+    from meshsl.privacy_cuts import cut_candidates  # torch: not for `meshsl --help`
+    candidates = cut_candidates(topo, **({} if cuts else {"train_steps": 0}))  # untrained: one forward pass
     if cuts:
-        from meshsl.privacy_cuts import cut_candidates  # torch: not for `meshsl --help`
-        document["cut_candidates"] = cut_candidates(topo)
+        document["cut_candidates"] = candidates
+    from meshsl.privacy.leakage_warnings import plan_warnings  # pure
+    document["leakage_warnings"] = plan_warnings(candidates)
     if as_json:
         out.print_json(json.dumps(document, default=str))
         return
@@ -67,12 +75,19 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
     from meshsl.cli.privacy import print_plan_privacy  # rich: never in a node process
     print_plan_privacy(document)
     if cuts:
-        table = Table(title="cut-layer candidates")
-        for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):
-            table.add_column(column)
-        for c in document["cut_candidates"]:
-            table.add_row(c["segment"], c["cut_after"], f"{c['bytes_per_sample']:,}", f"{c['client_parameters']:,}",
-                          f"{c['client_flops_per_sample']:,}", f"{c['dcor']:.3f}")
-        out.print(table)
+        _print_cut_candidates(document["cut_candidates"])
     for warning in topo.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}")
+    from meshsl.cli.privacy import print_leakage_warnings  # rich: never in a node process
+    print_leakage_warnings(candidates, "plan")
+
+
+def _print_cut_candidates(candidates: list[dict]) -> None:
+    from rich.table import Table  # rich: imported by the commands that print tables, never by a node
+    table = Table(title="cut-layer candidates")
+    for column in ("segment", "cut after", "bytes/sample", "client params", "client FLOPs/sample", "dCor (leakage)"):
+        table.add_column(column)
+    for c in candidates:
+        table.add_row(c["segment"], c["cut_after"], f"{c['bytes_per_sample']:,}", f"{c['client_parameters']:,}",
+                      f"{c['client_flops_per_sample']:,}", f"{c['dcor']:.3f}")
+    out.print(table)

@@ -67,6 +67,7 @@ def audit(topology: Path = typer.Argument(..., help="topology YAML"),
     out.print("dCor: 0 independent .. 1 a similarity transform of the input; inversion error: decoder MSE / "
               "mean-guess MSE (1 nothing recovered, 0 exact reconstruction)")
     print_label_audit(document)
+    print_leakage_warnings(document, "audit")
 
 
 def print_label_audit(document: dict) -> None:
@@ -122,6 +123,16 @@ def print_run_privacy(summary: dict) -> None:
             if verdict["decided"] else "undecided (too few probes)"
         out.print(f"hijack check at {node}: {state} (score {_fmt(verdict['score'])}, "
                   f"{verdict['fake_batches']} probes)")
+
+
+def print_leakage_warnings(document: dict, kind: str = "run") -> None:
+    """Near-total leakage (meshsl.privacy.leakage_warnings) as `warning:` lines on stderr, with what to do."""
+    from meshsl.privacy import leakage_warnings  # pure; no torch
+    from meshsl.cli.common import console
+    found = {"run": leakage_warnings.run_warnings, "plan": leakage_warnings.plan_warnings,
+             "audit": leakage_warnings.audit_warnings}[kind](document)
+    for warning in found:
+        console.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False, soft_wrap=True)
 
 
 def print_budget(budget: dict) -> None:

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from meshsl.cli.common import _configure_logging, _logging, console, fail, load, out
+from meshsl.cli.common import (DEVICE_HELP, SET_HELP, _configure_logging, _logging, console, fail, load, out,
+                               overrides_of)
 from meshsl.cli.summary import print_summary
 from meshsl.errors import ConfigError, MeshslError
 
@@ -33,27 +34,47 @@ def run(topology: Path = typer.Argument(...),
         warm_standby: bool = typer.Option(False, "--warm-standby", help="a waiting second process per node takes "
                                           "over when the node dies (no start-up in recovery)"),
         log_level: Optional[str] = typer.Option(None, "--log-level",
-                                                help="DEBUG, INFO, WARNING or ERROR, here and in every node's log")) -> None:
+                                                help="DEBUG, INFO, WARNING or ERROR, here and in every node's log"),
+        assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
+        device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
     from meshsl.runtime.launcher import (  # torch: not for `meshsl --help`
         DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir)
     level = _configure_logging(log_level) if log_level else _logging["level"]
-    topo = load(topology)
+    overrides = overrides_of(assignments, device)
+    topo = load(topology, overrides=overrides)
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     total = _planned_steps(topo, steps, epochs)
     if resume and run_dir is None:
         fail(ConfigError("--resume needs the --run-dir of the interrupted run"))
+    run_dir = run_dir or default_run_dir(topo.spec.name)
+    _preflight(topo, free_ports or resume, {"--run-dir": run_dir, "--weights-out": weights_out, "--report": report,
+                                            "--summary-json": summary_json.parent if summary_json else None})
     every = 0 if no_checkpoint else (checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
-    launcher = LocalRun(topology, run_dir or default_run_dir(topo.spec.name), steps=steps, epochs=epochs,
+    launcher = LocalRun(topology, run_dir, steps=steps, epochs=epochs,
                         free_ports=free_ports, weights_out=weights_out, resume=resume, log_level=level,
-                        weights_in=weights, checkpoint_every=every, warm_standby=warm_standby)
+                        weights_in=weights, checkpoint_every=every, warm_standby=warm_standby, overrides=overrides)
     resolved = launcher.prepare()
     console.print(f"run directory: {launcher.run_dir} (logs, checkpoints, summary)")
     summary, history = _train_with_progress(launcher, load(resolved, topology.parent), resolved,
-                                            f"training {topo.spec.name}", total, progress, timeout)
+                                            f"training {topo.spec.name}", total, progress, timeout,
+                                            resume_hint=f"meshsl run {topology} --resume --run-dir {launcher.run_dir}")
     print_summary(summary)
+    from meshsl.cli.privacy import print_leakage_warnings  # rich: never in a node process
+    print_leakage_warnings(summary)
     _write_outputs(summary, history, summary_json, report)
+
+
+def _preflight(topo, skip_ports: bool, directories: dict) -> None:
+    """What a restart would not fix, found before any process starts (exit 2): a missing CUDA device, a
+    declared port in use (not with --free-ports; on --resume the interrupted run's ports are reused), a
+    directory that cannot be written."""
+    from meshsl.runtime.preflight import preflight  # torch: not for `meshsl --help`
+    try:
+        preflight(topo, ports=not skip_ports, directories=directories)
+    except ConfigError as exc:
+        fail(exc)
 
 
 def _planned_steps(topo, steps: Optional[int], epochs: Optional[int]) -> int:
@@ -73,36 +94,30 @@ def _planned_steps(topo, steps: Optional[int], epochs: Optional[int]) -> int:
 
 
 def _train_with_progress(launcher, resolved_topo, resolved: Path, title: str, total: int, progress: bool,
-                         timeout: Optional[float]) -> tuple[dict, list[dict]]:
-    """Start the nodes and follow them to the end under a progress bar; returns the summary and the
-    progress rows seen (the history when the summary carries none)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # rich: never in a node process
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console.real(), disable=not progress)
-    history = []
-    with bar:
-        job = bar.add_task(title, total=total, info="")
+                         timeout: Optional[float], resume_hint: str = "") -> tuple[dict, list[dict]]:
+    """Start the nodes and follow them to the end under a progress bar (whole lines without a terminal);
+    returns the summary and the progress rows seen (the history when the summary carries none)."""
+    from meshsl.cli.progress import interrupted_text, progress_display  # rich: never in a node process
+    history: list[dict] = []
+    with progress_display(console.real(), title, total, progress) as display:
 
         def on_progress(row: dict) -> None:
-            if row.get("event"):
-                console.print(f"[yellow]{row['event']}[/yellow]: " + ", ".join(
-                    f"{k}={v}" for k, v in row.items() if k not in ("event", "time")))
-                return
-            history.append(row)
-            losses = " ".join(f"{k} loss {v['loss']:.3f}" for k, v in row.get("tasks", {}).items())
-            bar.update(job, completed=row["step"] + 1,
-                       info=f"epoch {row['epoch']} {losses} {row.get('samples_per_s', 0):.0f} samples/s")
+            if not row.get("event"):
+                history.append(row)
+            display.row(row)
 
         launcher.on_progress = on_progress
         launcher.start(resolved_topo, resolved)
         try:
-            summary = launcher.follow(resolved_topo, timeout)
+            return launcher.follow(resolved_topo, timeout), history
         except MeshslError as exc:
             fail(exc, 1)
         except KeyboardInterrupt:
             launcher.stop()
-            raise typer.Exit(130)
-    return summary, history
+            interrupted = interrupted_text(history, launcher.run_dir, resume_hint,
+                                           resolved_topo.spec.checkpoint.every > 0)
+    console.print(interrupted, markup=False, highlight=False, soft_wrap=True)  # below the bar, once closed
+    raise typer.Exit(130)
 
 
 def _write_outputs(summary: dict, history: list[dict], summary_json: Optional[Path], report: Optional[Path]) -> None:

@@ -13,8 +13,8 @@ def print_summary(summary: dict) -> None:
     for name, t in summary["tasks"].items():
         ev = t.get("eval", {})
         other = ", ".join(f"{k}={ev[k]:.3f}" for k in ("f1", "auroc") if isinstance(ev.get(k), float))
-        table.add_row(name, f"{t['train'].get('loss', float('nan')):.4f}", f"{ev.get('loss', float('nan')):.4f}",
-                      f"{ev.get('accuracy', float('nan')):.4f}", other)
+        table.add_row(name, _figure(t["train"].get("loss")), _figure(ev.get("loss")), _figure(ev.get("accuracy")),
+                      other)  # an mse task has no accuracy: "-", not nan
     out.print(table)
     edges = Table(title="bytes per edge")
     for column in ("edge", "forward", "backward", "per sample"):
@@ -27,3 +27,8 @@ def print_summary(summary: dict) -> None:
         out.print(f"[yellow]rejected messages:[/yellow] {summary['rejected_messages']}")
     from meshsl.cli.privacy import print_run_privacy  # rich: never in a node process
     print_run_privacy(summary)
+
+
+def _figure(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+

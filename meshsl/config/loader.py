@@ -7,6 +7,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from meshsl.config.keys import did_you_mean, known_keys
+from meshsl.config.overrides import Overrides, apply_overrides
 from meshsl.config.schema import TopologySpec
 from meshsl.errors import ConfigError, ConfigErrors
 
@@ -83,14 +85,15 @@ def parse_spec(document: Any, source: str = "<topology>") -> TopologySpec:
             for prefix in _PYDANTIC_PREFIXES:
                 message = message.removeprefix(prefix)
             if err["type"] == "extra_forbidden":
-                message = "unknown key"
+                message = "unknown key" + did_you_mean(loc[-1], known_keys(TopologySpec, loc[:-1])) if loc else "unknown key"
             elif err["type"] == "missing":
                 message = "required key is missing"
             problems.append(ConfigError(message, f"{source}: {key_path(loc, document)}"))
         raise ConfigErrors(problems) from None
 
 
-def load_spec(path: str | Path) -> TopologySpec:
+def load_document(path: str | Path, overrides: Overrides = None) -> Any:
+    """The topology file as parsed YAML, with `--set` overrides applied (not validated yet)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -98,4 +101,8 @@ def load_spec(path: str | Path) -> TopologySpec:
         raise ConfigError("file not found", str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read file: {exc}", str(path)) from None
-    return parse_spec(load_yaml(text, str(path)), str(path))
+    return apply_overrides(load_yaml(text, str(path)), overrides)
+
+
+def load_spec(path: str | Path, overrides: Overrides = None) -> TopologySpec:
+    return parse_spec(load_document(path, overrides), str(path))

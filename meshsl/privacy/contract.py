@@ -37,6 +37,10 @@ def control_figures(topology) -> list[dict]:
         for task in topology.spec.tasks:
             node = topology.node_of(task.output, lane)
             labels = f"labels {task.labels!r} of {topology.party_of(task.labels, lane)}"
+            if task.loss == "mse":  # a regression: no classes, so no accuracy, metrics or confusion matrix
+                add(node, f"task {task.name}: loss_sum, count", labels, "every training step")
+                add(node, f"task {task.name}: eval loss", labels, "every evaluation")
+                continue
             add(node, f"task {task.name}: loss_sum, correct, count", labels, "every training step")
             add(node, f"task {task.name}: eval loss, {', '.join(task.metrics)}, confusion matrix", labels,
                 "every evaluation")

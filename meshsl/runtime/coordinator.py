@@ -106,7 +106,8 @@ class Coordinator:
         self.planned = planned_changes(self.options.client_schedule)
         self.machine = CoordinatorMachine(self.node.node, list(topology.nodes), topology.spec.retry, _now(),
                                           roster=self.roster, replaying=self.planned is not None)
-        self.record = RunRecord({f"{p}->{c}" for p, c in topology.cut_edges()}, history=self.history)
+        self.record = RunRecord({f"{p}->{c}" for p, c in topology.cut_edges()}, history=self.history,
+                                regression_tasks=frozenset(t.name for t in topology.spec.tasks if t.loss == "mse"))
         self.clients = ClientSync(self)
         self.recovery = Recovery(self)
         self.training: Optional[Training] = None  # once the run's steps are known

@@ -8,12 +8,16 @@ from typing import Callable, Optional
 from meshsl.plan.steps import StepInfo
 
 
+THROUGHPUT_WINDOW = 10  # steps: a history row's samples_per_s is their rate (samples_per_s_mean: since the start)
+
+
 @dataclass
 class RunRecord:
     """The statistics of a run so far. `leakage_edges`: the cut edges ("producer->consumer") whose
     leakage measurements count."""
 
     leakage_edges: set
+    regression_tasks: frozenset = frozenset()  # tasks with loss: mse (their rows carry no accuracy)
     history: list = field(default_factory=list)
     node_stats: dict = field(default_factory=dict)  # node -> meta of its last training DONE
     leakage: dict = field(default_factory=dict)  # cut edge -> last sampled dCor(raw input, activation)
@@ -24,6 +28,7 @@ class RunRecord:
     client_events: list = field(default_factory=list)  # drops and rejoins: node, lanes, step, cause, time
     train_seconds: float = 0.0
     samples: int = 0
+    recent: list = field(default_factory=list)  # (seconds, samples) of the last THROUGHPUT_WINDOW steps
 
     def step_row(self, info: StepInfo, done: dict) -> dict:
         """The history row of a committed step, from every node's DONE statistics."""
@@ -41,8 +46,9 @@ class RunRecord:
                     self.label_leakage[edge] = row_label_leakage[edge]
             for name, stats in envelope.meta.get("tasks", {}).items():
                 count = max(1, stats.get("count", 0))
-                tasks[name] = {"loss": stats.get("loss_sum", 0.0) / count,
-                               "accuracy": stats.get("correct", 0) / count}
+                tasks[name] = {"loss": stats.get("loss_sum", 0.0) / count}
+                if name not in self.regression_tasks:  # mse: no classes, no accuracy
+                    tasks[name]["accuracy"] = stats.get("correct", 0) / count
         row = {"step": info.step, "epoch": info.epoch, "lanes": list(info.lanes), "tasks": tasks}
         if leakage:
             row["leakage"] = leakage
@@ -56,7 +62,11 @@ class RunRecord:
         self.train_seconds += seconds
         self.samples += batch_size * len(info.lanes)
         row = self.step_row(info, done)
-        row["samples_per_s"] = self.samples / self.train_seconds if self.train_seconds else 0.0
+        self.recent = [*self.recent, (seconds, batch_size * len(info.lanes))][-THROUGHPUT_WINDOW:]
+        window = sum(s for s, _ in self.recent)
+        # The rate of the last few steps, not since the start: start-up and warm-up do not drag it down.
+        row["samples_per_s"] = sum(n for _, n in self.recent) / window if window else 0.0
+        row["samples_per_s_mean"] = self.samples / self.train_seconds if self.train_seconds else 0.0
         self.history.append(row)
         return row
 

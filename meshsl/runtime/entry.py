@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from meshsl.compute.weights import load_saved_weights, save_weights, weights_file  # noqa: F401  (re-exported)
 from meshsl.metrics import NodeMetrics
@@ -18,10 +18,11 @@ log = logging.getLogger("meshsl.node")
 PROGRESS_PREFIX = "MESHSL_PROGRESS "
 
 # Exit codes of `meshsl node`. A node that crashed (1, or killed by a signal) may be restarted from its
-# checkpoint; a run that was aborted (3: the coordinator stopped it on an error, or went silent past
+# checkpoint; a configuration error (2) would recur; a run that was aborted (3: the coordinator stopped it on an error, or went silent past
 # every timeout) is over for every party, and a launcher must not restart anything.
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_CONFIG = 2  # a bad topology or argument, or a failed pre-flight check: never restarted
 EXIT_ABORTED = 3
 
 
@@ -84,9 +85,13 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
 
 
 def node_main(topology, node: str, summary_json: Optional[Path], options: RunOptions, progress_stream: bool,
-              weights_out: Optional[Path] = None, **runtime_options) -> int:
+              weights_out: Optional[Path] = None, on_finish: Optional[Callable[[NodeRuntime, dict], None]] = None,
+              **runtime_options) -> int:
+    """Run the node to its end; `on_finish(runtime, summary)` says how it ended (the node's last line)."""
     runtime, summary = asyncio.run(run_node(topology, node, options, progress_stream, weights_out=weights_out,
                                             **runtime_options))
+    if on_finish is not None:
+        on_finish(runtime, summary)
     if runtime.failure:
         print(f"error: {runtime.failure}", file=sys.stderr)
         if weights_out is not None:

@@ -1,6 +1,7 @@
 """`meshsl run`: start every node of a topology as its own local process and follow the coordinator."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -15,12 +16,16 @@ from typing import Callable, Optional
 
 import yaml
 
-from meshsl.errors import MeshslError, PeerFailed, RunAborted
-from meshsl.runtime.entry import EXIT_ABORTED, PROGRESS_PREFIX
+from meshsl.config.overrides import apply_overrides
+from meshsl.errors import MeshslError, PeerFailed, RunAborted, RunCancelled
+from meshsl.runtime.entry import EXIT_ABORTED, EXIT_CONFIG, PROGRESS_PREFIX
 
 # `meshsl run` checkpoints every this many steps unless the topology says otherwise or --no-checkpoint
 # (docs/failover.md has the measured cost per step).
 DEFAULT_CHECKPOINT_EVERY = 10
+# After a node exits 3 (run aborted): how long the others, and the coordinator, get to exit by themselves.
+ABORT_GRACE_S = 5.0
+ABORT_GRACE_COORDINATOR_S = 20.0
 
 
 def free_port() -> int:
@@ -90,10 +95,17 @@ class LocalRun:
     # A second, already started process per node waits (`meshsl node --standby`) and takes over when the
     # node dies: recovery does not pay process start-up (docs/failover.md).
     warm_standby: bool = False
+    # The topology as data (the Python API), instead of reading `topology_path`, whose folder stays the base
+    # of relative data paths; `overrides`: `--set` key paths applied before it is written (config.overrides).
+    document: Optional[dict] = None
+    overrides: Optional[list] = None
     standbys: dict = field(default_factory=dict)  # node -> its waiting standby process
     restarts: dict = field(default_factory=dict)
     events: list = field(default_factory=list)  # failover events with monotonic timestamps
     _lost: list = field(default_factory=list)
+    cancel_requested: threading.Event = field(default_factory=threading.Event)  # set: follow() stops every node
+    last_step: int = -1  # the last committed step the coordinator reported
+    _failures: dict = field(default_factory=dict)  # node -> (last log line, last step seen) at its last failure
     _last_step_seen: Optional[float] = None  # when the coordinator last reported a committed step
     started_at: dict = field(default_factory=dict)
     processes: dict = field(default_factory=dict)
@@ -103,7 +115,9 @@ class LocalRun:
         resolved = self.run_dir / "topology.yaml"
         if self.resume and resolved.exists():
             return resolved  # same endpoints and hash as the interrupted run
-        document = yaml.safe_load(self.topology_path.read_text())
+        document = copy.deepcopy(self.document) if self.document is not None else \
+            yaml.safe_load(self.topology_path.read_text())
+        document = apply_overrides(document, self.overrides)
         if self.free_ports:
             document = with_free_ports(document)
         self._apply_checkpoint_default(document)
@@ -239,6 +253,10 @@ class LocalRun:
                     continue
                 if code == EXIT_ABORTED:  # an orderly failure: the run is over for every party
                     raise self._aborted(topology, name)
+                hopeless = self._not_worth_restarting(name, code)
+                if hopeless:  # a restart would fail the same way: end now, with the node's own error
+                    self.stop()
+                    raise PeerFailed(name, hopeless)
                 if not recoverable or self.restarts.get(name, 0) >= budget:
                     if recoverable and _droppable(topology, name):
                         continue  # clients.on_loss: drop: the run goes on without this client
@@ -249,6 +267,9 @@ class LocalRun:
             if deadline and time.monotonic() > deadline:
                 self.stop()
                 raise PeerFailed(topology.coordinator, f"the run did not finish within {timeout:.0f}s")
+            if self.cancel_requested.is_set():
+                self.stop()
+                raise RunCancelled(self.last_step, str(self.run_dir))
             time.sleep(0.02)
         self._dismiss_standbys()
         path = self.run_dir / "summary.json"
@@ -267,31 +288,29 @@ class LocalRun:
 
     def _aborted(self, topology, first: str) -> RunAborted:
         """Every party stops by itself once the run is aborted; give them a moment to say why, then
-        stop what is left. The coordinator's own error, when it wrote one, names the cause."""
-        deadline = time.monotonic() + 5
-        for proc in self.processes.values():
+        stop what is left. The coordinator's own error, when it wrote one, names the cause: it gets
+        longer (it tells every other node first, lost ones included), so it exits 3 with its `error:` line."""
+        start = time.monotonic()
+        for name, proc in sorted(self.processes.items(), key=lambda item: item[0] == topology.coordinator):
+            grace = ABORT_GRACE_COORDINATOR_S if name == topology.coordinator else ABORT_GRACE_S
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.1, start + grace - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         self.stop()
-        reason = ""
         path = self.run_dir / "summary.json"
-        if path.exists():
-            try:
-                reason = str(json.loads(path.read_text()).get("error") or "")
-            except ValueError:
-                reason = ""
-        if not reason:
-            reason = self._last_error_line(first) or self.log_tail(first)
+        reason = _summary_error(path) or self._last_error_line(first) or self.log_tail(first)
         codes = ", ".join(f"{n}={p.returncode}" for n, p in self.processes.items())
         return RunAborted(topology.coordinator if path.exists() else first, f"{reason} (exit codes: {codes})")
 
     def _last_error_line(self, node: str) -> str:
-        path = self.run_dir / f"{node}.log"
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-        return errors[0] if errors else ""
+        return _first_error_line(self.run_dir / f"{node}.log")
+
+    def _not_worth_restarting(self, name: str, code: int) -> str:
+        """Why restarting node `name` (exit `code`) cannot help, or "" (see `_hopeless`)."""
+        verdict, self._failures[name] = _hopeless(self.run_dir / f"{name}.log", code, self._failures.get(name),
+                                                  self._last_step_seen)
+        return verdict or ("" if code != EXIT_CONFIG else self.log_tail(name))
 
     def _lost_by_coordinator(self) -> list[str]:
         lost = []
@@ -310,6 +329,7 @@ class LocalRun:
                 continue
             if "step" in row and not row.get("event"):
                 self._last_step_seen = time.monotonic()
+                self.last_step = int(row["step"])
             if row.get("event"):
                 self.events.append(dict(row, time=time.monotonic()))
                 if row["event"] == "nodes_lost":
@@ -355,6 +375,36 @@ class LocalRun:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _summary_error(path: Path) -> str:
+    """The coordinator's error in its summary file ("" if it wrote none)."""
+    try:
+        return str(json.loads(path.read_text()).get("error") or "") if path.exists() else ""
+    except ValueError:
+        return ""
+
+
+def _first_error_line(log: Path) -> str:
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    return errors[0] if errors else ""
+
+
+def _hopeless(log: Path, code: int, previous: Optional[tuple], last_step_seen: Optional[float]) -> tuple[str, tuple]:
+    """(why a restart cannot help or "", what to remember of this failure). Hopeless: a configuration or
+    pre-flight error (exit 2), or a crash (exit > 0) ending on the same log line as the node's previous
+    one with no step committed in between (a signal, e.g. SIGKILL of a lost machine, never counts)."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    last = lines[-1].strip() if lines else ""
+    remembered = (last, last_step_seen)
+    if code == EXIT_CONFIG:
+        error = _first_error_line(log)
+        return (f"{error} (not restarted: it would fail the same way)" if error else ""), remembered
+    if code > 0 and last and previous == remembered:
+        return (f"it failed twice the same way before any new step, so it is not restarted again: {last} "
+                f"(log {log})"), remembered
+    return "", remembered
 
 
 def _droppable(topology, name: str) -> bool:

@@ -83,7 +83,8 @@ class NodeRuntime:
         self.metrics, self._metrics_factory = metrics, metrics_factory
         self.transport = transport or _transport_for(topology, node, endpoint, bind, peer_endpoints,
                                                       lambda reason: self.inbox.auth_refused(reason))
-        self.transport.on_dropped = lambda: self.inbox.connection_dropped()
+        self.transport.on_dropped = lambda: self.inbox.connection_dropped(
+            self.stopped or self.liveness.shutdown_requested)
         self.checkpoint_dir = checkpoint_dir or Path(topology.spec.checkpoint.directory)
         self.checkpoint_every = topology.spec.checkpoint.every if inference is None else 0
         self.resume, self.standby = resume or standby, standby

@@ -113,8 +113,9 @@ class NodeControl:
         state = await self.lane.call(self.work.checkpoints.load, step)
         await self.lane.call(self.work.worker.restore, state)
         self.work.worker.store.drop_before(base + 1)
+        fresh = step == 0 and self.book.train_step is None  # the start of a run: nothing trained, nothing lost
         self.book.restored(base)
-        log.warning("%s: restored checkpoint of step %d", runtime.node, step)
+        log.log(restore_log_level(step, fresh), "%s: restored checkpoint of step %d", runtime.node, step)
         await self._ack(base, of="restore", checkpoint=step)
 
     def _segment(self, segment: str, sender: str) -> str:
@@ -177,3 +178,9 @@ class NodeControl:
 
 def _describe_all(tensors):
     return [describe(t.dtype, tuple(t.shape), "none", [t]) for t in tensors]
+
+
+def restore_log_level(step: int, fresh: bool) -> int:
+    """Every run with checkpoints starts by restoring step 0 everywhere: that is DEBUG, not the WARNING a
+    roll-back after a failure (or a resume) deserves."""
+    return logging.DEBUG if fresh and step == 0 else logging.WARNING

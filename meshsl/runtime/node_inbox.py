@@ -97,9 +97,13 @@ class NodeInbox:
             metrics.auth_refused()
         log.warning("%s: refused a connection (%s)", self.node, reason)
 
-    def connection_dropped(self) -> None:
+    def connection_dropped(self, shutting_down: bool = False) -> None:
         """The socket dropped a connection: a frame above the message limit (refused unread, so it is
-        counted here) or a peer that went away; the socket cannot tell which."""
+        counted here) or a peer that went away; the socket cannot tell which. Once the run is ending
+        (`shutting_down`) peers leave as they should: nothing is counted, nothing said above DEBUG."""
+        if shutting_down:
+            log.debug("%s: a peer disconnected as the run ended", self.node)
+            return
         self.counters.reject("connection_dropped")
         metrics = self._metrics()
         if metrics:

@@ -149,12 +149,15 @@ class PeerOutboxes:
             except (RuntimeError, concurrent.futures.CancelledError):
                 return
 
-    async def drain(self) -> None:
-        for box in list(self.boxes.values()):
-            try:
-                await asyncio.wait_for(box.join(), timeout=5)
-            except TimeoutError:
-                pass
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait (at most `timeout` in all, not per peer) until every peer's queue is sent: a run aborted
+        after clients were lost must not wait 5 s for each dead one before its node exits."""
+        waits = [asyncio.ensure_future(box.join()) for box in list(self.boxes.values())]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for wait in pending:
+            wait.cancel()
 
     def reroute(self, peer: str, endpoint: str) -> None:
         """`peer` now lives at `endpoint` (a standby took over): drop what was queued for the old one."""

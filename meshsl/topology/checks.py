@@ -228,12 +228,19 @@ def _check_task_labels(topology, problem) -> None:
 
 
 def _check_every_part_used(topology, problem) -> None:
-    """Every segment feeds a task (a problem); every data source is used (a warning)."""
+    """Every segment feeds a task and every node hosts something (problems); every data source is used (a
+    warning)."""
     spec = topology.spec
     task_names = set(topology.tasks)
     for i, seg in enumerate(spec.segments):
         if not (nx.descendants(topology.graph, seg.name) & task_names):
             problem(f"segment {seg.name!r} feeds no task: its gradient would be undefined", f"segments[{i}]({seg.name})")
+    hosting = {item.node for item in (*spec.segments, *spec.data)} | {spec.training.coordinator}
+    for i, node in enumerate(spec.nodes):
+        if node.name not in hosting:
+            problem(f"node {node.name!r} holds no segment and no data: it would run an idle process; place a "
+                    f"segment on it or remove it (a node that only coordinates is named by training.coordinator)",
+                    f"nodes[{i}]({node.name})")
     used = {src for seg in spec.segments for src in seg.inputs} | {t.labels for t in spec.tasks}
     for name in topology.data:
         if name not in used:

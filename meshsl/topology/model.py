@@ -227,10 +227,11 @@ def placement_of(spec: TopologySpec, by_lane: dict[str, tuple[str, ...]], source
     return placement
 
 
-def load_topology(path: str | Path, infer_shapes: bool = True) -> Topology:
-    """Load, expand, build the graph and run every check; raises ConfigError (ConfigErrors for several)."""
+def load_topology(path: str | Path, infer_shapes: bool = True, overrides=None) -> Topology:
+    """Load, expand, build the graph and run every check; raises ConfigError (ConfigErrors for several).
+    `overrides`: `--set` key paths and values applied before validation (meshsl.config.overrides)."""
     path = Path(path)
-    spec = load_spec(path)
+    spec = load_spec(path, overrides)
     return topology_from_spec(spec, str(path), path.parent, infer_shapes)
 
 
