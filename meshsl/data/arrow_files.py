@@ -11,7 +11,6 @@ Errors name the file, the line (CSV) or row, and the column.
 from __future__ import annotations
 
 import csv
-import mmap
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import pyarrow.ipc as pa_ipc
 import pyarrow.parquet as pq
 
 from meshsl.data.matrix import BLOCK_ROWS, mapped_selection
+
+COLUMN_CHUNK = 64  # Parquet columns decoded at a time: Arrow's buffers scale with it, not with the width
 from meshsl.data.selection import Selection, resolve_columns
 from meshsl.errors import DataError
 
@@ -68,28 +69,31 @@ class MatrixFill:
         self.rows = 0
 
     def add(self, batch: pa.RecordBatch) -> bool:
-        """Take one batch; False once `selection.head` rows are in."""
-        take = batch.num_rows
-        if self.selection.head is not None:
-            take = min(take, self.selection.head - self.rows)
-        if take < batch.num_rows:
-            batch = batch.slice(0, take)
-        if self.rows + take > len(self.out):
-            raise DataError(f"{self.file} holds more rows than its size announced", "reading")
-        if self.columns.features:
-            block = np.empty((len(self.columns.features), take), dtype=np.float32)
-            for j, name in enumerate(self.columns.features):
-                block[j] = _float_column(batch.column(name), self.file, name)
-            self._check(block)
-            transpose_into(self.out[self.rows:self.rows + take], block)
-        if self.columns.label is not None:
-            self.labels.append(batch.column(self.columns.label))
-        if self.columns.ids is not None:
-            self.ids.append(batch.column(self.columns.ids))
-        self.rows += take
+        """Take the next rows, every column; False once `selection.head` rows are in."""
+        self.put(batch, self.rows, self.columns.features, 0, extras=True)
         return self.selection.head is None or self.rows < self.selection.head
 
-    def _check(self, block: np.ndarray) -> None:
+    def put(self, batch: pa.RecordBatch, row: int, names: tuple[str, ...], first_column: int, extras: bool) -> int:
+        """Rows [row, row + n) of the feature columns `names` (from position `first_column`); the label and
+        id columns too when `extras`. Returns n (fewer than the batch once `selection.head` is reached)."""
+        take = batch.num_rows if self.selection.head is None else max(0, min(batch.num_rows, self.selection.head - row))
+        if row + take > len(self.out):
+            raise DataError(f"{self.file} holds more rows than its size announced", "reading")
+        if names and take:
+            block = np.empty((len(names), take), dtype=np.float32)
+            for j, name in enumerate(names):
+                block[j] = _float_column(batch.column(name).slice(0, take), self.file, name)
+            self._check(block, row, first_column)
+            transpose_into(self.out[row:row + take, first_column:first_column + len(names)], block)
+        if extras and take:
+            if self.columns.label is not None:
+                self.labels.append(batch.column(self.columns.label).slice(0, take))
+            if self.columns.ids is not None:
+                self.ids.append(batch.column(self.columns.ids).slice(0, take))
+        self.rows = max(self.rows, row + take)
+        return take
+
+    def _check(self, block: np.ndarray, row: int, first_column: int) -> None:
         finite = np.isfinite(block)
         if finite.all():
             return
@@ -100,7 +104,7 @@ class MatrixFill:
         value = block[j, r]
         what = "an empty or missing value" if np.isnan(value) else f"{value}"
         hint = "" if np.isinf(value) else " (declare `preprocess: {impute: mean}` on the data source to fill it)"
-        raise DataError(f"{self.file}: {self._place(self.rows + r)} column {self.columns.features[j]!r}: "
+        raise DataError(f"{self.file}: {self._place(row + r)} column {self.columns.features[first_column + j]!r}: "
                         f"{what}{hint}", "data")
 
     def _place(self, row: int) -> str:
@@ -174,24 +178,26 @@ def csv_header(file: Path, delimiter: str, where: str) -> list[str]:
 
 def csv_rows(file: Path) -> int:
     """Data rows of a CSV file without parsing it: its lines, less blank lines and the header."""
-    size = file.stat().st_size
-    if size == 0:
-        return 0
-    with file.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        lines = blank = 0
-        step = 1 << 26
-        for start in range(0, size, step):
-            chunk = view[start:start + step + 2]  # overlap: a blank line across the boundary is counted once
-            part = chunk[:step]
-            lines += part.count(b"\n")
-            blank += _blank_lines(part, chunk[step:step + 2])
-        last = view[size - 1:size]
-    return lines + (last != b"\n") - blank - 1
+    lines, blank, last = _scan_lines(file)
+    return max(lines + (last not in (b"", b"\n")) - blank - 1, 0)
 
 
-def _blank_lines(part: bytes, after: bytes) -> int:
-    joined = part + after[:1]
-    return joined.count(b"\n\n") + joined.count(b"\n\r\n")
+def _scan_lines(file: Path) -> tuple[int, int, bytes]:
+    """(line breaks, blank lines, last byte), read in plain 16 MiB chunks (a memory map's pages would
+    count as this process's memory)."""
+    lines = blank = 0
+    previous = b"\n"  # a blank first line counts as blank
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            lines += chunk.count(b"\n")
+            text = np.frombuffer(previous + chunk, dtype=np.uint8)
+            breaks = text == 10
+            ends = np.zeros_like(breaks)  # a line break right after a line break (or "\r" after one)
+            ends[1:] |= breaks[1:] & breaks[:-1]
+            ends[2:] |= breaks[2:] & (text[1:-1] == 13) & breaks[:-2]
+            blank += int(np.count_nonzero(ends[len(previous):]))
+            previous = chunk[-2:]
+    return lines, blank, previous[-1:]
 
 
 def parquet_rows(file: Path, where: str) -> int:
@@ -206,15 +212,9 @@ def ipc_rows(file: Path, where: str) -> int:
 
 
 def _line_count(file: Path) -> int:
-    """Line breaks in the file: an upper bound on its data rows plus the header (blank lines are skipped)."""
-    size = file.stat().st_size
-    if size == 0:
-        return 0
-    with file.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        count, step = 0, 1 << 26
-        for start in range(0, size, step):
-            count += view[start:start + step].count(b"\n")
-        return count + (view[size - 1:size] != b"\n")
+    """Lines in the file: an upper bound on its data rows plus the header (blank lines are skipped)."""
+    lines, _, last = _scan_lines(file)
+    return lines + (last not in (b"", b"\n"))
 
 
 def read_csv(file: Path, selection: Selection, *, delimiter: str, label_column: Optional[str],
@@ -230,7 +230,7 @@ def read_csv(file: Path, selection: Selection, *, delimiter: str, label_column: 
                                     strings_can_be_null=False)
     fill = MatrixFill(rows, columns, file, selection, line_offset=2)
     try:
-        reader = pa_csv.open_csv(file, read_options=pa_csv.ReadOptions(use_threads=True, block_size=1 << 24),
+        reader = pa_csv.open_csv(file, read_options=pa_csv.ReadOptions(use_threads=True, block_size=1 << 22),
                                  parse_options=pa_csv.ParseOptions(delimiter=delimiter), convert_options=convert)
         for batch in reader:
             if not fill.add(batch):
@@ -304,19 +304,29 @@ def read_parquet(file: Path, selection: Selection, *, label_column: Optional[str
     columns = plan_columns(source.schema_arrow.names, file, selection, label_column, id_column, where)
     total = source.metadata.num_rows
     fill = MatrixFill(total if selection.head is None else min(total, selection.head), columns, file, selection, 0)
-    wanted = list(columns.features) + [c for c in (label_column, id_column) if c is not None]
-    groups = range(source.num_row_groups)
-    read = lambda group: source.read_row_group(group, columns=wanted, use_threads=True)  # noqa: E731
-    # Arrow decodes row group g + 1 (its own threads, GIL released) while group g is converted here.
+    extras = [c for c in (label_column, id_column) if c is not None]
+    chunks = [columns.features[i:i + COLUMN_CHUNK] for i in range(0, len(columns.features), COLUMN_CHUNK)] or [()]
+    starts = np.concatenate([[0], np.cumsum([source.metadata.row_group(g).num_rows
+                                             for g in range(source.num_row_groups)])]).astype(int)
+    parts = [(g, c) for g in range(source.num_row_groups) if selection.head is None or starts[g] < selection.head
+             for c in range(len(chunks))]
+
+    def read(part: tuple[int, int]) -> pa.Table:
+        group, chunk = part
+        return source.read_row_group(group, columns=list(chunks[chunk]) + (extras if chunk == 0 else []),
+                                     use_threads=True)
+
+    # Arrow decodes the next part (its own threads, GIL released) while this one is converted here; a part
+    # is one row group's next COLUMN_CHUNK columns, so memory beyond the matrix does not grow with the width.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-read") as pool:
-        pending = pool.submit(read, groups[0]) if groups else None
+        pending = pool.submit(read, parts[0]) if parts else None
         try:
-            for group in groups:
+            for i, (group, chunk) in enumerate(parts):
                 table = pending.result()
-                pending = pool.submit(read, group + 1) if group + 1 < len(groups) else None
+                pending = pool.submit(read, parts[i + 1]) if i + 1 < len(parts) else None
+                row = int(starts[group])
                 for batch in table.to_batches(max_chunksize=BLOCK_ROWS):
-                    if not fill.add(batch):
-                        return fill.result()
+                    row += fill.put(batch, row, chunks[chunk], chunk * COLUMN_CHUNK, extras=chunk == 0)
                 del table
         except pa.ArrowException as exc:
             raise DataError(f"cannot read {file}: {exc}", where) from None
@@ -387,5 +397,6 @@ def _ipc_tensor(file: Path, schema: pa.Schema, tensor: str, rows: int, parts: li
     matrix = values.values.to_numpy(zero_copy_only=True).reshape(rows, width)  # still the memory map
     extra = MatrixFill(rows, Columns(columns.names, (), columns.label, columns.ids), file, selection, 0)
     extra.add(parts[0].select([c for c in (label_column, id_column) if c is not None]))
-    _, labels, ids, _ = extra.result()
-    return FileRead(*mapped_selection(matrix, positions, selection, file), labels, ids, columns.features)
+    extras = extra.result()
+    return FileRead(mapped_selection(matrix, positions, selection, file)[0], extras.labels, extras.ids,
+                    columns.features)
