@@ -16,7 +16,8 @@ from pathlib import Path
 SECTIONS = ("transport", "pipelining", "scale", "startup", "gpu")
 # Run only when named: wan needs root, network namespaces and nft; psi at 10^6 ids takes minutes;
 # secretflow needs SecretFlow in its own venv (MESHSL_SECRETFLOW_PYTHON) and takes 10+ minutes.
-OPTIONAL = ("wan", "psi", "secretflow")
+# bank needs root (namespaces, a memory cgroup) and generates ~30 GB of Parquet in full mode.
+OPTIONAL = ("wan", "psi", "secretflow", "bank")
 MODULES = {"secretflow": "secretflow_compare"}  # a module named secretflow would shadow the peer's package
 
 
@@ -130,6 +131,10 @@ def table(results: dict) -> str:
         from benchmarks.psi import table as psi_table
         add("")
         lines.append(psi_table(results["psi"]))
+    if "bank" in results:
+        from benchmarks.bank import table as bank_table
+        add("")
+        lines.append(bank_table(results["bank"]))
     if "secretflow" in results:
         from benchmarks.secretflow_compare import table as secretflow_table
         add("")

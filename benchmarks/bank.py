@@ -204,8 +204,9 @@ def run_split(sites, folder: Path, parties: int, features: int, epochs: int, bat
     predictions = work / "predictions"
     predict = _run_nodes(sites, names, PeakRss, lambda name: [
         "node", name, "--topology", str(path), "--base-dir", str(ROOT), "--predict", "--weights", str(weights),
-        "--predict-input", str(folder / f"{name}.parquet"), "--predict-batch-size", "8192",
+        "--predict-input", str(folder / f"{name}.parquet"), "--summary-json", str(work / f"predict-{name}.json"),
         *(["--predict-output", str(predictions)] if name == "party0" else [])], work, "predict")
+    predict["rounds_seconds"] = round(json.loads((work / "predict-party0.json").read_text())["wall_seconds"], 1)
     return {"train": train, "predict": predict, "summary": summary, "predictions": predictions}
 
 
@@ -378,8 +379,14 @@ def out_of_core(folder: Path, rows: int, features: int, limit_mib: int, steps: i
 # ---- the whole comparison --------------------------------------------------------------------------
 def measure(quick: bool = False, shapes: Optional[list[tuple[int, int, int]]] = None, epochs: int = 2,
             batch_size: int = 4096, micro_batches: int = 4, lr: float = 2e-3, rtt_ms: float = 50.0,
-            rate_mbit: float = 100.0, csv_rows: Optional[int] = None, repeats: int = 2) -> dict:
+            rate_mbit: float = 100.0, csv_rows: Optional[int] = None, repeats: int = 2,
+            out_of_core_shape: Optional[tuple[int, int, int, int]] = ()) -> dict:
+    """`out_of_core_shape`: (rows, features, memory limit MiB, steps) of the out-of-core run; () picks the
+    mode's default, None skips it."""
+    from benchmarks.memory_limit import unavailable as memory_unavailable
     from benchmarks.wan import Sites, measure_rtt, unavailable
+    if out_of_core_shape == ():
+        out_of_core_shape = (250_000, 1_000, 640, 20) if quick else (1_000_000, 1_000, 2_048, 200)
     why = unavailable()
     if why:
         return {"skipped": why}
@@ -401,7 +408,8 @@ def measure(quick: bool = False, shapes: Optional[list[tuple[int, int, int]]] = 
             row["auc_split"] = round(train_auc(split["predictions"], folder), 4)
         summary = split["summary"]
         row["train_s"] = split["train"]["seconds"]
-        row["predict_s"] = split["predict"]["seconds"]
+        row["predict_s"] = split["predict"]["seconds"]  # from process start: loading both tables included
+        row["predict_rounds_s"] = split["predict"]["rounds_seconds"]  # first round to last prediction written
         row["peak_rss_mib"] = split["train"]["peak_rss_mib"]
         row["predict_peak_rss_mib"] = split["predict"]["peak_rss_mib"]
         row["float32_matrix_mib"] = round(rows * features * 4 / 2**20)
@@ -415,7 +423,13 @@ def measure(quick: bool = False, shapes: Optional[list[tuple[int, int, int]]] = 
         row["load_avg_1m_at_end"] = os.getloadavg()[0]
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    return {"rtt_ms": rtt_ms, "rate_mbit": rate_mbit, "rows": results}
+    result = {"rtt_ms": rtt_ms, "rate_mbit": rate_mbit, "rows": results}
+    if out_of_core_shape is not None and memory_unavailable() is None:
+        rows, features, limit_mib, steps = out_of_core_shape
+        with tempfile.TemporaryDirectory(prefix="meshsl-ooc-") as tmp:
+            result["out_of_core"] = out_of_core(DATA / f"ooc-{rows}x{features}", rows, features, limit_mib, steps,
+                                                Path(tmp))
+    return result
 
 
 def _wire_bytes(summary: dict) -> int:
@@ -427,12 +441,14 @@ def table(result: dict) -> str:
     if "skipped" in result:
         return f"bank: skipped ({result['skipped']})"
     lines = [f"bank-scale vertical split learning ({result['rate_mbit']:.0f} Mbit/s, RTT {result['rtt_ms']:.0f} ms)",
-             "shape | train s (from process start) | SecretFlow s | predict s | AUC split / clear | samples/s | "
+             "shape | train s (from process start) | SecretFlow s | predict s (rounds / from process start) | "
+             "AUC split / clear | samples/s | "
              "wire MiB/epoch | peak RSS MiB per party (float32 matrix MiB)"]
     for r in result["rows"]:
         sf = r.get("secretflow") or {}
         lines.append(" | ".join(str(c) for c in (
-            f"{r['parties']} x {r['rows']:,} x {r['features']:,}", r["train_s"], sf.get("train_s", ""), r["predict_s"],
+            f"{r['parties']} x {r['rows']:,} x {r['features']:,}", r["train_s"], sf.get("train_s", ""),
+            f"{r['predict_rounds_s']} / {r['predict_s']}",
             f"{r['auc_split']:.4f} / {r['auc_clear']:.4f}", f"{r['samples_per_s']:,}", r["wire_mib_per_epoch"],
             " ".join(f"{v:.0f}" for v in r["peak_rss_mib"].values()) + f" ({r['float32_matrix_mib']})")))
         for load in r["load"]:
@@ -440,6 +456,12 @@ def table(result: dict) -> str:
                          f"pyarrow {load['pyarrow_s']} s, ratio {load['ratio']:.2f}; peak RSS {load['meshsl_peak_rss_mib']}"
                          f" MiB vs float32 matrix {load['float32_matrix_mib']} MiB (bound 1.3x + 1 GiB: "
                          f"{'met' if load['within_memory_bound'] else 'NOT met'})")
+    ooc = result.get("out_of_core")
+    if ooc:
+        lines.append(f"out of core: a {ooc['file_mib']} MiB .npy under a {ooc['limit_mib']} MiB cgroup limit: exit codes "
+                     f"{ooc['exit_codes']}, {ooc['seconds']} s, cgroup peak {ooc['cgroup_peak_mib']} MiB, held-out "
+                     f"AUC {ooc['eval'].get('auroc', float('nan')):.3f}; the whole file read under the same limit "
+                     f"{'was killed' if ooc['whole_read_killed_under_same_limit'] else 'was NOT killed'}")
     return "\n".join(lines)
 
 

@@ -37,3 +37,21 @@ def test_pinned_staging_round_trip_on_cuda():
     assert on_gpu.is_cuda
     back = to_host(on_gpu * 2)
     assert back.is_pinned() and torch.equal(back, x * 2)
+
+
+def test_bank_benchmark_at_a_scaled_down_shape():
+    """`python -m benchmarks --only bank` in miniature: generated vertical Parquet and CSV tables, the load
+    comparison against pyarrow, training behind emulated 100 Mbit/s 50 ms links, prediction of the
+    training rows, and the same model in the clear (issue 25; the full shape is in docs/performance.md)."""
+    from benchmarks import bank
+    from benchmarks.wan import unavailable
+    if unavailable():
+        pytest.skip(unavailable())
+    result = bank.measure(quick=True, shapes=[(2, 6_000, 40)], epochs=2, batch_size=512, repeats=1,
+                          out_of_core_shape=None)
+    row = result["rows"][0]
+    assert [r["format"] for r in row["load"]] == ["parquet", "parquet", "csv"]
+    assert all(r["within_memory_bound"] for r in row["load"])
+    assert row["auc_split"] > 0.7 and abs(row["auc_gap"]) < 0.05  # the split model learns what the clear one does
+    assert row["wire_mib_per_epoch"] > 0 and row["predict_rounds_s"] <= row["predict_s"]
+    assert "2 x 6,000 x 40" in bank.table(result)

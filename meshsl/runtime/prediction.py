@@ -14,6 +14,9 @@ from meshsl.errors import DataError, PeerFailed
 from meshsl.protocol import control
 
 
+ROUND_ROWS = 65_536  # rows per predict round by default
+
+
 @dataclass
 class PredictSettings:
     """How the coordinator cuts the input into rounds: micro-batches of `batch_size` rows, `micro_batches`
@@ -68,7 +71,9 @@ async def coordinate_prediction(coordinator, settings: PredictSettings) -> dict:
     plan = predict_lanes(topology, coordinator.predict_rows)
     wire_limit = max(training.eval_batch_size, training.batch_size)  # rows a node accepts per message
     rows_per_mb = min(settings.batch_size or training.eval_batch_size, wire_limit)
-    per_round = settings.micro_batches or max(2, training.micro_batches)
+    # A round waits for its last prediction before the next begins: big rounds (>= ROUND_ROWS rows, still
+    # pipelined micro-batch by micro-batch) pay that round trip a few times, not once per micro-batch group.
+    per_round = settings.micro_batches or max(2, training.micro_batches, math.ceil(ROUND_ROWS / rows_per_mb))
     chunk = rows_per_mb * per_round
     written: dict[str, int] = {t: 0 for t in topology.tasks}
     started = time.perf_counter()
