@@ -61,7 +61,8 @@ def test_predict_then_export_assemble_gives_the_same_predictions(trained):
     summary = json.loads((base / "predict" / "summary.json").read_text())
     n = len(trained["y"])
     assert summary["tasks"]["cancer"] == {"rows": n, "owners": ["lab"], "files": ["cancer.csv"]}
-    assert summary["rounds"] >= 2  # 114 rows in micro-batches of 16: several pipelined rounds
+    # 114 rows in micro-batches of 16: one round (rounds hold up to 65,536 rows) of 8 pipelined micro-batches
+    assert summary["rounds"] == 1 and summary["rows_per_micro_batch"] == 16
     assert "prob_1" not in json.dumps(summary)  # the coordinator got counts, not predictions
     distributed = load_predictions(out / "cancer.csv")
     assert distributed["row"].tolist() == list(range(n))
