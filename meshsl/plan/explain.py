@@ -58,7 +58,23 @@ def plan_document(topology) -> dict:
             for name, info in topology.segment_info.items()
         },
         "alignment": alignment_step(topology),  # PSI on sample ids before training (None: rows match by position)
+        "preprocessing": kept_preprocessing(topology),
     }
+
+
+def kept_preprocessing(topology) -> list[dict]:
+    """Each data source's `preprocess`: fitted where the data is, the first layer of the segment reading it;
+    its values go into that party's checkpoints and exports, never into a message."""
+    rows = []
+    for name, spec in topology.data.items():
+        if spec.preprocess is None:
+            continue
+        readers = [s for s in topology.segment_order if name in topology.segments[s].inputs]
+        for node in topology.placement[name]:
+            rows.append({"source": name, "node": node, "party": topology.nodes[node].party,
+                         "impute": spec.preprocess.impute, "scale": spec.preprocess.scale, "segments": readers,
+                         "fitted_on": "this party's own training rows", "sent": "never"})
+    return rows
 
 
 def ascii_graph(topology) -> str:
