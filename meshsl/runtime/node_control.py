@@ -96,6 +96,10 @@ class NodeControl:
             await self.lane.call(self.work.checkpoints.timed_save, deferred, self.work.worker)
             await self._ack(base, of="checkpoint", checkpoint=deferred)
         self.book.run_started(run, time.perf_counter())
+        # The machine begins the run's first step at once (and the others on its own): this is the line
+        # tools wait for (benchmarks/startup.py times a node's start-up to it).
+        log.debug("round begins", extra={"node": self.runtime.node, "step": run.first_step, "round": base + 1,
+                                         "phase": "train"})
         self.runtime.execute(self.lane.handle(m.Run(base + 1, steps, run.micro_batches)))
 
     async def _restore(self, restore: control.Restore) -> None:

@@ -1,0 +1,78 @@
+"""Every typed control parser rejects what it must (issue 30: the fuzz substitutes a non-object when a
+mutation happens to be accepted, so it cannot catch a parser that accepts too much; this table can).
+Each row is a valid message with one field made wrong; the parser must raise ProtocolError(bad_control)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from meshsl.errors import ProtocolError
+from meshsl.protocol import control
+from meshsl.protocol.envelope import Kind
+
+pytestmark = pytest.mark.unit
+
+VALID = {
+    Kind.BEGIN: {"lanes": [0], "micro_batches": 2, "epoch": 0, "train_step": 0},
+    Kind.RUN: {"first_step": 0, "count": 2, "micro_batches": 2, "hold_checkpoint": False},
+    Kind.RESTORE: {"checkpoint": 0, "round": 5, "endpoints": {}},
+    Kind.WEIGHTS_PULL: {"segment": "bottom"},
+    Kind.DONE: {"tasks": {"digit": {"loss_sum": 1.0, "correct": 1, "count": 2}}, "bytes": {}},
+    Kind.HELLO: {"checkpoints": [0], "endpoint": "tcp://127.0.0.1:1"},
+    Kind.ACK: {"of": "weights", "segment": "bottom"},
+}
+
+
+def _task(**stat):
+    return {"tasks": {"digit": {"loss_sum": 1.0, "correct": 1, "count": 2, **stat}}, "bytes": {}}
+
+
+WRONG = [
+    (Kind.DONE, _task(loss_sum=math.nan)),
+    (Kind.DONE, _task(loss_sum=math.inf)),
+    (Kind.DONE, _task(loss_sum=-math.inf)),
+    (Kind.DONE, _task(loss_sum="1.0")),
+    (Kind.DONE, _task(loss_sum=True)),
+    (Kind.DONE, _task(count=-1)),
+    (Kind.DONE, _task(count=2.0)),
+    (Kind.DONE, _task(correct=True)),
+    (Kind.DONE, {"tasks": [1, 2], "bytes": {}}),
+    (Kind.DONE, {"tasks": {"digit": 3}, "bytes": {}}),
+    (Kind.DONE, {**_task(), "bytes": []}),
+    (Kind.DONE, {**_task(), "leakage": 0.5}),
+    (Kind.DONE, {**_task(), "checkpoint": "3"}),
+    (Kind.BEGIN, {**VALID[Kind.BEGIN], "micro_batches": 0}),
+    (Kind.BEGIN, {**VALID[Kind.BEGIN], "micro_batches": True}),
+    (Kind.BEGIN, {**VALID[Kind.BEGIN], "lanes": "0"}),
+    (Kind.BEGIN, {**VALID[Kind.BEGIN], "lanes": [-1]}),
+    (Kind.BEGIN, {**VALID[Kind.BEGIN], "epoch": -1}),
+    (Kind.RUN, {**VALID[Kind.RUN], "count": 0}),
+    (Kind.RUN, {**VALID[Kind.RUN], "first_step": -2}),
+    (Kind.RUN, {**VALID[Kind.RUN], "hold_checkpoint": "yes"}),
+    (Kind.RESTORE, {**VALID[Kind.RESTORE], "checkpoint": -1}),
+    (Kind.RESTORE, {**VALID[Kind.RESTORE], "endpoints": [1]}),
+    (Kind.WEIGHTS_PULL, {"segment": 7}),
+    (Kind.HELLO, {**VALID[Kind.HELLO], "checkpoints": "0"}),
+    (Kind.HELLO, {**VALID[Kind.HELLO], "checkpoints": [-1]}),
+    (Kind.ACK, {**VALID[Kind.ACK], "of": 3}),
+]
+
+
+@pytest.mark.parametrize("kind", sorted(VALID, key=lambda k: k.value))
+def test_the_valid_messages_parse(kind):
+    assert isinstance(control.MESSAGES[kind].from_meta(VALID[kind]), control.MESSAGES[kind])
+
+
+@pytest.mark.parametrize("kind, meta", WRONG, ids=[f"{k.name}-{i}" for i, (k, _) in enumerate(WRONG)])
+def test_one_wrong_field_is_rejected(kind, meta):
+    with pytest.raises(ProtocolError) as caught:
+        control.MESSAGES[kind].from_meta(meta)
+    assert caught.value.reason == "bad_control"
+
+
+@pytest.mark.parametrize("kind", sorted(VALID, key=lambda k: k.value))
+@pytest.mark.parametrize("meta", [None, [], "x", 3])
+def test_a_non_object_is_rejected(kind, meta):
+    with pytest.raises(ProtocolError):
+        control.MESSAGES[kind].from_meta(meta)
