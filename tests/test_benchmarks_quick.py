@@ -55,3 +55,12 @@ def test_bank_benchmark_at_a_scaled_down_shape():
     assert row["auc_split"] > 0.7 and abs(row["auc_gap"]) < 0.05  # the split model learns what the clear one does
     assert row["wire_mib_per_epoch"] > 0 and row["predict_rounds_s"] <= row["predict_s"]
     assert "2 x 6,000 x 40" in bank.table(result)
+
+
+def test_startup_benchmark_finds_each_nodes_first_step():
+    """`python -m benchmarks --only startup` waits for every node's first-step log line (it crashed once the
+    step protocol stopped logging it: issue 30)."""
+    from benchmarks.startup import node_processes
+    result = node_processes(steps=2)
+    assert set(result["first_step_s"]) == {"client", "server"}
+    assert all(0 < s < result["whole_run_s"] for s in result["first_step_s"].values())
