@@ -10,18 +10,11 @@ import pytest
 from meshsl.errors import ProtocolError
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
+from control_samples import VALID_CONTROL_META  # tests/ is on sys.path
 
 pytestmark = pytest.mark.unit
 
-VALID = {
-    Kind.BEGIN: {"lanes": [0], "micro_batches": 2, "epoch": 0, "train_step": 0},
-    Kind.RUN: {"first_step": 0, "count": 2, "micro_batches": 2, "hold_checkpoint": False},
-    Kind.RESTORE: {"checkpoint": 0, "round": 5, "endpoints": {}},
-    Kind.WEIGHTS_PULL: {"segment": "bottom"},
-    Kind.DONE: {"tasks": {"digit": {"loss_sum": 1.0, "correct": 1, "count": 2}}, "bytes": {}},
-    Kind.HELLO: {"checkpoints": [0], "endpoint": "tcp://127.0.0.1:1"},
-    Kind.ACK: {"of": "weights", "segment": "bottom"},
-}
+VALID = VALID_CONTROL_META
 
 
 def _task(**stat):

@@ -38,6 +38,7 @@ from meshsl.runtime.coordinator import Coordinator, RunOptions
 from meshsl.runtime.node import NodeRuntime
 from meshsl.runtime.simulate import simulate
 from meshsl.topology.model import load_topology
+from control_samples import VALID_CONTROL_META  # tests/ is on sys.path
 from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 from scrape import metric_sum  # tests/ is on sys.path
 
@@ -200,15 +201,7 @@ def attacks(draw, target: Target) -> tuple[str, str, list[bytes]]:
 
 # Valid control meta per kind (from the coordinator, or from the client to the coordinator); one field is
 # then dropped or replaced with a value of the wrong type, and kept only if the typed parser rejects it.
-_CONTROL_META = {
-    Kind.BEGIN: {"lanes": [0], "micro_batches": 2, "epoch": 0, "train_step": 0},
-    Kind.RUN: {"first_step": 0, "count": 2, "micro_batches": 2, "hold_checkpoint": False},
-    Kind.RESTORE: {"checkpoint": 0, "round": 5, "endpoints": {}},
-    Kind.WEIGHTS_PULL: {"segment": "bottom"},
-    Kind.DONE: {"tasks": {"digit": {"loss_sum": 1.0, "correct": 1, "count": 2}}, "bytes": {}},
-    Kind.HELLO: {"checkpoints": [0], "endpoint": "tcp://127.0.0.1:1"},
-    Kind.ACK: {"of": "weights", "segment": "bottom"},
-}
+_CONTROL_META = VALID_CONTROL_META
 
 
 def _rejected(kind: Kind, meta) -> bool:
