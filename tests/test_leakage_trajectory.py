@@ -134,6 +134,10 @@ def test_audit_trajectory_equals_an_independent_recomputation_from_the_wire(name
         upper = (got["upper_bound"]["norm_auc"], got["upper_bound"]["direction_auc"])
         assert np.round(real, 3).tolist() == np.round(expected["realistic"], 3).tolist(), (name, label)
         assert np.round(upper, 3).tolist() == np.round(expected["upper_bound"], 3).tolist(), (name, label)
+        if name != "none":  # every defence holds from step 0: no phase above 0.6 realistic, 0.65 upper bound
+            assert max(real[:2]) <= 0.6 and max(upper) <= 0.65, (name, label, real, upper)
+    if name == "none":  # the undefended wire leaks the direction from the first step
+        assert report["phases"]["steps 0-4"]["realistic"]["direction_auc"] > 0.95
 
 
 def test_step_attacks_see_a_clean_split_and_nothing_in_noise():
