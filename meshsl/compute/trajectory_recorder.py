@@ -60,6 +60,12 @@ class TrajectoryRecorder:
         ids = np.asarray(rows, dtype=np.int64).reshape(-1)
         self._rows.setdefault((edge, direction), {})[(context.step, lane, micro_batch)] = (context.epoch, ids, flat)
 
+    def gradients(self, segment: str, context, lane: int, micro_batch: int, rows, grads: list) -> None:
+        """The gradients (consumer, tensor) of one micro-batch that came from another node."""
+        for consumer, grad in grads:
+            if self.topology.node_of(consumer, lane) != self.node:
+                self.received(f"{segment}->{consumer}", "gradient", context, lane, micro_batch, rows, grad)
+
     def save(self, directory: Optional[Path] = None) -> list[Path]:
         """Write this node's recordings under `<directory>/<node>/`; returns the files written."""
         base = Path(directory or self.directory) / self.node

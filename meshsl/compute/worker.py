@@ -331,7 +331,7 @@ class SegmentWorker:
         grads = self.store.grads.pop((r, segment, lane, micro_batch), [])
         tensors, grad_tensors = [], []
         if grads and self.recorder.active:
-            self._record_gradients(segment, lane, micro_batch, grads)
+            self.recorder.gradients(segment, self.context, lane, micro_batch, self.batch_rows(lane, micro_batch), grads)
         if grads:
             # Summed in consumer order, not arrival order, so the result does not depend on timing.
             ordered = [g.to(self.device) for _, g in sorted(grads, key=lambda item: item[0])]
@@ -352,14 +352,6 @@ class SegmentWorker:
                 self.store.outgoing_grads[(r, source, segment, lane, micro_batch)] = grad
         self.store.outputs.pop((r, segment, lane, micro_batch), None)
         self.compute_seconds[(segment, "backward")] += time.perf_counter() - start
-
-    def _record_gradients(self, segment: str, lane: int, micro_batch: int, grads: list) -> None:
-        """privacy[].record: the gradients that came from another node, as decoded from the wire."""
-        rows = self.batch_rows(lane, micro_batch)
-        for consumer, grad in grads:
-            if self.topology.node_of(consumer, lane) != self.node:
-                self.recorder.received(f"{segment}->{consumer}", "gradient", self.context, lane, micro_batch,
-                                       rows, grad)
 
     def apply_optimizer(self, round_: Optional[int] = None) -> None:
         self._hijack_guard.before_optimizer()
