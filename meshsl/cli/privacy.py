@@ -23,15 +23,25 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
     return pattern.format(value) if isinstance(value, (int, float)) else "-"
 
 
-def audit(topology: Path = typer.Argument(..., help="topology YAML"),
+def audit(topology: Optional[Path] = typer.Argument(None, help="topology YAML (with --run: the one recorded)"),
           steps: Optional[int] = typer.Option(None, "--steps", min=1, help="train this many steps first"),
           weights: Optional[Path] = typer.Option(None, "--weights",
                                                  help="audit the weights `meshsl run --weights-out DIR` saved"),
+          run: Optional[Path] = typer.Option(None, "--run", help="attack the trajectory a run recorded here "
+                                                                 "(privacy[].record: DIR)"),
+          trajectory: bool = typer.Option(False, "--trajectory", help="train in-process recording every cut "
+                                                                      "edge, then attack the trajectory"),
           probe_epochs: int = typer.Option(200, "--probe-epochs", min=0, help="inversion decoder training epochs"),
           as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
     """Leakage audit: dCor(raw input, activation), a model-inversion probe and label-inference attacks on the
-    gradients, for every party-crossing edge."""
+    gradients, for every party-crossing edge; with --run or --trajectory, the label attacks on what the
+    feature party received, step by step."""
     from meshsl.audit import audit as run_audit  # torch: not for `meshsl --help`
+    if run is not None or trajectory:
+        return audit_trajectory(topology, run, steps, as_json)
+    if topology is None:
+        print("error: a topology YAML is needed (or --run DIR)", file=sys.stderr)
+        raise typer.Exit(2)
     topo = load(topology)
     if weights is not None and steps is not None:
         print("error: --steps and --weights exclude each other (weights are audited as saved)", file=sys.stderr)
@@ -68,6 +78,56 @@ def audit(topology: Path = typer.Argument(..., help="topology YAML"),
               "mean-guess MSE (1 nothing recovered, 0 exact reconstruction)")
     print_label_audit(document)
     print_leakage_warnings(document, "audit")
+
+
+def audit_trajectory(topology: Optional[Path], run: Optional[Path], steps: Optional[int], as_json: bool) -> None:
+    """`--run DIR` (a run's recordings) or `--trajectory` (record in-process first)."""
+    import tempfile
+    from meshsl.audit_trajectory import audit_run, load_recordings, record_and_audit
+    try:
+        if run is None:
+            if topology is None:
+                print("error: --trajectory needs a topology YAML", file=sys.stderr)
+                raise typer.Exit(2)
+            with tempfile.TemporaryDirectory(prefix="meshsl-trajectory-") as directory:
+                document, _ = record_and_audit(load(topology), Path(directory), steps)
+        else:
+            if topology is None:
+                meta = load_recordings(run)[1]
+                if not meta.get("topology_file"):
+                    print("error: the recordings do not name their topology file; give it", file=sys.stderr)
+                    raise typer.Exit(2)
+                topology = Path(meta["topology_file"])
+            document = audit_run(load(topology), run)
+    except MeshslError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(document, indent=2, default=float))
+        return
+    print_trajectory_audit(document)
+
+
+def print_trajectory_audit(document: dict) -> None:
+    """Per edge and phase: the realistic figures and the upper bounds side by side."""
+    for name, edge in document["label_edges"].items():
+        defence = edge["defence"]
+        text = "no defence" if defence is None else ", ".join(f"{k} {v}" for k, v in defence.items()
+                                                              if k not in ("seed", "delta", "amplification"))
+        for task, r in edge["tasks"].items():
+            table = Table(title=f"label leakage on the wire: {name} ({r['party']} <- {r['label_party']}), "
+                                f"task {task}, {text}; {r['rows']} training rows, "
+                                f"{r['held_out_rows_dropped']} held-out rows dropped")
+            for column in ("phase", "steps", "norm AUC realistic", "direction AUC realistic", "norm AUC upper bound",
+                           "direction AUC upper bound", "norm AUC paper side", "best step norm / dir"):
+                table.add_column(column)
+            for phase, p in r["phases"].items():
+                real, upper, best = p["realistic"], p["upper_bound"], p["best_single_step"]
+                table.add_row(phase, f"{p['first_step']}-{p['last_step']}", _fmt(real["norm_auc"]),
+                              _fmt(real["direction_auc"]), _fmt(upper["norm_auc"]), _fmt(upper["direction_auc"]),
+                              _fmt(real["norm_auc_paper_side"]),
+                              f"{_fmt(best['norm_auc'])} / {_fmt(best['direction_auc'])}")
+            out.print(table)
+    out.print("assumptions:\n" + "\n".join(f"  - {a}" for a in document["assumptions"]))
 
 
 def print_label_audit(document: dict) -> None:

@@ -23,6 +23,7 @@ from meshsl.compute.node_data import NodeData
 from meshsl.compute.preprocessing import fit_preprocessing, preprocess_layer
 from meshsl.compute.staging import to_device
 from meshsl.compute.tasks import correct_count, summarise, task_loss
+from meshsl.compute.trajectory_recorder import TrajectoryRecorder
 from meshsl.compute.weight_versions import WeightVersions
 from meshsl.privacy.accounting import effective_dp
 from meshsl.privacy.dp import clip_and_noise, randomized_response
@@ -156,6 +157,7 @@ class SegmentWorker:
         self._gauge = LeakageGauge(topology, self.modules, self.leakage_max_samples)
         self._label_guard = LabelGuard(topology, node, self)
         self._hijack_guard = HijackGuard(topology, node, self)
+        self.recorder = TrajectoryRecorder(topology, node)  # privacy[].record: what this party received
 
     @property
     def versions(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
@@ -223,6 +225,8 @@ class SegmentWorker:
             return self.data.get(source, rows, self.context.phase).to(self.device)
         local = self.store.outputs.get((r, source, lane, micro_batch))
         value = local if local is not None else self.store.inputs.pop((r, segment, source, lane, micro_batch))
+        if local is None and self.recorder.active:
+            self.recorder.received(f"{source}->{segment}", "activation", self.context, lane, micro_batch, rows, value)
         value = to_device(value.detach(), self.device)  # pinned + non_blocking for CUDA; CPU: unchanged
         return value.requires_grad_(True) if self.context.phase == "train" else value
 
@@ -326,6 +330,8 @@ class SegmentWorker:
         stash = self.stash.pop((r, segment, lane, micro_batch))
         grads = self.store.grads.pop((r, segment, lane, micro_batch), [])
         tensors, grad_tensors = [], []
+        if grads and self.recorder.active:
+            self.recorder.gradients(segment, self.context, lane, micro_batch, self.batch_rows(lane, micro_batch), grads)
         if grads:
             # Summed in consumer order, not arrival order, so the result does not depend on timing.
             ordered = [g.to(self.device) for _, g in sorted(grads, key=lambda item: item[0])]

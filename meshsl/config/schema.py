@@ -161,6 +161,11 @@ class EdgePrivacySpec(Strict):
         default=None, description="label-leakage defence on the gradients sent back over this edge")
     hijack_check: Optional[HijackCheckSpec] = Field(
         default=None, description="client holding its labels: SplitGuard-style probe of the gradients it gets")
+    record: Optional[str] = Field(
+        default=None, min_length=1,
+        description="directory (relative to the topology file) where each receiving node records, per training "
+                    "step, the gradient and activation rows it received over this segment's cut edges, with "
+                    "their sample ids (for `meshsl audit --run DIR`)")
 
 
 class ClientsSpec(Strict):

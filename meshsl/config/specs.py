@@ -79,6 +79,11 @@ class GradientDefenceSpec(BaseModel):
                                                         "with noise_multiplier given, refuse runs beyond it")
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     amplification: bool = Field(default=False, description="dp: count privacy amplification by subsampling")
+    floor: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False,
+                                   description="max_norm, marvell: isotropic noise added to every row, its power "
+                                               "a multiple of the micro-batch's largest squared row norm (hides "
+                                               "the rows' directions while their norms are still alike; "
+                                               "default per defence, see docs/privacy.md)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -88,6 +93,8 @@ class GradientDefenceSpec(BaseModel):
                 raise ValueError("defence 'dp' needs clip_norm")
             if self.noise_multiplier is None and self.target_epsilon is None:
                 raise ValueError("defence 'dp' needs noise_multiplier or target_epsilon")
+            if self.floor is not None:
+                raise ValueError("floor belongs to defences 'max_norm' and 'marvell', not 'dp'")
         elif self.clip_norm is not None or self.noise_multiplier is not None or self.target_epsilon is not None:
             raise ValueError(f"clip_norm, noise_multiplier and target_epsilon belong to defence 'dp', "
                              f"not {self.defence!r}")

@@ -43,11 +43,30 @@ def _normal(shape, generator: torch.Generator, like: Tensor) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
 
 
-def max_norm_noise(grads: Tensor, generator: torch.Generator) -> Tensor:
-    """Row j gets N(0, s_j^2 I) with d * s_j^2 = max_i ||g_i||^2 - ||g_j||^2 (equal expected norms)."""
+# The floor's default per defence (`privacy[].gradient.floor`), set from the per-phase trajectory audit of
+# breast cancer (docs/privacy.md): without it max_norm leaks the labels' direction in the first steps.
+DEFAULT_FLOOR = {"max_norm": 32.0, "marvell": 16.0}
+
+
+def floor_of(spec: GradientDefenceSpec) -> float:
+    return spec.floor if spec.floor is not None else DEFAULT_FLOOR.get(spec.defence, 0.0)
+
+
+def isotropic_floor(flat: Tensor, floor: float, generator: torch.Generator) -> Tensor:
+    """Isotropic noise of expected power `floor` x the largest squared row norm on every row."""
+    if floor <= 0.0:
+        return flat
+    power = (flat.float() ** 2).sum(dim=1).max()
+    std = (floor * power / flat.shape[1]).sqrt().to(flat.dtype)
+    return flat + _normal(flat.shape, generator, flat) * std
+
+
+def max_norm_noise(grads: Tensor, generator: torch.Generator, floor: float = 0.0) -> Tensor:
+    """Row j gets N(0, s_j^2 I) with d * s_j^2 = (1 + floor) max_i ||g_i||^2 - ||g_j||^2 (equal expected
+    norms; with a floor, noise on every row even where the norms are alike, as at initialisation)."""
     flat = _flat(grads)
     squared = (flat.float() ** 2).sum(dim=1)
-    std = ((squared.max() - squared).clamp_min(0.0) / flat.shape[1]).sqrt()
+    std = (((1.0 + floor) * squared.max() - squared).clamp_min(0.0) / flat.shape[1]).sqrt()
     noise = _normal(flat.shape, generator, flat) * std.to(flat.dtype)[:, None]
     return (flat + noise).reshape(grads.shape)
 
@@ -92,7 +111,8 @@ def marvell_covariances(flat: np.ndarray, labels: np.ndarray, strength: float) -
     return {"direction": direction, "class1": (l1u, l1v), "class0": (l0u, l0v)}
 
 
-def marvell_noise(grads: Tensor, labels: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+def marvell_noise(grads: Tensor, labels: Tensor, strength: float, generator: torch.Generator,
+                  floor: float = 0.0) -> Tensor:
     """Class-dependent Gaussian noise with Marvell's optimised covariances (binary labels 0/1)."""
     flat = _flat(grads)
     y = labels.detach().reshape(-1).cpu().numpy()
@@ -101,7 +121,7 @@ def marvell_noise(grads: Tensor, labels: Tensor, strength: float, generator: tor
         raise ConfigError("the marvell defence needs binary labels (0/1)")
     found = marvell_covariances(flat.detach().double().cpu().numpy(), y, strength)
     if found is None:  # one class missing from the micro-batch: fall back to equalising norms
-        return max_norm_noise(grads, generator)
+        return max_norm_noise(grads, generator, floor)
     direction = torch.as_tensor(found["direction"], dtype=torch.float32)
     along_var = torch.tensor([found["class0"][0], found["class1"][0]], dtype=torch.float32)[torch.as_tensor(y)]
     other_var = torch.tensor([found["class0"][1], found["class1"][1]], dtype=torch.float32)[torch.as_tensor(y)]
@@ -111,7 +131,7 @@ def marvell_noise(grads: Tensor, labels: Tensor, strength: float, generator: tor
     isotropic -= (isotropic @ direction)[:, None] * direction[None, :]
     along = torch.randn((n,), generator=generator) * along_var.sqrt()
     noise = isotropic + along[:, None] * direction[None, :]
-    return (flat + noise.to(device=flat.device, dtype=flat.dtype)).reshape(grads.shape)
+    return isotropic_floor(flat + noise.to(device=flat.device, dtype=flat.dtype), floor, generator).reshape(grads.shape)
 
 
 def defend(grads: Tensor, spec: GradientDefenceSpec, generator: torch.Generator, *,
@@ -120,11 +140,11 @@ def defend(grads: Tensor, spec: GradientDefenceSpec, generator: torch.Generator,
     (and back); `noise_multiplier` is the calibrated value for a dp defence declared by target epsilon."""
     rows = grads.detach() * scale
     if spec.defence == "max_norm":
-        out = max_norm_noise(rows, generator)
+        out = max_norm_noise(rows, generator, floor_of(spec))
     elif spec.defence == "marvell":
         if labels is None:
             raise ConfigError("the marvell defence needs the labels of the micro-batch")
-        out = marvell_noise(rows, labels, spec.strength, generator)
+        out = marvell_noise(rows, labels, spec.strength, generator, floor_of(spec))
     else:
         sigma = noise_multiplier if noise_multiplier is not None else spec.noise_multiplier
         if sigma is None:

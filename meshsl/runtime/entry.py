@@ -73,6 +73,8 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
     await runtime.run()
     if runtime.stood_down:  # a warm standby that was not needed: no weights, no summary
         return runtime, {}
+    if runtime.worker is not None and runtime.worker.recorder.active and not runtime.failure:
+        runtime.worker.recorder.save()  # privacy[].record: kept at this (receiving) node only
     if weights_out is not None and not runtime.failure and not runtime.dropped:  # dropped: no final weights
         save_weights(runtime, weights_out)
     elif partial_weights_out is not None and runtime.failure and runtime.worker is not None:
