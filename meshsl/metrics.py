@@ -76,8 +76,11 @@ _GAUGES = {
     "meshsl_edge_leakage_dcor": ("Distance correlation between inputs and an edge's activations",
                                  ("edge",)),
     "meshsl_checkpoint_step": ("Step of the last checkpoint written", ()),
-    "meshsl_edge_label_leakage_auc": ("Norm attack AUC on the gradients a label holder sends over an edge "
+    "meshsl_edge_label_leakage_auc": ("Label-inference AUC an attacker gets from the gradients a label holder "
+                                      "sends over an edge, sides chosen without labels, last sampled steps "
                                       "(0.5 chance, 1 labels recovered)", ("edge",)),
+    "meshsl_edge_label_leakage_auc_upper_bound": ("Upper bound of that AUC: attack sides chosen with the labels, "
+                                                  "labelled reference rows (not what an attacker gets)", ("edge",)),
     "meshsl_privacy_epsilon": ("Privacy budget spent (epsilon at the run's delta) per edge mechanism",
                                ("edge", "mechanism")),
 }
@@ -233,8 +236,9 @@ class NodeMetrics:
     def leakage(self, edge: str, dcor: float) -> None:
         self._m["meshsl_edge_leakage_dcor"].labels(self.node, self._label(edge)).set(dcor)
 
-    def label_leakage(self, edge: str, auc: float) -> None:
+    def label_leakage(self, edge: str, auc: float, upper_bound: float) -> None:
         self._m["meshsl_edge_label_leakage_auc"].labels(self.node, self._label(edge)).set(auc)
+        self._m["meshsl_edge_label_leakage_auc_upper_bound"].labels(self.node, self._label(edge)).set(upper_bound)
 
     def privacy_epsilon(self, edge: str, mechanism: str, epsilon: float) -> None:
         self._m["meshsl_privacy_epsilon"].labels(self.node, self._label(edge), self._label(mechanism)).set(epsilon)

@@ -75,8 +75,9 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("Leakage (distance correlation) per edge", "timeseries", "short", [
         (f"meshsl_edge_leakage_dcor{{{N}}}", "{{edge}}"),
     ]),
-    ("Label leakage (norm-attack AUC, label holder's view)", "timeseries", "short", [
-        (f"meshsl_edge_label_leakage_auc{{{N}}}", "{{edge}}"),
+    ("Label leakage (attack AUC on the gradients sent; realistic and upper bound)", "timeseries", "short", [
+        (f"meshsl_edge_label_leakage_auc{{{N}}}", "{{edge}} realistic"),
+        (f"meshsl_edge_label_leakage_auc_upper_bound{{{N}}}", "{{edge}} upper bound"),
     ]),
     ("Privacy budget spent (epsilon)", "timeseries", "short", [
         (f"meshsl_privacy_epsilon{{{N}}}", "{{edge}} {{mechanism}}"),

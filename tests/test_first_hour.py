@@ -188,7 +188,7 @@ def test_near_total_leakage_is_flagged_with_what_to_do():
     from meshsl.privacy.leakage_warnings import audit_warnings, run_warnings
     found = run_warnings({"leakage": {"bottom->top": 0.99999, "ok->edge": 0.5}, "label_leakage": {"bottom->top": 0.97}})
     assert len(found) == 2 and "edge bottom->top: dCor 0.99999" in found[0] and "nopeek" in found[0]
-    assert "norm-attack AUC 0.970" in found[1] and "max_norm" in found[1]
+    assert "label-attack AUC 0.970" in found[1] and "max_norm" in found[1]
     found = audit_warnings({"edges": {"bottom->top": {"dcor": 0.5, "inversion_relative_error": 0.037}}})
     assert found and "model-inversion error 0.037" in found[0]
 

@@ -123,10 +123,11 @@ def test_a_declared_defence_stops_the_attacks_at_little_cost(gradient, undefende
 
 def test_label_leakage_gauge_is_exported():
     metrics = NodeMetrics("server", "lab", "node", "t", "h")
-    metrics.label_leakage("bottom->top", 0.93)
+    metrics.label_leakage("bottom->top", 0.61, 0.93)
     metrics.privacy_epsilon("bottom->top", "activation_dp", 2.5)
     text = metrics.render().decode()
-    assert 'meshsl_edge_label_leakage_auc{edge="bottom->top",node="server"} 0.93' in text
+    assert 'meshsl_edge_label_leakage_auc{edge="bottom->top",node="server"} 0.61' in text
+    assert 'meshsl_edge_label_leakage_auc_upper_bound{edge="bottom->top",node="server"} 0.93' in text
     assert 'meshsl_privacy_epsilon{edge="bottom->top",mechanism="activation_dp",node="server"} 2.5' in text
 
 
@@ -142,8 +143,8 @@ def test_marvell_needs_the_labels_at_the_sender():
 
 
 def test_gradient_dp_by_target_epsilon_runs_and_exports_its_gauges():
-    """Through run_node with a Prometheus registry per node: the label holder exports the norm-attack AUC
-    and the epsilon it has spent, which ends at the calibrated budget."""
+    """Through run_node with a Prometheus registry per node: the label holder exports the live attack AUC
+    (realistic, and its upper bound) and the epsilon it has spent, which ends at the calibrated budget."""
     from test_privacy_integration import run  # tests/ is on sys.path
     from meshsl.privacy.accounting import budget
     topology = breast_cancer({"defence": "dp", "clip_norm": 1.0, "target_epsilon": 2.0})
@@ -157,6 +158,11 @@ def test_gradient_dp_by_target_epsilon_runs_and_exports_its_gauges():
     assert summary["tasks"]["diagnosis"]["eval"]["accuracy"] > 0.6
     text = registries["server"].render().decode()
     assert 'meshsl_edge_label_leakage_auc{edge="bottom->top",node="server"}' in text
+    gauges = {name: float(line.split()[-1]) for line in text.splitlines()
+              for name in ("meshsl_edge_label_leakage_auc{", "meshsl_edge_label_leakage_auc_upper_bound{")
+              if line.startswith(name)}
+    assert len(gauges) == 2 and 0.0 <= gauges["meshsl_edge_label_leakage_auc{"] <= 1.0
+    assert gauges["meshsl_edge_label_leakage_auc_upper_bound{"] < 0.75  # DP at epsilon 2 hides the labels
     epsilon_line = next(line for line in text.splitlines() if line.startswith("meshsl_privacy_epsilon{"))
     assert float(epsilon_line.split()[-1]) == pytest.approx(spent["epsilon"])
     assert "meshsl_privacy_epsilon{" not in registries["client"].render().decode()  # the sender applies it

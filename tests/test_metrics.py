@@ -110,7 +110,7 @@ def test_every_exported_name_can_appear_in_a_scrape(node):
     node.client_change("drop", "heartbeat")
     node.recovery(2.0)
     node.leakage("e", 0.1)
-    node.label_leakage("e", 0.9)
+    node.label_leakage("e", 0.6, 0.9)
     node.privacy_epsilon("e", "activation_dp", 1.0)
     node.checkpoint(1.0, 1)
     node.step_done(1.0, 1)

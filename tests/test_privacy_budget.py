@@ -91,7 +91,7 @@ def test_plan_lists_control_figures_and_the_budget(tmp_path):
     figures = {(f["party"], f["figure"], f["to_party"]) for f in document["control_contract"]}
     assert ("insurer", "task parity: loss_sum, correct, count", "lab") in figures
     assert ("clinic", "dCor reading of edge encoder->trunk", "lab") in figures
-    assert ("insurer", "norm-attack AUC of edge trunk->parity_head", "lab") in figures
+    assert ("insurer", "label-attack AUCs (realistic, upper bound) of edge trunk->parity_head", "lab") in figures
     assert not any(f["party"] == "lab" for f in document["control_contract"])  # the coordinator's own party
     assert document["privacy_budget"] is None
     path = tmp_path / "dp.yaml"
@@ -121,6 +121,7 @@ def test_configuration_recognition_names_the_u_shaped_part_of_a_mixed_topology()
     doc["segments"][2]["node"] = "clinic"
     doc["data"][1]["node"] = "clinic"
     doc["training"]["coordinator"] = "clinic"
+    doc["nodes"] = [n for n in doc["nodes"] if n["name"] != "lab"]  # it holds nothing now (an idle node is refused)
     kinds = topology_of(doc).recognised_configurations()
     assert "vanilla" in kinds and "u-shaped part (task digit)" in kinds, kinds
     assert not any(k.startswith("u-shaped part") for k in load_topology(ROOT / "topologies" / "multi_task.yaml")

@@ -69,10 +69,7 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
                 contract.add_row(p["party"], name, f"{verb} {t['direction']}", t["edge"],
                                  f"{t['dtype']}\\[{', '.join(map(str, t['shape']))}] ({t['codec']})", f"{t['peer']} ({t['peer_party']})")
     out.print(contract)
-    for row in document.get("preprocessing", []):
-        out.print(f"{row['party']} ({row['node']}): preprocessing of {row['source']!r} (impute {row['impute']}, "
-                  f"scale {row['scale']}) is fitted on its own training rows and kept in "
-                  f"{', '.join(row['segments'])}; it is never sent")
+    _print_kept_preprocessing(document)
     if document.get("alignment"):
         from meshsl.cli.align import print_alignment_step  # rich: never in a node process
         print_alignment_step(out, document["alignment"])
@@ -84,6 +81,13 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
         out.print(f"[yellow]warning:[/yellow] {warning}")
     from meshsl.cli.privacy import print_leakage_warnings  # rich: never in a node process
     print_leakage_warnings(candidates, "plan")
+
+
+def _print_kept_preprocessing(document: dict) -> None:
+    for row in document.get("preprocessing", []):
+        out.print(f"{row['party']} ({row['node']}): preprocessing of {row['source']!r} (impute {row['impute']}, "
+                  f"scale {row['scale']}) is fitted on its own training rows and kept in "
+                  f"{', '.join(row['segments'])}; it is never sent")
 
 
 def _print_cut_candidates(candidates: list[dict]) -> None:

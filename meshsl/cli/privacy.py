@@ -172,11 +172,12 @@ def print_plan_privacy(document: dict) -> None:
 
 
 def print_run_privacy(summary: dict) -> None:
-    """`meshsl run`: budgets spent, the label holder's last norm-attack AUC, hijack-check verdicts."""
+    """`meshsl run`: budgets spent, the label holder's last label-attack AUC, hijack-check verdicts."""
     if summary.get("privacy_budget") and summary["privacy_budget"].get("edges"):
         print_budget(summary["privacy_budget"])
     if summary.get("label_leakage"):
-        out.print("label leakage (norm-attack AUC at the label holder, last sampled step): " + ", ".join(
+        out.print("label leakage (attack AUC on the gradients sent, sides chosen without labels, last 5 sampled "
+                  "steps): " + ", ".join(
             f"{edge} {auc:.3f}" for edge, auc in summary["label_leakage"].items()))
     for node, verdict in (summary.get("hijack_check") or {}).items():
         state = ("[red]HIJACKING SUSPECTED[/red]" if verdict["hijacked"] else "no sign of hijacking") \

@@ -1,22 +1,29 @@
 """The label holder's side of label leakage, on the compute thread: the gradient defence declared for
 a cut edge (`privacy[].gradient`) is applied to the rows before they leave, and every
-`leakage_every`-th step the norm attack's AUC is measured on what leaves, with the labels only this
-node holds (the live gauge `meshsl_edge_label_leakage_auc`).
+`leakage_every`-th step the rows that leave are attacked as the receiving party would attack them
+(meshsl.privacy.trajectory_attacks), scored with the labels only this node holds. The live gauges hold,
+over the last `window` sampled steps, the realistic figure (`meshsl_edge_label_leakage_auc`: the
+stronger of the attacker's norm and direction attacks, sides chosen without labels) and the upper bound
+(`meshsl_edge_label_leakage_auc_upper_bound`: sides chosen with the labels, labelled references).
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 import networkx as nx
+import numpy as np
 import torch
+
 from meshsl.privacy.accounting import epsilon, gradient_noise, mechanisms, releases
-from meshsl.privacy.label_attacks import norm_attack_auc
 from meshsl.privacy.label_defences import defend
+from meshsl.privacy.trajectory_attacks import StepAttack, attack_step, phase_figures
 
 
 class LabelGuard:
     leakage_every = 10  # the gauge samples every N-th training step ...
     max_samples = 512  # ... on at most this many gradient rows per edge
+    window = 5  # ... and reports over the last this many sampled steps
 
     def __init__(self, topology, node: str, worker) -> None:
         self.topology = topology
@@ -26,6 +33,8 @@ class LabelGuard:
         self.generator = torch.Generator().manual_seed(topology.spec.training.seed * 1_000_003 + 1717)
         self._tasks: dict[tuple[str, str], Optional[object]] = {}
         self._samples: dict[str, tuple[list, list]] = {}
+        self._attacks: dict[str, deque[StepAttack]] = {}
+        self._prior: dict[str, tuple[int, float]] = {}  # labels source -> (minority class, its share)
         self._spent_cache: dict[tuple, float] = {}
 
     def begin(self) -> None:
@@ -69,22 +78,42 @@ class LabelGuard:
         return grad
 
     def _record(self, edge: str, task, lane: int, micro_batch: int, grad: torch.Tensor) -> None:
-        """Per-row norms of what leaves on a sampled step, with the true labels of those rows."""
+        """The rows that leave on a sampled step, with the true labels of those rows (for scoring only)."""
         if self.worker.context.step % self.leakage_every != 0:
             return
         sampled, ys = self._samples.setdefault(edge, ([], []))
         if sum(len(n) for n in sampled) < self.max_samples:
             rows = torch.as_tensor(self.worker.batch_rows(lane, micro_batch))
-            sampled.append(grad.detach().reshape(grad.shape[0], -1).float().norm(dim=1).cpu())
-            ys.append(self.worker.data.tensors[task.labels][rows].reshape(-1))
+            sampled.append(grad.detach().reshape(grad.shape[0], -1).float().cpu())
+            ys.append((task.labels, self.worker.data.tensors[task.labels][rows].reshape(-1)))
 
-    def gauge(self) -> dict[str, float]:
-        """Norm-attack AUC per edge on the sampled step (true labels, what actually left); empties the sample."""
-        result = {}
-        for edge, (norms, ys) in self._samples.items():
-            norm, y = torch.cat(norms), torch.cat(ys)
-            if len(y) >= 4 and int(y.min()) != int(y.max()):
-                result[edge] = norm_attack_auc(norm[:, None], y)
+    def _minority(self, source: str) -> tuple[int, float]:
+        """The positive class of the attacks (the minority one) and its share of the training rows."""
+        if source not in self._prior:
+            labels = self.worker.data.tensors[source].reshape(-1)
+            train = np.concatenate(list(self.worker.data.pools.train))
+            counts = torch.bincount(labels[torch.as_tensor(train)].long(), minlength=2)[:2].double()
+            minority = int(torch.argmin(counts))
+            self._prior[source] = (minority, float(counts[minority] / counts.sum().clamp(min=1)))
+        return self._prior[source]
+
+    def gauge(self) -> dict[str, dict[str, float]]:
+        """Over the last `window` sampled steps, per edge: {"label_leakage": {edge: realistic AUC},
+        "label_leakage_upper_bound": {edge: upper bound}} ({} without a sample); empties the sample."""
+        result: dict[str, dict[str, float]] = {}
+        for edge, (rows, ys) in self._samples.items():
+            source = ys[0][0]
+            y = torch.cat([labels for _, labels in ys]).numpy()
+            minority, prior = self._minority(source)
+            positive = y == minority
+            if len(y) < 4 or positive.all() or not positive.any():
+                continue
+            window = self._attacks.setdefault(edge, deque(maxlen=self.window))
+            window.append(attack_step(torch.cat(rows).numpy(), positive, prior, step=self.worker.context.step))
+            figures = phase_figures(list(window))
+            result.setdefault("label_leakage", {})[edge] = max(figures["realistic"]["norm_auc"],
+                                                               figures["realistic"]["direction_auc"])
+            result.setdefault("label_leakage_upper_bound", {})[edge] = max(figures["upper_bound"].values())
         self._samples.clear()
         return result
 

@@ -404,9 +404,7 @@ class SegmentWorker:
         summary = {"tasks": self.stats}
         if self._gauge.samples:
             summary["leakage"] = self.leakage()
-        label_leakage = self._label_guard.gauge()
-        if label_leakage:
-            summary["label_leakage"] = label_leakage
+        summary.update(self._label_guard.gauge())  # label_leakage (realistic) and its upper bound, if sampled
         verdict = self._hijack_guard.verdict()
         if verdict is not None:
             summary["hijack_check"] = verdict

@@ -7,7 +7,8 @@ what it hosts (see `SegmentWorker.round_summary`):
 * a node computing a task's loss: the step's loss_sum / correct / count of that task (a function of
   the label holder's labels), and after evaluation the task's metrics and confusion matrix;
 * a node producing a cut activation: the live dCor reading between its raw inputs and what it sends;
-* a label holder sending gradients over a cut: the live norm-attack AUC (computed with its labels);
+* a label holder sending gradients over a cut: the live label-attack AUCs, realistic and upper bound
+  (scored with its labels);
 * a node applying a DP mechanism (or holding labels under label DP): the epsilon spent so far;
 * a client running the hijacking probe: its verdict.
 
@@ -61,7 +62,7 @@ def control_figures(topology) -> list[dict]:
                     and topology.node_of(t.labels, lane) == sender
                     and topology.party_of(t.labels, lane) != topology.party_of(producer, lane)]
             if held:
-                add(sender, f"norm-attack AUC of edge {producer}->{consumer}",
+                add(sender, f"label-attack AUCs (realistic, upper bound) of edge {producer}->{consumer}",
                     f"labels {held[0].labels!r} of {topology.party_of(held[0].labels, lane)}",
                     "every 10th training step (binary labels)")
             if producer in gradient_dp:

@@ -46,12 +46,12 @@ def label_warning(edge: str, auc, attack: str) -> list[str]:
 
 
 def run_warnings(summary: dict) -> list[str]:
-    """From a run summary: the last sampled live dCor and norm-attack AUC per cut edge."""
+    """From a run summary: the last sampled live dCor and label-attack AUC (realistic) per cut edge."""
     found: list[str] = []
     for edge, dcor in (summary.get("leakage") or {}).items():
         found += dcor_warning(edge, dcor, "live reading at the end of training")
     for edge, auc in (summary.get("label_leakage") or {}).items():
-        found += label_warning(edge, auc, "norm-attack")
+        found += label_warning(edge, auc, "label-attack")
     return found
 
 

@@ -21,7 +21,8 @@ class RunRecord:
     history: list = field(default_factory=list)
     node_stats: dict = field(default_factory=dict)  # node -> meta of its last training DONE
     leakage: dict = field(default_factory=dict)  # cut edge -> last sampled dCor(raw input, activation)
-    label_leakage: dict = field(default_factory=dict)  # cut edge -> last norm-attack AUC at the label holder
+    label_leakage: dict = field(default_factory=dict)  # cut edge -> last realistic label-attack AUC (label holder)
+    label_leakage_upper_bound: dict = field(default_factory=dict)  # cut edge -> its last upper bound
     failovers: int = 0
     recovery_seconds: list = field(default_factory=list)
     failover_events: list = field(default_factory=list)  # node, cause, detected (unix time), recovery_seconds
@@ -34,16 +35,16 @@ class RunRecord:
         """The history row of a committed step, from every node's DONE statistics."""
         tasks: dict[str, dict] = {}
         leakage: dict[str, float] = {}
-        row_label_leakage: dict[str, float] = {}
+        labels: dict[str, dict[str, float]] = {"label_leakage": {}, "label_leakage_upper_bound": {}}
         for sender, (envelope, _) in done.items():
             self.node_stats[sender] = envelope.meta
             for edge, dcor in (envelope.meta.get("leakage") or {}).items():  # worst client per edge
                 if isinstance(dcor, (int, float)) and edge in self.leakage_edges:
                     leakage[edge] = max(float(dcor), leakage.get(edge, 0.0))
-            for edge, auc in (envelope.meta.get("label_leakage") or {}).items():  # norm-attack AUC, worst client
-                if isinstance(auc, (int, float)) and edge in self.leakage_edges:
-                    row_label_leakage[edge] = max(float(auc), row_label_leakage.get(edge, 0.0))
-                    self.label_leakage[edge] = row_label_leakage[edge]
+            for key, worst in labels.items():  # label-attack AUCs (realistic, upper bound), worst client per edge
+                for edge, auc in (envelope.meta.get(key) or {}).items():
+                    if isinstance(auc, (int, float)) and edge in self.leakage_edges:
+                        worst[edge] = max(float(auc), worst.get(edge, 0.0))
             for name, stats in envelope.meta.get("tasks", {}).items():
                 count = max(1, stats.get("count", 0))
                 tasks[name] = {"loss": stats.get("loss_sum", 0.0) / count}
@@ -53,8 +54,9 @@ class RunRecord:
         if leakage:
             row["leakage"] = leakage
             self.leakage.update(leakage)
-        if row_label_leakage:
-            row["label_leakage"] = row_label_leakage
+        self.label_leakage.update(labels["label_leakage"])
+        self.label_leakage_upper_bound.update(labels["label_leakage_upper_bound"])
+        row.update({key: worst for key, worst in labels.items() if worst})
         return row
 
     def commit_step(self, info: StepInfo, done: dict, seconds: float, batch_size: int) -> dict:
@@ -111,6 +113,7 @@ class RunRecord:
             "label_dp": training.label_dp.model_dump() if training.label_dp else None,
             "leakage": dict(self.leakage),
             "label_leakage": dict(self.label_leakage),
+            "label_leakage_upper_bound": dict(self.label_leakage_upper_bound),
             "privacy_budget": privacy_budget,
             "hijack_check": {n: s["hijack_check"] for n, s in self.node_stats.items() if s.get("hijack_check")},
         }

@@ -143,8 +143,9 @@ class NodeWork:
         self._observe_tasks(metrics, phase, summary)
         for edge, dcor in summary.get("leakage", {}).items():
             metrics.leakage(edge, dcor)
+        upper = summary.get("label_leakage_upper_bound", {})
         for edge, auc in summary.get("label_leakage", {}).items():
-            metrics.label_leakage(edge, auc)
+            metrics.label_leakage(edge, auc, upper.get(edge, auc))
         for key, eps in summary.get("privacy_spent", {}).items():
             metrics.privacy_epsilon(*key.split("|"), eps)
 
