@@ -46,6 +46,7 @@ EVENT_ONLY = {
     "meshsl_rejected_messages_total": "only when a malformed or unexpected message arrives (labelled by reason)",
     "meshsl_edge_leakage_dcor": "only where a leakage probe measured an edge; the runtime does not run one yet",
     "meshsl_edge_label_leakage_auc": "only at a label holder of binary labels (this run's digits have 10 classes)",
+    "meshsl_edge_label_leakage_auc_upper_bound": "the same: only at a label holder of binary labels",
     "meshsl_privacy_epsilon": "only where an edge declares DP (tests/test_label_privacy.py covers both)",
 }
 
