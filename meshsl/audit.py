@@ -34,7 +34,7 @@ from meshsl.compression import make_codec
 from meshsl.compute.layers import merge_inputs
 from meshsl.compute.tasks import task_loss
 from meshsl.compute.worker import build_module
-from meshsl.data import load_source
+from meshsl.data import dataset_rows, load_source
 from meshsl.errors import ConfigError
 from meshsl.plan.steps import sample_pools
 from meshsl.privacy.accounting import budget, effective_dp, gradient_noise
@@ -103,9 +103,13 @@ def feature_tensors(topology, rows: np.ndarray) -> dict[str, torch.Tensor]:
     for name, spec in topology.data.items():
         if spec.kind != "features":
             continue
-        table = load_source(spec, topology.base_dir)
         aligned = aligned_rows(topology, topology.placement[name][0], name)  # sample ids matched by PSI
         at = index if aligned is None else aligned[index]
+        # Rows that all lie near the top of the file (the plan's untrained probe) read only that far.
+        head = int(at.max()) + 1 if len(at) else None
+        if head is not None and head >= dataset_rows(spec.source_dataset, topology.base_dir):
+            head = None
+        table = load_source(spec, topology.base_dir, head=head)
         values[name] = torch.as_tensor(np.ascontiguousarray(table.features[at]), dtype=torch.float32)
     return values
 

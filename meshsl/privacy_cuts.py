@@ -97,7 +97,10 @@ def cut_candidates(topology, *, train_steps: int = TRAIN_STEPS, samples: int = S
     if not holders:
         return []
     pool = np.asarray(sample_pools(topology).train[0])
-    rows = np.sort(np.random.default_rng(topology.spec.training.seed).permutation(pool)[:samples])
+    if train_steps > 0:
+        rows = np.sort(np.random.default_rng(topology.spec.training.seed).permutation(pool)[:samples])
+    else:  # `meshsl plan`'s untrained probe: the first training rows, so a party's file is read only that far
+        rows = np.sort(pool)[:samples]
     init_modules, _ = _trained_modules(topology, 0)
     trained_modules, trained_steps = _trained_modules(topology, train_steps)
     init_values = _sample_values(topology, init_modules, rows)

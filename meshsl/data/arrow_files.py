@@ -184,20 +184,29 @@ def csv_rows(file: Path) -> int:
 
 def _scan_lines(file: Path) -> tuple[int, int, bytes]:
     """(line breaks, blank lines, last byte), read in plain 16 MiB chunks (a memory map's pages would
-    count as this process's memory)."""
+    count as this process's memory). A blank line is a break right after a break (or after "\r" after one)."""
     lines = blank = 0
-    previous = b"\n"  # a blank first line counts as blank
+    before = -1  # position of the last line break before this chunk (relative to its start; -1: a blank first line)
+    last = b""
     with file.open("rb") as handle:
         while chunk := handle.read(1 << 24):
-            lines += chunk.count(b"\n")
-            text = np.frombuffer(previous + chunk, dtype=np.uint8)
-            breaks = text == 10
-            ends = np.zeros_like(breaks)  # a line break right after a line break (or "\r" after one)
-            ends[1:] |= breaks[1:] & breaks[:-1]
-            ends[2:] |= breaks[2:] & (text[1:-1] == 13) & breaks[:-2]
-            blank += int(np.count_nonzero(ends[len(previous):]))
-            previous = chunk[-2:]
-    return lines, blank, previous[-1:]
+            text = np.frombuffer(chunk, dtype=np.uint8)
+            breaks = np.flatnonzero(text == 10)
+            lines += len(breaks)
+            if len(breaks):
+                starts = np.concatenate([[before], breaks[:-1]])  # the previous break of each break
+                gap = breaks - starts
+                blank += int(np.count_nonzero(gap == 1))
+                pairs = breaks[gap == 2]  # one byte between: blank if it is "\r"
+                inside = pairs[pairs >= 1]
+                blank += int(np.count_nonzero(text[inside - 1] == 13))
+                if len(pairs) and pairs[0] == 0 and last == b"\r":
+                    blank += 1  # "\n\r" ending the previous chunk, "\n" starting this one
+                before = int(breaks[-1]) - len(chunk)
+            else:
+                before -= len(chunk)
+            last = chunk[-1:]
+    return lines, blank, last
 
 
 def parquet_rows(file: Path, where: str) -> int:
@@ -213,7 +222,11 @@ def ipc_rows(file: Path, where: str) -> int:
 
 def _line_count(file: Path) -> int:
     """Lines in the file: an upper bound on its data rows plus the header (blank lines are skipped)."""
-    lines, _, last = _scan_lines(file)
+    lines, last = 0, b""
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
     return lines + (last not in (b"", b"\n"))
 
 
