@@ -90,17 +90,22 @@ def _prefix_outputs(topology, segment: str, modules, values) -> list[tuple[nn.Mo
     return result
 
 
+def _probe_rows(topology, samples: int, trained: bool) -> np.ndarray:
+    """Training rows to measure dCor on: a seeded sample; for `meshsl plan`'s untrained probe the first
+    ones, so that a party's file is read only that far."""
+    pool = np.asarray(sample_pools(topology).train[0])
+    if trained:
+        return np.sort(np.random.default_rng(topology.spec.training.seed).permutation(pool)[:samples])
+    return np.sort(pool)[:samples]
+
+
 def cut_candidates(topology, *, train_steps: int = TRAIN_STEPS, samples: int = SAMPLE_ROWS) -> list[dict]:
     """One row per candidate cut point inside each data-holding segment that feeds another party."""
     holders = [name for name in topology.segment_order
                if any(i in topology.data and topology.data[i].kind == "features" for i in topology.segments[name].inputs)]
     if not holders:
         return []
-    pool = np.asarray(sample_pools(topology).train[0])
-    if train_steps > 0:
-        rows = np.sort(np.random.default_rng(topology.spec.training.seed).permutation(pool)[:samples])
-    else:  # `meshsl plan`'s untrained probe: the first training rows, so a party's file is read only that far
-        rows = np.sort(pool)[:samples]
+    rows = _probe_rows(topology, samples, trained=train_steps > 0)
     init_modules, _ = _trained_modules(topology, 0)
     trained_modules, trained_steps = _trained_modules(topology, train_steps)
     init_values = _sample_values(topology, init_modules, rows)

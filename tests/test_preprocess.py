@@ -58,3 +58,11 @@ def test_each_party_fits_on_its_own_training_rows_and_the_plan_says_it_stays():
     assert {(r["party"], r["source"]) for r in kept} == {
         ("vineyard", "vineyard_columns"), ("cellar", "cellar_columns"), ("lab", "lab_columns")}
     assert all(r["sent"] == "never" for r in kept)
+
+
+def test_a_prediction_worker_loads_no_training_table():
+    """`meshsl predict` reads each party's input file only: a 100 GB training table is not loaded to predict
+    a thousand new rows (the fitted preprocessing comes with the saved weights)."""
+    worker = SegmentWorker(load_topology(WINE), "cellar", training=False)
+    assert "cellar_columns" in worker.data.tensors and worker.data.tensors.loaded == {}
+    assert worker.data.tensors["cellar_columns"].shape == (178, 4)  # still there if a round asks for it

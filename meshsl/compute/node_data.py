@@ -1,7 +1,9 @@
 """The data a node holds: its feature and label sources, and the batches of every round."""
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -22,23 +24,53 @@ def feature_tensor(features: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(features if features.flags.c_contiguous else np.ascontiguousarray(features))
 
 
+class NodeSources(Mapping):
+    """The data sources placed on a node, each loaded on first use (and kept). Membership and keys need
+    no loading, so a prediction run, which reads only its input file, never loads the training tables."""
+
+    def __init__(self, topology, node: str, eager: bool) -> None:
+        self.topology, self.node = topology, node
+        self.names = [name for name in topology.data if node in topology.placement[name]]
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()  # the compute thread and the event loop may both ask
+        if eager:
+            for name in self.names:
+                self[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        with self.lock:
+            if name not in self.loaded:
+                self.loaded[name] = self._load(name)
+            return self.loaded[name]
+
+    def _load(self, name: str) -> torch.Tensor:
+        spec = self.topology.data[name]
+        table = load_source(spec, self.topology.base_dir)
+        tensor = torch.as_tensor(np.asarray(table.labels)) if spec.kind == "labels" else feature_tensor(table.features)
+        rows = aligned_rows(self.topology, self.node, name)
+        if rows is not None:  # sample ids matched by PSI: row i is the i-th common sample
+            tensor = tensor[torch.as_tensor(rows)].contiguous()
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 class NodeData:
-    def __init__(self, topology, node: str) -> None:
+    def __init__(self, topology, node: str, eager: bool = True) -> None:
+        """`eager`: load every source now (training: before the node says hello); else on first use."""
         self.topology = topology
         self.training = topology.spec.training
         self.pools = sample_pools(topology)
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name, spec in topology.data.items():
-            if node not in topology.placement[name]:
-                continue
-            table = load_source(spec, topology.base_dir)
-            if spec.kind == "labels":
-                self.tensors[name] = torch.as_tensor(np.asarray(table.labels))
-            else:
-                self.tensors[name] = feature_tensor(table.features)
-            rows = aligned_rows(topology, node, name)
-            if rows is not None:  # sample ids matched by PSI: row i is the i-th common sample
-                self.tensors[name] = self.tensors[name][torch.as_tensor(rows)].contiguous()
+        self.tensors = NodeSources(topology, node, eager)
         self.predict_inputs: dict[str, torch.Tensor] = {}
         # Micro-batch row ids are asked for by every forward and backward; computing them means a
         # permutation of the lane's pool, so the split of the current batches is kept (bounded).

@@ -133,14 +133,16 @@ class SegmentWorker:
     leakage_every = 10  # live leakage gauge: every N-th training step ...
     leakage_max_samples = 256  # ... on at most this many samples of one lane
 
-    def __init__(self, topology, node: str) -> None:
+    def __init__(self, topology, node: str, training: bool = True) -> None:
+        """`training` False (a prediction run): the training tables are not loaded, nothing is fitted."""
         self.topology = topology
         self.node = node
         self.device = torch.device(topology.nodes[node].device)
         self.segments = [s for s in topology.segment_order if node in topology.placement[s]]
         self.modules, self.optimizers = build_segments(topology, self.segments, self.device)
-        self.data = NodeData(topology, node)
-        fit_preprocessing(topology, node, self.modules, self.data)  # restored checkpoints hold the same values
+        self.data = NodeData(topology, node, eager=training)
+        if training:  # restored checkpoints and saved weights hold the same values
+            fit_preprocessing(topology, node, self.modules, self.data)
         # Latency hiding: step s runs on weight version W_{s-k} (meshsl.compute.weight_versions).
         self.staleness = topology.spec.training.staleness
         self._stale = WeightVersions(self.staleness)

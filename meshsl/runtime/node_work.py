@@ -49,7 +49,7 @@ class NodeWork:
 
     def build(self) -> SegmentWorker:
         torch.set_num_threads(self.topology.nodes[self.node].threads)
-        worker = SegmentWorker(self.topology, self.node)
+        worker = SegmentWorker(self.topology, self.node, training=self.inference is None)
         if self.weights_dir is not None:
             load_saved_weights(worker, Path(self.weights_dir))
         if self.inference is not None:
