@@ -37,7 +37,6 @@ from meshsl.runtime.prediction import (  # noqa: F401  (re-exported)
     PredictSettings, lane_client, predict_lanes, prediction_file)
 from meshsl.topology.model import load_topology, topology_from_spec
 
-FLOAT_FORMAT = ".9g"  # round-trips float32
 
 
 # ---- reading a party's own input ---------------------------------------------------------------
