@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from meshsl.config.specs import DatasetSpec
-from meshsl.data import Selection, dataset_rows, load_dataset
+from meshsl.data import Selection, clear_dataset_cache, dataset_rows, load_dataset
 from meshsl.errors import DataError
 
 pytestmark = pytest.mark.unit
@@ -158,3 +158,25 @@ def test_peak_memory_stays_near_the_float32_matrix(tmp_path, fmt, suffix):
     assert result["grew"] <= 1.3 * result["matrix"] + 2**30, result  # the bound of issue 25
     # and no float64 copy or whole Arrow table beside the matrix (either would add >= 153 MiB more)
     assert result["grew"] - result["matrix"] <= 200 * 2**20, result
+
+
+def test_csv_read_in_many_ranges_equals_one_and_a_quoted_line_break_falls_back(tmp_path, monkeypatch):
+    """The CSV reader parses byte ranges ending at line breaks; ranges of a few bytes give the same table,
+    and a range boundary inside a quoted field (a line break in an id) falls back to the streaming reader."""
+    from meshsl.data import arrow_files
+    x, y, ids = table_files(tmp_path, rows=50)
+    whole = load("csv", tmp_path, path="t.csv", label_column="outcome", id_column="sample")
+    monkeypatch.setattr(arrow_files, "CSV_RANGE_BYTES", 7)
+    assert len(arrow_files._csv_ranges(tmp_path / "t.csv")) > 40
+    clear_dataset_cache()
+    split = load("csv", tmp_path, path="t.csv", label_column="outcome", id_column="sample")
+    assert np.array_equal(split.features, whole.features) and split.ids == whole.ids
+    assert split.labels.tolist() == whole.labels.tolist()
+    (tmp_path / "quoted.csv").write_text('id,a\n"first\nline",1\n"p2",2\n"x\ny\nz",3\n')
+    monkeypatch.setattr(arrow_files, "CSV_RANGE_BYTES", 2)  # the first range ends inside '"first\nline"'
+    streamed = []
+    stream = arrow_files.pa_csv.open_csv
+    monkeypatch.setattr(arrow_files.pa_csv, "open_csv", lambda *a, **k: streamed.append(1) or stream(*a, **k))
+    table = load("csv", tmp_path, path="quoted.csv", id_column="id")
+    assert streamed == [1]  # the fallback read it
+    assert table.ids == ("first\nline", "p2", "x\ny\nz") and table.features.tolist() == [[1.0], [2.0], [3.0]]

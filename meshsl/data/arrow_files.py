@@ -242,17 +242,73 @@ def read_csv(file: Path, selection: Selection, *, delimiter: str, label_column: 
     convert = pa_csv.ConvertOptions(column_types=types, include_columns=[n for n in header if n in types],
                                     strings_can_be_null=False)
     fill = MatrixFill(rows, columns, file, selection, line_offset=2)
+    parse = pa_csv.ParseOptions(delimiter=delimiter)
     try:
-        reader = pa_csv.open_csv(file, read_options=pa_csv.ReadOptions(use_threads=True, block_size=1 << 22),
-                                 parse_options=pa_csv.ParseOptions(delimiter=delimiter), convert_options=convert)
-        for batch in reader:
-            if not fill.add(batch):
-                break
+        _read_csv_ranges(file, header, parse, convert, fill)
     except pa.ArrowInvalid as exc:
-        raise _csv_error(exc, file, header, delimiter, where) from None
+        error = _csv_error(exc, file, header, delimiter, where)
+        if not error.message.startswith("cannot read"):
+            raise error from None
+        # No line is wrong: a split fell inside a quoted field holding a line break. Stream it instead.
+        fill = MatrixFill(rows, columns, file, selection, line_offset=2)
+        try:
+            reader = pa_csv.open_csv(file, read_options=pa_csv.ReadOptions(use_threads=True, block_size=1 << 22),
+                                     parse_options=parse, convert_options=convert)
+            for batch in reader:
+                if not fill.add(batch):
+                    break
+        except pa.ArrowInvalid as again:
+            raise _csv_error(again, file, header, delimiter, where) from None
     if fill.rows == 0:
         raise DataError(f"{file} needs a header row and at least one data row", where)
     return fill.result()
+
+
+CSV_RANGE_BYTES = 1 << 26  # parsed at a time by Arrow's multi-threaded reader (its table: a few tens of MiB)
+
+
+def _csv_ranges(file: Path) -> list[tuple[int, int]]:
+    """Byte ranges after the header line, each ending at a line break."""
+    size = file.stat().st_size
+    ranges = []
+    with file.open("rb") as handle:
+        handle.readline()
+        start = handle.tell()
+        while start < size:
+            handle.seek(min(start + CSV_RANGE_BYTES, size))
+            handle.readline()  # on to the end of the line
+            end = min(handle.tell(), size)
+            ranges.append((start, end))
+            start = end
+    return ranges
+
+
+def _read_csv_ranges(file: Path, header: list[str], parse, convert, fill: MatrixFill) -> None:
+    """Each range parsed whole by Arrow's multi-threaded reader (as fast as its read_csv of the file),
+    the next one parsed while this one is converted: memory stays one range, not the file."""
+    read_options = pa_csv.ReadOptions(use_threads=True, column_names=header, block_size=1 << 22)
+
+    def parse_range(bounds: tuple[int, int]) -> pa.Table:
+        with file.open("rb") as handle:
+            handle.seek(bounds[0])
+            data = handle.read(bounds[1] - bounds[0])
+        return pa_csv.read_csv(pa.BufferReader(data), read_options=read_options, parse_options=parse,
+                               convert_options=convert)
+
+    ranges = _csv_ranges(file)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="csv-read") as pool:
+        pending = pool.submit(parse_range, ranges[0]) if ranges else None
+        try:
+            for i in range(len(ranges)):
+                table = pending.result()
+                pending = pool.submit(parse_range, ranges[i + 1]) if i + 1 < len(ranges) else None
+                for batch in table.to_batches(max_chunksize=BLOCK_ROWS):
+                    if not fill.add(batch):
+                        return
+                del table
+        finally:
+            if pending is not None:
+                pending.cancel()
 
 
 def _csv_error(exc: Exception, file: Path, header: list[str], delimiter: str, where: str) -> DataError:
