@@ -11,12 +11,13 @@ $(BIN)/meshsl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,llm]"
 	touch $@
 
 venv: $(BIN)/meshsl
 
 run: venv
+	$(BIN)/meshsl llm prepare $(TOPOLOGY)
 	$(BIN)/meshsl validate $(TOPOLOGY)
 	$(BIN)/meshsl run $(TOPOLOGY) --summary-json runs/summary.json
 

@@ -94,6 +94,10 @@ def import_factory(target: str, where: str):
 
 def build_segment_module(segment, where: str) -> nn.Module:
     """`segment` is a SegmentSpec. Factories come only from the operator's topology file, never the network."""
+    if segment.llm is not None:
+        from meshsl.compute.llm_parts import build_llm_part  # transformers: only LLM segments load it
+
+        return build_llm_part(segment.llm, where)
     if segment.factory is not None:
         factory = import_factory(segment.factory.target, f"{where}.factory.target")
         try:

@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
+def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over a micro-batch of packed sequences: position t predicts token t+1.
+    The same operations, in the same order, as transformers' ForCausalLMLoss (so results are bit-identical)."""
+    shifted = F.pad(tokens.long(), (0, 1), value=-100)[..., 1:].contiguous()
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shifted.view(-1), ignore_index=-100)
+
+
 def task_loss(kind: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean loss over the micro-batch."""
+    if kind == "causal_lm":
+        return causal_lm_loss(output, labels)
     if kind == "cross_entropy":
         return F.cross_entropy(output, labels.long())
     if kind == "bce_with_logits":
@@ -16,6 +25,8 @@ def task_loss(kind: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def predictions(kind: str, output: torch.Tensor) -> torch.Tensor:
+    if kind == "causal_lm":  # the next token at every position but the last
+        return output[:, :-1].argmax(dim=-1)
     if kind == "cross_entropy":
         return output.argmax(dim=1)
     if kind == "bce_with_logits":
@@ -34,6 +45,8 @@ def scores(kind: str, output: torch.Tensor) -> np.ndarray:
 def correct_count(kind: str, output: torch.Tensor, labels: torch.Tensor) -> int:
     if kind == "mse":
         return 0
+    if kind == "causal_lm":  # next tokens predicted right (accuracy: of tokens, not sequences)
+        return int((predictions(kind, output) == labels[:, 1:].long()).sum())
     return int((predictions(kind, output) == labels.reshape(-1).long()).sum())
 
 
@@ -44,6 +57,8 @@ def summarise(kind: str, metrics: list[str], outputs: list[torch.Tensor], labels
     out = torch.cat(outputs) if outputs else torch.empty(0)
     y = torch.cat(labels) if labels else torch.empty(0)
     result: dict = {"samples": int(y.shape[0]), "loss": float(task_loss(kind, out, y)) if len(y) else float("nan")}
+    if kind == "causal_lm":
+        return language_model_metrics(metrics, out, y, result)
     if kind == "mse" or not len(y):
         return result
     pred = predictions(kind, out).numpy()
@@ -60,4 +75,14 @@ def summarise(kind: str, metrics: list[str], outputs: list[torch.Tensor], labels
         except ValueError:
             result["auroc"] = float("nan")  # one class only in the held-out set
     result["confusion_matrix"] = confusion_matrix(truth, pred).tolist()
+    return result
+
+
+def language_model_metrics(metrics: list[str], logits: torch.Tensor, tokens: torch.Tensor, result: dict) -> dict:
+    """Held-out next-token metrics: perplexity exp(mean loss per token), accuracy of the next token."""
+    result["tokens"] = int(tokens[:, 1:].numel())
+    if "perplexity" in metrics:
+        result["perplexity"] = float(np.exp(result["loss"]))
+    if "accuracy" in metrics and len(tokens):
+        result["accuracy"] = correct_count("causal_lm", logits, tokens) / max(1, result["tokens"])
     return result

@@ -273,9 +273,10 @@ class SegmentWorker:
             labels = self._hijack_guard.labels(task, labels)
         mean_loss = task_loss(task.loss, output, labels)
         stats = self.stats[task.name]
-        stats["loss_sum"] += float(mean_loss.detach()) * n
+        units = labels[:, 1:].numel() if task.loss == "causal_lm" else n  # a language model's are next tokens
+        stats["loss_sum"] += float(mean_loss.detach()) * units
         stats["correct"] += correct_count(task.loss, output.detach(), labels)
-        stats["count"] += n
+        stats["count"] += units
         # Scale so that the sum over micro-batches and lanes is the mean over the whole step's samples.
         scaled = mean_loss * (n * task.weight / (self.topology.spec.training.batch_size * len(c.lanes)))
         return scaled if loss is None else loss + scaled

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from meshsl.config.specs import (ActivationDPSpec, CompressionSpec, DatasetSpec, GradientDefenceSpec, HijackCheckSpec,
-                                 LabelDPSpec, PartitionSpec, PreprocessSpec)
+                                 LabelDPSpec, LLMPartSpec, PartitionSpec, PreprocessSpec)
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
 ENDPOINT_PATTERN = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
@@ -131,12 +131,13 @@ class SegmentSpec(Strict):
     merge: Literal["concat", "sum", "mean"] = "concat"
     layers: Optional[list[LayerSpec]] = None
     factory: Optional[FactorySpec] = None
+    llm: Optional[LLMPartSpec] = Field(default=None, description="a part of a local Hugging Face causal LM")
     optimizer: Optional[OptimizerSpec] = None
 
     @model_validator(mode="after")
     def _one_body(self) -> "SegmentSpec":
-        if (self.layers is None) == (self.factory is None):
-            raise ValueError("a segment needs exactly one of 'layers' or 'factory'")
+        if sum(body is not None for body in (self.layers, self.factory, self.llm)) != 1:
+            raise ValueError("a segment needs exactly one of 'layers', 'factory' or 'llm'")
         return self
 
 
@@ -144,9 +145,9 @@ class TaskSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     output: str = Field(description="segment whose output feeds the loss")
     labels: str = Field(description="data source of kind 'labels'")
-    loss: Literal["cross_entropy", "bce_with_logits", "mse"] = "cross_entropy"
+    loss: Literal["cross_entropy", "bce_with_logits", "mse", "causal_lm"] = "cross_entropy"
     weight: float = Field(default=1.0, gt=0)
-    metrics: list[Literal["accuracy", "f1", "auroc"]] = Field(default_factory=lambda: ["accuracy"])
+    metrics: list[Literal["accuracy", "f1", "auroc", "perplexity"]] = Field(default_factory=lambda: ["accuracy"])
 
 
 class EdgePrivacySpec(Strict):

@@ -134,3 +134,57 @@ class PreprocessSpec(BaseModel):
         default="none", description="missing values (empty cells, nulls, NaN): an error, or filled")
     scale: Literal["none", "standard", "minmax"] = Field(
         default="none", description="standard: zero mean, unit variance; minmax: [0, 1] on the training rows")
+
+
+class LoraSpec(BaseModel):
+    """`segments[].llm.lora`: low-rank adapters (peft) on the part's linear layers; the base stays frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[str] = Field(min_length=1, description="module names to adapt, e.g. [q_proj, v_proj] or [c_attn]")
+    r: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = Field(default=0, description="torch seed the adapters of the WHOLE model are drawn with (the part "
+                                             "keeps its own): every party draws the same values as one-process peft")
+
+
+class ModelRecipeSpec(BaseModel):
+    """`segments[].llm.create`: build a small model there (once, when the directory is missing), with a
+    byte-level BPE tokenizer trained locally on `corpus` (`meshsl llm prepare`; nothing is downloaded)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    layers: int = Field(default=6, ge=1, le=64)
+    width: int = Field(default=256, ge=16, le=8192)
+    heads: int = Field(default=4, ge=1)
+    vocab: int = Field(default=2000, ge=300, le=65536)
+    context: int = Field(default=256, ge=8)
+    corpus: str = Field(description="text file (relative to the topology file) the tokenizer is trained on")
+    seed: int = 0
+
+
+class LLMPartSpec(BaseModel):
+    """`segments[].llm`: a part of a Hugging Face causal LM loaded from a local `save_pretrained` directory:
+    the token embeddings (`embed`), decoder blocks [blocks[0], blocks[1]) and the final norm + LM head (`head`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="save_pretrained directory (relative to the topology file)")
+    embed: bool = False
+    blocks: list[int] = Field(default_factory=lambda: [0, 0], min_length=2, max_length=2,
+                              description="[first, stop) decoder blocks of this part")
+    head: bool = False
+    lora: Optional[LoraSpec] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    create: Optional[ModelRecipeSpec] = None
+
+    @model_validator(mode="after")
+    def _something(self) -> "LLMPartSpec":
+        first, stop = self.blocks
+        if first < 0 or stop < first:
+            raise ValueError(f"blocks must be [first, stop) with 0 <= first <= stop, got {self.blocks}")
+        if not self.embed and not self.head and first == stop:
+            raise ValueError("an empty part: give embed, head or some blocks")
+        return self

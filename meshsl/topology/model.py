@@ -15,6 +15,7 @@ from meshsl.config.schema import DataSpec, NodeSpec, SegmentSpec, TaskSpec, Topo
 from meshsl.errors import ConfigError
 from meshsl.topology.checks import check_batch_size, check_topology
 from meshsl.topology.expand import expand_nodes
+from meshsl.topology.llm_checks import resolve_model_dirs
 
 if TYPE_CHECKING:  # torch: shape inference fills it, parsing does not need it
     from meshsl.topology.shapes import SegmentInfo
@@ -237,6 +238,7 @@ def load_topology(path: str | Path, infer_shapes: bool = True, overrides=None) -
 
 def topology_from_spec(spec, source, base_dir, infer_shapes=True, check=None, shape_inference=None) -> Topology:
     check = check or check_topology
+    spec = resolve_model_dirs(spec, base_dir)
     first_index: dict[str, int] = {}
     duplicates = []
     for i, node in enumerate(spec.nodes):

@@ -14,6 +14,7 @@ from meshsl.config.loader import ConfigErrors
 from meshsl.data import dataset_rows, load_source
 from meshsl.errors import ConfigError, DataError, TopologyError
 from meshsl.topology.checks import privacy_problems
+from meshsl.topology.llm_checks import llm_problems
 from meshsl.topology.target_leakage import target_leakage_problems
 
 PROBE_BATCH = 2
@@ -96,6 +97,8 @@ def _shape_problem(seg, module: nn.Module, merged: torch.Tensor, exc: Exception,
 def infer_shapes(topology) -> None:
     """Load every data source, run every segment on two samples, then check the cuts and the tasks; fills
     `topology.shapes`, `segment_info`, `num_classes` and `warnings`. Raises ConfigErrors naming each problem."""
+    if llm := llm_problems(topology):  # before the data: a text source loads the model's tokenizer
+        raise ConfigErrors(llm)
     values = _probe_data(topology)
     protection = _probe_segments(topology, values)
     problems = _cut_problems(topology, protection) + _task_problems(topology)
@@ -229,6 +232,13 @@ def _task_problems(topology) -> list[ConfigError]:
         out_shape = topology.shapes[task.output]
         label_shape = topology.shapes.get(task.labels, ())
         classes = topology.num_classes.get(task.labels)
+        if task.loss == "causal_lm":
+            if len(out_shape) != 2 or len(label_shape) != 1 or out_shape[0] != label_shape[0] or \
+                    (classes and out_shape[1] < classes):
+                problems.append(TopologyError(
+                    f"causal_lm needs logits [tokens, vocabulary] and token ids [tokens] of the same length, got "
+                    f"{out_shape} from segment {task.output!r} and {label_shape} from {task.labels!r}", where))
+            continue
         if task.loss in ("cross_entropy", "bce_with_logits") and classes is None:
             problems.append(TopologyError(
                 f"{task.loss} needs class labels (whole numbers >= 0), but {task.labels!r} holds real-valued "
