@@ -21,11 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from meshsl.compute.layers import Preprocess, with_preprocess
+from meshsl.compute.llm_parts import base_hash
 from meshsl.compute.layers import merge_inputs as merge  # the same rule as in training
 from meshsl.compute.preprocessing import preprocess_layer, preprocessed_inputs
 from meshsl.compute.weights import weights_file
 from meshsl.compute.worker import build_module
 from meshsl.errors import ConfigError
+from meshsl.llm_assemble import assemble_llm, is_llm
 
 SEGMENT_FORMAT = "meshsl-segment/1"
 MODEL_FORMAT = "meshsl-model/1"
@@ -53,6 +55,11 @@ def build_segment(spec: dict) -> nn.Module:
     with the party's fitted input transform first when it has one (`preprocess`: its width and imputing)."""
     if spec.get("layers") is not None:
         module = nn.Sequential(*[build_layer(e) for e in spec["layers"]])
+    elif spec.get("llm") is not None:  # a part of a local causal LM: its base loads from the model directory
+        from meshsl.compute.llm_parts import build_llm_part
+        from meshsl.config.specs import LLMPartSpec
+
+        module = build_llm_part(LLMPartSpec(**spec["llm"]), f"segment {spec.get('segment')}")
     else:
         module_name, _, function = spec["factory"]["target"].partition(":")
         module = getattr(importlib.import_module(module_name), function)(**spec["factory"].get("kwargs", {}))
@@ -93,6 +100,7 @@ def segment_spec(topology, segment: str, node: str) -> dict:
         "merge_rule": MERGE_RULES[spec.merge],
         "layers": spec.layers,
         "factory": spec.factory.model_dump() if spec.factory is not None else None,
+        **({"llm": spec.llm.model_dump(), "base_model_sha256": base_hash(spec.llm.model)} if spec.llm else {}),
         "output_shape": list(topology.shapes[segment]),
         "tasks": tasks,
         "preprocess": _preprocess_entry(topology, segment),
@@ -134,7 +142,8 @@ def export_node(topology, weights_dir: Path, node: str, out_dir: Path) -> list[P
         name = export_name(topology, segment, node)
         tensors = {k: v.contiguous() for k, v in state.items()}
         save_file(tensors, str(out_dir / f"{name}.safetensors"),
-                  metadata={"format": SEGMENT_FORMAT, "segment": segment, "node": node})
+                  metadata={"format": SEGMENT_FORMAT, "segment": segment, "node": node,
+                            **({"base_model_sha256": spec["base_model_sha256"]} if "llm" in spec else {})})
         spec["state_dict"] = {"file": f"{name}.safetensors",
                               "keys": {k: list(v.shape) for k, v in tensors.items()},
                               "sha256": hashlib.sha256((out_dir / f"{name}.safetensors").read_bytes()).hexdigest()}
@@ -143,10 +152,13 @@ def export_node(topology, weights_dir: Path, node: str, out_dir: Path) -> list[P
     return written
 
 
-def load_segment(json_path: Path) -> tuple[nn.Module, dict]:
-    """One exported segment as a torch module (checks the weights file's hash)."""
+def load_segment(json_path: Path, model_dir: Optional[str] = None) -> tuple[nn.Module, dict]:
+    """One exported segment as a torch module (checks the weights file's hash); an LLM part's base model
+    loads from `model_dir` (this party's copy) where given, else from the directory the export names."""
     json_path = Path(json_path)
     spec = json.loads(json_path.read_text())
+    if model_dir is not None and spec.get("llm"):
+        spec["llm"] = {**spec["llm"], "model": model_dir}
     weights = json_path.parent / spec["state_dict"]["file"]
     if hashlib.sha256(weights.read_bytes()).hexdigest() != spec["state_dict"]["sha256"]:
         raise ConfigError(f"{weights} does not match the hash in {json_path} (modified or partial copy)", str(json_path))
@@ -201,6 +213,8 @@ def assemble(topology, export_dirs: list[Path], out: Path, client: Optional[str]
         extra = f"; exports not from the owner were ignored: {', '.join(ignored)}" if ignored else ""
         raise ConfigError(f"cannot assemble {topology.spec.name}: no export from the owner of "
                           f"{', '.join(missing)}{extra}", "assemble")
+    if is_llm(topology):  # a Hugging Face model directory: the base with every part's adapters merged in
+        return assemble_llm(topology, chosen, out, lambda path, model_dir: load_segment(path, model_dir)[0])
     state: dict[str, torch.Tensor] = {}
     segments = []
     for segment in topology.segment_order:

@@ -12,7 +12,9 @@ def print_summary(summary: dict) -> None:
         table.add_column(column)
     for name, t in summary["tasks"].items():
         ev = t.get("eval", {})
-        other = ", ".join(f"{k}={ev[k]:.3f}" for k in ("f1", "auroc") if isinstance(ev.get(k), float))
+        other = ", ".join(f"{k}={ev[k]:.3f}" for k in ("f1", "auroc", "perplexity") if isinstance(ev.get(k), float))
+        start = t.get("eval_start", {}).get("perplexity")
+        other += f" (at start {start:.1f})" if isinstance(start, float) else ""
         table.add_row(name, _figure(t["train"].get("loss")), _figure(ev.get("loss")), _figure(ev.get("accuracy")),
                       other)  # an mse task has no accuracy: "-", not nan
     out.print(table)

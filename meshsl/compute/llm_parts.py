@@ -174,6 +174,19 @@ class CausalLMPart(nn.Module):
                                   position_ids=positions)
 
 
+def base_models(modules: dict[str, nn.Module]) -> dict[str, str]:
+    """{segment: sha256 of its base model} of the LLM parts among `modules` (recorded with their adapters)."""
+    return {name: m.base_sha256 for name, m in modules.items() if isinstance(m, CausalLMPart)}
+
+
+def check_base(segment: str, recorded: Optional[str], module: nn.Module, what: str) -> None:
+    """Adapters trained on one base model do not fit another: refuse them (ConfigError naming both)."""
+    own = getattr(module, "base_sha256", None)
+    if recorded is not None and own is not None and recorded != own:
+        raise ConfigError(f"the adapters of segment {segment!r} in {what} were trained on base model {recorded[:12]}, "
+                          f"but this party's base model is {own[:12]}", what)
+
+
 def build_llm_part(spec, where: str) -> CausalLMPart:
     """The part `spec` (an LLMPartSpec) names; ConfigError naming `where` for a bad directory or range."""
     model_dir = Path(spec.model)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from meshsl.errors import ConfigError
@@ -16,7 +16,9 @@ def save_weights(runtime, directory: Path) -> list[Path]:
     for segment, module in runtime.worker.modules.items():
         name = f"{segment}@{runtime.node}" if runtime.topology.is_replicated(segment) else segment
         path = directory / f"{name}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+        base = getattr(module, "base_sha256", None)  # an LLM part: its adapters, and the base they belong to
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path),
+                  metadata={"base_model_sha256": base} if base else None)
         paths.append(path)
     return paths
 
@@ -39,8 +41,13 @@ def load_saved_weights(worker, directory: Path) -> list[Path]:
                               "--weights")
         try:
             state = load_file(str(path))
+            with safe_open(str(path), "pt") as handle:
+                recorded = (handle.metadata() or {}).get("base_model_sha256")
         except (SafetensorError, OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}", "--weights") from None
+        if recorded and recorded != getattr(module, "base_sha256", recorded):
+            raise ConfigError(f"{path} holds adapters trained on base model {recorded[:12]}, but segment {segment!r} "
+                              f"here has base model {module.base_sha256[:12]}", "--weights")
         expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if expected != got:

@@ -19,6 +19,7 @@ from meshsl.compute.hijack_guard import HijackGuard
 from meshsl.compute.label_guard import LabelGuard
 from meshsl.compute.layers import build_segment_module, merge_inputs, with_preprocess
 from meshsl.compute.leakage_gauge import LeakageGauge, raw_upstream
+from meshsl.compute.llm_parts import base_models, check_base
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.preprocessing import fit_preprocessing, preprocess_layer
 from meshsl.compute.staging import to_device
@@ -375,12 +376,14 @@ class SegmentWorker:
             "dp_generator": self.dp_generator.get_state(),
             "label_guard_generator": self._label_guard.generator.get_state(),  # gradient-defence noise
             "torch_rng": torch.get_rng_state(),
+            "base_models": base_models(self.modules),  # LLM parts: the base model their adapters belong to
             # staleness > 0: the stashed versions the next k steps run on (W_{s-k} .. W_s at step s)
             **({"stale_versions": self._stale.checkpoint()} if self.staleness else {}),
         }
 
     def restore(self, state: dict) -> None:
         for name, module in self.modules.items():
+            check_base(name, (state.get("base_models") or {}).get(name), module, "the checkpoint")
             module.load_state_dict(state["modules"][name])
             self.optimizers[name].load_state_dict(state["optimizers"][name])
             self.optimizers[name].zero_grad(set_to_none=True)

@@ -254,6 +254,8 @@ class TrainingSpec(Strict):
     seed: int = 0
     eval_every: int = Field(default=0, ge=0, description="evaluate every N steps (0: at the end of each epoch)")
     eval_batch_size: int = Field(default=256, ge=1)
+    eval_at_start: bool = Field(default=False, description="also evaluate before the first step (the summary's "
+                                                           "tasks.<task>.eval_start: where training started from)")
     deterministic: bool = True
     coordinator: Optional[str] = Field(default=None, description="node hosting the coordinator")
     label_dp: Optional[LabelDPSpec] = None

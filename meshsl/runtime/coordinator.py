@@ -259,14 +259,16 @@ class Coordinator:
         self.training = Training(self, StepPlanner(self.topology, self.roster, steps, self.options.evaluate,
                                                    self.planned))
         index = await self.recovery.restore_consistent() if self.checkpoint_every > 0 else 0
+        at_start = self.topology.spec.training.eval_at_start and index == 0 and steps and self.options.evaluate
+        initial = await self.training.evaluate() if at_start else None
         started = time.perf_counter()
         await self.training.train(index)
         await self.training.await_commits()
         eval_only = await self.training.evaluate() if not steps and self.options.evaluate else None
         self.summary = self.record.summarise(self.topology, steps, time.perf_counter() - started, self.privacy_budget)
-        if eval_only is not None:
-            for name, result in eval_only.items():
-                self.summary["tasks"].setdefault(name, {"train": {}})["eval"] = result
+        for key, results in (("eval", eval_only), ("eval_start", initial)):
+            for name, result in (results or {}).items():
+                self.summary["tasks"].setdefault(name, {"train": {}})[key] = result
         self.summary["client_events"] = list(self.record.client_events)
         await self.broadcast_shutdown()
         await self.clients.release_dropped()

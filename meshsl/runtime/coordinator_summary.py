@@ -2,6 +2,8 @@
 results, and the run summary, built from the nodes' DONE statistics."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -146,6 +148,8 @@ def merge_evaluation(done: dict, lanes: int, client_node: Callable[[int], str],
                 values = [(c[metric], c.get("samples", 0)) for c in clients.values() if metric in c]
                 if values:
                     entry[metric] = sum(v * n for v, n in values) / total
+            if any("perplexity" in c for c in clients.values()):  # a language model: of the mean loss per token
+                entry["perplexity"] = math.exp(entry["loss"])
             if sequential_model is not None and sequential_model in clients:
                 # Sequential SL: the model is the client that trained last (plus the server); the
                 # other clients' segments are stale until their next turn hands them the weights.

@@ -1,0 +1,117 @@
+"""LLM parts in the configurations: SplitFed averages client adapters only, base weights never move, and
+checkpoints hold adapters only (with their base model's hash)."""
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from llm_helpers import tiny_model, u_shaped  # noqa: E402
+
+from meshsl.config.loader import parse_spec  # noqa: E402
+from meshsl.topology.model import topology_from_spec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("llm"))
+
+
+def splitfed(model: Path, corpus: Path, mode: str = "splitfed") -> dict:
+    document = u_shaped(model, corpus, steps=4, micro_batches=2)
+    document["nodes"][0]["endpoint"] = "inproc://clinic"
+    document["nodes"][1]["endpoint"] = "inproc://cloud"
+    document["clients"] = {"count": 4, "replicate": ["clinic"], "mode": mode, "average_every": 2,
+                           "partition": {"kind": "iid", "min_samples": 4}}
+    return document
+
+
+def test_splitfed_four_clients_average_adapters_only(tiny):
+    from meshsl.compute.llm_parts import load_causal_lm
+    from meshsl.runtime.coordinator import RunOptions
+    from meshsl.runtime.simulate import simulate
+
+    model, corpus = tiny
+    topology = topology_from_spec(parse_spec(splitfed(model, corpus)), "<test>", Path("."))
+    summary, runtimes = asyncio.run(simulate(topology, RunOptions(evaluate=False)))
+    clients = [r.worker for name, r in runtimes.items() if name.startswith("clinic")]
+    assert len(clients) == 4
+    base = load_causal_lm(model).state_dict()
+    for segment in ("bottom", "top"):
+        states = [w.modules[segment].state_dict() for w in clients]
+        assert states[0] and all("lora_" in key for key in states[0])  # what FedAvg and checkpoints see
+        for state in states[1:]:  # averaged at step 4 (every 2 steps): every client holds the same adapters
+            assert all(torch.equal(state[k], states[0][k]) for k in state)
+        assert any(k.endswith("lora_B.default.weight") and states[0][k].abs().sum() > 0 for k in states[0])
+        for name, value in clients[1].modules[segment].lm.state_dict().items():  # the frozen base is untouched
+            if "lora_" not in name and name in base:
+                assert torch.equal(value, base[name]), name
+    weights = clients[0].weights("bottom")
+    assert len(weights) == len(clients[0].modules["bottom"].state_dict())
+
+
+def test_checkpoint_holds_adapters_only_with_base_hash(tiny, tmp_path):
+    from meshsl import checkpoint
+    from meshsl.compute.llm_parts import base_hash
+    from meshsl.compute.worker import SegmentWorker
+    from meshsl.errors import ConfigError
+
+    model, corpus = tiny
+    topology = topology_from_spec(parse_spec(u_shaped(model, corpus)), "<test>", Path("."))
+    worker = SegmentWorker(topology, "clinic")
+    path = checkpoint.save(tmp_path, "clinic", 0, worker.state())
+    state = checkpoint.load(tmp_path, "clinic", 0)
+    assert state["base_models"] == {"bottom": base_hash(model), "top": base_hash(model)}
+    for segment, tensors in state["modules"].items():
+        assert tensors and all("lora_" in k for k in tensors), segment
+    adapters = sum(t.numel() * t.element_size() for ts in state["modules"].values() for t in ts.values())
+    assert adapters < 0.2 * (model / "model.safetensors").stat().st_size
+    assert path.stat().st_size < (model / "model.safetensors").stat().st_size
+    state["base_models"]["bottom"] = "0" * 64  # adapters of another base model are refused
+    with pytest.raises(ConfigError, match="base model"):
+        worker.restore(state)
+
+
+def _errors(document: dict) -> str:
+    from meshsl.config.loader import ConfigErrors
+    from meshsl.errors import ConfigError
+
+    with pytest.raises((ConfigError, ConfigErrors)) as caught:
+        topology_from_spec(parse_spec(document), "lm.yaml", Path("."))
+    return str(caught.value)
+
+
+def test_bad_input_is_a_clear_error_naming_segment_and_file(tiny, tmp_path):
+    model, corpus = tiny
+    missing = u_shaped(model, corpus)
+    missing["segments"][1]["llm"]["model"] = str(tmp_path / "nowhere")
+    text = _errors(missing)
+    assert "lm.yaml: segments[1](middle).llm.model" in text and "no model at" in text
+
+    outside = u_shaped(model, corpus)
+    outside["segments"][1]["llm"]["blocks"] = [1, 7]
+    assert "segments[1](middle).llm.blocks" in _errors(outside)
+
+    other = tmp_path / "other"  # the cloud's copy of the base model differs
+    shutil.copytree(model, other)
+    weights = other / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    differ = u_shaped(model, corpus)
+    differ["segments"][1]["llm"]["model"] = str(other)
+    text = _errors(differ)
+    assert "base models differ by hash" in text and "middle" in text and "lm.yaml" in text
+
+    long = u_shaped(model, corpus)
+    long["data"][0]["dataset"]["options"]["seq_len"] = 65
+    assert "data[0](text).dataset.options.seq_len" in _errors(long) and "beyond the context" in _errors(long)
+
+    foreign = tmp_path / "tok"  # a tokenizer that is not the model's
+    foreign.mkdir()
+    (foreign / "tokenizer.json").write_text((model / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad2|>"'))
+    wrong = u_shaped(model, corpus)
+    wrong["data"][0]["dataset"]["options"]["tokenizer"] = str(foreign)
+    assert "data[0](text).dataset.options.tokenizer" in _errors(wrong) and "not the one of the model" in _errors(wrong)
