@@ -50,6 +50,16 @@ def correct_count(kind: str, output: torch.Tensor, labels: torch.Tensor) -> int:
     return int((predictions(kind, output) == labels.reshape(-1).long()).sum())
 
 
+def record_step(stats: dict, kind: str, mean_loss: torch.Tensor, output: torch.Tensor, labels: torch.Tensor,
+                n: int) -> None:
+    """Add a training micro-batch of `n` samples to a task's running loss and accuracy (a language model's
+    units are its next tokens, not its sequences)."""
+    units = labels[:, 1:].numel() if kind == "causal_lm" else n
+    stats["loss_sum"] += float(mean_loss.detach()) * units
+    stats["correct"] += correct_count(kind, output.detach(), labels)
+    stats["count"] += units
+
+
 def summarise(kind: str, metrics: list[str], outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> dict:
     """Held-out metrics of a task from all of its evaluation outputs (computed on the label holder)."""
     from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score  # pulls scipy: seconds, paid at evaluation only

@@ -23,7 +23,7 @@ from meshsl.compute.llm_parts import base_models, check_base
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.preprocessing import fit_preprocessing, preprocess_layer
 from meshsl.compute.staging import to_device
-from meshsl.compute.tasks import correct_count, summarise, task_loss
+from meshsl.compute.tasks import record_step, summarise, task_loss
 from meshsl.compute.trajectory_recorder import TrajectoryRecorder
 from meshsl.compute.weight_versions import WeightVersions
 from meshsl.privacy.accounting import effective_dp
@@ -273,11 +273,7 @@ class SegmentWorker:
         if self._hijack_guard.probe and task.loss != "mse":
             labels = self._hijack_guard.labels(task, labels)
         mean_loss = task_loss(task.loss, output, labels)
-        stats = self.stats[task.name]
-        units = labels[:, 1:].numel() if task.loss == "causal_lm" else n  # a language model's are next tokens
-        stats["loss_sum"] += float(mean_loss.detach()) * units
-        stats["correct"] += correct_count(task.loss, output.detach(), labels)
-        stats["count"] += units
+        record_step(self.stats[task.name], task.loss, mean_loss, output, labels, n)
         # Scale so that the sum over micro-batches and lanes is the mean over the whole step's samples.
         scaled = mean_loss * (n * task.weight / (self.topology.spec.training.batch_size * len(c.lanes)))
         return scaled if loss is None else loss + scaled
