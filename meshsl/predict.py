@@ -30,6 +30,7 @@ from meshsl.align.outcomes import outcome_of
 from meshsl.compute.node_data import feature_tensor
 from meshsl.config.loader import load_spec, parse_spec
 from meshsl.data import load_source, selection_of
+from meshsl.llm_generate import Decoder, read_prompts, start_generating
 from meshsl.errors import ConfigError, DataError, PartyOffline, PeerFailed, PeerTimeout  # noqa: F401  (re-exported)
 from meshsl.runtime.entry import EXIT_ABORTED
 from meshsl.runtime.launcher import LocalRun, default_run_dir
@@ -96,6 +97,9 @@ def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Te
         return {}, len(ids)  # a label holder's list of the samples to predict: it takes part in the PSI
     if not sources:
         raise ConfigError(f"node {node!r} holds no feature data, so it takes no prediction input", where)
+    if sources[0].dataset.name == "text":  # prompts to continue (meshsl.llm_generate)
+        feed = read_prompts(sources[0], path, topology.base_dir, where)
+        return {sources[0].name: feed}, len(feed)
     shapes = [tuple(topology.shapes[d.name]) for d in sources]
     widths = [math.prod(s) for s in shapes]
     if path.suffix in COLUMNAR:
@@ -156,6 +160,7 @@ class NodeInference:
     written: dict = field(default_factory=dict)  # task -> predictions written
     files: dict = field(default_factory=dict)  # task -> path
     ids: Optional[list] = None  # the common sample ids in row order (this node took part in the PSI)
+    decoders: dict = field(default_factory=dict)  # causal_lm task -> its Decoder (generation)
 
     def attach(self, worker) -> None:
         """On the compute thread at node start: read the input, start the output files."""
@@ -169,6 +174,7 @@ class NodeInference:
             worker.data.predict_inputs.update(tensors)
         aligned = outcome_of(topology, worker.node, predict=True)
         self.ids = aligned.ids if aligned is not None else None
+        start_generating(worker)
         for task in worker.my_tasks():
             if self.output_dir is None:
                 raise ConfigError(f"node {worker.node!r} owns the output of task {task.name!r}; give it "
@@ -178,6 +184,8 @@ class NodeInference:
             path.write_text("")  # a fresh file per run; the header follows with the first rows
             self.files[task.name] = path
             self.written[task.name] = 0
+            if task.loss == "causal_lm":
+                self.decoders[task.name] = Decoder(worker, task, path)
 
     def write(self, worker) -> dict[str, int]:
         """After a predict round: append this round's predictions (in row order) to the owner's files."""
@@ -185,6 +193,11 @@ class NodeInference:
         counts = {}
         for task in worker.my_tasks():
             outputs = worker.predictions.get(task.name, {})
+            if task.name in self.decoders:  # a generated token per round; a prompt done: its line written
+                done = sum(self.decoders[task.name].step(outputs[key]) for key in sorted(outputs))
+                self.written[task.name] += done
+                counts[task.name] = done
+                continue
             blocks = []
             for (lane, mb) in sorted(outputs):
                 rows = worker.data.rows("predict", lane, 0, 0, mb, context.micro_batches,

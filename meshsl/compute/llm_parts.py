@@ -112,6 +112,7 @@ class CausalLMPart(nn.Module):
         self.arch = arch
         self.cache = None  # generation: this part's own KV cache
         self.past = 0  # tokens already in the cache
+        self.generating = False  # a predict run: a sequence (a prompt) starts a cache, one token extends it
 
     # -- adapters only in the state dict ------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -139,6 +140,8 @@ class CausalLMPart(nn.Module):
         body = self.arch.body
         h = getattr(body, self.arch.embed)(x.long()) if self.embed else x
         length = h.shape[1]
+        if self.generating and (length > 1 or self.cache is None):
+            self.start_cache()
         positions = (torch.arange(length, device=h.device) + self.past).unsqueeze(0)
         mask = self._mask(h, positions)
         if self.kind == "gpt2":

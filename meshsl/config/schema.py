@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from meshsl.config.specs import (ActivationDPSpec, CompressionSpec, DatasetSpec, GradientDefenceSpec, HijackCheckSpec,
-                                 LabelDPSpec, LLMPartSpec, PartitionSpec, PreprocessSpec)
+                                 GenerateSpec, LabelDPSpec, LLMPartSpec, PartitionSpec,
+                                 PreprocessSpec)
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$"
 ENDPOINT_PATTERN = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
@@ -148,6 +149,7 @@ class TaskSpec(Strict):
     loss: Literal["cross_entropy", "bce_with_logits", "mse", "causal_lm"] = "cross_entropy"
     weight: float = Field(default=1.0, gt=0)
     metrics: list[Literal["accuracy", "f1", "auroc", "perplexity"]] = Field(default_factory=lambda: ["accuracy"])
+    generate: Optional[GenerateSpec] = Field(default=None, description="causal_lm: decoding in `meshsl predict`")
 
 
 class EdgePrivacySpec(Strict):

@@ -188,3 +188,15 @@ class LLMPartSpec(BaseModel):
         if not self.embed and not self.head and first == stop:
             raise ValueError("an empty part: give embed, head or some blocks")
         return self
+
+
+class GenerateSpec(BaseModel):
+    """`tasks[].generate` of a causal_lm task: how `meshsl predict` continues each prompt across the split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(default=32, ge=1, le=4096)
+    strategy: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_k: int = Field(default=0, ge=0, description="sample: only from the k likeliest tokens (0: all)")
+    seed: int = 0

@@ -26,6 +26,7 @@ class EdgePlan:
     remote: bool  # crosses nodes in at least one lane
     forward_codec: CompressionSpec = field(default_factory=CompressionSpec)
     backward_codec: CompressionSpec = field(default_factory=CompressionSpec)
+    tokens: bool = False  # hidden states of an LLM part: generation sends 1..shape[0] tokens per sequence
 
     @property
     def bytes_per_sample(self) -> int:
@@ -81,6 +82,7 @@ def build_edges(topology) -> dict[str, EdgePlan]:
                 remote=any(topology.node_of(src, l) != topology.node_of(seg.name, l) for l in lanes),
                 forward_codec=spec.forward if spec else CompressionSpec(),
                 backward_codec=spec.backward if spec else CompressionSpec(),
+                tokens=topology.segments[src].llm is not None,
             )
     return edges
 

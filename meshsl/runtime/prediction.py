@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from meshsl.config.specs import GenerateSpec
 from meshsl.errors import DataError, PeerFailed
 from meshsl.protocol import control
 
@@ -39,7 +40,21 @@ def lane_client(topology, lane: int) -> str:
 
 def prediction_file(topology, task, node: str, directory: Path) -> Path:
     stem = f"{task.name}@{node}" if topology.is_replicated(task.output) else task.name
-    return Path(directory) / f"{stem}.csv"
+    return Path(directory) / f"{stem}.{'jsonl' if task.loss == 'causal_lm' else 'csv'}"
+
+
+def generation_rounds(topology) -> Optional[int]:
+    """A causal_lm task generates: one predict round per new token of each prompt (meshsl.llm_generate)."""
+    tasks = [t for t in topology.spec.tasks if t.loss == "causal_lm"]
+    return (tasks[0].generate or GenerateSpec()).max_new_tokens if tasks else None
+
+
+def _rounds(total: int, chunk: int, rows_per_mb: int, new_tokens: Optional[int]):
+    """(offset, count, micro_batches) of each predict round: a chunk of rows, or a prompt per new token."""
+    if new_tokens is not None:
+        return [(row, 1, 1) for row in range(total) for _ in range(new_tokens)]
+    return [(offset, min(chunk, total - offset), math.ceil(min(chunk, total - offset) / rows_per_mb))
+            for offset in range(0, total, chunk)]
 
 
 def predict_lanes(topology, rows: dict[str, int]) -> list[tuple[int, int]]:
@@ -78,10 +93,9 @@ async def coordinate_prediction(coordinator, settings: PredictSettings) -> dict:
     written: dict[str, int] = {t: 0 for t in topology.tasks}
     started = time.perf_counter()
     rounds = 0
+    new_tokens = generation_rounds(topology)
     for lane, total in plan:
-        for offset in range(0, total, chunk):
-            count = min(chunk, total - offset)
-            micro_batches = math.ceil(count / rows_per_mb)
+        for offset, count, micro_batches in _rounds(total, chunk, rows_per_mb, new_tokens):
             rounds += 1
             begin = control.Begin(lanes=(lane,), micro_batches=micro_batches, offset=offset, count=count)
             done = await coordinator.forward_round("predict", begin, "finish its prediction round")

@@ -44,7 +44,7 @@ class EdgeCodecs:
             raise ProtocolError("bad_dtype", f"{edge.name} carries float32, got {descriptor.dtype}")
         if descriptor.codec != codec.name:
             raise ProtocolError("bad_codec", f"{edge.name} uses codec {codec.name}, got {descriptor.codec[:16]}")
-        if len(shape) != len(edge.shape) + 1 or tuple(shape[1:]) != edge.shape or not 1 <= shape[0] <= max_rows:
+        if len(shape) != len(edge.shape) + 1 or not _fits(edge, tuple(shape[1:])) or not 1 <= shape[0] <= max_rows:
             raise ProtocolError("bad_shape", f"{edge.name} expects (1..{max_rows}, {edge.shape}), got {shape}")
         layout = codec.part_layout(shape, torch.float32)
         if [(DTYPE_NAMES[d], n) for d, n in layout] != list(map(tuple, descriptor.parts)):
@@ -53,6 +53,13 @@ class EdgeCodecs:
             tensor = parts[0].reshape(shape)  # zero-copy view of the received frame
             return tensor.clone() if self.aligned and tensor.data_ptr() % 64 else tensor
         return codec.decode(parts, shape, torch.float32)
+
+
+def _fits(edge: EdgePlan, sample: tuple[int, ...]) -> bool:
+    """The plan's per-sample shape; an LLM cut also carries shorter sequences (generation: 1 token a round)."""
+    if edge.tokens and sample and edge.shape:
+        return 1 <= sample[0] <= edge.shape[0] and sample[1:] == edge.shape[1:]
+    return sample == edge.shape
 
 
 def _forward_spec(spec):
