@@ -17,7 +17,8 @@ SECTIONS = ("transport", "pipelining", "scale", "startup", "gpu")
 # Run only when named: wan needs root, network namespaces and nft; psi at 10^6 ids takes minutes;
 # secretflow needs SecretFlow in its own venv (MESHSL_SECRETFLOW_PYTHON) and takes 10+ minutes.
 # bank needs root (namespaces, a memory cgroup) and generates ~30 GB of Parquet in full mode.
-OPTIONAL = ("wan", "psi", "secretflow", "bank")
+# llm needs the llm extra (transformers, peft, tokenizers) and takes ~5 minutes (issue 28).
+OPTIONAL = ("wan", "psi", "secretflow", "bank", "llm")
 MODULES = {"secretflow": "secretflow_compare"}  # a module named secretflow would shadow the peer's package
 
 
@@ -135,6 +136,10 @@ def table(results: dict) -> str:
         from benchmarks.bank import table as bank_table
         add("")
         lines.append(bank_table(results["bank"]))
+    if "llm" in results:
+        from benchmarks.llm import table as llm_table
+        add("")
+        lines.append(llm_table(results["llm"]))
     if "secretflow" in results:
         from benchmarks.secretflow_compare import table as secretflow_table
         add("")

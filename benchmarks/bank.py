@@ -211,6 +211,7 @@ def run_split(sites, folder: Path, parties: int, features: int, epochs: int, bat
 
 
 def _run_nodes(sites, names: list[str], peak_rss, args_of, work: Path, phase: str) -> dict:
+    from benchmarks.common import kill_left
     procs, rss = {}, peak_rss(interval=0.2).start()
     start = time.perf_counter()
     try:
@@ -226,10 +227,7 @@ def _run_nodes(sites, names: list[str], peak_rss, args_of, work: Path, phase: st
         seconds = time.perf_counter() - start
     finally:
         peaks = rss.stop()
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_left(procs)
     return {"seconds": round(seconds, 1), "peak_rss_mib": peaks}
 
 

@@ -113,6 +113,14 @@ class PeakRss:
         return {n: round(k / 1024, 1) for n, k in self.peak_kib.items()}
 
 
+def kill_left(procs: dict) -> None:
+    """Kill and reap the processes (of a dict name -> Popen) still running, e.g. after an error."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def read_hwm_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as handle:

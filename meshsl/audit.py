@@ -42,6 +42,7 @@ from meshsl.privacy.dp import clip_and_noise, randomized_response
 from meshsl.privacy.inversion import leakage_report
 from meshsl.privacy.label_attacks import label_leakage_report
 from meshsl.privacy.label_defences import defend
+from meshsl.privacy.token_recovery import token_recovery_report
 from meshsl.runtime.coordinator import RunOptions
 from meshsl.runtime.simulate import simulate
 from meshsl.topology.model import topology_from_spec
@@ -183,12 +184,23 @@ def audit_modules(topology, modules: dict[str, torch.nn.Module], *, max_samples:
             entry.update(dcor=None, note="no raw features upstream of this edge")
             reports[edge] = entry
             continue
+        if producer not in cache and topology.segments[producer].llm is not None:  # hidden states of an LLM
+            cache[producer] = token_report(topology, values, producer, sources, seed)
         if producer not in cache:
             cache[producer] = leakage_report(flat_raw(values, sources), values[producer], seed=seed,
                                              max_dcor_samples=max_samples, epochs=probe_epochs)
         entry.update(cache[producer])
         reports[edge] = entry
     return reports
+
+
+def token_report(topology, values: dict[str, torch.Tensor], producer: str, sources: list[str], seed: int) -> dict:
+    """An LLM cut: the fraction of the client's tokens the receiver recovers (meshsl.privacy.token_recovery),
+    with the public base model's input embeddings that the receiver holds too (it runs the same base)."""
+    from meshsl.compute.llm_parts import load_causal_lm
+    embedding = load_causal_lm(topology.segments[producer].llm.model).get_input_embeddings().weight.detach()
+    return {"dcor": None, "token_recovery": token_recovery_report(values[producer], values[sources[0]], embedding,
+                                                                   seed=seed)}
 
 
 # -- label leakage ---------------------------------------------------------------------------------
@@ -234,7 +246,7 @@ def _codec_round_trip(spec, value: torch.Tensor, segment: str) -> torch.Tensor:
 def label_tasks(topology, producer: str, consumer: str) -> list:
     """Classification tasks whose loss reaches `producer` through `consumer` with labels of another party."""
     below = nx.descendants(topology.graph, consumer) | {consumer}
-    return [t for t in topology.spec.tasks if t.output in below and t.loss != "mse"
+    return [t for t in topology.spec.tasks if t.output in below and t.loss not in ("mse", "causal_lm")
             and topology.party_of(t.labels) != topology.party_of(producer)]
 
 

@@ -64,3 +64,17 @@ def test_startup_benchmark_finds_each_nodes_first_step():
     result = node_processes(steps=2)
     assert set(result["first_step_s"]) == {"client", "server"}
     assert all(0 < s < result["whole_run_s"] for s in result["first_step_s"].values())
+
+
+def test_llm_benchmark_in_miniature():
+    """`python -m benchmarks --only llm` at its quick size, one split case: the unsplit peft baseline and the
+    U-shaped split at M=4 over real node processes, with tokens/s, peak memory and wire bytes per token."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from benchmarks import llm
+    result = llm.measure(quick=True, micro_batches=(4,), codecs=())
+    unsplit, split = result["rows"]
+    assert unsplit["tokens_per_s"] > 0 and unsplit["peak_rss_mib"] > 0
+    assert split["tokens_per_s"] > 0 and set(split["peak_rss_mib"]) == {"clinic", "cloud"}
+    assert split["wire_bytes_per_token"] >= 4 * 64 * 2 * 2  # fp32 hidden states of width 64, 2 edges, both ways
+    assert "x unsplit" in llm.table(result)

@@ -76,8 +76,23 @@ def audit(topology: Optional[Path] = typer.Argument(None, help="topology YAML (w
     out.print(table)
     out.print("dCor: 0 independent .. 1 a similarity transform of the input; inversion error: decoder MSE / "
               "mean-guess MSE (1 nothing recovered, 0 exact reconstruction)")
+    print_token_recovery(document)
     print_label_audit(document)
     print_leakage_warnings(document, "audit")
+
+
+def print_token_recovery(document: dict) -> None:
+    """LLM cuts: the share of the client's tokens the receiving party reads back from the hidden states."""
+    rows = {n: e["token_recovery"] for n, e in document["edges"].items() if e.get("token_recovery")}
+    if not rows:
+        return
+    table = Table(title="token recovery from the hidden states crossing each LLM cut (held-out sequences)")
+    for column in ("edge", "nearest embedding", "learned inversion", "commonest token (chance)", "positions"):
+        table.add_column(column)
+    for name, r in rows.items():
+        table.add_row(name, f"{r['nearest_embedding_recovered']:.1%}", f"{r['learned_inversion_recovered']:.1%}",
+                      f"{r['commonest_token_share']:.1%}", str(r["positions"]))
+    out.print(table)
 
 
 def audit_trajectory(topology: Optional[Path], run: Optional[Path], steps: Optional[int], as_json: bool) -> None:
