@@ -138,7 +138,7 @@ class CausalLMPart(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         body = self.arch.body
-        h = getattr(body, self.arch.embed)(x.long()) if self.embed else x
+        h = getattr(body, self.arch.embed)(x.long()) if self.embed else x.to(self.lm.dtype)
         length = h.shape[1]
         if self.generating and (length > 1 or self.cache is None):
             self.start_cache()
@@ -155,7 +155,7 @@ class CausalLMPart(nn.Module):
             self.past += length
         if self.head:
             h = self.lm.lm_head(getattr(body, self.arch.norm)(h))
-        return h
+        return h.float()  # what crosses a cut is float32 (a bf16 part: the edge's codec may send bf16)
 
     def _gpt2(self, h: torch.Tensor, positions: torch.Tensor, mask) -> torch.Tensor:
         body = self.arch.body
