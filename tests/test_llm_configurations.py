@@ -136,3 +136,36 @@ def test_token_recovery_attack_on_the_first_cut_with_and_without_dp(tiny):
     assert clear["nearest_embedding_recovered"] > 0.2
     assert noisy["learned_inversion_recovered"] < clear["learned_inversion_recovered"] / 5
     assert noisy["nearest_embedding_recovered"] < clear["nearest_embedding_recovered"] / 5
+
+
+@pytest.mark.parametrize("arch,targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])])
+def test_parts_chained_compute_what_the_whole_model_computes(tmp_path, arch, targets):
+    """embed + blocks [0, 1) | blocks [1, 3) | norm + head, each rebuilding positions, mask (and rotary) from
+    the sequence length: the same logits, bit for bit, as the whole peft model; adapters only in the state."""
+    from peft import get_peft_model
+
+    from meshsl.compute.llm_parts import build_llm_part, load_causal_lm
+    from meshsl.compute.lora import lora_config
+    from meshsl.config.specs import LLMPartSpec, LoraSpec
+
+    model, _ = tiny_model(tmp_path, arch=arch, documents=20)
+    lora = LoraSpec(targets=targets, r=2, alpha=4, seed=3)
+    parts = [build_llm_part(LLMPartSpec(model=str(model), embed=True, blocks=[0, 1], lora=lora), "s0"),
+             build_llm_part(LLMPartSpec(model=str(model), blocks=[1, 3], lora=lora), "s1"),
+             build_llm_part(LLMPartSpec(model=str(model), blocks=[3, 3], head=True, lora=lora), "s2")]
+    torch.manual_seed(3)
+    whole = get_peft_model(load_causal_lm(model), lora_config(lora))
+    with torch.no_grad():  # non-zero B so that the adapters take part
+        for name, parameter in whole.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    state = {k.removeprefix("base_model.model."): v for k, v in whole.state_dict().items() if "lora_" in k}
+    for part in parts:
+        assert all("lora_" in k for k in part.state_dict())
+        assert part.state_dict() or part.stop == part.first  # the head part adapts no target here
+        part.load_state_dict({k: state[k.removeprefix("lm.")] for k in part.state_dict()})
+    ids = torch.randint(0, 390, (2, 12))
+    hidden = ids.float()
+    for part in parts:
+        hidden = part(hidden)
+    assert torch.equal(hidden, whole(input_ids=ids).logits)

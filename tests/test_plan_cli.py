@@ -46,7 +46,6 @@ def test_examples_cover_every_configuration():
     assert all(kind in seen for kind in KINDS)
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def prepared(path: Path) -> Path:
     """An LLM example builds its small model first (`meshsl llm prepare`, as `make run` does); without the
     llm extra it is skipped."""
@@ -57,6 +56,7 @@ def prepared(path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_validates_with_a_comment_header(path):
     assert path.read_text().startswith("#"), f"{path.name} needs a comment header saying what it shows"
     prepared(path)
