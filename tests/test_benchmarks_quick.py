@@ -73,8 +73,9 @@ def test_llm_benchmark_in_miniature():
     pytest.importorskip("peft")
     from benchmarks import llm
     result = llm.measure(quick=True, micro_batches=(4,), codecs=())
-    unsplit, split = result["rows"]
-    assert unsplit["tokens_per_s"] > 0 and unsplit["peak_rss_mib"] > 0
+    (split,) = result["rows"]
+    assert split["unsplit_tokens_per_s"] > 0 and split["unsplit_peak_rss_mib"] > 0
     assert split["tokens_per_s"] > 0 and set(split["peak_rss_mib"]) == {"clinic", "cloud"}
+    assert result["m4_ratio_median"] == split["ratio_vs_unsplit"] > 0
     assert split["wire_bytes_per_token"] >= 4 * 64 * 2 * 2  # fp32 hidden states of width 64, 2 edges, both ways
     assert "x unsplit" in llm.table(result)
