@@ -59,3 +59,21 @@ def test_generation_across_the_split_equals_the_assembled_model(tmp_path):
         changed += out != base.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8,
                                         pad_token_id=0)[0, prompt.shape[1]:].tolist()
     assert changed  # the adapters matter: the base model alone continues differently
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    from meshsl.config.specs import GenerateSpec
+    from meshsl.llm_generate import Decoder
+
+    def decoder(spec):
+        d = Decoder.__new__(Decoder)  # only the picking: no worker, no files
+        d.spec, d.generator = spec, torch.Generator().manual_seed(spec.seed)
+        return d
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    assert decoder(GenerateSpec(strategy="sample", top_k=1)).pick(logits) == int(logits.argmax())
+    a, b = decoder(GenerateSpec(strategy="sample", seed=4)), decoder(GenerateSpec(strategy="sample", seed=4))
+    draws = [a.pick(logits) for _ in range(20)]
+    assert draws == [b.pick(logits) for _ in range(20)] and len(set(draws)) > 1
+    hot = decoder(GenerateSpec(strategy="sample", temperature=0.01, seed=4))
+    assert all(hot.pick(logits) == int(logits.argmax()) for _ in range(10))
