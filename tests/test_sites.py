@@ -140,6 +140,10 @@ def test_unsigned_and_forged_jobs_are_refused(project):
                                submitted_at=time.time(), signature=forged)
         with pytest.raises(JobRefused, match="does not verify"):
             client._ask(m.Submit(job=document))
-        # the broker refused both and still serves: a signed job goes through
+        client.sock.send(b"\x00garbage")  # a peer's garbage: answered with an error, never fatal
+        assert client.sock.poll(10_000)
+        reply = m.decode(client.sock.recv())
+        assert not reply.ok and "malformed" in reply.error
+        # the broker refused all three and still serves: a signed job goes through
         job = client.submit(project.job(), name="signed")
         assert client.wait(job, timeout_s=180)["state"] == "finished"

@@ -67,7 +67,7 @@ parties: {others}
 sources:
   example_features:                 # a name from catalogue.yaml
     forbid_columns: []              # columns no job may read
-labels_may_leave: false             # a loss head on another party's node may not see our labels
+labels_may_leave: false             # gradients sent back must carry a defence (or the job label DP)
 required_defences: []               # nopeek, dp, gradient: on every cut edge leaving this site
 max_runtime_s: 3600
 approval: operator                  # auto, or operator: `meshsl site approve JOB`

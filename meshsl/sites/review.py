@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import networkx as nx
+
 from meshsl.config.loader import load_yaml, parse_spec
 from meshsl.data import load_source
 from meshsl.data.selection import resolve_columns
@@ -80,12 +82,24 @@ def _data_reasons(index: int, data, topology: Topology, policy: PolicySpec,
 
 
 def _label_reasons(topology: Topology, party: str, policy: PolicySpec) -> list[str]:
-    if policy.labels_may_leave:
+    """Labels themselves never cross a party (the topology checks refuse that); what leaves is what the
+    gradients this site sends back reveal about them. Without `labels_may_leave`, each such edge needs a
+    gradient defence, or the job label DP."""
+    if policy.labels_may_leave or topology.spec.training.label_dp is not None:
         return []
-    return [f"task {t.name!r} computes its loss on party {topology.party_of(t.output)!r} from this site's labels "
-            f"{t.labels!r}; policy labels_may_leave is false (use a U-shaped topology)"
-            for t in topology.spec.tasks
-            if topology.party_of(t.labels) == party and topology.party_of(t.output) != party]
+    entries = {p.segment: p for p in topology.spec.privacy}
+    reasons = []
+    for producer, consumer in topology.cut_edges():
+        if topology.party_of(consumer) != party or topology.party_of(producer) == party:
+            continue
+        below = nx.descendants(topology.graph, consumer) | {consumer}
+        ours = [t.name for t in topology.spec.tasks if t.output in below and topology.party_of(t.labels) == party]
+        entry = entries.get(producer)
+        if ours and (entry is None or entry.gradient is None):
+            reasons.append(f"the gradients this site sends back over {producer}->{consumer} carry its labels "
+                           f"(task(s) {ours}) undefended; policy labels_may_leave is false: declare "
+                           f"privacy: [{{segment: {producer}, gradient: {{defence: ...}}}}] or training.label_dp")
+    return reasons
 
 
 def _defence_reasons(topology: Topology, party: str, policy: PolicySpec) -> list[str]:

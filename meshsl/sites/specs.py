@@ -52,7 +52,9 @@ class PolicySpec(Strict):
                                                                  "(besides its own)")
     submitters: Optional[list[str]] = Field(default=None, description="default: every submitter of the kit")
     sources: dict[str, SourceRule] = Field(default_factory=dict, description="catalogue entries a job may use")
-    labels_may_leave: bool = Field(default=False, description="may a loss head on another party see our labels")
+    labels_may_leave: bool = Field(
+        default=False, description="false: the gradients this site sends back (which reveal its labels) must carry "
+                                   "a gradient defence, or the job label DP (labels themselves never leave)")
     max_epsilon: Optional[float] = Field(default=None, gt=0, description="largest DP epsilon spent on our data "
                                                                         "(unset: no DP required)")
     required_defences: list[Literal["nopeek", "dp", "gradient"]] = Field(
