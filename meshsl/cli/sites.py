@@ -18,6 +18,7 @@ STATE = typer.Option(Path("/var/lib/meshsl"), "--state", help="the site's state 
 KIT = typer.Option(..., "--kit", help="a kit folder of the project (public: which broker, whose keys)")
 IDENTITY = typer.Option(..., "--identity", help="the submitter's identity folder (`meshsl identity create`)")
 NAME = typer.Option(..., "--name", help="the submitter's name")
+BROKER = typer.Option(None, "--broker", help="reach the broker here instead of the kit's endpoint")
 
 
 def _guard(action):
@@ -99,16 +100,17 @@ def site_jobs(state: Path = STATE) -> None:
     print(json.dumps(_operator(state, {"command": "jobs"}), indent=2))
 
 
-def _client(kit: Path, identity_dir: Path, name: str):
+def _client(kit: Path, identity_dir: Path, name: str, broker: Optional[str] = None):
     from meshsl.sites.client import JobClient
-    return _guard(lambda: JobClient(kit, identity_dir, name))
+    return _guard(lambda: JobClient(kit, identity_dir, name, broker=broker))
 
 
 def submit(topology: Path = typer.Argument(...), kit: Path = KIT, identity_dir: Path = IDENTITY, name: str = NAME,
            job_name: Optional[str] = typer.Option(None, "--job-name"),
-           wait: bool = typer.Option(False, "--wait", help="wait until it finishes (exit 1 if it does not)")) -> None:
+           wait: bool = typer.Option(False, "--wait", help="wait until it finishes (exit 2 if it does not)"),
+           broker: Optional[str] = BROKER) -> None:
     """Sign and submit a job (a topology) to the project's broker; print its id."""
-    with _client(kit, identity_dir, name) as client:
+    with _client(kit, identity_dir, name, broker) as client:
         job = _guard(lambda: client.submit(topology, job_name))
         print(job)
         if wait:
@@ -116,21 +118,26 @@ def submit(topology: Path = typer.Argument(...), kit: Path = KIT, identity_dir: 
 
 
 @job_app.command("status")
-def job_status(job: str = typer.Argument(...), kit: Path = KIT, identity_dir: Path = IDENTITY, name: str = NAME) -> None:
-    with _client(kit, identity_dir, name) as client:
+def job_status(job: str = typer.Argument(...), kit: Path = KIT, identity_dir: Path = IDENTITY, name: str = NAME,
+               broker: Optional[str] = BROKER) -> None:
+    """The job's state on the broker and on each site (with what each site's policy releases)."""
+    with _client(kit, identity_dir, name, broker) as client:
         print(json.dumps(_guard(lambda: client.status(job)), indent=2))
 
 
 @job_app.command("abort")
-def job_abort(job: str = typer.Argument(...), kit: Path = KIT, identity_dir: Path = IDENTITY, name: str = NAME) -> None:
-    with _client(kit, identity_dir, name) as client:
+def job_abort(job: str = typer.Argument(...), kit: Path = KIT, identity_dir: Path = IDENTITY, name: str = NAME,
+              broker: Optional[str] = BROKER) -> None:
+    """Stop the job on every site (signed: only its submitter may)."""
+    with _client(kit, identity_dir, name, broker) as client:
         print(_guard(lambda: client.abort(job))["state"])
 
 
 @job_app.command("wait")
 def job_wait(job: str = typer.Argument(...), kit: Path = KIT, identity_dir: Path = IDENTITY, name: str = NAME,
-             timeout: float = typer.Option(3600.0, "--timeout")) -> None:
-    with _client(kit, identity_dir, name) as client:
+             timeout: float = typer.Option(3600.0, "--timeout"), broker: Optional[str] = BROKER) -> None:
+    """Wait until the job finishes (exit 2 when it is refused, fails or is aborted)."""
+    with _client(kit, identity_dir, name, broker) as client:
         print(json.dumps(_guard(lambda: client.wait(job, timeout)), indent=2))
 
 

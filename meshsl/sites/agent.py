@@ -35,7 +35,7 @@ class LocalJob:
     state: str = "offered"  # offered | waiting | refused | approved | running | finished | failed | aborted
     reason: str = ""
     nodes: JobNodes | None = None
-    ours: list[str] = field(default_factory=list)
+    ours: dict[str, str | None] = field(default_factory=dict)  # this site's nodes -> their endpoints
     started: float = 0.0
     watcher: asyncio.Task | None = None
 
@@ -96,7 +96,7 @@ class SiteAgent:
             elif isinstance(message, m.Start):
                 await self._start(message.job)
             elif isinstance(message, m.Stop):
-                await self._stop(message.job, message.reason)
+                await self._stop(message.job, message.state, message.reason)
             elif isinstance(message, m.Reply) and not message.ok:
                 log.warning("broker: %s", message.error)
                 if "unregistered" in message.error:
@@ -131,7 +131,7 @@ class SiteAgent:
             reasons = review(document, topology, self.kit, self.policy, catalogue)
         except MeshslError as exc:
             return [str(exc)]
-        job.ours = [n for n, spec in topology.nodes.items() if spec.party == self.kit.site.party]
+        job.ours = {n: spec.endpoint for n, spec in topology.nodes.items() if spec.party == self.kit.site.party}
         if topology.spec.security.curve:
             self._node_keys(job)
         return reasons
@@ -158,7 +158,7 @@ class SiteAgent:
             return
         job.state, job.started = "running", time.time()
         job.save()
-        job.nodes = JobNodes(job.folder, self.catalogue)
+        job.nodes = JobNodes(job.folder, self.catalogue, dict(job.ours))
         for name in job.ours:
             await job.nodes.start(name)
         job.watcher = asyncio.ensure_future(self._watch(job))
@@ -191,12 +191,12 @@ class SiteAgent:
         job.save()
         await self._status(job)
 
-    async def _stop(self, job_id: str, reason: str) -> None:
+    async def _stop(self, job_id: str, state: str, reason: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             return
         if job.state in ("running", "waiting", "approved", "offered"):
-            job.state, job.reason = ("aborted" if "aborted" in reason else "failed"), reason
+            job.state, job.reason = state, f"job {state}: {reason}"
             job.save()
         if job.nodes is not None:
             await job.nodes.stop()

@@ -107,7 +107,7 @@ class JobBoard:
 
     def _end(self, record: JobRecord, state: str, reason: str) -> list[Instruction]:
         record.state, record.reason, record.updated = state, reason, time.time()
-        return [(s, Stop(job=record.document.id, reason=f"job {state}: {reason}")) for s in record.parts]
+        return [(s, Stop(job=record.document.id, state=state, reason=reason)) for s in record.parts]
 
     def _part(self, site: str, job: str) -> tuple[JobRecord | None, SitePart]:
         record = self.jobs.get(job)

@@ -39,12 +39,14 @@ class JobClient:
     """Talks to the project's broker as one submitter. `kit`: any site's kit of the project (public data);
     `identity`: the submitter's own folder (`meshsl site init --submitter`)."""
 
-    def __init__(self, kit: Path | Kit, identity_dir: Path, name: str, timeout_s: float = 20.0) -> None:
+    def __init__(self, kit: Path | Kit, identity_dir: Path, name: str, timeout_s: float = 20.0,
+                 broker: Optional[str] = None) -> None:
         self.kit = kit if isinstance(kit, Kit) else verify_kit(Path(kit))
         self.identity: Identity = load_identity(Path(identity_dir), name)
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
-        self.sock = dial(self.ctx, self.identity, self.kit.broker_identity, self.kit.broker_endpoint)
+        self.endpoint = broker or self.kit.broker_endpoint  # `broker`: another route to it (NAT, a published port)
+        self.sock = dial(self.ctx, self.identity, self.kit.broker_identity, self.endpoint)
 
     def close(self) -> None:
         self.sock.close(0)
@@ -59,7 +61,7 @@ class JobClient:
     def _ask(self, message) -> dict:
         self.sock.send(m.encode(message))
         if not self.sock.poll(int(self.timeout_s * 1000)):
-            raise PeerTimeout(f"broker {self.kit.broker_endpoint}", self.timeout_s)
+            raise PeerTimeout(f"broker {self.endpoint}", self.timeout_s)
         reply = m.decode(self.sock.recv(), "broker")
         if not isinstance(reply, m.Reply):
             raise ConfigError(f"the broker answered {reply.type}, not a reply")

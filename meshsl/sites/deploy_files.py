@@ -46,8 +46,10 @@ Group=meshsl
 StateDirectory=meshsl
 StateDirectoryMode=0700
 WorkingDirectory=/var/lib/meshsl
-ExecStart=/opt/meshsl/.venv/bin/meshsl site start --kit /etc/meshsl/kit --state /var/lib/meshsl{broker}
+ExecStart=/opt/meshsl/.venv/bin/meshsl --log-level INFO site start --kit /etc/meshsl/kit --state /var/lib/meshsl{broker}
 Restart=on-failure
+# exit 2: a tampered kit, a bad policy or catalogue; restarting would fail the same way
+RestartPreventExitStatus=2
 RestartSec=5
 NoNewPrivileges=true
 ProtectSystem=strict

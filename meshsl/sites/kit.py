@@ -76,7 +76,10 @@ def provision(project_path: Path, provisioner: Identity, out: Path) -> dict[str,
     project, sites, submitters = load_project(project_path)
     document = {
         "project": project.name,
-        "broker": {**project.broker.model_dump(), "bind": project.broker.bind or project.broker.endpoint},
+        # by default the broker binds every interface at its port: the endpoint's host is how others reach it
+        # (a service name, a NAT address), rarely an address it can bind
+        "broker": {**project.broker.model_dump(),
+                   "bind": project.broker.bind or f"tcp://0.0.0.0:{project.broker.endpoint.rsplit(':', 1)[-1]}"},
         "sites": [{"name": s.name, "party": s.party, "inbound": s.inbound, "identity": sites[s.name].as_data()}
                   for s in project.sites],
         "submitters": [submitters[s.name].as_data() for s in project.submitters],

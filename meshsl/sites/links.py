@@ -4,6 +4,7 @@ from __future__ import annotations
 import zmq
 import zmq.asyncio
 
+from meshsl.errors import ConfigError
 from meshsl.security.curve import configure_client, configure_server, start_authenticator
 from meshsl.security.keys import KeyRing
 from meshsl.sites.identity import Identity, PublicIdentity
@@ -22,7 +23,12 @@ async def broker_socket(ctx: zmq.asyncio.Context, own: Identity, allowed: list[P
     sock.linger = 0
     sock.router_mandatory = False
     configure_server(sock, ring)
-    sock.bind(bind)
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        auth.stop()
+        raise ConfigError(f"the broker cannot bind {bind}: {exc}", "project broker.bind") from None
     return sock, auth
 
 

@@ -73,6 +73,7 @@ class Start(Strict):
 class Stop(Strict):
     type: Literal["stop"] = "stop"
     job: JobId
+    state: Literal["refused", "failed", "aborted"]
     reason: str
 
 

@@ -31,13 +31,17 @@ class JobNodes:
     """The nodes of one job on this site; `folder` is the job's folder under the site's state directory."""
     folder: Path
     catalogue: Path | None
+    endpoints: dict[str, str | None] = field(default_factory=dict)  # node -> declared endpoint (None: dials out)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
 
-    def command(self, name: str) -> list[str]:
+    def command(self, name: str, endpoint: str | None) -> list[str]:
+        # An inbound node binds every interface at its declared port: on a site (a container, a host behind
+        # NAT) the declared name is how peers reach it, rarely an address it can bind.
+        bind = ["--bind", f"tcp://0.0.0.0:{endpoint.rsplit(':', 1)[1]}"] if endpoint else []
         return [sys.executable, "-m", "meshsl", "node", name, "--topology", str(self.folder / "topology.yaml"),
                 "--resume", "--checkpoint-dir", str(self.folder / "checkpoints" / name),
                 "--weights-out", str(self.folder / "weights" / name),
-                "--summary-json", str(self.folder / f"summary-{name}.json")]
+                "--summary-json", str(self.folder / f"summary-{name}.json"), *bind]
 
     async def start(self, name: str) -> NodeProcess:
         node = self.nodes.setdefault(name, NodeProcess(name))
@@ -46,7 +50,7 @@ class JobNodes:
         env = {**os.environ, **({CATALOGUE_ENV: str(self.catalogue)} if self.catalogue else {})}
         with open(logs / f"{name}.log", "ab") as out:
             node.process = await asyncio.create_subprocess_exec(
-                *self.command(name), stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+                *self.command(name, self.endpoints.get(name)), stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 env=env, cwd=self.folder, start_new_session=True)  # its own group: stopped with its children
         node.exit_code = None
         return node

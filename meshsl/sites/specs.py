@@ -28,7 +28,7 @@ class ProjectSubmitter(Strict):
 class BrokerSpec(Strict):
     site: str = Field(pattern=NAME, description="the site that hosts the broker (uses that site's keys)")
     endpoint: str = Field(description="where sites and submitters dial the broker, e.g. tcp://lab:7100")
-    bind: Optional[str] = Field(default=None, description="where the broker binds (default: the endpoint)")
+    bind: Optional[str] = Field(default=None, description="where the broker binds (default: every interface, at the endpoint's port)")
 
 
 class ProjectSpec(Strict):
