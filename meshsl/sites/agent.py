@@ -157,11 +157,14 @@ class SiteAgent:
         if job is None or (job.watcher is not None and not job.watcher.done()):
             return
         job.state, job.started = "running", time.time()
-        job.save()
         job.nodes = JobNodes(job.folder, self.catalogue, dict(job.ours))
-        for name in job.ours:
+        running = [name for name in job.ours if not job.nodes.finished(name)]
+        if not running:  # restarted after its nodes ended well, before it could say so
+            job.state = "finished"
+        job.save()
+        for name in running:
             await job.nodes.start(name)
-        job.watcher = asyncio.ensure_future(self._watch(job))
+        job.watcher = asyncio.ensure_future(self._watch(job, running))
         await self._status(job)
 
     def _reload(self, job_id: str) -> LocalJob | None:
@@ -177,15 +180,17 @@ class SiteAgent:
         self.jobs[job_id] = job
         return job
 
-    async def _watch(self, job: LocalJob) -> None:
+    async def _watch(self, job: LocalJob, running: list[str]) -> None:
         assert job.nodes is not None
-        waits = [asyncio.ensure_future(job.nodes.wait(n)) for n in job.ours]
+        if not running:
+            return
+        waits = [asyncio.ensure_future(job.nodes.wait(n)) for n in running]
         done, pending = await asyncio.wait(waits, timeout=self.policy.max_runtime_s)
         if pending:
             await job.nodes.stop()
             job.state, job.reason = "failed", f"ran past this site's max_runtime_s {self.policy.max_runtime_s:g}"
         elif job.state == "running":
-            failed = {n: job.nodes.nodes[n].exit_code for n in job.ours if job.nodes.nodes[n].exit_code}
+            failed = {n: job.nodes.nodes[n].exit_code for n in running if job.nodes.nodes[n].exit_code}
             job.state = "failed" if failed else "finished"
             job.reason = f"node(s) exited with {failed}" if failed else ""
         job.save()

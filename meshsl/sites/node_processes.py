@@ -43,6 +43,12 @@ class JobNodes:
                 "--weights-out", str(self.folder / "weights" / name),
                 "--summary-json", str(self.folder / f"summary-{name}.json"), *bind]
 
+    def finished(self, name: str) -> bool:
+        """The node already ended well (its weights and summary are written): a site that restarts after
+        that must report the job done, not start the node again for a run its peers have ended."""
+        weights = self.folder / "weights" / name
+        return (self.folder / f"summary-{name}.json").is_file() and weights.is_dir() and any(weights.iterdir())
+
     async def start(self, name: str) -> NodeProcess:
         node = self.nodes.setdefault(name, NodeProcess(name))
         logs = self.folder / "logs"

@@ -6,7 +6,8 @@ set -euo pipefail
 packages=(podman debootstrap runc uidmap slirp4netns fuse-overlayfs containernetworking-plugins
           golang-github-containernetworking-plugin-dnsname nftables)
 if ! dpkg -s "${packages[@]}" >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}"
 fi
 conf=/etc/containers/containers.conf
 if [ ! -s "$conf" ]; then

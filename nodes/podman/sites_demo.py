@@ -130,7 +130,7 @@ def run(out: Path, image: str, report: dict) -> None:
         report["refused_by_policy"] = exc.reasons
     allowed = setup_project.without_forbidden_column(job_text)
     longer = yaml.safe_load(allowed)
-    longer["training"]["epochs"] = 12
+    longer["training"]["epochs"] = 40  # long enough (600 steps) to kill a site mid-job
     allowed = yaml.safe_dump(longer, sort_keys=False)
     started = time.monotonic()
     job = client.submit(allowed, name="without worst area")
@@ -141,11 +141,13 @@ def run(out: Path, image: str, report: dict) -> None:
         {p.stem for p in (out / "sites" / s / "state").rglob("*.safetensors")} == owned[s] for s in owned)
 
     disturbed = client.submit(allowed, name="a site killed mid-job")
-    wait_for(client, disturbed, lambda v: last_step(v) >= 40, 300)
+    wait_for(client, disturbed, lambda v: last_step(v) >= 60, 300)
     victim = container("hospital_a")
     sh("podman", "kill", victim)
     sh("podman", "start", victim)
     report["killed_site_job"] = client.wait(disturbed, timeout_s=600)["state"]
+    log = out / "sites" / "hospital_a" / "state" / "jobs" / disturbed / "logs" / "hospital_a.log"
+    report["killed_site_resumed_from_a_checkpoint"] = "resumed from checkpoint" in log.read_text()
     report["killed_site_identical_weights"] = all(
         (lambda got, want: got.keys() == want.keys() and bool(want) and all((got[k] == want[k]).all() for k in want))(
             weights(out, s, disturbed), weights(out, s, job)) for s in setup_project.SITES)
@@ -181,6 +183,7 @@ def passed(report: dict) -> bool:
             and set(report.get("refused_by_policy") or {}) == {"hospital_b"}
             and report.get("trained") == "finished" and report.get("weights_only_at_their_owner") is True
             and report.get("killed_site_job") == "finished" and report.get("killed_site_identical_weights") is True
+            and report.get("killed_site_resumed_from_a_checkpoint") is True
             and report.get("aborted_everywhere") is True and report.get("abort_seconds", 99) < 10
             and "not signed" in str(report.get("unsigned_refused"))
             and report.get("tampered_kit", {}).get("exit") == 2
@@ -192,7 +195,7 @@ def main() -> int:
     parser.add_argument("--image", default="localhost/meshsl:latest")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="meshsl-sites-"))
+    out = (args.out or Path(tempfile.mkdtemp(prefix="meshsl-sites-"))).resolve()  # compose volumes: absolute
     report: dict = {}
     try:
         run(out, args.image, report)
