@@ -19,10 +19,10 @@ from meshsl.errors import (ConfigError, ConfigErrors, MeshslError, PeerFailed, P
                            RunCancelled)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from meshsl.api import (Run, RunResult, Topology, assemble, evaluate, export, load, load_model, plan, predict,
+    from meshsl.api import (JobClient, Run, RunResult, Topology, assemble, evaluate, export, load, load_model, plan, predict,
                             run, simulate, start, validate)
 
-_API = ("Run", "RunResult", "Topology", "assemble", "evaluate", "export", "load", "load_model", "plan", "predict",
+_API = ("JobClient", "Run", "RunResult", "Topology", "assemble", "evaluate", "export", "load", "load_model", "plan", "predict",
         "run", "simulate", "start", "validate")
 
 __all__ = [*_API, "ConfigError", "ConfigErrors", "MeshslError", "PeerFailed", "PreflightError", "RunAborted",
