@@ -18,7 +18,7 @@ import yaml
 pytest.importorskip("private_set_intersection.python")
 
 from meshsl.align.ids import source_ids  # noqa: E402
-from meshsl.align.runner import align_all, align_locally, align_node, session_for  # noqa: E402
+from meshsl.align.runner import align_locally, align_node, session_for  # noqa: E402
 from meshsl.align.session import AlignmentError, encode  # noqa: E402
 from meshsl.config.loader import ConfigErrors, load_spec  # noqa: E402
 from meshsl.errors import ConfigError  # noqa: E402

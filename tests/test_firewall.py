@@ -162,8 +162,8 @@ def test_a_dial_out_node_with_a_key_off_the_allow_list_is_refused_and_told(tmp_p
         try:
             hospital.try_send("lab", [b"x"])  # queued or not: it must never arrive
             deadline = asyncio.get_running_loop().time() + 20
-            while not hospital.refused_by.get("lab") and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
+            while not hospital.refused_by.get("lab") and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the transport's refusal record, with a deadline
             assert hospital.refused_by.get("lab", 0) >= 1
             assert lab.recv_nowait() is None and "hospital_a" not in lab._routes
         finally:

@@ -2,7 +2,6 @@
 catalogue loader, kit verification and signatures. No processes."""
 from __future__ import annotations
 
-import json
 import time
 
 import pytest

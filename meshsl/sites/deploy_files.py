@@ -15,7 +15,7 @@ def compose_file(project: ProjectSpec, site: ProjectSite, hosts_broker: bool) ->
     command = ["site", "start", "--kit", "/kit", "--state", STATE, "--catalogue", "/data/catalogue.yaml"] + (["--host-broker"] if hosts_broker else [])
     lines = [
         f"# {project.name}: the site {site.name} ({site.party}). Run from this kit's folder:",
-        f"#   podman-compose up -d      (or docker compose up -d)",
+        "#   podman-compose up -d      (or docker compose up -d)",
         "# ./state holds the site's keys (make them first: see README.md), jobs, checkpoints and weights;",
         "# ./data holds the files its catalogue names. Nothing in ./state leaves this machine.",
         "services:",

@@ -54,7 +54,7 @@ class JobNodes:
         logs = self.folder / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **({CATALOGUE_ENV: str(self.catalogue)} if self.catalogue else {})}
-        with open(logs / f"{name}.log", "ab") as out:
+        with await asyncio.to_thread(open, logs / f"{name}.log", "ab") as out:
             node.process = await asyncio.create_subprocess_exec(
                 *self.command(name, self.endpoints.get(name)), stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 env=env, cwd=self.folder, start_new_session=True)  # its own group: stopped with its children
