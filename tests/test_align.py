@@ -419,8 +419,6 @@ def test_local_tools_intersect_in_the_clear_with_the_same_result(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").environ.get("MESHSL_PSI_CHAOS"),
-                    reason="set MESHSL_PSI_CHAOS=1: three more real runs (~2 min idle)")
 @pytest.mark.timeout(900)
 def test_sigkill_after_psi_resumes_from_the_saved_alignment_with_identical_weights(tmp_path):
     """A node killed mid-training restarts with --resume, takes its alignment from its checkpoint
