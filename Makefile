@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 TOPOLOGY ?= topologies/vanilla.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run test test-fast venv bench bench-quick clean
+.PHONY: run test test-fast test-containers venv bench bench-quick clean
 
 $(BIN)/meshsl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ test: venv
 # unit + integration tiers only (no node processes, namespaces or Prometheus)
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+# the container tier (root or sudo; podman, no registry): the image built with podman, three sites started
+# from their provisioned kits (one behind a drop-inbound firewall) training, resuming and aborting a job,
+# and the systemd units run inside a systemd container (docs/sites.md)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+test-containers: venv
+	$(SUDO) nodes/podman/setup-host.sh
+	$(SUDO) nodes/podman/build-image.sh
+	$(SUDO) rm -rf runs/sites-demo
+	$(SUDO) $(BIN)/python nodes/podman/sites_demo.py --out runs/sites-demo
+	$(SUDO) $(BIN)/python nodes/podman/systemd_check.py
 
 bench: venv
 	$(BIN)/python -m benchmarks --out runs/bench.json

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -266,7 +265,7 @@ def clear_main(args) -> None:
     params = [p for m in [*bottoms, top] for p in m.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     rows = len(labels)
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         order = torch.randperm(rows)
         for first in range(0, rows, args.batch_size):
             index = order[first:first + args.batch_size]

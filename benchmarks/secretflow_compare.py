@@ -28,7 +28,6 @@ a message saying why.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import signal

@@ -68,7 +68,7 @@ def node_processes(steps: int = 2, timeout: float = 120.0, topology: Path = TOPO
             except subprocess.TimeoutExpired:
                 for p in procs.values():
                     p.kill()
-                raise RuntimeError(f"node {name} did not finish within {timeout:.0f}s")
+                raise RuntimeError(f"node {name} did not finish within {timeout:.0f}s") from None
         ended = time.time()
         out = {}
         for name, proc in procs.items():

@@ -76,7 +76,6 @@ def _rtt_summary(samples: list[float]) -> dict:
 
 # ---- meshsl -------------------------------------------------------------------------------------
 async def _meshsl_recv(port: int, peer_port: int, size: int, queue, mode: str) -> None:
-    import torch
     from meshsl.protocol.envelope import Envelope, Kind
     from meshsl.protocol.frames import decode_message, encode_message
     from meshsl.transport.zmq_backend import ZmqTransport
@@ -114,7 +113,7 @@ def meshsl_recv(port, peer_port, size, queue, mode):
 async def _meshsl_send(port: int, peer_port: int, size: int, seconds: float, mode: str, reps: int) -> dict:
     import torch
     from meshsl.protocol.envelope import Envelope, Kind
-    from meshsl.protocol.frames import decode_message, describe, encode_message
+    from meshsl.protocol.frames import decode_message, encode_message
     from meshsl.transport.zmq_backend import ZmqTransport
     edge, codecs = _edge_and_codecs(size)
     book = {"a": f"tcp://127.0.0.1:{port}", "b": f"tcp://127.0.0.1:{peer_port}"}

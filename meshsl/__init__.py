@@ -19,14 +19,15 @@ from meshsl.errors import (ConfigError, ConfigErrors, MeshslError, PeerFailed, P
                            RunCancelled)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from meshsl.api import (Run, RunResult, Topology, assemble, evaluate, export, load, load_model, plan, predict,
-                            run, simulate, start, validate)
+    from meshsl.api import (JobClient, Run, RunResult, Topology, assemble, evaluate, export,  # noqa: F401
+                            load, load_model, plan, predict, run, simulate, start, validate)
 
-_API = ("Run", "RunResult", "Topology", "assemble", "evaluate", "export", "load", "load_model", "plan", "predict",
-        "run", "simulate", "start", "validate")
+_API = ("JobClient", "Run", "RunResult", "Topology", "assemble", "evaluate", "export", "load", "load_model", "plan",
+        "predict", "run", "simulate", "start", "validate")
 
-__all__ = [*_API, "ConfigError", "ConfigErrors", "MeshslError", "PeerFailed", "PreflightError", "RunAborted",
-           "RunCancelled", "__version__"]
+__all__ = ["JobClient", "Run", "RunResult", "Topology", "assemble", "evaluate", "export", "load", "load_model", "plan",
+           "predict", "run", "simulate", "start", "validate", "ConfigError", "ConfigErrors", "MeshslError",
+           "PeerFailed", "PreflightError", "RunAborted", "RunCancelled", "__version__"]
 
 
 # API functions that share their name with a submodule (meshsl/plan/, meshsl/predict.py, meshsl/export.py):

@@ -182,6 +182,40 @@ class PartyOffline(PeerTimeout):
         return self.args[0]
 
 
+
+class KitTampered(AuthError):
+    """A provisioned start-up kit does not match the manifest its project signed (a file changed, added or
+    removed, or the signature is not the project's)."""
+
+
+class SignatureInvalid(AuthError):
+    """A signed document (a job, a site's hello) carries no signature, or one that its signer's key does not
+    verify."""
+
+
+class JobRefused(MeshslError):
+    """A submitted job was refused: by the broker (unsigned, unknown submitter, malformed) or by a site's
+    policy. `reasons` maps who refused (a site, or "broker") to why."""
+
+    def __init__(self, job: str, reasons: dict[str, str]) -> None:
+        self.job = job
+        self.reasons = dict(reasons)
+        text = "; ".join(f"{who}: {why}" for who, why in sorted(self.reasons.items()))
+        super().__init__(f"job {job} refused: {text}")
+
+
+class JobFailed(MeshslError):
+    """A job ended without a trained model on every site: a node failed, it was aborted, or it ran past a
+    site's time limit. `state` is the job's final state and `reasons` maps site to cause."""
+
+    def __init__(self, job: str, state: str, reasons: dict[str, str]) -> None:
+        self.job = job
+        self.state = state
+        self.reasons = dict(reasons)
+        text = "; ".join(f"{who}: {why}" for who, why in sorted(self.reasons.items()))
+        super().__init__(f"job {job} {state}" + (f": {text}" if text else ""))
+
+
 # Every error class of this module by name (MeshslError.from_data).
 _CLASSES = {name: cls for name, cls in list(globals().items())
             if isinstance(cls, type) and issubclass(cls, MeshslError)}

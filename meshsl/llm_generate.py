@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 from meshsl.compute.llm_parts import CausalLMPart

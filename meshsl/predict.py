@@ -308,7 +308,7 @@ def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
             if summary.get("error"):
                 _raise_from_summary(summary, topology)
             raise PeerFailed(coordinator, run.log_tail(coordinator))
-        for name, proc in run.processes.items():
+        for proc in run.processes.values():
             try:
                 proc.wait(timeout=30)
             except Exception:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from meshsl.config.loader import load_spec
 from meshsl.errors import RunAborted

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
 import sys
 import textwrap
 
@@ -113,8 +112,8 @@ async def test_a_frame_over_the_message_limit_is_dropped_by_the_socket() -> None
         try:
             legit = _dealer(context, "client", endpoint)
             legit.send(b"x" * 1000)
-            while not any(sender == "client" for sender, _ in received):
-                await asyncio.sleep(0.01)  # polling the receiver task's list; bounded by the test timeout
+            while not any(sender == "client" for sender, _ in received):  # noqa: ASYNC110  (polls the receiver's list)
+                await asyncio.sleep(0.01)  # bounded by the test timeout
         finally:
             context.destroy(0)
         assert not any(sender == "outsider" for sender, _ in received)

@@ -10,7 +10,8 @@ import pytest
 from meshsl import errors
 from meshsl.errors import (AlignmentError, AuthError, CheckpointError, ConfigError, ConfigErrors, DataError,
                            MeshslError, NodesLost, PartyOffline, PeerFailed, PeerTimeout, PrivacyBudgetError, ProtocolError,
-                           PreflightError, RunAborted, RunCancelled, TopologyError, TransportError)
+                           PreflightError, RunAborted, RunCancelled, TopologyError, TransportError, KitTampered,
+                           SignatureInvalid, JobRefused, JobFailed)
 
 pytestmark = pytest.mark.unit
 
@@ -26,6 +27,10 @@ EXAMPLES = [
     TransportError("cannot bind tcp://127.0.0.1:1"),
     PeerTimeout("server", 12.5, "say hello"),
     PartyOffline("hospital_b", 30.0, "party b"),
+    KitTampered("kit /kit: file site.json was changed after provisioning"),
+    SignatureInvalid("job 0123456789abcdef is not signed (no signature)"),
+    JobRefused("0123456789abcdef", {"hospital_b": "column 'worst area' is forbidden"}),
+    JobFailed("0123456789abcdef", "aborted", {"lab": "aborted by alice"}),
     PeerFailed("client", "exit code 1"),
     RunAborted("server", "loss is NaN"),
     NodesLost({"relay_2"}, "no heartbeat for 5.0s", cause="heartbeat"),

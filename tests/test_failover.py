@@ -85,11 +85,7 @@ def test_warm_standby_takes_over_a_killed_node(tmp_path, reference_run, victim):
     assert_same_weights(weights(tmp_path / "run"), expected)
 
 
-LONG = pytest.mark.skipif(not os.environ.get("MESHSL_CHAOS_LONG"), reason="set MESHSL_CHAOS_LONG=1 (minutes)")
-
-
 @pytest.mark.slow
-@LONG
 def test_warm_standby_takes_over_a_killed_middle_hop(tmp_path):
     """`meshsl run --warm-standby`: a second process per node waits, already started; relay_2 is
     SIGKILLed and its standby takes over its endpoint at once (no process start-up, detected by its

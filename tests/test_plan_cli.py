@@ -106,7 +106,7 @@ def test_example_plan_json(path):
     # every activation one node sends is received by its peer, and the gradient comes back
     transfers = [(n, t) for n, p in plan["nodes"].items() for t in p["sends"] + p["receives"]]
     assert transfers
-    for node, t in transfers:
+    for _node, t in transfers:
         assert t["edge"] in plan["edges"] and t["direction"] in ("activation", "gradient")
         assert t["dtype"] == "float32" and t["shape"][0] == "micro_batch"
         assert t["peer_party"] == topology.nodes[t["peer"]].party

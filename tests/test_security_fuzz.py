@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -24,7 +23,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 import zmq
@@ -33,7 +31,7 @@ from hypothesis import strategies as st
 
 from meshsl.errors import ProtocolError
 from meshsl.protocol import control
-from meshsl.protocol.envelope import PHASES, VERSION, Kind
+from meshsl.protocol.envelope import VERSION, Kind
 from meshsl.runtime.coordinator import Coordinator, RunOptions
 from meshsl.runtime.node import NodeRuntime
 from meshsl.runtime.simulate import simulate

@@ -6,8 +6,6 @@ Also: the plain-text warning of `meshsl node`, and a scan that no code path unpi
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
 import shutil
 import subprocess
@@ -15,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 import zmq
 from typer.testing import CliRunner

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 from meshsl.api.result import RunResult
 from meshsl.api.topology import TopologySource, document_of, load
 from meshsl.config.loader import load_spec
-from meshsl.errors import MeshslError, RunCancelled
+from meshsl.errors import RunCancelled
 from meshsl.privacy.leakage_warnings import run_warnings
 from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir
 from meshsl.runtime.preflight import preflight

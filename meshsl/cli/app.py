@@ -21,10 +21,10 @@ app.command()(node.node)
 def _mount_optional() -> None:
     """Command groups a node process never needs. Their modules import rich at the top (start-up to the
     first step counts; docs/performance.md), so they are imported only when another command runs."""
-    from meshsl.cli import align, keys, llm, model, privacy, simulate  # rich: never in a node process
+    from meshsl.cli import align, keys, llm, model, privacy, simulate, sites  # rich: never in a node process
     app.add_typer(keys.app, name="keys")
     app.add_typer(llm.app, name="llm")
-    for group in (privacy, model, align, simulate):  # audit; predict, export, assemble, evaluate; align; simulate
+    for group in (privacy, model, align, simulate, sites):  # audit; predict, export, assemble, evaluate; align; simulate; sites and jobs
         group.mount(app)
 
 

@@ -81,11 +81,11 @@ class Arch:
 
 
 def layer_count(config) -> int:
-    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
 
 
 def context_length(config) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+    return int(getattr(config, "max_position_embeddings", None) or config.n_positions)
 
 
 class CausalLMPart(nn.Module):

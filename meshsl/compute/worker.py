@@ -356,7 +356,7 @@ class SegmentWorker:
     def apply_optimizer(self, round_: Optional[int] = None) -> None:
         self._hijack_guard.before_optimizer()
         state = self._stale.take_gradients(round_, self.modules) if self.staleness else None
-        for name, optimizer in self.optimizers.items():
+        for _name, optimizer in self.optimizers.items():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if state is not None:

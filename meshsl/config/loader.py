@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from meshsl.config.keys import did_you_mean, known_keys
 from meshsl.config.overrides import Overrides, apply_overrides
@@ -75,8 +75,16 @@ _PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
 def parse_spec(document: Any, source: str = "<topology>") -> TopologySpec:
     if not isinstance(document, dict):
         raise ConfigError("the topology must be a mapping with keys nodes, data, segments, tasks", source)
+    return validate_document(TopologySpec, document, source)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_document(model: type[Model], document: Any, source: str) -> Model:
+    """`model` from a parsed YAML document; ConfigErrors naming `source` and each wrong key path."""
     try:
-        return TopologySpec.model_validate(document)
+        return model.model_validate(document)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -85,7 +93,7 @@ def parse_spec(document: Any, source: str = "<topology>") -> TopologySpec:
             for prefix in _PYDANTIC_PREFIXES:
                 message = message.removeprefix(prefix)
             if err["type"] == "extra_forbidden":
-                message = "unknown key" + did_you_mean(loc[-1], known_keys(TopologySpec, loc[:-1])) if loc else "unknown key"
+                message = "unknown key" + did_you_mean(loc[-1], known_keys(model, loc[:-1])) if loc else "unknown key"
             elif err["type"] == "missing":
                 message = "required key is missing"
             problems.append(ConfigError(message, f"{source}: {key_path(loc, document)}"))

@@ -1,5 +1,6 @@
 """Datasets, column selection, train/test split, client partitions and deterministic batches."""
 from meshsl.data import file_loaders  # noqa: F401  (registers csv, parquet, arrow, feather, numpy)
+from meshsl.data import catalogue  # noqa: F401  (registers catalogue: data by a site's catalogue name)
 from meshsl.data import text  # noqa: F401  (registers text: tokenised, packed sequences)
 from meshsl.data.partition import label_counts, partition
 from meshsl.data.registry import (

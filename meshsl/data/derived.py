@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshsl.data.registry import load_dataset, make_table
+from meshsl.data.registry import load_dataset
 from meshsl.data.specs import DatasetSpec
 
 

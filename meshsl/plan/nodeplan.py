@@ -5,13 +5,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from meshsl.compression import CompressionSpec
+from meshsl.plan.steps import edge_name  # noqa: F401  (where plans name their edges)
 from meshsl.topology.shapes import count_flops
 
 FLOAT_BYTES = 4
-
-
-def edge_name(producer: str, consumer: str) -> str:
-    return f"{producer}->{consumer}"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ from meshsl.align.outcomes import aligned_size, alignment_version
 from meshsl.data import dataset_rows, load_dataset, partition, train_test_indices
 
 
+def edge_name(producer: str, consumer: str) -> str:
+    """How plans, frames and metrics name the edge from one segment to another."""
+    return f"{producer}->{consumer}"
+
+
 @dataclass(frozen=True)
 class StepInfo:
     step: int  # global training step, from 0

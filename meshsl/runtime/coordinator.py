@@ -94,18 +94,17 @@ class Coordinator:
     def __post_init__(self) -> None:
         topology = self.topology = self.node.topology
         self.inbox: asyncio.Queue = asyncio.Queue(maxsize=max(256, 8 * len(topology.nodes)))
-        self.deferred_checkpoint: Optional[int] = None  # written by the next Run (after FedAvg/hand-off)
         self.checkpoint_every = topology.spec.checkpoint.every
         self.checkpoint_dir = self.node.checkpoint_dir
         self.incarnation = 0
         if self.checkpoint_every > 0:
             self.incarnation = checkpoint.read_counter(self.checkpoint_dir, "coordinator") + 1
             checkpoint.write_counter(self.checkpoint_dir, "coordinator", self.incarnation)
-        self.round = self.incarnation * ROUNDS_PER_INCARNATION
         self.roster = ClientRoster.from_topology(topology)  # who takes part (clients.on_loss: drop)
         self.planned = planned_changes(self.options.client_schedule)
         self.machine = CoordinatorMachine(self.node.node, list(topology.nodes), topology.spec.retry, _now(),
                                           roster=self.roster, replaying=self.planned is not None)
+        self.machine.start_at(self.incarnation * ROUNDS_PER_INCARNATION)
         self.record = RunRecord({f"{p}->{c}" for p, c in topology.cut_edges()}, history=self.history,
                                 regression_tasks=frozenset(t.name for t in topology.spec.tasks if t.loss == "mse"))
         self.clients = ClientSync(self)
@@ -114,7 +113,10 @@ class Coordinator:
         self.privacy_budget: Optional[dict] = None
 
     # -- the machine's state, for the host and tests ----------------------------------------------
-    nodes = property(lambda self: self.machine.nodes, lambda self, nodes: setattr(self.machine, "nodes", nodes))
+    # the run's state lives in the machine: read here, changed only by its transitions
+    nodes = property(lambda self: self.machine.nodes)
+    round = property(lambda self: self.machine.round)
+    deferred_checkpoint = property(lambda self: self.machine.deferred_checkpoint)
     policy = property(lambda self: self.machine.policy, lambda self, p: setattr(self.machine, "policy", p))
     heard = property(lambda self: self.machine.liveness.heard)
     predict_rows = property(lambda self: self.machine.book.predict_rows)
@@ -213,9 +215,9 @@ class Coordinator:
         """One coordinator-driven round (evaluation, prediction): BEGIN to every node, then every node's
         DONE as {node: (envelope, tensors)}. The public way for an application (meshsl.predict) to drive
         rounds; the round number is the coordinator's business."""
-        self.round += 1
-        await self.broadcast(Kind.BEGIN, phase=phase, step=self.round, meta=begin.to_meta())
-        return await self.collect(Kind.DONE, set(self.nodes), self.round, what)
+        round_ = self.machine.next_round()
+        await self.broadcast(Kind.BEGIN, phase=phase, step=round_, meta=begin.to_meta())
+        return await self.collect(Kind.DONE, set(self.nodes), round_, what)
 
     async def broadcast(self, kind: Kind, targets=None, **fields) -> None:
         for name in targets or self.nodes:
@@ -292,8 +294,8 @@ class Coordinator:
         """Dropped clients `lanes` (on `nodes`) take part again from `step`, with the global weights."""
         self.note_change(self.roster.readmit(lanes, step, "replayed" if self.planned else "rejoined"))
         for node in nodes:
-            self.machine.book.checkpoints[node] = set()  # its checkpoints from before the drop do not fit this run
+            self.machine.forget_checkpoints(node)
             self.seen(node)
-        self.nodes = self.roster.active_nodes(self.topology.nodes)
+        self.machine.roster_changed()
         if self.checkpoint_every > 0:
-            self.deferred_checkpoint = step  # a point every node, the rejoined too, can resume from
+            self.machine.defer_checkpoint(step)  # a point every node, the rejoined too, can resume from

@@ -285,9 +285,48 @@ class CoordinatorMachine:
         self.book = HelloBook()
         self.roster = roster
         self.replaying = replaying
-        self.nodes = nodes
+        self.all_nodes = list(nodes)
+        self.nodes = nodes  # the nodes taking part (the roster's active ones)
+        self.round = 0  # the last round number given out (start_at: the incarnation's first)
+        self.deferred_checkpoint: Optional[int] = None  # written by the next Run (after FedAvg/hand-off)
         self.ahead: dict[tuple[Kind, int], dict[str, Any]] = {}  # DONEs of rounds not collected yet
         self.wait: Union[_Round, _Startup, _RestoreAcks, None] = None
+
+    # -- the run's state: the async shells change it only through these (tests/test_coordinator_state.py)
+    def start_at(self, round_: int) -> None:
+        self.round = round_
+
+    def next_round(self) -> int:
+        """A coordinator-driven round (evaluation, prediction, a restore): its number."""
+        self.round += 1
+        return self.round
+
+    def run_rounds(self, count: int) -> int:
+        """A self-driven Run of `count` steps takes rounds base+1 .. base+count; returns base."""
+        base, self.round = self.round, self.round + count
+        return base
+
+    def defer_checkpoint(self, step: Optional[int]) -> None:
+        self.deferred_checkpoint = step
+
+    def take_deferred_checkpoint(self) -> Optional[int]:
+        """The checkpoint the next Run writes, handed out once."""
+        step, self.deferred_checkpoint = self.deferred_checkpoint, None
+        return step
+
+    def restoring(self) -> int:
+        """A restore to a common checkpoint: nothing deferred survives it; the RESTORE round's number."""
+        self.deferred_checkpoint = None
+        self.ahead.clear()
+        return self.next_round()
+
+    def roster_changed(self) -> None:
+        """Clients dropped or readmitted: the nodes taking part are the roster's active ones."""
+        self.nodes = self.roster.active_nodes(self.all_nodes)
+
+    def forget_checkpoints(self, node: str) -> None:
+        """A readmitted client's checkpoints from before its drop do not fit this run."""
+        self.book.checkpoints[node] = set()
 
     @property
     def policy(self):

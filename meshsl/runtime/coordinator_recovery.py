@@ -24,13 +24,11 @@ class Recovery:
         coordinator = self.coordinator
         step = coordinator.machine.book.common_checkpoint(coordinator.nodes)
         if coordinator.roster.rewind(step):  # readmissions after that step are replayed at their barrier again
-            coordinator.nodes = coordinator.roster.active_nodes(coordinator.topology.nodes)
-        coordinator.machine.ahead.clear()
-        coordinator.deferred_checkpoint = None  # the restored checkpoint is where the run resumes
-        coordinator.round += 1
-        restore_meta = {"checkpoint": step, "round": coordinator.round, "endpoints": coordinator.machine.book.endpoints}
-        await coordinator.broadcast(Kind.RESTORE, step=coordinator.round, meta=restore_meta)
-        await coordinator.collect_restore_acks(coordinator.round, restore_meta)
+            coordinator.machine.roster_changed()
+        round_ = coordinator.machine.restoring()  # the restored checkpoint is where the run resumes
+        restore_meta = {"checkpoint": step, "round": round_, "endpoints": coordinator.machine.book.endpoints}
+        await coordinator.broadcast(Kind.RESTORE, step=round_, meta=restore_meta)
+        await coordinator.collect_restore_acks(round_, restore_meta)
         if step:
             log.warning("resumed every node from the checkpoint of step %d", step)
         return step
@@ -86,7 +84,7 @@ class Recovery:
         change = roster.drop(lost.nodes, step, lost.cause)  # PeerFailed below clients.min_clients
         for name, hello in lost.rejoined.items():  # its new process announced itself already: rejoins later
             await coordinator.note_hello(name, hello)
-        coordinator.nodes = roster.active_nodes(coordinator.topology.nodes)
+        coordinator.machine.roster_changed()
         await coordinator.broadcast(Kind.ABORT, step=coordinator.round)
         index = await self.restore_consistent()
         coordinator.note_change(change, detected=lost.detected, reason=lost.why)

@@ -43,7 +43,7 @@ class Training:
                 info, row = steps[end - 1], coordinator.history[-1]
                 if await coordinator.clients.sync(info, planner) and coordinator.checkpoint_every > 0 \
                         and end % coordinator.checkpoint_every == 0:
-                    coordinator.deferred_checkpoint = end  # written by the next Run, after the averaging/hand-off
+                    coordinator.machine.defer_checkpoint(end)  # written by the next Run, after the averaging/hand-off
                 if options.evaluate and planner.eval_due(info):
                     row["eval"] = await self.evaluate()
                     _log_evaluation(coordinator.node.node, row)
@@ -60,22 +60,20 @@ class Training:
         for change in changes:
             coordinator.note_change(change)
         if coordinator.planned:
-            coordinator.nodes = coordinator.roster.active_nodes(coordinator.topology.nodes)
+            coordinator.machine.roster_changed()
         return index
 
     async def _run_steps(self, index: int, end: int) -> None:
         """Steps [index, end) run self-driven: one Run out, then a DONE per node and step back, each
         answered by a COMMIT (the nodes stay within `lag` steps of the last commit)."""
         coordinator, steps = self.coordinator, self.planner.steps
-        base = coordinator.round
-        coordinator.round = base + (end - index)  # rounds base+1 .. base+count are this run's steps
+        base = coordinator.machine.run_rounds(end - index)  # rounds base+1 .. base+count are this run's steps
         training = coordinator.topology.spec.training
         run = control.Run(first_step=index, count=end - index, micro_batches=training.micro_batches,
-                          checkpoint=coordinator.deferred_checkpoint,
+                          checkpoint=coordinator.machine.take_deferred_checkpoint(),
                           hold_checkpoint=self.planner.sync_due(steps[end - 1]),
                           dropped_lanes=coordinator.roster.dropped_lanes())
         await coordinator.broadcast(Kind.RUN, step=base, meta=run.to_meta())
-        coordinator.deferred_checkpoint = None
         mark = time.perf_counter()
         for i in range(index, end):
             info, round_ = self.planner.as_trained(steps[i]), base + 1 + (i - index)

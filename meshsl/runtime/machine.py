@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from meshsl.errors import ProtocolError
-from meshsl.plan.nodeplan import edge_name
+from meshsl.plan.steps import edge_name
 
 
 # ---- events -------------------------------------------------------------------------------------

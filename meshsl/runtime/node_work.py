@@ -13,7 +13,7 @@ import torch
 from meshsl.compute.staging import to_host
 from meshsl.compute.weights import load_saved_weights
 from meshsl.compute.worker import RoundContext, SegmentWorker
-from meshsl.plan.nodeplan import edge_name
+from meshsl.plan.steps import edge_name
 from meshsl.plan.steps import epoch_steps, step_at
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import encode_message

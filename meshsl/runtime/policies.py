@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 from meshsl.errors import PeerFailed
+
+if TYPE_CHECKING:  # FedAvg only calls tensor methods: the roster and its machine import without torch
+    import torch
 
 
 # ---- SplitFed averaging ----------------------------------------------------------------------

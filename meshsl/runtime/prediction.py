@@ -99,7 +99,7 @@ async def coordinate_prediction(coordinator, settings: PredictSettings) -> dict:
             rounds += 1
             begin = control.Begin(lanes=(lane,), micro_batches=micro_batches, offset=offset, count=count)
             done = await coordinator.forward_round("predict", begin, "finish its prediction round")
-            for sender, (envelope, _) in done.items():
+            for _sender, (envelope, _) in done.items():
                 for task, n in (envelope.meta.get("predicted") or {}).items():
                     if task in written and isinstance(n, int):
                         written[task] += n

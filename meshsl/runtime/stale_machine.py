@@ -21,7 +21,7 @@ from typing import Optional
 
 from meshsl.errors import ProtocolError
 from meshsl.runtime.machine import (
-    Action, ApplyOptimizer, Begin, Commit, ComputeAction, ComputeFinished, Event, GradientArrived, InputArrived,
+    Action, ApplyOptimizer, Begin, Commit, ComputeAction, ComputeFinished, Event, InputArrived,
     NodeMachine, Prepare, RoundDone, Run, Wiring)
 
 SYNC_LAG = 3  # NodeMachine.lag: how far a node may run past the coordinator's last commit
