@@ -246,7 +246,7 @@ def test_segment_that_feeds_no_task(tmp_path, doc):
 
 def test_segment_needs_layers_or_factory(tmp_path, doc):
     doc["segments"][1]["factory"] = {"target": "torch.nn:Identity"}
-    rejected(tmp_path, doc, "segments[1](top)", "exactly one of 'layers' or 'factory'")
+    rejected(tmp_path, doc, "segments[1](top)", "exactly one of 'layers', 'factory' or 'llm'")
 
 
 # ------------------------------------------------------------------ duplicates
