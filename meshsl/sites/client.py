@@ -66,8 +66,8 @@ class JobClient:
         if not isinstance(reply, m.Reply):
             raise ConfigError(f"the broker answered {reply.type}, not a reply")
         if not reply.ok:
-            raise JobRefused(getattr(message, "job", "?") if isinstance(getattr(message, "job", None), str)
-                             else message.job.id, {"broker": reply.error})
+            job = message.job.id if isinstance(message, m.Submit) else message.job
+            raise JobRefused(job, {"broker": reply.error})
         return reply.job
 
     def submit(self, topology: Path | str, name: Optional[str] = None, sign: bool = True) -> str:

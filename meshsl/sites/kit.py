@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshsl.config.loader import load_yaml, validate_document
-from meshsl.errors import ConfigError, KitTampered
+from meshsl.errors import ConfigError, KitTampered, SignatureInvalid
 from meshsl.sites.deploy_files import kit_files
 from meshsl.sites.identity import Identity, PublicIdentity, load_public, verify
 from meshsl.sites.specs import ProjectSpec
@@ -115,7 +115,7 @@ def verify_kit(folder: Path, pinned_provisioner: str | None = None) -> Kit:
     signature = manifest.pop("signature", None)
     try:
         verify(manifest, signature, provisioner, f"kit {folder}: {MANIFEST}")
-    except Exception as exc:
+    except SignatureInvalid as exc:
         raise KitTampered(str(exc)) from None
     if pinned_provisioner is not None and provisioner.fingerprint != pinned_provisioner:
         raise KitTampered(f"kit {folder} is signed by {provisioner.name} ({provisioner.fingerprint}), not by the "

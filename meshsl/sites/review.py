@@ -10,7 +10,7 @@ from meshsl.config.loader import load_yaml, parse_spec
 from meshsl.data import load_source
 from meshsl.data.selection import resolve_columns
 from meshsl.data.specs import DatasetSpec
-from meshsl.errors import ConfigError, MeshslError
+from meshsl.errors import MeshslError
 from meshsl.sites.kit import Kit
 from meshsl.sites.specs import JobDocument, PolicySpec
 from meshsl.topology.model import Topology, topology_from_spec
@@ -125,7 +125,7 @@ def _budget_reasons(topology: Topology, party: str, policy: PolicySpec) -> list[
     try:
         steps = planned_steps(topology)
         spent = budget(topology, steps)["parties"].get(party, {})
-    except (ConfigError, MeshslError) as exc:
+    except MeshslError as exc:
         return [f"cannot plan the job's steps to check the policy's limits: {exc}"]
     reasons = []
     if policy.max_steps is not None and steps > policy.max_steps:
