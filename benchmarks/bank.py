@@ -344,7 +344,7 @@ def out_of_core(folder: Path, rows: int, features: int, limit_mib: int, steps: i
     """Train with party1 in a cgroup of `limit_mib` while its .npy is larger; then show the limit bites:
     reading the same file into memory under the same limit is killed."""
     from benchmarks.memory_limit import MemoryLimit, drop_page_cache
-    from meshsl.runtime.launcher import free_port
+    from meshsl.launch.launcher import free_port
     out_of_core_files(folder, rows, features)
     path = work / "out_of_core.yaml"
     path.write_text(yaml.safe_dump(out_of_core_document(folder, (free_port(), free_port()), features, steps)))

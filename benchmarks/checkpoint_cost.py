@@ -17,7 +17,7 @@ import yaml
 import tempfile
 import time
 
-from meshsl.runtime.launcher import LocalRun
+from meshsl.launch.launcher import LocalRun
 from meshsl.topology.model import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent

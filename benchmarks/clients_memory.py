@@ -35,8 +35,8 @@ def _share_address_book() -> None:
 
 
 def simulate(clients: int, trace: bool) -> dict:
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate as run_all
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate as run_all
     if trace:
         tracemalloc.start(1)
     document = dict(splitfed_document(clients, steps=2), retry=RELAXED)

@@ -141,7 +141,7 @@ def run_processes(document: dict, warmup_steps: int, timeout: float = 240.0) -> 
 
     Steady-state samples/s is measured from the coordinator's per-step progress rows after `warmup_steps`;
     peak RSS per node is polled from /proc."""
-    from meshsl.runtime.launcher import LocalRun
+    from meshsl.launch.launcher import LocalRun
     from meshsl.topology.model import load_topology
 
     with tempfile.TemporaryDirectory(prefix="meshsl-bench-") as tmp:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from meshsl.audit_trajectory import record_and_audit
+from meshsl.apps.audit_trajectory import record_and_audit
 from meshsl.config.loader import parse_spec
 from meshsl.topology.model import topology_from_spec
 

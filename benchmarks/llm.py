@@ -29,7 +29,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def document(quick: bool, work: Path, micro_batches: int, steps: int, codec: str = "none",
              addresses: Optional[list[str]] = None) -> dict:
     """The example topology (quick: over a tiny model built in `work`), endpoints on loopback or the sites."""
-    from meshsl.runtime.launcher import free_port
+    from meshsl.launch.launcher import free_port
     doc = yaml.safe_load(TOPOLOGY.read_text())
     model = ROOT / "models" / "tiny-llama"
     if quick:
@@ -59,7 +59,7 @@ def run_split(doc: dict, work: Path, tag: str, warmup: int, exec_prefix=None) ->
     """Both nodes as processes (in the sites' namespaces where given): steady tokens/s, peak RSS, the summary."""
     from benchmarks.common import PeakRss, kill_left
     from benchmarks.wan import step_times
-    from meshsl.runtime.entry import PROGRESS_PREFIX
+    from meshsl.launch.entry import PROGRESS_PREFIX
     path = work / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     names = [n["name"] for n in doc["nodes"]]

@@ -85,7 +85,7 @@ def binary_topology(dataset: str, gradient, label_dp, epochs: int | None):
 
 
 def epsilon_of(topology, steps: int) -> float | None:
-    from meshsl.privacy.accounting import budget
+    from meshsl.schedule.accounting import budget
     if not topology.spec.privacy and topology.spec.training.label_dp is None:
         return None
     values = [e["epsilon"] for e in budget(topology, steps)["edges"]]
@@ -95,7 +95,7 @@ def epsilon_of(topology, steps: int) -> float | None:
 
 
 def input_table(epochs: int) -> list[dict]:
-    from meshsl.audit import audit
+    from meshsl.apps.audit import audit
     rows = []
     for name, privacy, label_dp in INPUT_SETTINGS:
         started = time.perf_counter()
@@ -115,7 +115,7 @@ def input_table(epochs: int) -> list[dict]:
 
 
 def label_table(epochs: int | None) -> list[dict]:
-    from meshsl.audit import audit_labels, train_modules
+    from meshsl.apps.audit import audit_labels, train_modules
     rows = []
     for dataset, task in (("breast_cancer", "diagnosis"), ("digits_parity", "digit")):
         for name, gradient, label_dp in LABEL_SETTINGS:

@@ -1,8 +1,8 @@
 """Scale: hops (real node processes) and clients (SplitFed, every logical node hosted in one process over
-the in-process transport: `meshsl.runtime.simulate.simulate`). `python -m benchmarks.scale sim --clients N`
+the in-process transport: `meshsl.launch.simulate.simulate`). `python -m benchmarks.scale sim --clients N`
 runs one simulation and prints a JSON line (a fresh process, so its peak RSS is its own).
 
-On Ray (`meshsl.runtime.ray_engine`): `python -m benchmarks.scale ray --clients N` starts a two-raylet
+On Ray (`meshsl.launch.ray_engine`): `python -m benchmarks.scale ray --clients N` starts a two-raylet
 Ray cluster on this machine (one CPU each), runs the same SplitFed simulation with the clients' logical
 nodes on one actor and the server on the other (every client message crosses the ZeroMQ link), stops
 the cluster and prints a JSON line (full mode of the runner: 300 clients, next to the in-process row
@@ -36,8 +36,8 @@ def _document(clients: int, steps: int) -> dict:
 
 
 def simulate_splitfed(clients: int, steps: int) -> dict:
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
     started = time.perf_counter()
     topology = topology_from_document(_document(clients, steps))
     built = time.perf_counter()
@@ -72,8 +72,8 @@ def two_raylets(cpus_each: int = 1):
 
 def simulate_splitfed_on_ray(clients: int, steps: int, address: str) -> dict:
     """The `sim` case on a Ray cluster: clients' nodes on one actor, the server on another (1 CPU each)."""
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.ray_engine import simulate_on_ray
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.ray_engine import simulate_on_ray
     started = time.perf_counter()
     document = _document(clients, steps)
     for node in document["nodes"]:

@@ -42,8 +42,8 @@ def accuracy(dataset: str, staleness: int, seed: int) -> float:
     from meshsl.compute.node_data import NodeData
     from meshsl.compute.worker import build_module
     from meshsl.config.loader import parse_spec
-    from meshsl.plan.steps import sample_pools
-    from meshsl.reference import train_reference
+    from meshsl.schedule.steps import sample_pools
+    from meshsl.apps.reference import train_reference
     from meshsl.topology.model import topology_from_spec
     topology = topology_from_spec(parse_spec(chain_document(dataset, staleness, seed)), "<bench>", ROOT)
     weights, _ = train_reference(topology)

@@ -44,7 +44,7 @@ WITH_DYNAMO = ["-c", "import sys, runpy, torch._dynamo, rich.console, rich.table
 def node_processes(steps: int = 2, timeout: float = 120.0, topology: Path = TOPOLOGY, with_dynamo: bool = False) -> dict:
     """Start every node of `topology` as its own `meshsl node` process at once; seconds to first step each.
     `with_dynamo`: import torch._dynamo and rich first (the start-up before this change, for comparison)."""
-    from meshsl.runtime.launcher import LocalRun
+    from meshsl.launch.launcher import LocalRun
     from meshsl.topology.model import load_topology
 
     with tempfile.TemporaryDirectory(prefix="meshsl-startup-") as tmp:
@@ -95,7 +95,7 @@ def breakdown(started: float, node: str = "server") -> dict:
     import torch  # noqa: F401
     stamp("import torch")
     import meshsl.cli  # noqa: F401  (what `python -m meshsl` imports before running a command)
-    from meshsl.runtime.entry import run_node  # noqa: F401
+    from meshsl.launch.entry import run_node  # noqa: F401
     stamp("import meshsl (cli, runtime)")
     from meshsl.topology.model import load_topology
     topology = load_topology(TOPOLOGY)

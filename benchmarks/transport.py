@@ -64,8 +64,8 @@ def _port() -> int:
 
 
 def _edge_and_codecs(size: int):
-    from meshsl.plan.nodeplan import EdgePlan
-    from meshsl.runtime.wire import EdgeCodecs
+    from meshsl.plans.nodeplan import EdgePlan
+    from meshsl.node.wire import EdgeCodecs
     edge = EdgePlan(name="a->b", producer="a", consumer="b", shape=(size // 4,), cross_party=True, remote=True)
     return edge, EdgeCodecs({edge.name: edge})
 

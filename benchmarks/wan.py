@@ -35,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_PORT = 9999
 NODE_PORT = 7400
-from meshsl.runtime.entry import PROGRESS_PREFIX  # noqa: E402 (the coordinator's progress lines)
+from meshsl.launch.entry import PROGRESS_PREFIX  # noqa: E402 (the coordinator's progress lines)
 BOUND = {"vanilla": 1, "multi_hop": 4}  # data round trips per step of synchronous split learning
 
 

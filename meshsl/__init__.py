@@ -11,8 +11,6 @@ The names below are imported on first use: ``import meshsl`` stays cheap (a node
 """
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from meshsl.errors import (ConfigError, ConfigErrors, MeshslError, PeerFailed, PreflightError, RunAborted,
@@ -30,25 +28,9 @@ __all__ = ["JobClient", "Run", "RunResult", "Topology", "assemble", "evaluate", 
            "PeerFailed", "PreflightError", "RunAborted", "RunCancelled", "__version__"]
 
 
-# API functions that share their name with a submodule (meshsl/plan/, meshsl/predict.py, meshsl/export.py):
-# importing the submodule sets the package attribute to it, so reading these names always goes to the API.
-# Code that wants the submodule imports it by its dotted name (`from meshsl.predict import ...`).
-_SHADOWED = frozenset({"plan", "predict", "export"})
-
-
 def _api(name: str) -> Any:
     import meshsl.api  # torch and the runtime: only when the API is used
     return getattr(meshsl.api, name)
-
-
-class _Package(types.ModuleType):
-    def __getattribute__(self, name: str) -> Any:
-        if name in _SHADOWED:
-            return _api(name)
-        return super().__getattribute__(name)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def tiny_model(directory: Path, arch: str = "llama", documents: int = 60) -> tuple[Path, Path]:
     """(model directory, corpus file): the model built by meshsl's recipe from the first `documents` of the
     example corpus."""
-    from meshsl.compute.llm_recipe import create_model
+    from meshsl.models.llm_recipe import create_model
     from meshsl.config.specs import ModelRecipeSpec
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from meshsl.config.loader import load_spec
-from meshsl.runtime.launcher import LocalRun
+from meshsl.launch.launcher import LocalRun
 from meshsl.topology.model import topology_from_spec
 
 ROOT = Path(__file__).resolve().parent.parent

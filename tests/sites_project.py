@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from meshsl.sites.client import JobClient
+from meshsl.apps.sites.client import JobClient
 from prometheus_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

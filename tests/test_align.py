@@ -18,12 +18,12 @@ import yaml
 pytest.importorskip("private_set_intersection.python")
 
 from meshsl.align.ids import source_ids  # noqa: E402
-from meshsl.align.runner import align_locally, align_node, session_for  # noqa: E402
+from meshsl.node.align_runner import align_locally, align_node, session_for  # noqa: E402
 from meshsl.align.session import AlignmentError, encode  # noqa: E402
 from meshsl.config.loader import ConfigErrors, load_spec  # noqa: E402
 from meshsl.errors import ConfigError  # noqa: E402
-from meshsl.plan.steps import sample_pools  # noqa: E402
-from meshsl.runtime.launcher import LocalRun  # noqa: E402
+from meshsl.schedule.steps import sample_pools  # noqa: E402
+from meshsl.launch.launcher import LocalRun  # noqa: E402
 from meshsl.topology.model import load_topology, topology_from_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,7 +160,7 @@ def test_psi_run_across_processes_equals_training_on_the_pre_aligned_intersectio
 
     # Prediction by id: the parties' own files (shuffled, partial overlap) plus the lab's list of ids to
     # score; the predictions carry the ids and equal the model applied to the pre-aligned rows.
-    from meshsl.predict import load_predictions, predict_local
+    from meshsl.apps.predict import load_predictions, predict_local
     lab_ids = tmp_path / "lab_ids.csv"
     lab_ids.write_text("patient_id\n" + "\n".join(read_rows(DATA / "lab.csv")[1]) + "\n")
     predict_local(psi_path, tmp_path / "psi-run" / "weights",
@@ -335,8 +335,8 @@ def test_alignment_over_curve_authenticated_zeromq(tmp_path):
     import zmq
     if not zmq.has("curve"):
         pytest.skip("libzmq without CURVE")
-    from meshsl.runtime.keys_loading import transport_security
-    from meshsl.runtime.launcher import with_free_ports
+    from meshsl.node.keys_loading import transport_security
+    from meshsl.launch.launcher import with_free_ports
     from meshsl.transport import make_transport
     document = with_free_ports(example_document(tmp_path))
     keys = tmp_path / "keys"
@@ -399,8 +399,8 @@ def test_psi_benchmark_smoke():
 def test_nodes_stop_with_the_alignment_error_instead_of_training(tmp_path):
     """In the nodes themselves (no local pre-check): every node stops, the run fails naming the cause."""
     from meshsl.errors import PeerFailed
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
     topology = load_topology(write_topology(tmp_path, example_document(tmp_path, min_intersection=301)))
     with pytest.raises(PeerFailed) as caught:
         asyncio.run(simulate(topology, RunOptions(steps=2)))
@@ -409,7 +409,7 @@ def test_nodes_stop_with_the_alignment_error_instead_of_training(tmp_path):
 
 def test_local_tools_intersect_in_the_clear_with_the_same_result(tmp_path):
     topology = load_topology(EXAMPLE)
-    from meshsl.align.runner import intersect_locally
+    from meshsl.node.align_runner import intersect_locally
     local = intersect_locally(topology)
     psi_topology = load_topology(EXAMPLE)
     assert {n: o.ids for n, o in align_locally(psi_topology).items()} == {n: o.ids for n, o in local.items()}

@@ -6,10 +6,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from meshsl.audit import audit, audit_modules, train_modules
+from meshsl.apps.audit import audit, audit_modules, train_modules
 from meshsl.cli import app
 from meshsl.config.loader import parse_spec
-from meshsl.privacy_cuts import cut_candidates
+from meshsl.apps.privacy_cuts import cut_candidates
 from meshsl.topology.model import topology_from_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +61,8 @@ def test_audit_tells_a_shallow_cut_from_a_deep_protected_one():
 
 
 def test_audit_cli_from_saved_weights_matches_in_memory(tmp_path):
-    from meshsl.runtime.entry import save_weights
-    from meshsl.runtime.simulate import simulate  # noqa: F401  (train_modules uses it)
+    from meshsl.launch.entry import save_weights
+    from meshsl.launch.simulate import simulate  # noqa: F401  (train_modules uses it)
     doc = document(SHALLOW, steps=20)
     topology = topology_of(doc)
     modules, _ = train_modules(topology, evaluate=False)

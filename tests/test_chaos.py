@@ -14,8 +14,8 @@ import pytest
 
 from meshsl.config.loader import load_spec
 from meshsl.errors import RunAborted
-from meshsl.runtime.entry import EXIT_ABORTED
-from meshsl.runtime.launcher import LocalRun
+from meshsl.launch.entry import EXIT_ABORTED
+from meshsl.launch.launcher import LocalRun
 from meshsl.topology.model import topology_from_spec
 from processes import assert_same_weights, chaos_topology, kill_at, saved_weights as weights, train  # tests/ on sys.path
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from meshsl import checkpoint
+from meshsl.compute import checkpoint
 from meshsl.config.loader import load_spec
 from meshsl.errors import CheckpointError, ConfigError, PeerFailed
-from meshsl.runtime.launcher import LocalRun
+from meshsl.launch.launcher import LocalRun
 from meshsl.topology.model import load_topology, topology_from_spec
 from processes import assert_same_weights, chaos_topology, saved_weights as weights, train  # tests/ is on sys.path
 
@@ -131,7 +131,7 @@ def test_resume_falls_back_to_an_older_step_every_node_has(tmp_path):
 def test_meshsl_run_checkpoints_by_default_into_a_documented_run_dir(tmp_path, monkeypatch):
     """Failover on out of the box: the resolved topology checkpoints unless the YAML or the user says
     otherwise; runs go to runs/<topology>-<time>."""
-    from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY, default_run_dir
+    from meshsl.launch.launcher import DEFAULT_CHECKPOINT_EVERY, default_run_dir
 
     def resolved_every(every_in_yaml, launcher_every):
         document = yaml.safe_load((ROOT / "topologies" / "multi_hop.yaml").read_text())

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from meshsl.runtime import coordinator as coordinator_module
-from meshsl.runtime.coordinator import Coordinator, NodesLost
+from meshsl.coordinator import runtime as coordinator_module
+from meshsl.coordinator.runtime import Coordinator, NodesLost
 from meshsl.topology.model import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def test_a_round_timeout_names_only_the_silent_nodes(chain):
 
 def test_a_standby_sees_the_endpoint_free_only_once_the_primary_socket_is_gone():
     import socket
-    from meshsl.runtime.standby import endpoint_free
+    from meshsl.node.standby import endpoint_free
     with socket.socket() as primary:
         primary.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         primary.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshsl import checkpoint
+from meshsl.compute import checkpoint
 from meshsl.errors import CheckpointError
 
 pytestmark = pytest.mark.unit

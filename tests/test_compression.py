@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from meshsl.compression import (
+from meshsl.protocol.compression import (
     CODECS,
     CompressionSpec,
     Int8Codec,

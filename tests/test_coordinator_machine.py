@@ -1,4 +1,4 @@
-"""The coordinator's receive side (runtime/coordinator_machine.py) driven by event sequences: no
+"""The coordinator's receive side (machines/coordinator.py) driven by event sequences: no
 processes, no sockets, no clock but the events'."""
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import pytest
 
 from meshsl.errors import PeerFailed, PeerTimeout
 from meshsl.protocol.envelope import Envelope, Kind
-from meshsl.runtime.coordinator_machine import (
-    Ack, ClientBack, Collected, CoordinatorMachine, Done, Extended, Fail, Failed, Hello, Lost, Reply, Reroute,
-    SendAck, SendRestore, Tick, event_of,
+from meshsl.errors import ProtocolError
+from meshsl.machines.coordinator import (
+    ClientBack, Collected, CoordinatorMachine, Extended, Fail, Lost, Received, Reroute, SendAck, SendRestore, Tick,
+    event_of,
 )
-from meshsl.runtime.policies import ClientRoster
+from meshsl.protocol import control
+from meshsl.machines.policies import ClientRoster
 
 pytestmark = pytest.mark.unit
 
@@ -28,8 +30,20 @@ def machine(now: float = 0.0, **kwargs) -> CoordinatorMachine:
     return m
 
 
-def done(sender: str, round_: int, **meta) -> Done:
-    return Done(sender, round_, "train", meta, payload=f"{sender}@{round_}")
+def done(sender: str, round_: int, **fields) -> Received:
+    return Received(sender, round_, "train", control.Done(**fields))
+
+
+def hello(sender: str, now: float, known_endpoint=None, **fields) -> Received:
+    return Received(sender, 0, "control", control.Hello(**fields), now, known_endpoint)
+
+
+def ack(sender: str, of: str, round_: int, **fields) -> Received:
+    return Received(sender, round_, "control", control.Ack(of=of, **fields))
+
+
+def failed(sender: str, error: str) -> Received:
+    return Received(sender, 0, "control", control.Failed(error=error))
 
 
 def feed(m: CoordinatorMachine, *events) -> list:
@@ -43,7 +57,7 @@ def test_every_node_done_collects_their_messages():
     m = machine()
     assert m.expect(Kind.DONE, set(NODES), 1, latest=1, what="finish its step", now=0.0) == []
     assert feed(m, Tick(0.5), done("server", 1), done("a", 1)) == []
-    assert feed(m, done("b", 1)) == [Collected({"server": "server@1", "a": "a@1", "b": "b@1"})]
+    assert feed(m, done("b", 1)) == [Collected({n: done(n, 1) for n in ("server", "a", "b")})]
     assert m.wait is None
     assert m.book.committed == {"server": 1, "a": 1, "b": 1}
 
@@ -51,8 +65,9 @@ def test_every_node_done_collects_their_messages():
 def test_late_duplicates_and_other_kinds_do_not_count():
     m = machine()
     m.expect(Kind.DONE, {"a"}, 5, latest=5, what="finish its step", now=0.0)
-    assert feed(m, done("a", 4), Reply("a", Kind.WEIGHTS, 5), Ack("a", None, 5, {})) == []
-    assert feed(m, done("a", 5)) == [Collected({"a": "a@5"})]
+    weights = Received("a", 5, "control", control.Weights(segment="bottom"))
+    assert feed(m, done("a", 4), weights, ack("a", "weights", 5)) == []
+    assert feed(m, done("a", 5)) == [Collected({"a": done("a", 5)})]
 
 
 def test_a_silent_node_past_the_heartbeat_timeout_is_lost_on_tick():
@@ -108,21 +123,21 @@ def test_the_coordinators_own_node_is_never_named_lost():
 def test_hello_from_a_new_incarnation_mid_round_is_lost_as_restarted():
     m = machine()
     m.expect_hellos(set(NODES), 60.0, now=0.0)
-    feed(m, *(Hello(n, {"incarnation": f"{n}-1"}, 0.1) for n in NODES))
+    feed(m, *(hello(n, 0.1, incarnation=f"{n}-1") for n in NODES))
     m.expect(Kind.DONE, set(NODES), 1, latest=1, what="finish its step", now=1.0)
-    assert feed(m, Hello("a", {"incarnation": "a-1"}, 1.1)) == [SendAck("a")]  # the same process: a retry
-    actions = feed(m, Hello("a", {"incarnation": "a-2", "checkpoints": [0, 2]}, 1.2))
+    assert feed(m, hello("a", 1.1, incarnation="a-1")) == [SendAck("a")]  # the same process: a retry
+    actions = feed(m, hello("a", 1.2, incarnation="a-2", checkpoints=(0, 2)))
     assert actions[0] == SendAck("a")
     lost = actions[1]
     assert isinstance(lost, Lost) and lost.nodes == {"a"} and lost.cause == "restarted"
-    assert lost.rejoined == {"a": {"incarnation": "a-2", "checkpoints": [0, 2]}}
+    assert lost.rejoined == {"a": control.Hello(incarnation="a-2", checkpoints=(0, 2))}
     assert m.book.checkpoints["a"] == {0, 2}
 
 
 def test_failed_fails_the_run_with_the_typed_error():
     m = machine()
     m.expect(Kind.DONE, set(NODES), 1, latest=1, what="finish its step", now=0.0)
-    (fail,) = m.handle(Failed("b", "out of memory" + "!" * 1000))
+    (fail,) = m.handle(failed("b", "out of memory" + "!" * 1000))
     assert isinstance(fail, Fail) and isinstance(fail.error, PeerFailed)
     assert fail.error.peer == "b" and "out of memory" in str(fail.error) and len(str(fail.error)) < 600
 
@@ -132,45 +147,44 @@ def test_dones_of_a_later_round_are_kept_until_that_round_is_collected():
     m.expect(Kind.DONE, set(NODES), 1, latest=3, what="finish its step", now=0.0)
     assert feed(m, done("a", 2), done("a", 3), done("b", 4)) == []  # round 4 is not begun: dropped
     assert m.book.committed["a"] == 3
-    assert feed(m, *(done(n, 1) for n in NODES))[-1] == Collected({n: f"{n}@1" for n in NODES})
+    assert feed(m, *(done(n, 1) for n in NODES))[-1] == Collected({n: done(n, 1) for n in NODES})
     m.expect(Kind.DONE, set(NODES), 2, latest=3, what="finish its step", now=0.0)
-    assert feed(m, done("server", 2), done("b", 2)) == [Collected({"a": "a@2", "server": "server@2", "b": "b@2"})]
-    assert m.expect(Kind.DONE, {"a"}, 3, latest=3, what="finish its step", now=0.0) == [Collected({"a": "a@3"})]
+    assert feed(m, done("server", 2), done("b", 2)) == [Collected({n: done(n, 2) for n in ("a", "server", "b")})]
+    assert m.expect(Kind.DONE, {"a"}, 3, latest=3, what="finish its step", now=0.0) == [Collected({"a": done("a", 3)})]
 
 
 def test_hello_with_a_new_endpoint_reroutes_and_is_acknowledged():
     m = machine()
     m.expect(Kind.DONE, set(NODES), 1, latest=1, what="finish its step", now=0.0)
-    actions = m.handle(Hello("b", {"endpoint": "tcp://10.0.0.9:7000"}, 0.5, known_endpoint="tcp://10.0.0.2:7000"))
+    actions = m.handle(hello("b", 0.5, "tcp://10.0.0.2:7000", endpoint="tcp://10.0.0.9:7000"))
     assert actions == [Reroute("b", "tcp://10.0.0.9:7000"), SendAck("b")]
     assert m.book.endpoints["b"] == "tcp://10.0.0.9:7000"
-    assert m.handle(Hello("b", {"endpoint": "tcp://10.0.0.9:7000"}, 0.6, known_endpoint="tcp://10.0.0.9:7000")) \
-        == [SendAck("b")]
-    assert m.handle(Hello("server", {"endpoint": "tcp://x:1"}, 0.7, known_endpoint="tcp://y:1")) == [SendAck("server")]
+    assert m.handle(hello("b", 0.6, "tcp://10.0.0.9:7000", endpoint="tcp://10.0.0.9:7000")) == [SendAck("b")]
+    assert m.handle(hello("server", 0.7, "tcp://y:1", endpoint="tcp://x:1")) == [SendAck("server")]
 
 
 def test_startup_waits_for_every_hello_and_times_out_naming_the_missing():
     m = CoordinatorMachine("server", list(NODES), POLICY, 0.0)
     assert m.expect_hellos(set(NODES), 30.0, now=0.0) == []
-    assert feed(m, Failed("a", "ignored before the run"), Hello("a", {"predict_rows": 12}, 1.0)) == [SendAck("a")]
+    assert feed(m, failed("a", "ignored before the run"), hello("a", 1.0, predict_rows=12)) == [SendAck("a")]
     assert m.liveness.heard["a"] == 1.0 and m.book.predict_rows == {"a": 12}
     assert m.handle(Tick(29.0)) == []
     (fail,) = m.handle(Tick(30.0))
     assert isinstance(fail.error, PeerTimeout) and fail.error.peer == "b, server"
     m.expect_hellos({"a"}, 30.0, now=31.0)
-    assert m.handle(Hello("a", {}, 31.5)) == [SendAck("a"), Collected({})]
+    assert m.handle(hello("a", 31.5)) == [SendAck("a"), Collected({})]
 
 
 def test_restore_acks_are_retried_for_the_slow_and_the_restarted():
     m = machine()
-    meta = {"checkpoint": 4, "round": 7}
+    meta = control.Restore(checkpoint=4, round=7)
     assert m.expect_restore_acks(7, meta, now=0.0) == []
-    assert feed(m, Ack("server", "restore", 7, {}), Ack("a", "restore", 6, {})) == []
+    assert feed(m, ack("server", "restore", 7), ack("a", "restore", 6)) == []
     assert m.wait_s(0.0) == POLICY.heartbeat_timeout_s
     assert m.handle(Tick(5.0)) == [SendRestore(("a", "b"), 7, meta)]
-    assert feed(m, Ack("a", "restore", 7, {}), Hello("a", {}, 5.5)) == [SendAck("a"), SendRestore(("a",), 7, meta)]
-    assert feed(m, Ack("b", "restore", 7, {})) == []
-    assert feed(m, Ack("a", "restore", 7, {})) == [Collected({})]
+    assert feed(m, ack("a", "restore", 7), hello("a", 5.5)) == [SendAck("a"), SendRestore(("a",), 7, meta)]
+    assert feed(m, ack("b", "restore", 7)) == []
+    assert feed(m, ack("a", "restore", 7)) == [Collected({})]
 
 
 def test_restore_acks_fail_past_the_startup_timeout():
@@ -184,12 +198,13 @@ def test_restore_acks_fail_past_the_startup_timeout():
 def test_checkpoint_acks_and_training_dones_record_checkpoints():
     m = machine()
     m.expect(Kind.WEIGHTS, {"a"}, 2, latest=2, what="send weights", now=0.0)
-    assert feed(m, Ack("a", "checkpoint", 2, {"checkpoint": 8}), done("b", 2, checkpoint=10)) == []
+    assert feed(m, ack("a", "checkpoint", 2, checkpoint=8), done("b", 2, checkpoint=10)) == []
     assert m.book.checkpoints == {"a": {8}, "b": {10}}
     assert m.book.common_checkpoint(["a"]) == 8
     with pytest.raises(PeerFailed):
         m.book.common_checkpoint(["a", "b"])
-    assert m.handle(Reply("a", Kind.WEIGHTS, 2, "w")) == [Collected({"a": "w"})]
+    weights = Received("a", 2, "control", control.Weights(segment="bottom"), tensors=["w"])
+    assert m.handle(weights) == [Collected({"a": weights})]
 
 
 def test_a_dropped_client_announcing_itself_is_noted_as_back():
@@ -198,22 +213,29 @@ def test_a_dropped_client_announcing_itself_is_noted_as_back():
     roster.drop(["b"], 3, "heartbeat")
     m.nodes = ["server", "a"]
     m.expect(Kind.DONE, {"server", "a"}, 1, latest=1, what="finish its step", now=0.0)
-    assert m.handle(Hello("b", {}, 0.5)) == [ClientBack("b"), SendAck("b")]
+    assert m.handle(hello("b", 0.5)) == [ClientBack("b"), SendAck("b")]
     assert m.wait is not None  # not a node of the run now: no loss
     replaying = machine(roster=ClientRoster({0: ["a"], 1: ["b"]}, on_loss="drop", min_clients=1), replaying=True)
     replaying.roster.drop(["b"], 3, "replayed")
-    assert replaying.handle(Hello("b", {}, 0.5)) == [SendAck("b")]
+    assert replaying.handle(hello("b", 0.5)) == [SendAck("b")]
 
 
-def test_inbox_messages_become_events():
-    hello = Envelope(Kind.HELLO, "t", "a", meta={"endpoint": "tcp://h:1"})
-    assert event_of("a", hello, (), 2.0, "tcp://h:0") == Hello("a", {"endpoint": "tcp://h:1"}, 2.0, "tcp://h:0",
-                                                               (hello, ()))
-    failed = Envelope(Kind.FAILED, "t", "a", meta={"error": "boom"})
-    assert event_of("a", failed, (), 0.0) == Failed("a", "boom")
-    ack = Envelope(Kind.ACK, "t", "a", step=3, meta={"of": "restore"})
-    assert event_of("a", ack, (), 0.0) == Ack("a", "restore", 3, {"of": "restore"}, (ack, ()))
-    step = Envelope(Kind.DONE, "t", "a", phase="eval", step=4)
-    assert event_of("a", step, (), 0.0) == Done("a", 4, "eval", {}, (step, ()))
-    weights = Envelope(Kind.WEIGHTS, "t", "a", step=5)
-    assert event_of("a", weights, (), 0.0) == Reply("a", Kind.WEIGHTS, 5, (weights, ()))
+def test_inbox_messages_become_typed_events():
+    """Every message a node sends the coordinator arrives as its control.* class; garbage is refused."""
+    hello_ = Envelope(Kind.HELLO, "t", "a", meta={"endpoint": "tcp://h:1", "incarnation": "a-1"})
+    assert event_of("a", hello_, (), 2.0, "tcp://h:0") == Received(
+        "a", 0, "control", control.Hello(endpoint="tcp://h:1", incarnation="a-1"), 2.0, "tcp://h:0", hello_, ())
+    failed_ = Envelope(Kind.FAILED, "t", "a", meta={"error": "boom"})
+    assert event_of("a", failed_, (), 0.0).message == control.Failed(error="boom")
+    ack_ = Envelope(Kind.ACK, "t", "a", step=3, meta={"of": "restore", "checkpoint": 2})
+    assert event_of("a", ack_, (), 0.0).message == control.Ack(of="restore", checkpoint=2)
+    step = Envelope(Kind.DONE, "t", "a", phase="eval", step=4, meta={"tasks": {"t": {"count": 3, "correct": 2}}})
+    event = event_of("a", step, (), 0.0)
+    assert (event.round, event.phase, event.message.tasks) == (4, "eval", {"t": {"count": 3, "correct": 2}})
+    weights = Envelope(Kind.WEIGHTS, "t", "a", step=5, meta={"segment": "bottom"})
+    assert event_of("a", weights, ("w",), 0.0).message == control.Weights(segment="bottom")
+    for garbage in (Envelope(Kind.DONE, "t", "a", meta={"bytes": {"e|forward": "many"}}),
+                    Envelope(Kind.HELLO, "t", "a", meta={"incarnation": 7}),
+                    Envelope(Kind.ACTIVATION, "t", "a")):
+        with pytest.raises(ProtocolError):
+            event_of("a", garbage, (), 0.0)

@@ -1,4 +1,4 @@
-"""The coordinator's pure planning and reporting (runtime/coordinator_plan.py, coordinator_summary.py):
+"""The coordinator's pure planning and reporting (machines/coordinator_plan.py, coordinator_summary.py):
 where barriers fall, which step trains next with dropped clients, history rows, evaluation merging and
 the run summary -- without processes."""
 from __future__ import annotations
@@ -8,10 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from meshsl.plan.steps import StepInfo
-from meshsl.runtime.coordinator_plan import StepPlanner
-from meshsl.runtime.coordinator_summary import RunRecord, merge_evaluation
-from meshsl.runtime.policies import ClientRoster, planned_changes
+from meshsl.protocol import control
+
+from meshsl.schedule.steps import StepInfo
+from meshsl.machines.coordinator_plan import StepPlanner
+from meshsl.machines.coordinator_summary import RunRecord, merge_evaluation
+from meshsl.machines.policies import ClientRoster, planned_changes
 
 pytestmark = pytest.mark.unit
 
@@ -95,7 +97,8 @@ def test_replayed_drops_take_effect_at_their_step_and_end_the_run_before_it():
 
 
 def done(**metas):
-    return {node: (SimpleNamespace(meta=meta), ()) for node, meta in metas.items()}
+    """{node: the coordinator's event of its DONE}, parsed from the meta a node sends."""
+    return {node: SimpleNamespace(message=control.Done.from_meta(meta)) for node, meta in metas.items()}
 
 
 def test_a_step_row_reads_losses_and_the_worst_leakage_per_edge():

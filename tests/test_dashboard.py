@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshsl.metrics import EXPORTED_METRICS
+from meshsl.launch.metrics import EXPORTED_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "monitoring" / "grafana" / "dashboards" / "meshsl.json"

@@ -18,10 +18,10 @@ import yaml
 import processes  # tests/ is on sys.path
 from meshsl.config.loader import parse_spec
 from meshsl.errors import MeshslError
-from meshsl.plan.steps import training_steps
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.launcher import LocalRun
-from meshsl.runtime.simulate import simulate
+from meshsl.schedule.steps import training_steps
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.launcher import LocalRun
+from meshsl.launch.simulate import simulate
 from meshsl.topology.model import topology_from_spec
 from processes import TOPOLOGIES, assert_same_weights, saved_weights
 

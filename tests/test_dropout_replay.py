@@ -13,12 +13,12 @@ import yaml
 
 from meshsl.config.loader import parse_spec
 from meshsl.errors import MeshslError
-from meshsl.plan.steps import sample_pools, training_steps
+from meshsl.schedule.steps import sample_pools, training_steps
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import decode_message
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.policies import aggregate
-from meshsl.runtime.simulate import simulate
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.machines.policies import aggregate
+from meshsl.launch.simulate import simulate
 from meshsl.topology.model import topology_from_spec
 
 pytestmark = pytest.mark.integration

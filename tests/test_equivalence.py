@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from meshsl.config.loader import parse_spec
-from meshsl.reference import train_reference
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.simulate import simulate
+from meshsl.apps.reference import train_reference
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.simulate import simulate
 from meshsl.topology.model import topology_from_spec
 
 

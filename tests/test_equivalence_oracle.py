@@ -1,5 +1,5 @@
 """An oracle that shares no code with meshsl's data, batching, loss or training loop (issue 30: the
-equivalence reference in meshsl/reference.py uses the runtime's own `training_steps`, `NodeData` and
+equivalence reference in meshsl/apps/reference.py uses the runtime's own `training_steps`, `NodeData` and
 `task_loss`, so a batching bug would hit both sides). Here the digits file is read with numpy, the split,
 the batches, the initial weights, the loss and the optimizer follow the rules as documented, written
 again in plain numpy and torch; meshsl trains vanilla.yaml split over two real node processes with

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from meshsl.errors import PeerFailed
-from meshsl.runtime.launcher import LocalRun
+from meshsl.launch.launcher import LocalRun
 from processes import (  # noqa: F401  (tests/ is on sys.path; still importable from here, as before)
     assert_same_weights, chaos_topology, kill_at, saved_weights as weights, train)
 
@@ -103,7 +103,7 @@ def test_warm_standby_takes_over_a_killed_middle_hop(tmp_path):
 def test_checkpoint_write_is_atomic(tmp_path):
     """A node killed while writing leaves the previous checkpoint intact (temp file + fsync + rename)."""
     import multiprocessing
-    from meshsl import checkpoint
+    from meshsl.compute import checkpoint
 
     state = {"w": torch.arange(10.0)}
     checkpoint.save(tmp_path, "n", 1, state)
@@ -125,7 +125,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 
 def _write_forever(directory, state):
-    from meshsl import checkpoint
+    from meshsl.compute import checkpoint
     step = 2
     while True:
         checkpoint.save(directory, "n", step, state)

@@ -263,8 +263,8 @@ RECOVERING = {"checkpoint": {"every": 5}, "training": {"epochs": 10}}  # 150 ste
 def uninterrupted_weights(topology: Path) -> dict:
     """The same topology trained without a fault, every node in this process (bit-identical to a run
     over processes: same seed, same batches, one compute thread per node)."""
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
     from meshsl.topology import load_topology
     document = yaml.safe_load(topology.read_text())
     document["checkpoint"]["directory"] = str(topology.parent / "reference-checkpoints")

@@ -55,7 +55,7 @@ def test_a_cuda_node_on_a_cpu_only_machine_fails_at_once_naming_the_node(tmp_pat
 
 
 def test_the_device_check_names_each_node_and_counts_devices():
-    from meshsl.runtime.preflight import check_devices
+    from meshsl.launch.preflight import check_devices
     topology = meshsl.load(VERTICAL, overrides={"nodes.hospital_a.device": "cuda:1", "nodes.lab.device": "cuda"})
     problems = check_devices(topology, topology.nodes, available=1)  # one GPU: cuda (0) exists, cuda:1 does not
     assert [p.where for p in problems] == [f"{VERTICAL}: nodes[0](hospital_a).device"]
@@ -72,7 +72,7 @@ def test_meshsl_node_with_a_missing_cuda_device_exits_2_and_simulate_too():
 
 
 def test_the_launcher_does_not_restart_what_would_fail_the_same_way(tmp_path):
-    from meshsl.runtime.launcher import _hopeless
+    from meshsl.launch.launcher import _hopeless
     log = tmp_path / "lab.log"
     log.write_text("error: t.yaml: nodes[2](lab).device: no CUDA\n")
     why, _ = _hopeless(log, 2, None, None)  # exit 2: configuration / pre-flight
@@ -133,7 +133,7 @@ def test_a_node_with_no_segments_and_no_data_is_refused():
 # -- `meshsl node` prints progress and a final line -----------------------------------------------------------
 @pytest.mark.e2e
 def test_meshsl_node_prints_progress_on_the_coordinator_and_a_final_line_everywhere(tmp_path):
-    from meshsl.runtime.launcher import with_free_ports
+    from meshsl.launch.launcher import with_free_ports
     document = with_free_ports(yaml.safe_load(VANILLA.read_text()))
     topology = tmp_path / "vanilla.yaml"
     topology.write_text(yaml.safe_dump(document))
@@ -159,7 +159,7 @@ def test_meshsl_node_prints_progress_on_the_coordinator_and_a_final_line_everywh
 
 # -- the first log line of a fresh run -----------------------------------------------------------------------------
 def test_a_fresh_run_logs_no_restore_warning(tmp_path, caplog):
-    from meshsl.runtime.node_control import restore_log_level
+    from meshsl.node.control import restore_log_level
     assert restore_log_level(0, fresh=True) == logging.DEBUG
     assert restore_log_level(0, fresh=False) == logging.WARNING and restore_log_level(5, fresh=True) == logging.WARNING
     with caplog.at_level(logging.WARNING):
@@ -171,7 +171,7 @@ def test_a_fresh_run_logs_no_restore_warning(tmp_path, caplog):
 
 # -- a normal shutdown --------------------------------------------------------------------------------------------
 def test_a_peer_leaving_at_the_end_is_not_a_dropped_connection(caplog):
-    from meshsl.runtime.node_inbox import NodeInbox
+    from meshsl.node.inbox import NodeInbox
     rejected = []
     topology = SimpleNamespace(spec=SimpleNamespace(security=SimpleNamespace(max_message_bytes=2**28)))
     inbox = NodeInbox(topology, "server", {}, None, None, None, SimpleNamespace(reject=rejected.append), lambda: None)
@@ -313,7 +313,7 @@ class _Proc:
 def test_an_aborted_run_lets_the_coordinator_exit_3_with_its_error(tmp_path):
     """SplitFed below min_clients: the ward exits 3 first; the hub, still telling the lost clients, needs
     more than 5 s. It is not SIGTERMed: exit 3 and its own error name the cause."""
-    from meshsl.runtime.launcher import LocalRun
+    from meshsl.launch.launcher import LocalRun
     run = LocalRun(VANILLA, tmp_path)
     run.processes = {"ward": _Proc(3), "hub": _Proc(3, needs=8.0)}
     (tmp_path / "summary.json").write_text(json.dumps({"error": "1 of 2 clients left, below clients.min_clients"}))

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import TOPOLOGIES
-from meshsl.runtime import launcher
+from meshsl.launch import launcher
 
 pytestmark = pytest.mark.unit
 

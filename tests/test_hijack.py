@@ -124,10 +124,10 @@ def u_shaped_topology():
 def run_u_shaped(monkeypatch, hijack: bool) -> dict:
     import asyncio
 
-    from meshsl.audit import quiet_copy
+    from meshsl.apps.audit import quiet_copy
     from meshsl.compute.worker import SegmentWorker
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
     if hijack:  # the cloud ignores what comes back from the head and sends a critic's gradient instead
         torch.manual_seed(5)
         critic = nn.Sequential(nn.Linear(64, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))

@@ -7,13 +7,13 @@ import pytest
 import torch
 import yaml
 
-from meshsl.audit import audit_labels, quiet_copy
+from meshsl.apps.audit import audit_labels, quiet_copy
 from meshsl.config.loader import parse_spec
-from meshsl.metrics import NodeMetrics
+from meshsl.launch.metrics import NodeMetrics
 from meshsl.privacy.label_attacks import cluster_attack, cosine_attack_auc, label_leakage_report, norm_attack_auc
 from meshsl.privacy.label_defences import GradientDefenceSpec, defend, marvell_covariances
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.simulate import simulate
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.simulate import simulate
 from meshsl.topology.model import topology_from_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_gradient_dp_by_target_epsilon_runs_and_exports_its_gauges():
     """Through run_node with a Prometheus registry per node: the label holder exports the live attack AUC
     (realistic, and its upper bound) and the epsilon it has spent, which ends at the calibrated budget."""
     from test_privacy_integration import run  # tests/ is on sys.path
-    from meshsl.privacy.accounting import budget
+    from meshsl.schedule.accounting import budget
     topology = breast_cancer({"defence": "dp", "clip_norm": 1.0, "target_epsilon": 2.0})
     summary, runtimes, registries = run(topology, metrics=True)
     modules = {s: runtimes[topology.node_of(s)].worker.modules[s].eval() for s in topology.segment_order}
@@ -175,7 +175,7 @@ def test_label_audit_from_saved_weights_matches_the_finished_run(undefended, tmp
     from typer.testing import CliRunner
 
     from meshsl.cli import app
-    from meshsl.runtime.entry import save_weights
+    from meshsl.launch.entry import save_weights
     topology, _, modules = undefended
 
     class Runtime:  # what save_weights reads from a node runtime

@@ -16,17 +16,17 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from meshsl.audit_trajectory import audit_run, load_recordings, recording_copy
-from meshsl.compression import make_codec
+from meshsl.apps.audit_trajectory import audit_run, load_recordings, recording_copy
+from meshsl.protocol.compression import make_codec
 from meshsl.config.loader import parse_spec
 from meshsl.data import batch_indices, load_source
 from meshsl.errors import ConfigError
-from meshsl.plan.steps import epoch_steps, sample_pools
+from meshsl.schedule.steps import epoch_steps, sample_pools
 from meshsl.privacy.trajectory_attacks import attack_step, phase_figures
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import TORCH_DTYPES, decode_message
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.simulate import simulate
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.simulate import simulate
 from meshsl.topology.model import topology_from_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,9 +31,9 @@ def splitfed(model: Path, corpus: Path, mode: str = "splitfed") -> dict:
 
 
 def test_splitfed_four_clients_average_adapters_only(tiny):
-    from meshsl.compute.llm_parts import load_causal_lm
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.models.llm_parts import load_causal_lm
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
 
     model, corpus = tiny
     topology = topology_from_spec(parse_spec(splitfed(model, corpus)), "<test>", Path("."))
@@ -55,8 +55,8 @@ def test_splitfed_four_clients_average_adapters_only(tiny):
 
 
 def test_checkpoint_holds_adapters_only_with_base_hash(tiny, tmp_path):
-    from meshsl import checkpoint
-    from meshsl.compute.llm_parts import base_hash
+    from meshsl.compute import checkpoint
+    from meshsl.models.llm_parts import base_hash
     from meshsl.compute.worker import SegmentWorker
     from meshsl.errors import ConfigError
 
@@ -120,7 +120,7 @@ def test_bad_input_is_a_clear_error_naming_segment_and_file(tiny, tmp_path):
 def test_token_recovery_attack_on_the_first_cut_with_and_without_dp(tiny):
     """`meshsl audit` of an LLM topology: the receiver reads most tokens back from one block's hidden states;
     activation DP on the cut takes that to chance."""
-    from meshsl.audit import audit
+    from meshsl.apps.audit import audit
 
     model, corpus = tiny
     figures = {}
@@ -144,8 +144,8 @@ def test_parts_chained_compute_what_the_whole_model_computes(tmp_path, arch, tar
     the sequence length: the same logits, bit for bit, as the whole peft model; adapters only in the state."""
     from peft import get_peft_model
 
-    from meshsl.compute.llm_parts import build_llm_part, load_causal_lm
-    from meshsl.compute.lora import lora_config
+    from meshsl.models.llm_parts import build_llm_part, load_causal_lm
+    from meshsl.models.lora import lora_config
     from meshsl.config.specs import LLMPartSpec, LoraSpec
 
     model, _ = tiny_model(tmp_path, arch=arch, documents=20)

@@ -21,7 +21,7 @@ def peft_reference(document: dict, base_dir: Path) -> dict[str, torch.Tensor]:
 
     from meshsl.config.loader import parse_spec
     from meshsl.data import batch_indices, load_dataset
-    from meshsl.plan.steps import sample_pools, training_steps
+    from meshsl.schedule.steps import sample_pools, training_steps
     from meshsl.topology.model import topology_from_spec
 
     topology = topology_from_spec(parse_spec(document), "<test>", base_dir)

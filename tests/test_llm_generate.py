@@ -63,7 +63,7 @@ def test_generation_across_the_split_equals_the_assembled_model(tmp_path):
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
     from meshsl.config.specs import GenerateSpec
-    from meshsl.llm_generate import Decoder
+    from meshsl.apps.llm_generate import Decoder
 
     def decoder(spec):
         d = Decoder.__new__(Decoder)  # only the picking: no worker, no files

@@ -15,8 +15,8 @@ from llm_helpers import tiny_model, u_shaped  # noqa: E402
 
 def test_bf16_parts_train_on_cuda(tmp_path):
     from meshsl.config.loader import parse_spec
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
     from meshsl.topology.model import topology_from_spec
 
     model, corpus = tiny_model(tmp_path)

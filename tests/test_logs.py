@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshsl.logs import configure_logging, node_logger
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.simulate import simulate
+from meshsl.cli.logs import configure_logging, node_logger
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.simulate import simulate
 from meshsl.topology import load_topology
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 import asyncio
 import threading
 
-from meshsl.runtime.loop_post import poster_for
+from meshsl.node.loop_post import poster_for
 
 
 async def test_posts_from_a_thread_run_in_order_and_survive_a_failing_callback():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-MACHINES = ["meshsl.runtime.machine", "meshsl.runtime.stale_machine", "meshsl.runtime.coordinator_machine",
-            "meshsl.runtime.coordinator_plan", "meshsl.runtime.coordinator_summary", "meshsl.runtime.liveness",
-            "meshsl.runtime.commit_book", "meshsl.runtime.policies", "meshsl.protocol.control",
-            "meshsl.sites.board"]
+ROOT = Path(__file__).resolve().parent.parent
+# every module of meshsl/machines/, plus the typed control messages and the sites' job board they exchange
+MACHINES = sorted(f"meshsl.machines.{p.stem}" for p in (ROOT / "meshsl" / "machines").glob("*.py")
+                  if p.stem != "__init__") + ["meshsl.protocol.control", "meshsl.apps.sites.board"]
 
 
 @pytest.mark.unit

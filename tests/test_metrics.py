@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshsl.metrics import EXPORTED_METRICS, OVERFLOW_LABEL, NodeMetrics, scrape_targets
+from meshsl.launch.metrics import EXPORTED_METRICS, OVERFLOW_LABEL, NodeMetrics, scrape_targets
 from prometheus_server import query, running_prometheus, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshsl.runtime.entry import make_metrics
-from meshsl.runtime.launcher import free_port
+from meshsl.launch.entry import make_metrics
+from meshsl.launch.launcher import free_port
 from meshsl.topology.model import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent

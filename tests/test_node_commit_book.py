@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from meshsl.protocol import control
-from meshsl.runtime.commit_book import CommitBook
+from meshsl.machines.commit_book import CommitBook
 
 pytestmark = pytest.mark.unit
 

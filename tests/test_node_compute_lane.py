@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from meshsl.runtime import machine as m
-from meshsl.runtime.compute_lane import ComputeChain, ComputeLane
-from meshsl.runtime.node import NodeCounters
+from meshsl.machines import node as m
+from meshsl.node.compute_lane import ComputeChain, ComputeLane
+from meshsl.node.runtime import NodeCounters
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from meshsl.runtime import liveness as lv
+from meshsl.machines import liveness as lv
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,9 @@ from typing import Sequence
 import pytest
 
 from meshsl.errors import TransportError
-from meshsl.runtime.node import NodeCounters
-from meshsl.runtime.owned_tasks import OwnedTasks
-from meshsl.runtime.peer_outboxes import PeerOutboxes
+from meshsl.node.runtime import NodeCounters
+from meshsl.node.owned_tasks import OwnedTasks
+from meshsl.node.peer_outboxes import PeerOutboxes
 from meshsl.transport.base import Transport
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,7 @@ import pytest
 from conftest import TOPOLOGIES
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import decode_message, encode_message
-from meshsl.runtime.node import NodeRuntime
+from meshsl.node.runtime import NodeRuntime
 from meshsl.topology.model import load_topology
 from meshsl.transport.base import Transport
 

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from meshsl.cli import app
-from meshsl.metrics import EXPORTED_METRICS
+from meshsl.launch.metrics import EXPORTED_METRICS
 from prometheus_server import prometheus_binary, query, running_prometheus, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from meshsl.runtime.outbox import Outbox
+from meshsl.node.outbox import Outbox
 
 
 @pytest.mark.asyncio

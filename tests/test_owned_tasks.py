@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from meshsl.runtime.owned_tasks import OwnedTasks
+from meshsl.node.owned_tasks import OwnedTasks
 
 pytestmark = pytest.mark.unit
 

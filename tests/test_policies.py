@@ -1,4 +1,4 @@
-"""The coordinator's pure round policies (runtime/policies.py), without processes or sockets."""
+"""The coordinator's pure round policies (machines/policies.py), without processes or sockets."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from meshsl.config.loader import parse_spec
 from meshsl.errors import ConfigError, PeerFailed, ProtocolError
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Envelope, Kind
-from meshsl.runtime.policies import ClientRoster, FedAvg, aggregate
+from meshsl.machines.policies import ClientRoster, FedAvg, aggregate
 
 pytestmark = pytest.mark.unit
 
@@ -191,7 +191,7 @@ def test_sequential_turn_after_a_dropped_client_starts_from_the_last_client_taki
 
 
 def test_a_recorded_schedule_replays_by_step():
-    from meshsl.runtime.policies import planned_changes
+    from meshsl.machines.policies import planned_changes
     assert planned_changes(None) is None
     planned = planned_changes([{"event": "drop", "nodes": ["c1"], "step": 4, "cause": "heartbeat"},
                                {"event": "drop", "nodes": ["c2"], "step": 4, "cause": "timeout"},

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from meshsl.cli import app
 from meshsl.data import load_dataset
 from meshsl.errors import ConfigError, DataError
-from meshsl.plan.steps import sample_pools
-from meshsl.predict import PartyOffline, load_predictions, predict_local
+from meshsl.schedule.steps import sample_pools
+from meshsl.apps.predict import PartyOffline, load_predictions, predict_local
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import decode_message
 from meshsl.topology.model import load_topology
@@ -82,7 +82,7 @@ def test_predict_then_export_assemble_gives_the_same_predictions(trained):
     for target in (base / "model.pt", base / "model_dir"):
         result = cli("assemble", VERTICAL, *exports, "--out", target)
         assert result.exit_code == 0, result.output
-        from meshsl.export import load_assembled
+        from meshsl.apps.export import load_assembled
         model = load_assembled(target)
         x = torch.from_numpy(trained["x"])
         probs = model.predict_proba({"features_a": x[:, :15], "features_b": x[:, 15:]})["cancer"].numpy()
@@ -96,7 +96,7 @@ def test_predict_then_export_assemble_gives_the_same_predictions(trained):
     exec(compile(code, "docs-loader", "exec"), namespace)  # noqa: S102 - our own documentation
     segment = namespace["segment"]
     assert "meshsl" not in type(segment).__module__
-    from meshsl.export import load_segment
+    from meshsl.apps.export import load_segment
     reference, _ = load_segment(exports[0] / "encoder_a.json")
     sample = torch.from_numpy(trained["x"][:8, :15])
     assert torch.equal(segment(sample), reference(sample))
@@ -115,10 +115,10 @@ def test_evaluate_reports_held_out_metrics_of_saved_weights(trained):
     assert matrix.sum() == len(trained["y"]) and matrix.shape == (2, 2)
     assert ev["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     from sklearn.metrics import f1_score, roc_auc_score
-    from meshsl.export import assemble, load_assembled
+    from meshsl.apps.export import assemble, load_assembled
     exports = [base / f"export_{n}" for n in ("hospital_a", "hospital_b", "lab")]
     if not all(e.exists() for e in exports):
-        from meshsl.export import export_node
+        from meshsl.apps.export import export_node
         for node, e in zip(("hospital_a", "hospital_b", "lab"), exports):
             export_node(trained["topology"], trained["weights"], node, e)
     model = load_assembled(assemble(trained["topology"], exports, base / "eval_model.pt"))
@@ -163,9 +163,9 @@ def test_wrong_column_count_names_node_and_file(trained, tmp_path):
 
 # ---- in-process: ownership of predictions, many clients, evaluation without training -------------
 async def _predict_inprocess(topology, inputs: dict, outputs: dict, hook=None) -> dict:
-    from meshsl.predict import NodeInference, PredictSettings
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.entry import run_node
+    from meshsl.apps.predict import NodeInference, PredictSettings
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.entry import run_node
     from meshsl.transport.inprocess import InProcessHub, InProcessTransport
     book = {name: f"inproc://predict-{id(inputs)}-{name}" for name in topology.nodes}
     hub = InProcessHub()
@@ -230,8 +230,8 @@ def test_multi_client_predictions_carry_the_client(tmp_path):
 
 
 def test_evaluation_only_run_reports_per_client_metrics():
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
     topology = load_topology(ROOT / "topologies" / "splitfed.yaml")
     summary, runtimes = asyncio.run(simulate(topology, RunOptions(steps=0)))
     assert summary["steps"] == 0 and summary["samples"] == 0

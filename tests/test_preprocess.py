@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from meshsl.compute.layers import Preprocess
+from meshsl.models.layers import Preprocess
 from meshsl.compute.preprocessing import fitted_values
 from meshsl.compute.worker import SegmentWorker
 from meshsl.config.specs import PreprocessSpec
-from meshsl.plan.explain import plan_document
-from meshsl.plan.steps import sample_pools
+from meshsl.plans.explain import plan_document
+from meshsl.schedule.steps import sample_pools
 from meshsl.topology.model import load_topology
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from meshsl.cli import app
 from meshsl.config.loader import parse_spec
 from meshsl.errors import ConfigError
-from meshsl.privacy.accounting import PrivacyBudgetError, budget, calibrate, check_budget, epsilon
+from meshsl.schedule.accounting import PrivacyBudgetError, budget, calibrate, check_budget, epsilon
 from meshsl.topology.model import load_topology, topology_from_spec
 
 opacus = pytest.importorskip("opacus")

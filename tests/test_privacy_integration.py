@@ -10,17 +10,17 @@ import pytest
 import torch
 import yaml
 
-from meshsl.audit import audit_modules
+from meshsl.apps.audit import audit_modules
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.worker import SegmentWorker, build_module
 from meshsl.config.loader import parse_spec
 from meshsl.errors import ProtocolError
-from meshsl.metrics import NodeMetrics
+from meshsl.launch.metrics import NodeMetrics
 from meshsl.privacy.dp import clip_per_sample, keep_probability
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import decode_message
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.entry import run_node
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.entry import run_node
 from meshsl.topology.model import topology_from_spec
 from meshsl.transport.inprocess import InProcessHub, InProcessTransport
 
@@ -43,7 +43,7 @@ def topology_of(doc: dict):
 
 
 def run(topology, hook=None, metrics: bool = False, evaluate: bool = True):
-    """Like meshsl.runtime.simulate, but every node may get its own Prometheus registry."""
+    """Like meshsl.launch.simulate, but every node may get its own Prometheus registry."""
     run_id = next(_runs)
     book = {name: f"inproc://privacy-{run_id}-{name}" for name in topology.nodes}
     hub = InProcessHub()
@@ -233,8 +233,8 @@ def test_topk_forward_with_int8_backward_still_trains(vanilla):
 
 
 def test_a_peer_with_another_codec_is_rejected():
-    from meshsl.plan.nodeplan import build_edges
-    from meshsl.runtime.wire import EdgeCodecs
+    from meshsl.plans.nodeplan import build_edges
+    from meshsl.node.wire import EdgeCodecs
     sender_topo = topology_of(document({"forward": {"codec": "int8"}}))
     receiver_topo = topology_of(document())
     sender = EdgeCodecs(build_edges(sender_topo))

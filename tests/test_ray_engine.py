@@ -17,9 +17,9 @@ ray = pytest.importorskip("ray")
 
 from meshsl.config.loader import load_yaml, parse_spec  # noqa: E402
 from meshsl.errors import PeerFailed  # noqa: E402
-from meshsl.runtime.coordinator import RunOptions  # noqa: E402
-from meshsl.runtime.ray_engine import plan_actors, simulate_on_ray  # noqa: E402
-from meshsl.runtime.simulate import simulate  # noqa: E402
+from meshsl.coordinator.runtime import RunOptions  # noqa: E402
+from meshsl.launch.ray_engine import plan_actors, simulate_on_ray  # noqa: E402
+from meshsl.launch.simulate import simulate  # noqa: E402
 from meshsl.topology.model import topology_from_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

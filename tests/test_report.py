@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meshsl.report import write_report
+from meshsl.apps.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

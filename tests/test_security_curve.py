@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 from typer.testing import CliRunner
 
-from meshsl.cli_keys import app
+from meshsl.cli.keys import app
 from meshsl.errors import AuthError, ConfigError
 from meshsl.security.curve import (
     HandshakeMonitor,
@@ -283,7 +283,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_cli_prints_keys_verbatim_even_with_markup_characters(tmp_path: Path, monkeypatch) -> None:
-    import meshsl.cli_keys as cli_keys
+    import meshsl.cli.keys as cli_keys
 
     odd_key = "[bold]" + "x" * 34
     monkeypatch.setattr(cli_keys, "generate_keys", lambda directory, nodes, overwrite: {"a": odd_key})

@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from meshsl.errors import ProtocolError
 from meshsl.protocol import control
 from meshsl.protocol.envelope import VERSION, Kind
-from meshsl.runtime.coordinator import Coordinator, RunOptions
-from meshsl.runtime.node import NodeRuntime
-from meshsl.runtime.simulate import simulate
+from meshsl.coordinator.runtime import Coordinator, RunOptions
+from meshsl.node.runtime import NodeRuntime
+from meshsl.launch.simulate import simulate
 from meshsl.topology.model import load_topology
 from control_samples import VALID_CONTROL_META  # tests/ is on sys.path
 from meshsl.transport.inprocess import InProcessHub, InProcessTransport
@@ -415,7 +415,7 @@ def test_fuzz_real_zeromq_node_process(tmp_path: Path) -> None:
 
     A frame above the socket's limit (e.g. a bad_shape of 80x80x80 floats) never reaches the node: the
     socket drops the connection unread, and the node counts that as `connection_dropped`."""
-    from meshsl.runtime.launcher import with_free_ports
+    from meshsl.launch.launcher import with_free_ports
     _, reference = asyncio.run(simulate(load_topology(fuzz_topology_file(tmp_path)), RunOptions(evaluate=False)))
     source = fuzz_topology_file(tmp_path, metrics=True, startup_timeout_s=240)
     document = with_free_ports(yaml.safe_load(source.read_text()))

@@ -118,7 +118,7 @@ def test_node_with_unknown_key_is_refused_by_the_network(tmp_path: Path) -> None
     """A client whose whole key set is foreign (it cannot notice locally) is refused by the server's
     allow-list; both processes stop within the startup timeout with errors naming the client."""
     topology = _curve_topology(tmp_path, steps=2, startup_timeout_s=4.0)
-    from meshsl.runtime.launcher import with_free_ports
+    from meshsl.launch.launcher import with_free_ports
     document = with_free_ports(yaml.safe_load(topology.read_text()))
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     foreign = tmp_path / "foreign"  # the client's own consistent pair, unknown to the server
@@ -154,7 +154,7 @@ def test_node_warns_loudly_when_binding_exposed_endpoint_without_curve(tmp_path:
     path = tmp_path / "exposed.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     from meshsl import cli
-    from meshsl.runtime import entry
+    from meshsl.launch import entry
 
     calls = []
     original = entry.node_main

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from meshsl.runtime import machine as m
+from meshsl.machines import node as m
 
 
 def reference_next_compute(machine: m.NodeMachine):
@@ -97,7 +97,7 @@ def drive(rng: random.Random, machine: m.NodeMachine, rounds: int, lanes: int, m
         pending = pending[len(early):]
         for event in early:
             assert machine.handle(event) == []
-        outputs = list(machine.handle(m.Begin(round_, phase, active, micro_batches)))
+        outputs = list(machine.handle(m.BeginRound(round_, phase, active, micro_batches)))
         done = False
         while True:
             for action in outputs:
@@ -122,7 +122,7 @@ def drive(rng: random.Random, machine: m.NodeMachine, rounds: int, lanes: int, m
             else:
                 outputs = machine.handle(pending.pop(rng.randrange(len(pending))))
         if phase == "train":
-            outputs = machine.handle(m.Commit(round_))
+            outputs = machine.handle(m.CommitRound(round_))
             assert isinstance(outputs[0], m.ApplyOptimizer)
             assert machine.handle(m.ComputeFinished(outputs[0])) == []
 
@@ -150,7 +150,7 @@ def test_server_with_many_lanes_schedules_in_lane_order():
     rng = random.Random(0)
     order = list(range(lanes))
     rng.shuffle(order)
-    machine.handle(m.Begin(1, "train", tuple(range(lanes)), 1))
+    machine.handle(m.BeginRound(1, "train", tuple(range(lanes)), 1))
     computed, running = [], None
     arrivals = iter(order)
     while len(computed) < 2 * lanes:

@@ -7,11 +7,11 @@ import asyncio
 import torch
 
 from benchmarks.common import splitfed_document, topology_from_document
-from meshsl.plan.steps import sample_pools
+from meshsl.schedule.steps import sample_pools
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import decode_message
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.simulate import simulate
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.simulate import simulate
 
 CLIENTS = 200
 

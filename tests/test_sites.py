@@ -134,8 +134,8 @@ def test_unsigned_and_forged_jobs_are_refused(project):
         with pytest.raises(JobRefused, match="not signed"):
             client.submit(project.job(), sign=False)
         forged = client.identity.sign({"something": "else"})
-        from meshsl.sites import messages as m
-        from meshsl.sites.specs import JobDocument
+        from meshsl.apps.sites import messages as m
+        from meshsl.apps.sites.specs import JobDocument
         document = JobDocument(id="0123456789abcdef", name="forged", topology=project.job(), submitter="alice",
                                submitted_at=time.time(), signature=forged)
         with pytest.raises(JobRefused, match="does not verify"):

@@ -11,13 +11,13 @@ from meshsl.data import DatasetSpec, load_dataset
 from meshsl.data.catalogue import CATALOGUE_ENV
 from meshsl.data.registry import clear_dataset_cache
 from meshsl.errors import DataError, KitTampered, ProtocolError, SignatureInvalid
-from meshsl.sites import messages as m
-from meshsl.sites.board import JobBoard
-from meshsl.sites.identity import create_identity, load_identity, verify
-from meshsl.sites.kit import verify_kit
-from meshsl.sites.review import job_topology, review
-from meshsl.sites.service import open_kit
-from meshsl.sites.specs import JobDocument, PolicySpec
+from meshsl.apps.sites import messages as m
+from meshsl.apps.sites.board import JobBoard
+from meshsl.apps.sites.identity import create_identity, load_identity, verify
+from meshsl.apps.sites.kit import verify_kit
+from meshsl.apps.sites.review import job_topology, review
+from meshsl.apps.sites.service import open_kit
+from meshsl.apps.sites.specs import JobDocument, PolicySpec
 from sites_project import setup_project
 
 
@@ -178,7 +178,7 @@ def test_a_kit_from_another_provisioner_is_refused_after_the_first_start(tmp_pat
     first = setup_project.make_project(tmp_path / "one", "tcp://127.0.0.1:7100", "tcp://127.0.0.1:7003")
     state = tmp_path / "one" / "sites" / "hospital_a" / "state"
     open_kit(first["hospital_a"], state)  # pins the provisioner
-    from meshsl.sites.kit import provision
+    from meshsl.apps.sites.kit import provision
     create_identity(tmp_path / "mallory", "mallory")
     forged = provision(tmp_path / "one" / "project.yaml", load_identity(tmp_path / "mallory", "mallory"),
                        tmp_path / "forged")

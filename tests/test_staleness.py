@@ -16,11 +16,11 @@ import yaml
 
 from meshsl.config.loader import ConfigErrors
 from meshsl.errors import ProtocolError
-from meshsl.reference import train_reference
-from meshsl.runtime import machine as m
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.simulate import simulate
-from meshsl.runtime.stale_machine import StaleMachine
+from meshsl.apps.reference import train_reference
+from meshsl.machines import node as m
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.simulate import simulate
+from meshsl.machines.stale import StaleMachine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_equivalence import chain, topology_of  # noqa: E402
@@ -54,7 +54,7 @@ def test_k_plus_one_steps_in_flight_and_optimizer_steps_in_round_order():
     k, M = 2, 2
     machine = client_machine(k, M)
     log: list = []
-    sent = drive(machine, machine.handle(m.Run(1, tuple((s, (0,)) for s in range(6)), M)), log)
+    sent = drive(machine, machine.handle(m.RunSteps(1, tuple((s, (0,)) for s in range(6)), M)), log)
     # Rounds 1..3 (k + 1) begun and their activations out before any gradient came back; not round 4.
     assert sorted({a.round for a in sent}) == [1, 2, 3]
     assert [a.round for a in log if isinstance(a, m.Prepare)] == [1, 2, 3]
@@ -78,7 +78,7 @@ def test_k_plus_one_steps_in_flight_and_optimizer_steps_in_round_order():
 
 def test_early_messages_within_the_window_are_held_and_beyond_it_refused():
     machine = client_machine(1)
-    machine.handle(m.Run(1, ((0, (0,)),), 1))  # round 1 begins (its Prepare is on the thread)
+    machine.handle(m.RunSteps(1, ((0, (0,)),), 1))  # round 1 begins (its Prepare is on the thread)
     machine.handle(m.GradientArrived(3, "bottom", "top", 0, 0))  # k + 1 rounds ahead: held
     with pytest.raises(ProtocolError) as caught:
         machine.handle(m.GradientArrived(4, "bottom", "top", 0, 0))

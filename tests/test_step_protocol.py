@@ -7,7 +7,7 @@ import pytest
 from meshsl.errors import ProtocolError
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Envelope, Kind
-from meshsl.runtime import machine as m
+from meshsl.machines import node as m
 
 
 # ---- typed control messages ---------------------------------------------------------------------
@@ -79,7 +79,7 @@ def run_step(machine: m.NodeMachine, first: list) -> list:
 
 def test_a_node_applies_and_begins_the_next_step_itself_within_the_lag():
     machine = m.NodeMachine(client_wiring(), "1f1b", lag=2)
-    first = machine.handle(m.Run(first_round=11, steps=((0, (0,)), (1, (0,)), (2, (0,)), (3, (0,))), micro_batches=2))
+    first = machine.handle(m.RunSteps(first_round=11, steps=((0, (0,)), (1, (0,)), (2, (0,)), (3, (0,))), micro_batches=2))
     assert first == [m.Prepare(11, 0, (0,))]
     seen = run_step(machine, first)
     # The optimizer step comes before the report, with no Commit in between (control off the path).
@@ -95,9 +95,9 @@ def test_a_node_applies_and_begins_the_next_step_itself_within_the_lag():
     # Round 13 needs round 11 committed: the node waits for the coordinator ...
     assert machine.round == 12 and machine.running is None and machine.queued
     with pytest.raises(ProtocolError):
-        machine.handle(m.Commit(14))  # no commit of a round this node has not applied
-    assert machine.handle(m.Commit(11)) == [m.Prepare(13, 2, (0,))]  # ... and goes on when it comes
-    assert machine.handle(m.Commit(11)) == []  # duplicates change nothing
+        machine.handle(m.CommitRound(14))  # no commit of a round this node has not applied
+    assert machine.handle(m.CommitRound(11)) == [m.Prepare(13, 2, (0,))]  # ... and goes on when it comes
+    assert machine.handle(m.CommitRound(11)) == []  # duplicates change nothing
 
 
 def test_early_activation_of_the_next_step_is_held_until_the_node_gets_there():
@@ -106,7 +106,7 @@ def test_early_activation_of_the_next_step_is_held_until_the_node_gets_there():
         node_of={"bottom": ("client",), "top": ("server",)})
     machine = m.NodeMachine(server, "gpipe")
     assert machine.handle(m.InputArrived(1, "top", "bottom", 0, 0)) == []  # before the Run: held
-    assert machine.handle(m.Run(1, ((0, (0,)), (1, (0,))), 1)) == [m.Prepare(1, 0, (0,))]
+    assert machine.handle(m.RunSteps(1, ((0, (0,)), (1, (0,))), 1)) == [m.Prepare(1, 0, (0,))]
     assert machine.handle(m.ComputeFinished(m.Prepare(1, 0, (0,)))) == [m.Forward(1, "top", 0, 0)]
     assert machine.handle(m.InputArrived(2, "top", "bottom", 0, 0)) == []  # the next step's, early
     assert machine.handle(m.ComputeFinished(m.Forward(1, "top", 0, 0))) == [m.Backward(1, "top", 0, 0)]
@@ -118,32 +118,32 @@ def test_early_activation_of_the_next_step_is_held_until_the_node_gets_there():
 
 def test_reset_drops_the_queued_steps_and_a_restore_resumes_from_a_new_run():
     machine = m.NodeMachine(client_wiring(), "gpipe")
-    first = machine.handle(m.Run(1, ((0, (0,)), (1, (0,)), (2, (0,))), 1))
+    first = machine.handle(m.RunSteps(1, ((0, (0,)), (1, (0,)), (2, (0,))), 1))
     run_step(machine, first)
     machine.reset(40)  # ABORT/RESTORE: the coordinator's next rounds are above 40
     assert not machine.queued and machine.running is None and machine.done
     assert machine.handle(m.ComputeFinished(m.Prepare(2, 1, (0,)))) == []  # a stale action finishing
-    assert machine.handle(m.Commit(1)) == []  # a late commit of the abandoned rounds
+    assert machine.handle(m.CommitRound(1)) == []  # a late commit of the abandoned rounds
     with pytest.raises(ProtocolError):
-        machine.handle(m.Run(40, ((1, (0,)),), 1))  # round 40 is not after the restore's base
-    assert machine.handle(m.Run(41, ((1, (0,)),), 1)) == [m.Prepare(41, 1, (0,))]
+        machine.handle(m.RunSteps(40, ((1, (0,)),), 1))  # round 40 is not after the restore's base
+    assert machine.handle(m.RunSteps(41, ((1, (0,)),), 1)) == [m.Prepare(41, 1, (0,))]
 
 
 def test_a_node_without_work_in_a_step_still_applies_and_reports_it():
     """Sequential split learning: a client not training this step passes through it in order."""
     machine = m.NodeMachine(client_wiring(), "gpipe")
-    first = machine.handle(m.Run(1, ((0, (1,)),), 1))  # lane 1 only: nothing on this node
+    first = machine.handle(m.RunSteps(1, ((0, (1,)),), 1))  # lane 1 only: nothing on this node
     assert machine.handle(m.ComputeFinished(first[0])) == [m.ApplyOptimizer(1)]
     assert machine.handle(m.ComputeFinished(m.ApplyOptimizer(1))) == [m.RoundDone(1, "train")]
 
 
 def test_run_or_begin_during_self_driven_steps_is_rejected():
     machine = m.NodeMachine(client_wiring(), "gpipe")
-    machine.handle(m.Run(1, ((0, (0,)), (1, (0,))), 1))
+    machine.handle(m.RunSteps(1, ((0, (0,)), (1, (0,))), 1))
     with pytest.raises(ProtocolError):
-        machine.handle(m.Run(5, ((3, (0,)),), 1))
+        machine.handle(m.RunSteps(5, ((3, (0,)),), 1))
     with pytest.raises(ProtocolError):
-        machine.handle(m.Begin(9, "eval", (0,), 1))
+        machine.handle(m.BeginRound(9, "eval", (0,), 1))
 
 
 def test_the_1f1b_window_is_the_micro_batch_count_by_default():
@@ -170,9 +170,9 @@ def test_splitfed_checkpoints_at_an_averaging_step_hold_the_averaged_weights(tmp
     import torch
 
     from benchmarks.common import splitfed_document, topology_from_document
-    from meshsl import checkpoint
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate
+    from meshsl.compute import checkpoint
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate
 
     document = splitfed_document(4, steps=5, average_every=2)
     document["checkpoint"] = {"every": 1, "directory": str(tmp_path / "ck")}

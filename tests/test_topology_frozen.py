@@ -10,8 +10,8 @@ import pytest
 
 from meshsl.align.outcomes import alignment_version, outcome_of, predict_mode, remember
 from meshsl.align.session import AlignmentOutcome
-from meshsl.plan.steps import sample_pools
-from meshsl.privacy.accounting import mechanisms
+from meshsl.schedule.steps import sample_pools
+from meshsl.schedule.accounting import mechanisms
 from meshsl.topology.model import load_topology
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"

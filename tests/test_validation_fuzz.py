@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from meshsl.config.loader import load_yaml, parse_spec
 from meshsl.errors import ConfigError
-from meshsl.plan.explain import plan_document
+from meshsl.plans.explain import plan_document
 from meshsl.topology.model import Topology, topology_from_spec
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"

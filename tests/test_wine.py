@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from meshsl.cli import app
-from meshsl.export import load_assembled
-from meshsl.predict import load_predictions
+from meshsl.apps.export import load_assembled
+from meshsl.apps.predict import load_predictions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from meshsl.audit_wire import (TENSOR_KINDS, WireAudit, WireRecorder, contract, contract_shapes, holdings,
+from meshsl.apps.audit_wire import (TENSOR_KINDS, WireAudit, WireRecorder, contract, contract_shapes, holdings,
                                observed)
-from meshsl.plan.explain import plan_document
+from meshsl.plans.explain import plan_document
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.protocol.frames import describe, encode_message
-from meshsl.runtime.coordinator import RunOptions
-from meshsl.runtime.simulate import simulate
+from meshsl.coordinator.runtime import RunOptions
+from meshsl.launch.simulate import simulate
 from meshsl.topology.model import load_topology
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"

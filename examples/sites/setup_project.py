@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 from sklearn.datasets import load_breast_cancer
 
-from meshsl.sites.identity import create_identity, load_identity
-from meshsl.sites.kit import provision
+from meshsl.apps.sites.identity import create_identity, load_identity
+from meshsl.apps.sites.kit import provision
 
 HERE = Path(__file__).resolve().parent
 SITES = {"lab": "lab", "hospital_a": "hospital-a", "hospital_b": "hospital-b"}

@@ -1,8 +1,8 @@
 """The outcome of a sample-id alignment, per node, and what the rest of meshsl derives from it.
 
 Kept per node in a registry keyed (weakly) by the topology, which stays frozen: the sample pools
-(`meshsl.plan.steps`) and a node's data (`meshsl.compute.node_data`) read it, the runner
-(`meshsl.align.runner`) writes it. Without a node's outcome (local tools) every party's files are
+(`meshsl.schedule.steps`) and a node's data (`meshsl.compute.node_data`) read it, the runner
+(`meshsl.node.align_runner`) writes it. Without a node's outcome (local tools) every party's files are
 intersected here in the clear.
 """
 from __future__ import annotations

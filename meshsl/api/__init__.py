@@ -6,7 +6,7 @@ from meshsl.api.model import assemble, evaluate, export, load_model, predict
 from meshsl.api.result import RunResult
 from meshsl.api.runs import Run, run, simulate, start
 from meshsl.api.topology import load, plan, validate
-from meshsl.sites.client import JobClient  # jobs submitted to a project's sites (docs/sites.md)
+from meshsl.apps.sites.client import JobClient  # jobs submitted to a project's sites (docs/sites.md)
 from meshsl.topology.model import Topology
 
 __all__ = ["JobClient", "Run", "RunResult", "Topology", "assemble", "evaluate", "export", "load", "load_model", "plan", "predict",

@@ -16,8 +16,8 @@ from meshsl.api.topology import TopologySource, document_of, load
 from meshsl.config.loader import load_spec
 from meshsl.errors import RunCancelled
 from meshsl.privacy.leakage_warnings import run_warnings
-from meshsl.runtime.launcher import DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir
-from meshsl.runtime.preflight import preflight
+from meshsl.launch.launcher import DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir
+from meshsl.launch.preflight import preflight
 from meshsl.topology.model import topology_from_spec
 
 log = logging.getLogger("meshsl.api")
@@ -156,8 +156,8 @@ def simulate(topology: TopologySource, *, steps: Optional[int] = None, epochs: O
         TimeoutError: it did not finish within `timeout` seconds.
     """
     from meshsl.compute.weights import save_weights  # torch: loaded by the topology's shape inference anyway
-    from meshsl.runtime.coordinator import RunOptions
-    from meshsl.runtime.simulate import simulate as simulate_here
+    from meshsl.coordinator.runtime import RunOptions
+    from meshsl.launch.simulate import simulate as simulate_here
     topo = load(topology, **load_options)
     preflight(topo, ports=False)
     job = _InProcess()

@@ -88,14 +88,21 @@ def plan(source: TopologySource, *, cuts: bool = False, **load_options: Any) -> 
     """What ``meshsl plan [--cuts] --json`` prints: per-node plans, bytes per hop, the privacy contract,
     ``leakage_warnings`` (near-total leakage at the declared cuts) and, with ``cuts``, ``cut_candidates``
     (every layer boundary rated by bytes, compute and dCor after a short training)."""
-    from meshsl.plan.explain import plan_document  # torch: shape inference has loaded it already
+    return plan_of(load(source, **load_options), cuts=cuts)
+
+
+def plan_of(topology: Topology, cuts: bool = False) -> dict:
+    """The plan document of a loaded topology (`plan`; the CLI's `meshsl plan` prints it), with
+    `schedule`: every node's compute order of a training step (machines/schedules.py)."""
+    from meshsl.plans.explain import plan_document  # torch: shape inference has loaded it already
     from meshsl.privacy.leakage_warnings import plan_warnings
-    from meshsl.privacy_cuts import cut_candidates
-    topology = load(source, **load_options)
+    from meshsl.apps.privacy_cuts import cut_candidates
+    from meshsl.machines.schedules import schedule_document
     document = plan_document(topology)
     candidates = cut_candidates(topology, **({} if cuts else {"train_steps": 0}))
     if cuts:
         document["cut_candidates"] = candidates
     document["leakage_warnings"] = plan_warnings(candidates)
+    document["schedule"] = schedule_document(topology)
     return document
 

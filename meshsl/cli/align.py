@@ -23,7 +23,7 @@ def align(topology: Path = typer.Argument(..., help="topology YAML whose data so
     Runs the same PSI as the nodes do, here in one process (every party's files must be readable here);
     nothing is trained."""
     from meshsl.align.ids import uses_ids  # start-up: `meshsl --help` parses nothing
-    from meshsl.align.report import overlap_report  # start-up: `meshsl --help` parses nothing
+    from meshsl.apps.align_report import overlap_report  # start-up: `meshsl --help` parses nothing
     topo = load(topology)
     if not uses_ids(topo):
         fail(ConfigError("no data source names sample ids (id_column or id_file); rows are matched by position",

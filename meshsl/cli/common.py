@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from meshsl.errors import ConfigError
-from meshsl.logs import configure_logging
+from meshsl.cli.logs import configure_logging
 
 
 class _LazyConsole:

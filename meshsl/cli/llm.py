@@ -31,7 +31,7 @@ def prepare(topology: Path = typer.Argument(..., help="topology YAML")) -> None:
             if (target / "config.json").is_file():
                 out.print(f"{target}: present")
                 continue
-            from meshsl.compute.llm_recipe import create_model  # transformers, tokenizers: the llm extra
+            from meshsl.models.llm_recipe import create_model  # transformers, tokenizers: the llm extra
 
             create_model(llm.create, target, topology.parent)
             out.print(f"{target}: created ({llm.create.arch}, {llm.create.layers} blocks, width {llm.create.width})")

@@ -39,7 +39,7 @@ def predict(topology: Path = typer.Argument(..., help="topology YAML"),
             free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports"),
             timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Forward-only prediction through the same nodes and hops; predictions stay with the task-output owner."""
-    from meshsl.predict import predict_local  # torch: not for `meshsl --help`
+    from meshsl.apps.predict import predict_local  # torch: not for `meshsl --help`
     load(topology)  # a clean error for a bad topology
     try:
         summary = predict_local(topology, weights, _inputs(input), output, remote=tuple(remote), run_dir=run_dir,
@@ -59,7 +59,7 @@ def export(topology: Path = typer.Argument(..., help="topology YAML"),
            node: str = typer.Option(..., "--node", help="export only this node's own segments"),
            out_dir: Path = typer.Option(..., "--out", help="directory for <segment>.safetensors + <segment>.json")) -> None:
     """Export one party's own segments: safetensors state dict + JSON segment spec, loadable with plain torch."""
-    from meshsl.export import export_node  # torch: not for `meshsl --help`
+    from meshsl.apps.export import export_node  # torch: not for `meshsl --help`
     topo = load(topology)
     try:
         paths = export_node(topo, weights, node, out_dir)
@@ -74,7 +74,7 @@ def assemble(topology: Path = typer.Argument(..., help="topology YAML"),
              out_path: Path = typer.Option(..., "--out", help="model.pt (one file) or a directory"),
              client: Optional[str] = typer.Option(None, "--client", help="multi-client topologies: whose segments")) -> None:
     """Combine every owner's export into one single-process model (refused while any owner's export is missing)."""
-    from meshsl.export import assemble as run_assemble  # torch: not for `meshsl --help`
+    from meshsl.apps.export import assemble as run_assemble  # torch: not for `meshsl --help`
     topo = load(topology)
     try:
         path = run_assemble(topo, export_dirs, out_path, client)
@@ -91,7 +91,7 @@ def evaluate(topology: Path = typer.Argument(..., help="topology YAML"),
              free_ports: bool = typer.Option(False, "--free-ports", help="use free loopback ports"),
              timeout: Optional[float] = typer.Option(None, help="give up after this many seconds")) -> None:
     """Held-out metrics per task (and per client) of saved weights: one evaluation round, no training."""
-    from meshsl.predict import evaluate_local  # torch: not for `meshsl --help`
+    from meshsl.apps.predict import evaluate_local  # torch: not for `meshsl --help`
     load(topology)
     try:
         summary = evaluate_local(topology, weights, run_dir=run_dir, free_ports=free_ports,

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from meshsl.cli.common import load, out
-from meshsl.metrics import scrape_targets
+from meshsl.launch.metrics import scrape_targets
 
 app = typer.Typer(help="Monitoring helpers (Prometheus targets).", no_args_is_help=True)
 

@@ -42,8 +42,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True),
          assignments: list[str] = typer.Option([], "--set", help=SET_HELP + " (every party must set the same)")) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
-    from meshsl.runtime import entry  # torch: not for `meshsl --help` (entry.node_main: looked up per call)
-    from meshsl.runtime.coordinator import RunOptions  # torch: not for `meshsl --help`
+    from meshsl.launch import entry  # torch: not for `meshsl --help` (entry.node_main: looked up per call)
+    from meshsl.coordinator.runtime import RunOptions  # torch: not for `meshsl --help`
     topo = load(topology, base_dir, overrides_of(assignments))
     if name not in topo.nodes:
         fail(ConfigError(f"unknown node {name!r} (nodes: {', '.join(topo.nodes)})", str(topology)))
@@ -64,7 +64,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
                        **({"checkpoint_dir": checkpoint_dir} if checkpoint_dir is not None else {})}
     try:
         if predict or predict_input or predict_output:
-            from meshsl.predict import node_predict_options  # torch: not for `meshsl --help`
+            from meshsl.apps.predict import node_predict_options  # torch: not for `meshsl --help`
             options.predict, runtime_options["inference"] = node_predict_options(
                 topo, name, predict_input, predict_output, predict_batch_size)
         code = entry.node_main(topo, name, summary_json, options, progress_stream, weights_out,
@@ -79,7 +79,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
 def _preflight(topo, name: str, checkpoint_dir: Optional[Path], weights_out: Optional[Path], check_port: bool) -> None:
     """What a restart would not fix, before the node builds anything (exit 2, never restarted): a CUDA
     device this machine lacks, its port in use, a checkpoint or weights directory it cannot write."""
-    from meshsl.runtime.preflight import preflight  # torch: not for `meshsl --help`
+    from meshsl.launch.preflight import preflight  # torch: not for `meshsl --help`
     directories = {"--checkpoint-dir" if checkpoint_dir else "checkpoint.directory":
                    checkpoint_dir or Path(topo.spec.checkpoint.directory)} if topo.spec.checkpoint.every else {}
     directories["--weights-out"] = weights_out

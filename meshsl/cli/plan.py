@@ -24,19 +24,18 @@ def validate(topology: Path = typer.Argument(..., help="topology YAML"),
 
 def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json", help="machine-readable"),
          cuts: bool = typer.Option(False, "--cuts", help="evaluate candidate cut points"),
+         schedule: bool = typer.Option(False, "--schedule", help="print each node's compute order of a training step"),
          assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
          device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Explain a topology: per-node plan, bytes per hop, the privacy contract, an ASCII drawing."""
     from rich.table import Table  # rich: imported by the commands that print tables, never by a node
-    from meshsl.plan.explain import ascii_graph, plan_document  # torch: not for `meshsl --help`
+    from meshsl.api.topology import plan_of  # torch: not for `meshsl --help`
+    from meshsl.plans.explain import ascii_graph
     topo = load(topology, overrides=overrides_of(assignments, device))
-    document = plan_document(topo)
-    from meshsl.privacy_cuts import cut_candidates  # torch: not for `meshsl --help`
-    candidates = cut_candidates(topo, **({} if cuts else {"train_steps": 0}))  # untrained: one forward pass
-    if cuts:
-        document["cut_candidates"] = candidates
-    from meshsl.privacy.leakage_warnings import plan_warnings  # pure
-    document["leakage_warnings"] = plan_warnings(candidates)
+    document = plan_of(topo, cuts=cuts)
+    if schedule and not as_json:
+        _print_schedule(document["schedule"])
+        return
     if as_json:
         out.print_json(json.dumps(document, default=str))
         return
@@ -79,8 +78,9 @@ def plan(topology: Path = typer.Argument(...), as_json: bool = typer.Option(Fals
         _print_cut_candidates(document["cut_candidates"])
     for warning in topo.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}")
-    from meshsl.cli.privacy import print_leakage_warnings  # rich: never in a node process
-    print_leakage_warnings(candidates, "plan")
+    from meshsl.cli.common import console
+    for warning in document["leakage_warnings"]:  # near-total leakage at the declared cuts, with what to do
+        console.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False, soft_wrap=True)
 
 
 def _print_kept_preprocessing(document: dict) -> None:
@@ -99,3 +99,13 @@ def _print_cut_candidates(candidates: list[dict]) -> None:
         table.add_row(c["segment"], c["cut_after"], f"{c['bytes_per_sample']:,}", f"{c['client_parameters']:,}",
                       f"{c['client_flops_per_sample']:,}", f"{c['dcor']:.3f}")
     out.print(table)
+
+
+def _print_schedule(schedule: dict) -> None:
+    """One line per node: the order it executes in every training step of this shape (machines/schedules.py)."""
+    staleness = f", staleness {schedule['staleness']}: rounds interleave oldest first" if schedule["staleness"] else ""
+    out.print(f"schedule {schedule['policy']}, {schedule['micro_batches']} micro-batches, lanes "
+              f"{schedule['lanes']}{staleness}", markup=False, highlight=False)
+    width = max(map(len, schedule["train"]), default=0)
+    for node, order in schedule["train"].items():
+        out.print(f"  {node:<{width}}  {order}", markup=False, highlight=False)

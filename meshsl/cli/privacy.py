@@ -36,7 +36,7 @@ def audit(topology: Optional[Path] = typer.Argument(None, help="topology YAML (w
     """Leakage audit: dCor(raw input, activation), a model-inversion probe and label-inference attacks on the
     gradients, for every party-crossing edge; with --run or --trajectory, the label attacks on what the
     feature party received, step by step."""
-    from meshsl.audit import audit as run_audit  # torch: not for `meshsl --help`
+    from meshsl.apps.audit import audit as run_audit  # torch: not for `meshsl --help`
     if run is not None or trajectory:
         return audit_trajectory(topology, run, steps, as_json)
     if topology is None:
@@ -98,7 +98,7 @@ def print_token_recovery(document: dict) -> None:
 def audit_trajectory(topology: Optional[Path], run: Optional[Path], steps: Optional[int], as_json: bool) -> None:
     """`--run DIR` (a run's recordings) or `--trajectory` (record in-process first)."""
     import tempfile
-    from meshsl.audit_trajectory import audit_run, load_recordings, record_and_audit
+    from meshsl.apps.audit_trajectory import audit_run, load_recordings, record_and_audit
     try:
         if run is None:
             if topology is None:

@@ -38,7 +38,7 @@ def run(topology: Path = typer.Argument(...),
         assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
         device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Train a topology locally: every node is its own process, talking over real ZeroMQ sockets."""
-    from meshsl.runtime.launcher import (  # torch: not for `meshsl --help`
+    from meshsl.launch.launcher import (  # torch: not for `meshsl --help`
         DEFAULT_CHECKPOINT_EVERY, LocalRun, default_run_dir)
     level = _configure_logging(log_level) if log_level else _logging["level"]
     overrides = overrides_of(assignments, device)
@@ -70,7 +70,7 @@ def _preflight(topo, skip_ports: bool, directories: dict) -> None:
     """What a restart would not fix, found before any process starts (exit 2): a missing CUDA device, a
     declared port in use (not with --free-ports; on --resume the interrupted run's ports are reused), a
     directory that cannot be written."""
-    from meshsl.runtime.preflight import preflight  # torch: not for `meshsl --help`
+    from meshsl.launch.preflight import preflight  # torch: not for `meshsl --help`
     try:
         preflight(topo, ports=not skip_ports, directories=directories)
     except ConfigError as exc:
@@ -79,13 +79,13 @@ def _preflight(topo, skip_ports: bool, directories: dict) -> None:
 
 def _planned_steps(topo, steps: Optional[int], epochs: Optional[int]) -> int:
     """How many steps the run trains; a run over a declared epsilon budget does not start."""
-    from meshsl.plan.steps import training_steps  # start-up: `meshsl --help` parses nothing
+    from meshsl.schedule.steps import training_steps  # start-up: `meshsl --help` parses nothing
     try:
         total = len(training_steps(topo, steps, epochs))  # with sample ids: reads every party's ids here
     except MeshslError as exc:
         fail(exc)
     if topo.spec.privacy or topo.spec.training.label_dp:
-        from meshsl.runtime.coordinator import privacy_budget_of  # torch: not for `meshsl --help`
+        from meshsl.coordinator.runtime import privacy_budget_of  # torch: not for `meshsl --help`
         try:
             privacy_budget_of(topo, total)  # a run over a declared epsilon budget does not start
         except ConfigError as exc:
@@ -126,6 +126,6 @@ def _write_outputs(summary: dict, history: list[dict], summary_json: Optional[Pa
         summary_json.write_text(json.dumps(summary, indent=2, default=float))
         out.print(f"summary written to {summary_json}")
     if report:
-        from meshsl.report import write_report  # matplotlib: only for --report
+        from meshsl.apps.report import write_report  # matplotlib: only for --report
         paths = write_report(summary, summary.get("history", history), report)
         out.print(f"report: {', '.join(str(p) for p in paths)}")

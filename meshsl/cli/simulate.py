@@ -28,7 +28,7 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
              assignments: list[str] = typer.Option([], "--set", help=SET_HELP),
              device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Simulate a topology: logical nodes as asyncio tasks (in-process transport), here or on Ray actors."""
-    from meshsl.runtime.coordinator import RunOptions  # torch: not for `meshsl --help`
+    from meshsl.coordinator.runtime import RunOptions  # torch: not for `meshsl --help`
     if engine not in ENGINES:
         fail(ConfigError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}"))
     if ray_address is not None and engine != "ray":
@@ -38,7 +38,7 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
     for warning in topo.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if engine == "inprocess":  # a Ray actor checks its own machine
-        from meshsl.runtime.preflight import preflight  # torch: not for `meshsl --help`
+        from meshsl.launch.preflight import preflight  # torch: not for `meshsl --help`
         try:
             preflight(topo, ports=False)  # a CUDA device this machine lacks fails now, naming the node
         except ConfigError as exc:
@@ -47,13 +47,13 @@ def simulate(topology: Path = typer.Argument(..., help="topology YAML"),
     try:
         if engine == "ray":
             from meshsl.config.loader import load_document  # start-up: `meshsl --help` parses nothing
-            from meshsl.runtime.ray_engine import simulate_on_ray  # torch: not for `meshsl --help`
+            from meshsl.launch.ray_engine import simulate_on_ray  # torch: not for `meshsl --help`
             document = load_document(topology, overrides)
             result = simulate_on_ray(topo, document, options, address=ray_address, timeout=timeout)
             summary = result["summary"]
             summary["engine"] = {"name": "ray", "actors": result["actors"]}
         else:
-            from meshsl.runtime.simulate import simulate as simulate_here  # torch: not for `meshsl --help`
+            from meshsl.launch.simulate import simulate as simulate_here  # torch: not for `meshsl --help`
             coroutine = simulate_here(topo, options)
             summary, _ = asyncio.run(asyncio.wait_for(coroutine, timeout) if timeout else coroutine)
             summary["engine"] = {"name": "inprocess"}

@@ -1,5 +1,5 @@
 """`meshsl identity`, `meshsl provision`, `meshsl site ...`, `meshsl submit` and `meshsl job ...`: wiring only
-(meshsl.sites holds the logic)."""
+(meshsl.apps.sites holds the logic)."""
 from __future__ import annotations
 
 import json
@@ -31,7 +31,7 @@ def _guard(action):
 def identity(folder: Path = typer.Argument(..., help="where the keys go (the secret halves stay there)"),
              name: str = typer.Argument(..., help="site, submitter or provisioner name")) -> None:
     """Create an identity (signing and CURVE keys) on this machine; print the public file to send."""
-    from meshsl.sites.identity import create_identity, identity_file
+    from meshsl.apps.sites.identity import create_identity, identity_file
     public = _guard(lambda: create_identity(folder, name))
     print(f"{identity_file(folder, name)}  fingerprint {public.fingerprint}  (send this file; keep the rest)")
 
@@ -41,8 +41,8 @@ def provision(project: Path = typer.Argument(..., help="the project file (sites,
               name: str = typer.Option(..., "--name", help="the provisioner's name"),
               out: Path = typer.Option(Path("kits"), "--out", "-o")) -> None:
     """Write a signed start-up kit per site: site configuration, compose file, systemd unit, README."""
-    from meshsl.sites.identity import load_identity
-    from meshsl.sites.kit import provision as make_kits
+    from meshsl.apps.sites.identity import load_identity
+    from meshsl.apps.sites.kit import provision as make_kits
     kits = _guard(lambda: make_kits(project, load_identity(identity_dir, name), out))
     for site, folder in kits.items():
         print(f"{site}: {folder}")
@@ -51,7 +51,7 @@ def provision(project: Path = typer.Argument(..., help="the project file (sites,
 @site_app.command("init")
 def site_init(name: str = typer.Argument(..., help="this site's name in the project"), state: Path = STATE) -> None:
     """Create this site's keys in STATE/identity; send STATE/identity/NAME.identity.json to the provisioner."""
-    from meshsl.sites.service import identity_dir
+    from meshsl.apps.sites.service import identity_dir
     identity(identity_dir(state), name)
 
 
@@ -61,7 +61,7 @@ def site_start(kit: Path = KIT, state: Path = STATE,
                catalogue: Optional[Path] = typer.Option(None, "--catalogue", help="default: STATE/catalogue.yaml"),
                host_broker: bool = typer.Option(False, "--host-broker", help="also run the project's broker")) -> None:
     """Run the site agent: verify the kit, dial out to the broker, review and run jobs."""
-    from meshsl.sites.service import run_site
+    from meshsl.apps.sites.service import run_site
     _guard(lambda: run_site(kit, state, policy, catalogue, host_broker))
 
 
@@ -101,7 +101,7 @@ def site_jobs(state: Path = STATE) -> None:
 
 
 def _client(kit: Path, identity_dir: Path, name: str, broker: Optional[str] = None):
-    from meshsl.sites.client import JobClient
+    from meshsl.apps.sites.client import JobClient
     return _guard(lambda: JobClient(kit, identity_dir, name, broker=broker))
 
 

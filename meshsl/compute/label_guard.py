@@ -15,7 +15,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from meshsl.privacy.accounting import epsilon, gradient_noise, mechanisms, releases
+from meshsl.schedule.accounting import epsilon, gradient_noise, mechanisms, releases
 from meshsl.privacy.label_defences import defend
 from meshsl.privacy.trajectory_attacks import StepAttack, attack_step, phase_figures
 

@@ -11,7 +11,7 @@ import torch
 from meshsl.align.outcomes import aligned_rows
 from meshsl.data import batch_indices, eval_batches, load_source
 from meshsl.errors import DataError
-from meshsl.plan.steps import sample_pools
+from meshsl.schedule.steps import sample_pools
 
 
 def feature_tensor(features: np.ndarray) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Per-party preprocessing: which segments get a `Preprocess` first layer, and fitting it.
 
-A data source's `preprocess:` becomes the first layer of the segment reading it (meshsl.compute.layers.
+A data source's `preprocess:` becomes the first layer of the segment reading it (meshsl.models.layers.
 Preprocess). Its values are fitted here, on the node's own training rows only, a block of rows at a
 time in float64 accumulators (a bank's float32 table is never copied whole). Columns of other inputs
 of the same segment pass through unchanged.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from meshsl.compute.layers import Preprocess
+from meshsl.models.layers import Preprocess
 from meshsl.errors import ConfigError
 
 FIT_BLOCK_ROWS = 16_384

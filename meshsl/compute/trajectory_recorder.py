@@ -5,7 +5,7 @@ consumer's node) of a recorded edge exactly as it decoded it from the wire, with
 (its position in the shared, aligned sample order, which every party derives from the shared seed). Nothing
 is sent anywhere: `save` writes the node's own recordings under `<dir>/<node>/`, one `.npz` per edge and
 direction (numeric arrays only, read back with `allow_pickle=False`) and a `meta.json`.
-`meshsl audit --run DIR` attacks them (meshsl.audit_trajectory).
+`meshsl audit --run DIR` attacks them (meshsl.apps.audit_trajectory).
 """
 from __future__ import annotations
 

@@ -17,16 +17,16 @@ import torch
 from meshsl.compute.eager_optim import eager
 from meshsl.compute.hijack_guard import HijackGuard
 from meshsl.compute.label_guard import LabelGuard
-from meshsl.compute.layers import build_segment_module, merge_inputs, with_preprocess
+from meshsl.models.layers import build_segment_module, merge_inputs, with_preprocess
 from meshsl.compute.leakage_gauge import LeakageGauge, raw_upstream
-from meshsl.compute.llm_parts import base_models, check_base
+from meshsl.models.llm_parts import base_models, check_base
 from meshsl.compute.node_data import NodeData
 from meshsl.compute.preprocessing import fit_preprocessing, preprocess_layer
 from meshsl.compute.staging import to_device
 from meshsl.compute.tasks import record_step, summarise, task_loss
 from meshsl.compute.trajectory_recorder import TrajectoryRecorder
 from meshsl.compute.weight_versions import WeightVersions
-from meshsl.privacy.accounting import effective_dp
+from meshsl.schedule.accounting import effective_dp
 from meshsl.privacy.dp import clip_and_noise, randomized_response
 from meshsl.privacy.nopeek import nopeek_loss
 
@@ -258,7 +258,7 @@ class SegmentWorker:
 
     def _task(self, task, output, labels, n: int, loss, rows=None, lane: int = 0, micro_batch: int = 0):
         c = self.context
-        if c.phase == "predict":  # stays on this node, the task output's owner (meshsl.predict writes it)
+        if c.phase == "predict":  # stays on this node, the task output's owner (meshsl.apps.predict writes it)
             self.predictions[task.name][(lane, micro_batch)] = output.detach().cpu()
             return loss
         labels = labels.to(self.device)

@@ -1,7 +1,7 @@
 """The blocks of a topology that the feature packages act on (codecs, privacy, datasets), as pydantic models.
 
 They live here, under the schema, so that parsing a topology needs neither torch nor the packages
-that use these settings (meshsl.compression, meshsl.privacy, meshsl.data import them from here).
+that use these settings (meshsl.protocol.compression, meshsl.privacy, meshsl.data import them from here).
 Dataset loader options are checked against the chosen loader when the dataset is loaded (see
 `meshsl.data.registry.load_dataset`), because custom loaders can be registered after parsing.
 """

@@ -4,7 +4,7 @@
 document is tokenised with the model's own tokenizer (`tokenizer.json` of a save_pretrained directory),
 followed by the end-of-text token; the token stream is cut into rows of exactly `seq_len` tokens (the
 tail that does not fill a row is dropped). No padding anywhere, so every part of a split model rebuilds
-the positions and the causal mask from the sequence length alone (meshsl.compute.llm_parts).
+the positions and the causal mask from the sequence length alone (meshsl.models.llm_parts).
 
 A row's features are its token ids (float32, exact below 2**24, like every meshsl feature); as labels the
 same ids (int64, one class per vocabulary entry): the causal-LM loss shifts them by one."""

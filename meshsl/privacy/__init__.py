@@ -1,6 +1,6 @@
 """Privacy building blocks, all pure and I/O-free: distance correlation, NoPeek, DP mechanisms, a
 model-inversion probe, label-inference attacks and defences on the gradients, the privacy accountant
-(meshsl.privacy.accounting, Opacus) and a training-hijacking probe."""
+(meshsl.schedule.accounting, Opacus) and a training-hijacking probe."""
 from meshsl.privacy.dcor import distance_correlation, distance_correlation_np
 from meshsl.privacy.dp import (
     ActivationDPSpec,

@@ -15,7 +15,7 @@ def noise_std(spec: ActivationDPSpec) -> float:
     """Standard deviation of the Gaussian noise added to every activation element."""
     if spec.noise_multiplier is None:
         raise ConfigError("the noise multiplier was not calibrated from target_epsilon "
-                          "(use meshsl.privacy.accounting.activation_noise)")
+                          "(use meshsl.schedule.accounting.activation_noise)")
     return spec.noise_multiplier * spec.clip_norm
 
 

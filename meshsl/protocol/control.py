@@ -208,9 +208,12 @@ class Shutdown(ControlMessage):
 # ---- node -> coordinator ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hello(ControlMessage):
+    """A node is up: its process (`incarnation`, a new token per process start), the checkpoint steps
+    it holds, where it listens (None: a dial-out node binds nothing) and its prediction input's rows."""
     kind: ClassVar[Kind] = Kind.HELLO
     checkpoints: tuple[int, ...] = ()
-    endpoint: str = ""
+    endpoint: Optional[str] = None
+    incarnation: str = ""
     predict_rows: Optional[int] = None
 
     @classmethod
@@ -219,14 +222,21 @@ class Hello(ControlMessage):
         steps = meta.get("checkpoints", [])
         if not isinstance(steps, list) or len(steps) > MAX_LANES or any(type(s) is not int or s < 0 for s in steps):
             raise _bad(k, "'checkpoints' must be a list of step numbers")
-        # A dial-out node binds nothing: its endpoint is null (peers reach it over its own connections).
-        endpoint = "" if meta.get("endpoint") is None else _text(k, meta, "endpoint")
-        return cls(checkpoints=tuple(steps), endpoint=endpoint,
+        endpoint = None if meta.get("endpoint") is None else _text(k, meta, "endpoint")
+        return cls(checkpoints=tuple(steps), endpoint=endpoint, incarnation=_text(k, meta, "incarnation", ""),
                    predict_rows=_optional_int(k, meta, "predict_rows"))
+
+    def to_meta(self) -> dict:
+        meta: dict = {"checkpoints": list(self.checkpoints), "endpoint": self.endpoint, "incarnation": self.incarnation}
+        if self.predict_rows is not None:
+            meta["predict_rows"] = self.predict_rows
+        return meta
 
 
 @dataclass(frozen=True)
 class Ack(ControlMessage):
+    """An acknowledgement `of` hello (coordinator -> node), or of checkpoint, restore, weights (node ->
+    coordinator; `checkpoint`: the step written, `segment`: the weights loaded)."""
     kind: ClassVar[Kind] = Kind.ACK
     of: str
     checkpoint: Optional[int] = None
@@ -238,32 +248,94 @@ class Ack(ControlMessage):
         return cls(of=_text(k, meta, "of"), checkpoint=_optional_int(k, meta, "checkpoint"),
                    segment=_text(k, meta, "segment", ""))
 
+    def to_meta(self) -> dict:
+        meta: dict = {"of": self.of}
+        if self.checkpoint is not None:
+            meta["checkpoint"] = self.checkpoint
+        if self.segment:
+            meta["segment"] = self.segment
+        return meta
+
+
+def _number_map(kind: Kind, meta: dict, key: str, finite: bool = True) -> dict:
+    """{name: number}: byte and refusal counts (finite), measured figures per edge (NaN allowed: a
+    gauge of a constant input has no value, and says so)."""
+    value = meta.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LANES or any(
+            not isinstance(n, str) or isinstance(v, bool) or not isinstance(v, (int, float))
+            or (finite and not math.isfinite(v)) for n, v in value.items()):
+        raise _bad(kind, f"{key!r} must map names to {'finite ' if finite else ''}numbers")
+    return dict(value)
+
+
+def _seconds(kind: Kind, meta: dict, key: str) -> float:
+    value = meta.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise _bad(kind, f"{key!r} must be a non-negative number of seconds")
+    return float(value)
+
+
+def _task_stats(kind: Kind, meta: dict) -> dict:
+    tasks = meta.get("tasks", {})
+    if not isinstance(tasks, dict) or any(not isinstance(v, dict) for v in tasks.values()):
+        raise _bad(kind, "'tasks' must map task names to statistics")
+    for stats in tasks.values():
+        for key in ("count", "correct"):
+            if key in stats and (type(stats[key]) is not int or stats[key] < 0):
+                raise _bad(kind, f"task statistic {key!r} must be a non-negative integer")
+        loss = stats.get("loss_sum", 0.0)
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+            raise _bad(kind, "task statistic 'loss_sum' must be a finite number")
+    return tasks
+
 
 @dataclass(frozen=True)
 class Done(ControlMessage):
-    """A node finished its part of a round (training: and applied its optimizer step). The statistics
-    are checked for shape here so that the coordinator can sum them without guarding every key."""
+    """A node finished its part of a round (training: and applied its optimizer step), with its
+    statistics, each checked for shape here so that the coordinator can sum them without guards."""
     kind: ClassVar[Kind] = Kind.DONE
     checkpoint: Optional[int] = None  # training: the checkpoint written after this step, if any
+    tasks: dict = field(default_factory=dict)  # task -> {count, correct, loss_sum} (eval: metrics, by_lane)
+    leakage: dict = field(default_factory=dict)  # cut edge -> sampled dCor(raw input, activation)
+    label_leakage: dict = field(default_factory=dict)  # cut edge -> realistic label-attack AUC
+    label_leakage_upper_bound: dict = field(default_factory=dict)  # cut edge -> its upper bound
+    bytes: dict = field(default_factory=dict)  # "edge|direction" -> bytes sent or received
+    rejected: dict = field(default_factory=dict)  # reason -> messages refused
+    compute_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    predicted: dict = field(default_factory=dict)  # predict: task -> rows written at the output's owner
+    hijack_check: Optional[dict] = None  # the training-hijacking probe's verdict
+    privacy_spent: Optional[dict] = None  # label DP: epsilon spent so far
 
     @classmethod
     def _parse(cls, meta: dict) -> "Done":
         k = cls.kind
-        tasks = meta.get("tasks", {})
-        if not isinstance(tasks, dict) or any(not isinstance(v, dict) for v in tasks.values()):
-            raise _bad(k, "'tasks' must map task names to statistics")
-        for stats in tasks.values():
-            for key in ("count", "correct"):
-                if key in stats and (type(stats[key]) is not int or stats[key] < 0):
-                    raise _bad(k, f"task statistic {key!r} must be a non-negative integer")
-            loss = stats.get("loss_sum", 0.0)
-            if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
-                if "loss_sum" in stats:
-                    raise _bad(k, "task statistic 'loss_sum' must be a finite number")
-        for key in ("leakage", "bytes"):
-            if not isinstance(meta.get(key, {}), dict):
-                raise _bad(k, f"{key!r} must be an object")
-        return cls(checkpoint=_optional_int(k, meta, "checkpoint"))
+        optional = {}
+        for key in ("hijack_check", "privacy_spent"):
+            if meta.get(key) is not None:
+                if not isinstance(meta[key], dict):
+                    raise _bad(k, f"{key!r} must be an object")
+                optional[key] = meta[key]
+        predicted = _number_map(k, meta, "predicted")
+        if any(type(n) is not int or n < 0 for n in predicted.values()):
+            raise _bad(k, "'predicted' must map tasks to row counts")
+        figures = {key: _number_map(k, meta, key, finite=False)
+                   for key in ("leakage", "label_leakage", "label_leakage_upper_bound")}
+        return cls(checkpoint=_optional_int(k, meta, "checkpoint"), tasks=_task_stats(k, meta),
+                   bytes=_number_map(k, meta, "bytes"), rejected=_number_map(k, meta, "rejected"),
+                   compute_seconds=_seconds(k, meta, "compute_seconds"), wall_seconds=_seconds(k, meta, "wall_seconds"),
+                   predicted=predicted, **figures, **optional)
+
+    def to_meta(self) -> dict:
+        meta = {key: getattr(self, key) for key in ("tasks", "leakage", "label_leakage", "label_leakage_upper_bound",
+                                                    "bytes", "rejected", "predicted", "hijack_check", "privacy_spent")
+                if getattr(self, key)}
+        meta.update(compute_seconds=self.compute_seconds, wall_seconds=self.wall_seconds)
+        if self.checkpoint is not None:
+            meta["checkpoint"] = self.checkpoint
+        return meta
 
 
 @dataclass(frozen=True)
@@ -276,16 +348,58 @@ class Failed(ControlMessage):
         error = meta.get("error", "")
         return cls(error=str(error)[:500])
 
+    def to_meta(self) -> dict:
+        return {"error": self.error}
+
+
+@dataclass(frozen=True)
+class Weights(ControlMessage):
+    """A segment's weights in the tensor frames: a node's reply to WeightsPull, or (`load`) the
+    coordinator's weights for a node to load (`fresh_optimizer`: a readmitted client starts afresh)."""
+    kind: ClassVar[Kind] = Kind.WEIGHTS
+    segment: str
+    load: bool = False
+    fresh_optimizer: bool = False
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Weights":
+        k = cls.kind
+        return cls(segment=_text(k, meta, "segment"), load=_bool(k, meta, "load"),
+                   fresh_optimizer=_bool(k, meta, "fresh_optimizer"))
+
+    def to_meta(self) -> dict:
+        meta: dict = {"segment": self.segment}
+        if self.load:
+            meta["load"] = True
+        if self.fresh_optimizer:
+            meta["fresh_optimizer"] = True
+        return meta
+
+
+@dataclass(frozen=True)
+class Heartbeat(ControlMessage):
+    """I am alive; from the coordinator's node it names that process (`incarnation`), so a peer that
+    sees a new one (a standby took over) announces itself again."""
+    kind: ClassVar[Kind] = Kind.HEARTBEAT
+    incarnation: str = ""
+
+    @classmethod
+    def _parse(cls, meta: dict) -> "Heartbeat":
+        return cls(incarnation=_text(cls.kind, meta, "incarnation", ""))
+
+    def to_meta(self) -> dict:
+        return {"incarnation": self.incarnation} if self.incarnation else {}
+
 
 MESSAGES: dict[Kind, type[ControlMessage]] = {cls.kind: cls for cls in (
-    Begin, Run, Commit, Abort, Restore, WeightsPull, Shutdown, Hello, Ack, Done, Failed)}
+    Begin, Run, Commit, Abort, Restore, WeightsPull, Shutdown, Hello, Ack, Done, Failed, Weights, Heartbeat)}
 
 
 def parse(envelope: Envelope) -> Optional[ControlMessage]:
-    """The typed message of a control envelope (None for kinds without one: tensors, weights, heartbeats)."""
+    """The typed message of a control envelope (None for the tensor kinds: activations and gradients)."""
     cls = MESSAGES.get(envelope.kind)
     return None if cls is None else cls.from_meta(envelope.meta)
 
 
 __all__ = ["Abort", "Ack", "Begin", "Commit", "ControlMessage", "Done", "Failed", "Hello", "MESSAGES", "Restore",
-           "Run", "Shutdown", "WeightsPull", "parse"]
+           "Run", "Shutdown", "Weights", "WeightsPull", "Heartbeat", "parse"]

@@ -6,7 +6,7 @@ import networkx as nx
 from meshsl.align.ids import uses_ids
 from meshsl.config.loader import ConfigErrors
 from meshsl.errors import ConfigError, TopologyError
-from meshsl.plan.steps import sample_pools
+from meshsl.schedule.steps import sample_pools
 from meshsl.topology.expand import lane_node_name
 
 
@@ -319,7 +319,7 @@ def privacy_problems(topology) -> list[ConfigError]:
                 f"{src}: privacy[{i}].hijack_check"))
     if problems or not any(p.dp is not None or p.gradient is not None for p in topology.spec.privacy):
         return problems
-    from meshsl.privacy.accounting import check_budget  # torch (meshsl.privacy's package): parsing must not load it
+    from meshsl.schedule.accounting import check_budget  # torch (meshsl.privacy's package): parsing must not load it
     try:
         check_budget(topology)
     except ConfigError as exc:

@@ -30,7 +30,7 @@ def llm_problems(topology) -> list[ConfigError]:
     parts = {s.name: s.llm for s in topology.spec.segments if s.llm is not None}
     if not parts:
         return []
-    from meshsl.compute.llm_parts import base_hash, layer_count, load_config
+    from meshsl.models.llm_parts import base_hash, layer_count, load_config
 
     problems: list[ConfigError] = []
     configs, hashes = {}, {}
@@ -81,7 +81,7 @@ def _file_hash(path: Path) -> str:
 
 def _text_sources(topology, parts, configs) -> list[ConfigError]:
     """Text data read with the models' tokenizer, in rows no longer than their context."""
-    from meshsl.compute.llm_parts import context_length
+    from meshsl.models.llm_parts import context_length
 
     problems = []
     for i, data in enumerate(topology.spec.data):

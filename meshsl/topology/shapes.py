@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from meshsl.align.ids import check_ids, uses_ids
-from meshsl.compute.layers import build_segment_module, count_parameters, merge_inputs, trainable_layer_count
+from meshsl.models.layers import build_segment_module, count_parameters, merge_inputs, trainable_layer_count
 from meshsl.config.loader import ConfigErrors
 from meshsl.data import dataset_rows, load_source
 from meshsl.errors import ConfigError, DataError, TopologyError

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "examples" / "sites"))
 import setup_project  # noqa: E402
 
 from meshsl.errors import JobRefused  # noqa: E402
-from meshsl.sites.client import JobClient  # noqa: E402
+from meshsl.apps.sites.client import JobClient  # noqa: E402
 
 PROJECT = "meshsl-sites-demo"
 COMPOSE = (sys.executable, "-m", "podman_compose")  # podman-compose 1.6 (PyPI), from this environment

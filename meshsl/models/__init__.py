@@ -1,0 +1,1 @@
+"""Segment modules built from their spec: layer stacks (`layers`) and LLM parts with LoRA adapters."""

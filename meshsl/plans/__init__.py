@@ -1,0 +1,1 @@
+"""Per-node plans (what each node hosts, sends and receives) and their explanation, as plain data."""
