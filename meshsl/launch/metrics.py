@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterable
+from typing import Iterable, Optional
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import start_http_server
@@ -128,29 +129,27 @@ class NodeMetrics:
     def __init__(self, node: str, party: str, role: str, topology: str, topology_hash: str) -> None:
         self.node = node
         self.registry = CollectorRegistry(auto_describe=True)
-        self._server = None
-        self._thread = None
-        self._m: dict[str, Counter | Gauge | Histogram] = {}
-        for name, (doc, labels) in _COUNTERS.items():
-            self._m[name] = Counter(name, doc, ("node", *labels), registry=self.registry)
-        for name, (doc, labels, buckets) in _HISTOGRAMS.items():
-            self._m[name] = Histogram(name, doc, ("node", *labels), buckets=buckets,
-                                      registry=self.registry)
-        for name, (doc, labels) in _GAUGES.items():
-            self._m[name] = Gauge(name, doc, ("node", *labels), registry=self.registry)
+        self._server: Optional[WSGIServer] = None
+        self._thread: Optional[threading.Thread] = None
+        self._counters = {name: Counter(name, doc, ("node", *labels), registry=self.registry)
+                          for name, (doc, labels) in _COUNTERS.items()}
+        self._histograms = {name: Histogram(name, doc, ("node", *labels), buckets=buckets, registry=self.registry)
+                            for name, (doc, labels, buckets) in _HISTOGRAMS.items()}
+        self._gauges = {name: Gauge(name, doc, ("node", *labels), registry=self.registry)
+                        for name, (doc, labels) in _GAUGES.items()}
         self._reason = _BoundedValues("reason")
         self._kind = _BoundedValues("failover kind")
         self._metric_name = _BoundedValues("task metric")
         # Segments, edges, tasks, peers and queues together: generous, a topology is finite.
         self._label = _BoundedValues("topology name", limit=8 * MAX_LABEL_VALUES)
 
-        self._m["meshsl_node_info"].labels(node, party, role, topology, topology_hash).set(1)
-        self._m["meshsl_up"].labels(node).set(1)
+        self._gauges["meshsl_node_info"].labels(node, party, role, topology, topology_hash).set(1)
+        self._gauges["meshsl_up"].labels(node).set(1)
         # Single-series metrics start at zero so a scrape shows them before the first event.
         for name in ("meshsl_samples", "meshsl_steps", "meshsl_restarts", "meshsl_auth_refusals"):
-            self._m[name].labels(node)
+            self._counters[name].labels(node)
         for name in ("meshsl_current_step", "meshsl_epoch", "meshsl_samples_per_second"):
-            self._m[name].labels(node).set(0)
+            self._gauges[name].labels(node).set(0)
 
     # -- exporting ---------------------------------------------------------------------------
 
@@ -182,77 +181,77 @@ class NodeMetrics:
 
     def recovery(self, seconds: float) -> None:
         """One failover: from the loss being noticed to every node restored."""
-        self._m["meshsl_recovery_seconds"].labels(self.node).observe(seconds)
+        self._histograms["meshsl_recovery_seconds"].labels(self.node).observe(seconds)
 
     def microbatch(self, segment: str, direction: str, seconds: float) -> None:
         labels = (self.node, self._label(segment), direction)
-        self._m["meshsl_microbatches"].labels(*labels).inc()
-        self._m["meshsl_stage_compute_seconds"].labels(*labels).observe(seconds)
+        self._counters["meshsl_microbatches"].labels(*labels).inc()
+        self._histograms["meshsl_stage_compute_seconds"].labels(*labels).observe(seconds)
 
     def step_done(self, seconds: float, samples: int) -> None:
-        self._m["meshsl_step_seconds"].labels(self.node).observe(seconds)
-        self._m["meshsl_samples"].labels(self.node).inc(samples)
-        self._m["meshsl_steps"].labels(self.node).inc()
+        self._histograms["meshsl_step_seconds"].labels(self.node).observe(seconds)
+        self._counters["meshsl_samples"].labels(self.node).inc(samples)
+        self._counters["meshsl_steps"].labels(self.node).inc()
         if seconds > 0:
-            self._m["meshsl_samples_per_second"].labels(self.node).set(samples / seconds)
+            self._gauges["meshsl_samples_per_second"].labels(self.node).set(samples / seconds)
 
     def message(self, edge: str, direction: str, nbytes: int) -> None:
         labels = (self.node, self._label(edge), direction)
-        self._m["meshsl_bytes"].labels(*labels).inc(nbytes)
-        self._m["meshsl_messages"].labels(*labels).inc()
+        self._counters["meshsl_bytes"].labels(*labels).inc(nbytes)
+        self._counters["meshsl_messages"].labels(*labels).inc()
 
     def rejected(self, reason: str) -> None:
-        self._m["meshsl_rejected_messages"].labels(self.node, self._reason(reason)).inc()
+        self._counters["meshsl_rejected_messages"].labels(self.node, self._reason(reason)).inc()
 
     def queue_depth(self, queue: str, depth: int) -> None:
-        self._m["meshsl_queue_depth"].labels(self.node, self._label(queue)).set(depth)
+        self._gauges["meshsl_queue_depth"].labels(self.node, self._label(queue)).set(depth)
 
     def bubble(self, segment: str, fraction: float) -> None:
-        self._m["meshsl_bubble_fraction"].labels(self.node, self._label(segment)).set(fraction)
+        self._gauges["meshsl_bubble_fraction"].labels(self.node, self._label(segment)).set(fraction)
 
     def task(self, task: str, loss: float, metrics: dict[str, float], phase: str = "train") -> None:
         task = self._label(task)
-        self._m["meshsl_task_loss"].labels(self.node, task, phase).set(loss)
+        self._gauges["meshsl_task_loss"].labels(self.node, task, phase).set(loss)
         for metric, value in metrics.items():
-            self._m["meshsl_task_metric"].labels(
+            self._gauges["meshsl_task_metric"].labels(
                 self.node, task, self._metric_name(metric), phase).set(value)
 
     def heartbeat(self, peer: str) -> None:
-        self._m["meshsl_heartbeats"].labels(self.node, self._label(peer)).inc()
+        self._counters["meshsl_heartbeats"].labels(self.node, self._label(peer)).inc()
 
     def peer_up(self, peer: str, up: bool) -> None:
-        self._m["meshsl_peer_up"].labels(self.node, self._label(peer)).set(1 if up else 0)
+        self._gauges["meshsl_peer_up"].labels(self.node, self._label(peer)).set(1 if up else 0)
 
     def failover(self, kind: str) -> None:
-        self._m["meshsl_failovers"].labels(self.node, self._kind(kind)).inc()
+        self._counters["meshsl_failovers"].labels(self.node, self._kind(kind)).inc()
 
     def client_change(self, event: str, cause: str) -> None:
         """A client dropped (event `drop`, cause: how its loss was noticed) or readmitted (`rejoin`)."""
-        self._m["meshsl_client_changes"].labels(self.node, self._kind(event), self._kind(cause)).inc()
+        self._counters["meshsl_client_changes"].labels(self.node, self._kind(event), self._kind(cause)).inc()
 
     def restart(self) -> None:
-        self._m["meshsl_restarts"].labels(self.node).inc()
+        self._counters["meshsl_restarts"].labels(self.node).inc()
 
     def leakage(self, edge: str, dcor: float) -> None:
-        self._m["meshsl_edge_leakage_dcor"].labels(self.node, self._label(edge)).set(dcor)
+        self._gauges["meshsl_edge_leakage_dcor"].labels(self.node, self._label(edge)).set(dcor)
 
     def label_leakage(self, edge: str, auc: float, upper_bound: float) -> None:
-        self._m["meshsl_edge_label_leakage_auc"].labels(self.node, self._label(edge)).set(auc)
-        self._m["meshsl_edge_label_leakage_auc_upper_bound"].labels(self.node, self._label(edge)).set(upper_bound)
+        self._gauges["meshsl_edge_label_leakage_auc"].labels(self.node, self._label(edge)).set(auc)
+        self._gauges["meshsl_edge_label_leakage_auc_upper_bound"].labels(self.node, self._label(edge)).set(upper_bound)
 
     def privacy_epsilon(self, edge: str, mechanism: str, epsilon: float) -> None:
-        self._m["meshsl_privacy_epsilon"].labels(self.node, self._label(edge), self._label(mechanism)).set(epsilon)
+        self._gauges["meshsl_privacy_epsilon"].labels(self.node, self._label(edge), self._label(mechanism)).set(epsilon)
 
     def checkpoint(self, seconds: float, step: int) -> None:
-        self._m["meshsl_checkpoint_seconds"].labels(self.node).observe(seconds)
-        self._m["meshsl_checkpoint_step"].labels(self.node).set(step)
+        self._histograms["meshsl_checkpoint_seconds"].labels(self.node).observe(seconds)
+        self._gauges["meshsl_checkpoint_step"].labels(self.node).set(step)
 
     def auth_refused(self) -> None:
-        self._m["meshsl_auth_refusals"].labels(self.node).inc()
+        self._counters["meshsl_auth_refusals"].labels(self.node).inc()
 
     def progress(self, step: int, epoch: int) -> None:
-        self._m["meshsl_current_step"].labels(self.node).set(step)
-        self._m["meshsl_epoch"].labels(self.node).set(epoch)
+        self._gauges["meshsl_current_step"].labels(self.node).set(step)
+        self._gauges["meshsl_epoch"].labels(self.node).set(epoch)
 
 
 def scrape_targets(nodes: Iterable[tuple[str, str, str, int]], topology: str) -> list[dict]:

@@ -5,7 +5,7 @@ The node's shell and its compute thread read and write the files; this decides w
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from meshsl.protocol import control
 
@@ -18,7 +18,7 @@ class CommitBook:
         self.every = every
         self.staleness = staleness
         self.run: Optional[control.Run] = None  # the self-driven training steps in progress (docs/wan.md)
-        self.lanes: list = []  # lanes of the round in progress
+        self.lanes: Sequence[int] = ()  # lanes of the round in progress
         self.train_step: Optional[int] = None  # last training step begun (eval rounds follow it)
         self.restored_round: Optional[int] = None  # the last recovery applied
         self.round_started = 0.0
@@ -28,12 +28,12 @@ class CommitBook:
         return self.every > 0
 
     # -- rounds ------------------------------------------------------------------------------------
-    def round_began(self, lanes, now: float) -> None:
+    def round_began(self, lanes: Sequence[int], now: float) -> None:
         """An evaluation or prediction round began (the coordinator drives those)."""
         self.lanes = list(lanes)
         self.round_started = now
 
-    def step_prepared(self, step: int, lanes) -> None:
+    def step_prepared(self, step: int, lanes: Sequence[int]) -> None:
         """A self-driven training step is prepared (shared tuple: a copy per node would be clients squared)."""
         self.lanes = lanes
         self.train_step = step

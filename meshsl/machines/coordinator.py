@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from meshsl.errors import MeshslError, PeerFailed, PeerTimeout, ProtocolError
 from meshsl.machines.liveness import Tick
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
+
+if TYPE_CHECKING:
+    from meshsl.machines.policies import ClientRoster
 
 
 # ---- events -------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ class Received:
 Event = Union[Tick, Received]
 
 
-def event_of(sender: str, envelope, tensors, now: float, known_endpoint: Optional[str] = None) -> Received:
+def event_of(sender: str, envelope: Any, tensors: Any, now: float, known_endpoint: Optional[str] = None) -> Received:
     """The event a message of the coordinator's inbox is (ProtocolError when it is malformed;
     `known_endpoint`: HELLO only, see Received)."""
     message = control.parse(envelope)
@@ -93,16 +96,16 @@ class Extended:
 @dataclass(frozen=True)
 class Collected:
     """The wait is over: {sender: Received} of every awaited node."""
-    results: dict
+    results: dict[str, Received]
 
 
 @dataclass(frozen=True)
 class Lost:
     """Nodes to recover (errors.NodesLost): silent, timed out, or restarted mid-round."""
-    nodes: frozenset
+    nodes: frozenset[str]
     why: str
     cause: str = "timeout"  # timeout | heartbeat | restarted
-    rejoined: dict = field(default_factory=dict)  # node -> the control.Hello its new process sent
+    rejoined: dict[str, control.Hello] = field(default_factory=dict)  # node -> the control.Hello its new process sent
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class SilenceWatch:
     def forget(self, node: str) -> None:
         self.last_seen.pop(node, None)
 
-    def lost(self, now: float, candidates: frozenset, own: str) -> set[str]:
+    def lost(self, now: float, candidates: frozenset[str], own: str) -> set[str]:
         """Candidates not heard from within the heartbeat timeout (never heard from: not lost)."""
         if now - self.last_check > self.heartbeat_timeout_s / 2:
             # We ourselves did not run (process paused, loop starved): the silence is ours, and the
@@ -150,7 +153,7 @@ class SilenceWatch:
                 lost.add(name)
         return lost
 
-    def silent(self, nodes, now: float, own: str) -> set[str]:
+    def silent(self, nodes: Iterable[str], now: float, own: str) -> set[str]:
         """Those of `nodes` not heard from within the heartbeat timeout (never heard from: silent)."""
         limit = now - self.heartbeat_timeout_s
         return {n for n in nodes if n != own and self.heard.get(n, 0.0) < limit}
@@ -214,7 +217,7 @@ class _Round:
     timeout_s: float
     deadline: float
     pending: set[str]
-    got: dict = field(default_factory=dict)
+    got: dict[str, Received] = field(default_factory=dict)
     extended: bool = False
 
 
@@ -224,7 +227,7 @@ class _Startup:
     pending: set[str]
     timeout_s: float
     deadline: float
-    got: dict = field(default_factory=dict)
+    got: dict[str, Received] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,7 +240,7 @@ class _RestoreAcks:
     deadline: float
     retry_every: float
     next_retry: float
-    got: dict = field(default_factory=dict)
+    got: dict[str, Received] = field(default_factory=dict)
 
 
 class CoordinatorMachine:
@@ -245,7 +248,8 @@ class CoordinatorMachine:
     ClientRoster, told when a dropped client announces itself again (not `replaying` a client schedule,
     which decides rejoins itself)."""
 
-    def __init__(self, own: str, nodes: list[str], policy, now: float, roster=None, replaying: bool = False) -> None:
+    def __init__(self, own: str, nodes: list[str], policy: Any, now: float, roster: Optional[ClientRoster] = None,
+                 replaying: bool = False) -> None:
         self.own = own  # the coordinator's node: never declared lost by its own coordinator
         self.liveness = SilenceWatch(policy.heartbeat_timeout_s, now)
         self.policy = policy
@@ -289,18 +293,19 @@ class CoordinatorMachine:
 
     def roster_changed(self) -> None:
         """Clients dropped or readmitted: the nodes taking part are the roster's active ones."""
-        self.nodes = self.roster.active_nodes(self.all_nodes)
+        if self.roster is not None:
+            self.nodes = self.roster.active_nodes(self.all_nodes)
 
     def forget_checkpoints(self, node: str) -> None:
         """A readmitted client's checkpoints from before its drop do not fit this run."""
         self.book.checkpoints[node] = set()
 
     @property
-    def policy(self):
+    def policy(self) -> Any:
         return self._policy
 
     @policy.setter
-    def policy(self, policy) -> None:
+    def policy(self, policy: Any) -> None:
         self._policy = policy
         self.liveness.heartbeat_timeout_s = policy.heartbeat_timeout_s
 
@@ -343,7 +348,7 @@ class CoordinatorMachine:
         """How long the driver may wait for the next message before it must Tick again."""
         wait = self.wait
         if isinstance(wait, _Round):
-            return max(0.0, min(wait.deadline - now, self.policy.heartbeat_interval_s))
+            return max(0.0, min(wait.deadline - now, float(self.policy.heartbeat_interval_s)))
         if isinstance(wait, _RestoreAcks):
             return max(0.001, min(wait.deadline - now, wait.next_retry - now))
         if isinstance(wait, _Startup):
@@ -421,7 +426,7 @@ class CoordinatorMachine:
         return []
 
     def _startup_message(self, event: Received) -> list[Action]:
-        if not isinstance(event.message, control.Hello):
+        if not isinstance(event.message, control.Hello) or self.wait is None:
             return []  # FAILED too: nothing runs yet
         self.wait.pending.discard(event.sender)
         _, actions = self.note_hello(event.sender, event.message, event.known_endpoint)
@@ -443,7 +448,7 @@ class CoordinatorMachine:
             # A new process said hello mid-round: its old one is gone with the round's state.
             return actions + self._end(Lost(frozenset({event.sender}), "restarted (a new process announced itself)",
                                             cause="restarted", rejoined={event.sender: hello}))
-        if wait.kind == Kind.HELLO and event.sender in wait.pending:
+        if isinstance(wait, _Round) and wait.kind == Kind.HELLO and event.sender in wait.pending:
             wait.pending.discard(event.sender)
             wait.got[event.sender] = event
         return actions + self._finished()
@@ -456,8 +461,8 @@ class CoordinatorMachine:
         if isinstance(message, control.Done) and event.phase == "train":
             self.book.note_applied(event.sender, event.round, message.checkpoint)  # applied there
         wait = self.wait
-        if wait is None:
-            return []
+        if not isinstance(wait, _Round):
+            return []  # no wait open (a startup or a restore wait takes no round messages: see handle)
         kind = message.kind
         if wait.round is not None and wait.round < event.round <= wait.latest and kind == wait.kind == Kind.DONE:
             # A node already finished a later self-driven step: keep it for that step's collection.

@@ -3,7 +3,7 @@
 next when clients are dropped. The coordinator asks; nothing here sends anything."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from meshsl.schedule.steps import StepInfo, training_steps
 from meshsl.machines.policies import ClientChange, ClientRoster
@@ -13,8 +13,8 @@ class StepPlanner:
     """Planning over the run's `steps`. `planned`: a replayed client schedule (policies.planned_changes),
     whose drops this planner applies to the roster as their steps come."""
 
-    def __init__(self, topology, roster: ClientRoster, steps: Sequence[StepInfo], evaluate: bool = True,
-                 planned: Optional[dict] = None, epoch_length: Optional[int] = None) -> None:
+    def __init__(self, topology: Any, roster: ClientRoster, steps: Sequence[StepInfo], evaluate: bool = True,
+                 planned: Optional[dict[str, Any]] = None, epoch_length: Optional[int] = None) -> None:
         self.topology = topology
         self.roster = roster
         self.steps = list(steps)
@@ -43,7 +43,7 @@ class StepPlanner:
         if clients is None:
             return False
         if clients.mode == "splitfed":
-            return (info.step + 1) % clients.average_every == 0
+            return bool((info.step + 1) % clients.average_every == 0)
         following = self.roster.next_active(self.step_lanes, info.step + 1) if self.roster.dropped \
             else (info.step + 1 if info.step + 1 < len(self.steps) else None)  # the hand-off skips dropped clients
         return following is not None and self.steps[following].lanes != info.lanes

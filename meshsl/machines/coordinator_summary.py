@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from meshsl.schedule.steps import StepInfo
 
@@ -18,24 +18,24 @@ class RunRecord:
     """The statistics of a run so far. `leakage_edges`: the cut edges ("producer->consumer") whose
     leakage measurements count."""
 
-    leakage_edges: set
-    regression_tasks: frozenset = frozenset()  # tasks with loss: mse (their rows carry no accuracy)
-    history: list = field(default_factory=list)
-    node_stats: dict = field(default_factory=dict)  # node -> its last training control.Done
-    leakage: dict = field(default_factory=dict)  # cut edge -> last sampled dCor(raw input, activation)
-    label_leakage: dict = field(default_factory=dict)  # cut edge -> last realistic label-attack AUC (label holder)
-    label_leakage_upper_bound: dict = field(default_factory=dict)  # cut edge -> its last upper bound
+    leakage_edges: set[str]
+    regression_tasks: frozenset[str] = frozenset()  # tasks with loss: mse (their rows carry no accuracy)
+    history: list[Any] = field(default_factory=list)
+    node_stats: dict[str, Any] = field(default_factory=dict)  # node -> its last training control.Done
+    leakage: dict[str, Any] = field(default_factory=dict)  # cut edge -> last sampled dCor(raw input, activation)
+    label_leakage: dict[str, Any] = field(default_factory=dict)  # cut edge -> last realistic label-attack AUC (label holder)
+    label_leakage_upper_bound: dict[str, Any] = field(default_factory=dict)  # cut edge -> its last upper bound
     failovers: int = 0
-    recovery_seconds: list = field(default_factory=list)
-    failover_events: list = field(default_factory=list)  # node, cause, detected (unix time), recovery_seconds
-    client_events: list = field(default_factory=list)  # drops and rejoins: node, lanes, step, cause, time
+    recovery_seconds: list[Any] = field(default_factory=list)
+    failover_events: list[Any] = field(default_factory=list)  # node, cause, detected (unix time), recovery_seconds
+    client_events: list[Any] = field(default_factory=list)  # drops and rejoins: node, lanes, step, cause, time
     train_seconds: float = 0.0
     samples: int = 0
-    recent: list = field(default_factory=list)  # (seconds, samples) of the last THROUGHPUT_WINDOW steps
+    recent: list[Any] = field(default_factory=list)  # (seconds, samples) of the last THROUGHPUT_WINDOW steps
 
-    def step_row(self, info: StepInfo, done: dict) -> dict:
+    def step_row(self, info: StepInfo, done: dict[str, Any]) -> dict[str, Any]:
         """The history row of a committed step, from every node's DONE statistics."""
-        tasks: dict[str, dict] = {}
+        tasks: dict[str, dict[str, Any]] = {}
         leakage: dict[str, float] = {}
         labels: dict[str, dict[str, float]] = {"label_leakage": {}, "label_leakage_upper_bound": {}}
         for sender, received in done.items():
@@ -61,7 +61,7 @@ class RunRecord:
         row.update({key: worst for key, worst in labels.items() if worst})
         return row
 
-    def commit_step(self, info: StepInfo, done: dict, seconds: float, batch_size: int) -> dict:
+    def commit_step(self, info: StepInfo, done: dict[str, Any], seconds: float, batch_size: int) -> dict[str, Any]:
         """Count a committed step (`seconds` it took) and append its history row."""
         self.train_seconds += seconds
         self.samples += batch_size * len(info.lanes)
@@ -74,20 +74,20 @@ class RunRecord:
         self.history.append(row)
         return row
 
-    def failover(self, nodes, cause: str, why: str, detected: float, seconds: float, checkpoint_step: int) -> None:
+    def failover(self, nodes: Iterable[str], cause: str, why: str, detected: float, seconds: float, checkpoint_step: int) -> None:
         self.failovers += 1
         self.recovery_seconds.append(seconds)
         self.failover_events.append({"nodes": sorted(nodes), "cause": cause, "reason": why, "detected": detected,
                                      "recovery_seconds": seconds, "checkpoint": checkpoint_step})
 
-    def summarise(self, topology, steps, wall: float, privacy_budget: Optional[dict] = None) -> dict:
-        edges: dict[str, dict] = {}
+    def summarise(self, topology: Any, steps: Sequence[Any], wall: float, privacy_budget: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        edges: dict[str, dict[str, Any]] = {}
         for stats in self.node_stats.values():
             for key, n in stats.bytes.items():
                 edge, direction = key.split("|")
                 if direction in ("forward", "backward"):  # count each transfer once, at the sender
                     edges.setdefault(edge, {"forward_bytes": 0, "backward_bytes": 0})[f"{direction}_bytes"] += n
-        final_eval = next((row["eval"] for row in reversed(self.history) if "eval" in row), {})
+        final_eval: dict[str, Any] = next((row["eval"] for row in reversed(self.history) if "eval" in row), {})
         last_train = self.history[-1]["tasks"] if self.history else {}
         samples, train_seconds = self.samples, self.train_seconds
         training = topology.spec.training
@@ -121,12 +121,12 @@ class RunRecord:
         }
 
 
-def merge_evaluation(done: dict, lanes: int, client_node: Callable[[int], str],
-                     sequential_model: Optional[str] = None) -> dict:
+def merge_evaluation(done: dict[str, Any], lanes: int, client_node: Callable[[int], str],
+                     sequential_model: Optional[str] = None) -> dict[str, Any]:
     """Every node's evaluation DONE merged per task. Many clients: an entry per client node
     (`by_client`) and their sample-weighted means; sequential SL (`sequential_model`: the client that
     trained last) reports that client's model."""
-    results: dict[str, dict] = {}
+    results: dict[str, dict[str, Any]] = {}
     for sender, received in done.items():
         for name, metrics in received.message.tasks.items():
             entry = results.setdefault(name, {"by_client": {}})

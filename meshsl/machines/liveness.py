@@ -7,7 +7,7 @@ node it last heard, and whether a clean shutdown was asked for. The node's shell
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -75,17 +75,21 @@ class GiveUp:
     aborted: bool = True
 
 
-def coordinator_silence_limit(policy) -> float:
+Decision = Union[SendHeartbeat, Announce, PeerDown, GiveUp]
+
+
+def coordinator_silence_limit(policy: Any) -> float:
     """How long a node waits for a silent coordinator (it may be restarted meanwhile) before giving up."""
     declared = getattr(policy, "coordinator_timeout_s", None)
-    return declared if declared else policy.heartbeat_timeout_s + policy.startup_timeout_s
+    return float(declared if declared else policy.heartbeat_timeout_s + policy.startup_timeout_s)
 
 
 class Liveness:
     """`hosts_coordinator`: this node runs the coordinator, so it heartbeats every peer and watches no one
     (the launcher watches it)."""
 
-    def __init__(self, node: str, coordinator: str, peers, policy, hosts_coordinator: bool, now: float) -> None:
+    def __init__(self, node: str, coordinator: str, peers: Iterable[str], policy: Any, hosts_coordinator: bool,
+                 now: float) -> None:
         self.node = node
         self.coordinator = coordinator
         self.peers = [p for p in peers if p != node]
@@ -99,7 +103,7 @@ class Liveness:
         self.coordinator_incarnation: Optional[str] = None
         self._last_heartbeat: dict[str, float] = {}
 
-    def handle(self, event: Event) -> list:
+    def handle(self, event: Event) -> list[Decision]:
         if isinstance(event, Started):
             self.coordinator_seen = event.now
         elif isinstance(event, CoordinatorHeard):
@@ -133,10 +137,10 @@ class Liveness:
         self._last_heartbeat[peer] = now
         return True
 
-    def _tick(self, now: float) -> list:
+    def _tick(self, now: float) -> list[Decision]:
         if self.hosts_coordinator:
             return [SendHeartbeat(peer) for peer in self.peers]
-        actions: list = [SendHeartbeat(self.coordinator)]
+        actions: list[Decision] = [SendHeartbeat(self.coordinator)]
         silent = now - self.coordinator_seen
         limit = coordinator_silence_limit(self.policy)
         if self.joined and silent > limit:  # before joining, the announcer waits (longer: start-up)
@@ -148,7 +152,7 @@ class Liveness:
             actions += [PeerDown(self.coordinator), Announce(f"silent for {silent:.1f}s")]
         return actions
 
-    def _incarnation(self, token) -> list:
+    def _incarnation(self, token: object) -> list[Decision]:
         if self.hosts_coordinator or not isinstance(token, str) or len(token) > 64:
             return []
         previous, self.coordinator_incarnation = self.coordinator_incarnation, token
@@ -157,7 +161,7 @@ class Liveness:
             return [Announce("restarted")]
         return []
 
-    def _unanswered(self, event: HelloUnanswered) -> list:
+    def _unanswered(self, event: HelloUnanswered) -> list[Decision]:
         waited = event.now - event.since
         if event.refused and waited > self.policy.startup_timeout_s:
             return [GiveUp(f"node {self.node!r} could not join: {self.coordinator} refused its CURVE key "

@@ -24,10 +24,13 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 from meshsl.errors import ProtocolError
 from meshsl.schedule.steps import edge_name
+
+
+SYNC_LAG = 3  # how many self-driven steps a node may run past the coordinator's last commit (docs/wan.md)
 
 
 # ---- events -------------------------------------------------------------------------------------
@@ -79,6 +82,7 @@ class RunSteps:
 
 
 Event = Union[BeginRound, InputArrived, GradientArrived, ComputeFinished, CommitRound, RunSteps]
+Arrival = Union[InputArrived, GradientArrived]  # a peer's tensor of a round: held when it comes early
 
 
 # ---- actions ------------------------------------------------------------------------------------
@@ -131,6 +135,12 @@ class Step:
         return f"{self.segment}{f'[{self.lane}]' if with_lane else ''}.{self.kind}{self.micro_batch}"
 
 
+class OrderSource(Protocol):
+    """Where a machine gets each round's planned order (machines/schedules.RoundPlanner)."""
+
+    def order(self, node: str, phase: str, lanes: tuple[int, ...], micro_batches: int) -> tuple[Step, ...]: ...
+
+
 @dataclass(frozen=True)
 class SendActivation:
     round: int
@@ -178,7 +188,7 @@ class Wiring:
     node_of: dict[str, tuple[str, ...]]  # segment -> node per lane
 
     @classmethod
-    def from_topology(cls, topology, node: str) -> "Wiring":
+    def from_topology(cls, topology: Any, node: str) -> "Wiring":
         training = topology.spec.training
         declared = getattr(training, "window", None) or training.micro_batches
         depth: dict[str, int] = {}
@@ -263,21 +273,21 @@ class NodeMachine:
     units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
     micro_batches: int = 0
     in_flight: dict[str, int] = field(default_factory=dict)
-    early: list[Event] = field(default_factory=list)  # events of the next round, replayed at its BeginRound
+    early: list[Arrival] = field(default_factory=list)  # events of the next round, replayed at its BeginRound
     pending_commit: Optional[int] = None
-    lag: int = 3  # self-driven steps: begin round r only once round r - lag is committed (docs/wan.md)
+    lag: int = SYNC_LAG  # self-driven steps: begin round r only once round r - lag is committed (docs/wan.md)
     auto: bool = False  # the current round is a self-driven training step
     applied: int = 0  # the last self-driven round whose optimizer step was applied
     committed: int = 0  # the last round the coordinator confirmed every node applied
-    queued: deque = field(default_factory=deque)  # self-driven rounds still to begin: (round, step, lanes)
+    queued: deque[tuple[int, int, tuple[int, ...]]] = field(default_factory=deque)  # self-driven rounds still to begin: (round, step, lanes)
     _queues: dict[str, _SegmentQueue] = field(default_factory=dict, repr=False)
     _open_units: int = field(default=0, repr=False)  # units not backwarded yet
-    _early_seen: set = field(default_factory=set, repr=False)  # `early` as a set (duplicate check)
+    _early_seen: set[Arrival] = field(default_factory=set, repr=False)  # `early` as a set (duplicate check)
     external_dispatch: bool = False  # one round of a StaleMachine: it picks the compute actions (stale_machine.py)
-    planner: Optional[object] = None  # machines/schedules.RoundPlanner: each round keeps to its planned order
-    order: Optional[tuple] = None  # this round's planned Steps (None: the policy picks among ready units)
+    planner: Optional["OrderSource"] = None  # machines/schedules.RoundPlanner: each round keeps to its planned order
+    order: Optional[tuple["Step", ...]] = None  # this round's planned Steps (None: the policy picks among ready units)
     position: int = 0  # the next Step of `order`
-    executed: list = field(default_factory=list)  # the Steps this round ran, in order (bounded by its units)
+    executed: list["Step"] = field(default_factory=list)  # the Steps this round ran, in order (bounded by its units)
 
     # -- public API ------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
@@ -313,7 +323,7 @@ class NodeMachine:
         self._queues, self._open_units, self._early_seen = {}, 0, set()
         self.pending_commit, self.order, self.position = None, None, 0
         self.auto, self.applied, self.committed, self.queued = False, round_, round_, deque()
-        self.stale_running, self.running = self.running, None
+        self.running = None  # a compute action still on the thread finishes; compute_finished ignores it
 
     def expected_units(self) -> int:
         return len(self.units)
@@ -369,7 +379,7 @@ class NodeMachine:
             return self._maybe_done()
         return self._dispatch()
 
-    def _planned_order(self, event: BeginRound) -> Optional[tuple]:
+    def _planned_order(self, event: BeginRound) -> Optional[tuple["Step", ...]]:
         if self.planner is None:
             return None
         order = self.planner.order(self.wiring.node, event.phase, event.lanes, event.micro_batches)
@@ -377,17 +387,16 @@ class NodeMachine:
             raise RuntimeError(f"the planned order of {self.wiring.node} does not cover its {len(self.units)} units")
         return order
 
-    def deliver(self, events: list) -> Optional["ComputeAction"]:
+    def deliver(self, events: list[Arrival]) -> list[Action]:
         """Arrivals of the current round taken together, then one pick (the planner's supersteps)."""
         for event in events:
             if isinstance(event, InputArrived):
                 self.input_arrived(event.segment, event.source, event.lane, event.micro_batch)
             else:
                 self.gradient_arrived(event.segment, event.consumer, event.lane, event.micro_batch)
-        self._dispatch()
-        return self.running
+        return self._dispatch()
 
-    def _hold(self, event: Event) -> list[Action]:
+    def _hold(self, event: Arrival) -> list[Action]:
         if event.round != self.round + 1:
             raise ProtocolError("future_round", f"round {event.round} while at round {self.round}")
         # Bounded: at most one message per (segment, source, lane, micro-batch) of a round can be early.
@@ -405,7 +414,7 @@ class NodeMachine:
             raise ProtocolError("unexpected", f"no work for {segment} lane {lane} micro-batch {micro_batch}")
         return unit
 
-    def hold_early(self, events: list) -> None:
+    def hold_early(self, events: list[Arrival]) -> None:
         """Events of this machine's next round that were held elsewhere (by the stale machine's routing)."""
         self.early, self._early_seen = list(events), set(events)
 
@@ -446,7 +455,9 @@ class NodeMachine:
         raise ProtocolError("unexpected", f"commit of round {event.round} (at {self.round}, done={self.done})")
 
     def compute_finished(self, action: ComputeAction) -> list[Action]:
-        if action != self.running:
+        """`action` ran on the compute thread. A StaleMachine's round (`external_dispatch`) gets only the
+        actions its owner started for it; alone, a result after a reset is ignored."""
+        if not self.external_dispatch and action != self.running:
             return []  # finished after a reset: the thread is free again, nothing else changes
         self.running = None
         out: list[Action] = []
@@ -520,14 +531,14 @@ class NodeMachine:
 
         The heaps are pruned lazily: a picked action is on the compute thread until ComputeFinished
         marks its unit, and nothing is picked meanwhile (one compute action at a time)."""
-        if self.pending_commit is not None:
-            round_, self.pending_commit = self.pending_commit, None
-            return ApplyOptimizer(round_)
+        commit = self.take_commit()
+        if commit is not None:
+            return commit
         if self.order is not None:
-            return self._next_planned()
+            return self._next_planned(self.order)
         units = self.units
-        forward: Optional[tuple] = None
-        backward: Optional[tuple] = None
+        forward: Optional[tuple[int, int, str]] = None
+        backward: Optional[tuple[int, int, str]] = None
         one_f_one_b = self.schedule == "1f1b"
         for segment, queue in self._queues.items():
             first_open = None
@@ -572,11 +583,18 @@ class NodeMachine:
             return Forward(self.round, segment, lane, mb)
         return None
 
-    def _next_planned(self) -> Optional[ComputeAction]:
-        """The order's next Step once its unit is ready; nothing else meanwhile (the node waits)."""
-        if self.position >= len(self.order):
+    def take_commit(self) -> Optional[ApplyOptimizer]:
+        """The optimizer step this round's complete gradients wait for, handed out once."""
+        if self.pending_commit is None:
             return None
-        step = self.order[self.position]
+        round_, self.pending_commit = self.pending_commit, None
+        return ApplyOptimizer(round_)
+
+    def _next_planned(self, order: tuple["Step", ...]) -> Optional[ComputeAction]:
+        """The order's next Step once its unit is ready; nothing else meanwhile (the node waits)."""
+        if self.position >= len(order):
+            return None
+        step = order[self.position]
         unit = self.units[(step.segment, step.lane, step.micro_batch)]
         if step.kind == "F":
             ready = not unit.forwarded and not unit.inputs_missing

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 from meshsl.errors import PeerFailed
 
@@ -66,7 +66,7 @@ class ClientChange:
     step: int
     cause: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"event": self.event, "nodes": list(self.nodes), "lanes": list(self.lanes), "step": self.step,
                 "cause": self.cause}
 
@@ -92,7 +92,7 @@ class ClientRoster:
         self.changes: list[ClientChange] = []
 
     @classmethod
-    def from_topology(cls, topology) -> "ClientRoster":
+    def from_topology(cls, topology: Any) -> "ClientRoster":
         clients = topology.spec.clients
         nodes_of_lane: dict[int, list[str]] = {}
         if clients is not None and topology.lanes > 1:
@@ -214,12 +214,12 @@ class ClientRoster:
         return None
 
 
-def planned_changes(schedule: Optional[Iterable[Mapping]]) -> Optional[dict]:
+def planned_changes(schedule: Optional[Iterable[Mapping[str, Any]]]) -> Optional[dict[str, Any]]:
     """A run's recorded `client_events` as {"drop" | "rejoin": {step: [nodes, ...]}}, to replay them at the
     same steps (RunOptions.client_schedule). None: nothing to replay."""
     if schedule is None:
         return None
-    planned: dict = {"drop": {}, "rejoin": {}}
+    planned: dict[str, Any] = {"drop": {}, "rejoin": {}}
     for event in schedule:
         planned[event["event"]].setdefault(int(event["step"]), []).append(tuple(event["nodes"]))
     return planned

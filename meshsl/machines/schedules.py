@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Optional, Union
 
 from meshsl.machines.node import (
-    Backward, BeginRound, Forward, GradientArrived, InputArrived, NodeMachine, SendActivation, SendGradient, Step,
+    Action, Arrival, Backward, BeginRound, Forward, GradientArrived, InputArrived, NodeMachine, SendActivation, SendGradient, Step,
     Wiring)
 
-_PLANNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PLANNERS: "weakref.WeakKeyDictionary[Any, dict[tuple[str, bool], RoundPlanner]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class RoundPlanner:
         self._orders: dict[RoundShape, dict[str, tuple[Step, ...]]] = {}
 
     @classmethod
-    def for_topology(cls, topology) -> "RoundPlanner":
+    def for_topology(cls, topology: Any) -> "RoundPlanner":
         training = topology.spec.training
         key = (training.schedule, bool(training.deterministic))
         planners = _PLANNERS.setdefault(topology, {})
@@ -63,12 +63,12 @@ class RoundPlanner:
         machines = {node: NodeMachine(wiring, self.schedule, deterministic=self.deterministic)
                     for node, wiring in self.wirings.items()}
         executed: dict[str, list[Step]] = {node: [] for node in machines}
-        running = {}
+        running: dict[str, Optional[Union[Forward, Backward]]] = {}
         for node, machine in machines.items():
             running[node] = _compute_of(machine.begin_round(BeginRound(1, shape.phase, shape.lanes,
                                                                        shape.micro_batches)))
         while True:
-            mail: dict[str, list] = {}
+            mail: dict[str, list[Arrival]] = {}
             for node in sorted(machines):  # a superstep: every node runs all it can
                 machine, action = machines[node], running[node]
                 while action is not None:
@@ -86,14 +86,14 @@ class RoundPlanner:
             if not mail:
                 break
             for node, events in mail.items():  # then every message crosses, and each node picks once
-                running[node] = machines[node].deliver(events)
+                running[node] = _compute_of(machines[node].deliver(events))
         unfinished = sorted(n for n, m in machines.items() if not m.done)
         if unfinished:  # a wiring the policy cannot finish: a bug, not a user error
             raise RuntimeError(f"schedule {self.schedule} leaves {', '.join(unfinished)} unfinished in {shape}")
         return {node: tuple(steps) for node, steps in executed.items()}
 
 
-def _compute_of(actions: list):
+def _compute_of(actions: list[Action]) -> Optional[Union[Forward, Backward]]:
     return next((a for a in actions if isinstance(a, (Forward, Backward))), None)
 
 
@@ -104,7 +104,7 @@ def format_orders(orders: dict[str, tuple[Step, ...]]) -> dict[str, str]:
     return {node: " ".join(step.label(with_lane) for step in steps) for node, steps in orders.items()}
 
 
-def schedule_document(topology) -> dict:
+def schedule_document(topology: Any) -> dict[str, Any]:
     """The first training step's order on every node (`meshsl plan --schedule`, `meshsl.plan()`)."""
     from meshsl.schedule.steps import epoch_steps  # the sample pools: read only when a schedule is asked for
     training = topology.spec.training

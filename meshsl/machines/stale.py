@@ -22,14 +22,13 @@ from typing import Optional
 from meshsl.errors import ProtocolError
 from meshsl.machines.node import (
     Action, ApplyOptimizer, BeginRound, CommitRound, ComputeAction, ComputeFinished, Event, InputArrived,
-    NodeMachine, Prepare, RoundDone, RunSteps, Wiring)
+    NodeMachine, OrderSource, Prepare, RoundDone, RunSteps, Step, SYNC_LAG, Wiring, Arrival)
 
-SYNC_LAG = 3  # NodeMachine.lag: how far a node may run past the coordinator's last commit
 
 
 class StaleMachine:
     def __init__(self, wiring: Wiring, schedule: str = "gpipe", deterministic: bool = True, staleness: int = 1,
-                 planner=None):
+                 planner: Optional[OrderSource] = None) -> None:
         if staleness < 1:
             raise ValueError("StaleMachine is for staleness >= 1; NodeMachine is the synchronous path")
         self.wiring, self.schedule, self.deterministic = wiring, schedule, deterministic
@@ -40,14 +39,13 @@ class StaleMachine:
         self.round = 0  # the newest round begun
         self.phase = ""
         self.running: Optional[ComputeAction] = None
-        self.stale_running: Optional[ComputeAction] = None
-        self.queued: deque = deque()  # (round, step, lanes) still to begin
+        self.queued: deque[tuple[int, int, tuple[int, ...]]] = deque()  # (round, step, lanes) still to begin
         self.micro_batches = 0
-        self.early: dict[int, list[Event]] = {}  # round -> messages that came before we began it
-        self._early_seen: set = set()
+        self.early: dict[int, list[Arrival]] = {}  # round -> messages that came before we began it
+        self._early_seen: set[Arrival] = set()
         self.applied = 0  # the last training round whose optimizer step was applied here
         self.committed = 0  # the last round the coordinator confirmed
-        self.last_executed: tuple = (0, [])  # (round, its Steps in the order they ran) of the last finished round
+        self.last_executed: tuple[int, list[Step]] = (0, [])  # (round, its Steps in the order they ran) of the last finished round
 
     # -- what node.py reads ------------------------------------------------------------------------
     @property
@@ -72,7 +70,7 @@ class StaleMachine:
         self.rounds, self.early, self._early_seen = {}, {}, set()
         self.queued = deque()
         self.applied = self.committed = round_
-        self.stale_running, self.running = self.running, None
+        self.running = None  # a compute action still on the thread finishes; compute_finished ignores it
 
     # -- events ------------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
@@ -129,7 +127,7 @@ class StaleMachine:
         self.round = round_
         return inner
 
-    def _hold(self, event: Event) -> list[Action]:
+    def _hold(self, event: Arrival) -> list[Action]:
         # A peer is at most k + 1 rounds ahead of us: it began round r after applying r - k - 1, which
         # needed our gradient (or activation) of r - k - 1, so we had begun that round.
         if event.round > self.round + self.staleness + 1:
@@ -160,7 +158,6 @@ class StaleMachine:
         inner = self.rounds.get(action.round)
         if inner is None:
             return self._dispatch()
-        inner.running = action
         out = inner.compute_finished(action)
         if isinstance(action, ApplyOptimizer):
             self.applied = action.round
@@ -184,9 +181,9 @@ class StaleMachine:
 
     def next_compute(self) -> Optional[ComputeAction]:
         oldest = next(iter(self.rounds.items()), None)
-        if oldest is not None and oldest[1].pending_commit is not None:
-            oldest[1].pending_commit = None
-            return ApplyOptimizer(oldest[0])
+        commit = oldest[1].take_commit() if oldest is not None else None
+        if commit is not None:
+            return commit  # steps are applied strictly in round order: only the oldest round's
         prepare = self._advance()
         if prepare is not None:
             return prepare

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Optional
 from meshsl.errors import ProtocolError
 from meshsl.protocol.envelope import Envelope, Kind
 
+Meta = dict[str, Any]  # a control message's JSON object, as it crosses the wire
 MAX_LANES = 1 << 20
 MAX_COUNT = 1 << 31
 MAX_TEXT = 4096
@@ -23,7 +24,7 @@ def _bad(kind: Kind, detail: str) -> ProtocolError:
     return ProtocolError("bad_control", f"{kind.value}: {detail}")
 
 
-def _int(kind: Kind, meta: dict, key: str, default: Optional[int] = None, low: int = 0,
+def _int(kind: Kind, meta: Meta, key: str, default: Optional[int] = None, low: int = 0,
          high: int = MAX_COUNT) -> int:
     value = meta.get(key, default)
     if value is None:
@@ -33,18 +34,18 @@ def _int(kind: Kind, meta: dict, key: str, default: Optional[int] = None, low: i
     return value
 
 
-def _optional_int(kind: Kind, meta: dict, key: str) -> Optional[int]:
+def _optional_int(kind: Kind, meta: Meta, key: str) -> Optional[int]:
     return None if meta.get(key) is None else _int(kind, meta, key)
 
 
-def _bool(kind: Kind, meta: dict, key: str, default: bool = False) -> bool:
+def _bool(kind: Kind, meta: Meta, key: str, default: bool = False) -> bool:
     value = meta.get(key, default)
     if type(value) is not bool:
         raise _bad(kind, f"{key!r} must be true or false")
     return value
 
 
-def _text(kind: Kind, meta: dict, key: str, default: Optional[str] = None) -> str:
+def _text(kind: Kind, meta: Meta, key: str, default: Optional[str] = None) -> str:
     value = meta.get(key, default)
     if value is None:
         raise _bad(kind, f"needs {key!r}")
@@ -53,7 +54,7 @@ def _text(kind: Kind, meta: dict, key: str, default: Optional[str] = None) -> st
     return value
 
 
-def _lanes(kind: Kind, meta: dict, key: str = "lanes") -> tuple[int, ...]:
+def _lanes(kind: Kind, meta: Meta, key: str = "lanes") -> tuple[int, ...]:
     value = meta.get(key)
     if not isinstance(value, list) or not value or len(value) > MAX_LANES or \
             any(type(v) is not int or v < 0 for v in value):
@@ -71,10 +72,10 @@ class ControlMessage:
         return cls._parse(meta)
 
     @classmethod
-    def _parse(cls, meta: dict) -> "ControlMessage":
+    def _parse(cls, meta: Meta) -> "ControlMessage":
         return cls()
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         return {}
 
 
@@ -92,14 +93,14 @@ class Begin(ControlMessage):
     count: int = 0  # predict: input rows in the round
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Begin":
+    def _parse(cls, meta: Meta) -> "Begin":
         k = cls.kind
         return cls(lanes=_lanes(k, meta), micro_batches=_int(k, meta, "micro_batches", low=1),
                    epoch=_int(k, meta, "epoch", 0), train_step=_int(k, meta, "train_step", 0),
                    step_in_epoch=_int(k, meta, "step_in_epoch", 0), offset=_int(k, meta, "offset", 0),
                    count=_int(k, meta, "count", 0))
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         return {"lanes": list(self.lanes), "micro_batches": self.micro_batches, "epoch": self.epoch,
                 "train_step": self.train_step, "step_in_epoch": self.step_in_epoch, "offset": self.offset,
                 "count": self.count}
@@ -122,15 +123,15 @@ class Run(ControlMessage):
     dropped_lanes: tuple[int, ...] = ()  # clients dropped from the run (clients.on_loss: drop): not trained
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Run":
+    def _parse(cls, meta: Meta) -> "Run":
         k = cls.kind
         dropped = _lanes(k, meta, "dropped_lanes") if meta.get("dropped_lanes") else ()
         return cls(first_step=_int(k, meta, "first_step"), count=_int(k, meta, "count", low=1),
                    micro_batches=_int(k, meta, "micro_batches", low=1), checkpoint=_optional_int(k, meta, "checkpoint"),
                    hold_checkpoint=_bool(k, meta, "hold_checkpoint"), dropped_lanes=dropped)
 
-    def to_meta(self) -> dict:
-        meta = {"first_step": self.first_step, "count": self.count, "micro_batches": self.micro_batches,
+    def to_meta(self) -> Meta:
+        meta: Meta = {"first_step": self.first_step, "count": self.count, "micro_batches": self.micro_batches,
                 "hold_checkpoint": self.hold_checkpoint}
         if self.checkpoint is not None:
             meta["checkpoint"] = self.checkpoint
@@ -158,10 +159,10 @@ class Restore(ControlMessage):
     kind: ClassVar[Kind] = Kind.RESTORE
     checkpoint: int
     round: int
-    endpoints: dict = field(default_factory=dict)
+    endpoints: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Restore":
+    def _parse(cls, meta: Meta) -> "Restore":
         k = cls.kind
         endpoints = meta.get("endpoints") or {}
         if not isinstance(endpoints, dict) or len(endpoints) > MAX_LANES or \
@@ -169,7 +170,7 @@ class Restore(ControlMessage):
             raise _bad(k, "'endpoints' must map node names to endpoint strings")
         return cls(checkpoint=_int(k, meta, "checkpoint"), round=_int(k, meta, "round"), endpoints=dict(endpoints))
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         return {"checkpoint": self.checkpoint, "round": self.round, "endpoints": dict(self.endpoints)}
 
 
@@ -179,10 +180,10 @@ class WeightsPull(ControlMessage):
     segment: str
 
     @classmethod
-    def _parse(cls, meta: dict) -> "WeightsPull":
+    def _parse(cls, meta: Meta) -> "WeightsPull":
         return cls(segment=_text(cls.kind, meta, "segment"))
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         return {"segment": self.segment}
 
 
@@ -194,11 +195,11 @@ class Shutdown(ControlMessage):
     dropped: Optional[str] = None  # this client was dropped and not readmitted: it holds no final weights
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Shutdown":
+    def _parse(cls, meta: Meta) -> "Shutdown":
         return cls(abort=None if meta.get("abort") is None else _text(cls.kind, meta, "abort"),
                    dropped=None if meta.get("dropped") is None else _text(cls.kind, meta, "dropped"))
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         meta = {} if self.abort is None else {"abort": self.abort}
         if self.dropped is not None:
             meta["dropped"] = self.dropped
@@ -217,7 +218,7 @@ class Hello(ControlMessage):
     predict_rows: Optional[int] = None
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Hello":
+    def _parse(cls, meta: Meta) -> "Hello":
         k = cls.kind
         steps = meta.get("checkpoints", [])
         if not isinstance(steps, list) or len(steps) > MAX_LANES or any(type(s) is not int or s < 0 for s in steps):
@@ -226,8 +227,8 @@ class Hello(ControlMessage):
         return cls(checkpoints=tuple(steps), endpoint=endpoint, incarnation=_text(k, meta, "incarnation", ""),
                    predict_rows=_optional_int(k, meta, "predict_rows"))
 
-    def to_meta(self) -> dict:
-        meta: dict = {"checkpoints": list(self.checkpoints), "endpoint": self.endpoint, "incarnation": self.incarnation}
+    def to_meta(self) -> Meta:
+        meta: Meta = {"checkpoints": list(self.checkpoints), "endpoint": self.endpoint, "incarnation": self.incarnation}
         if self.predict_rows is not None:
             meta["predict_rows"] = self.predict_rows
         return meta
@@ -243,13 +244,13 @@ class Ack(ControlMessage):
     segment: str = ""
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Ack":
+    def _parse(cls, meta: Meta) -> "Ack":
         k = cls.kind
         return cls(of=_text(k, meta, "of"), checkpoint=_optional_int(k, meta, "checkpoint"),
                    segment=_text(k, meta, "segment", ""))
 
-    def to_meta(self) -> dict:
-        meta: dict = {"of": self.of}
+    def to_meta(self) -> Meta:
+        meta: Meta = {"of": self.of}
         if self.checkpoint is not None:
             meta["checkpoint"] = self.checkpoint
         if self.segment:
@@ -257,7 +258,7 @@ class Ack(ControlMessage):
         return meta
 
 
-def _number_map(kind: Kind, meta: dict, key: str, finite: bool = True) -> dict:
+def _number_map(kind: Kind, meta: Meta, key: str, finite: bool = True) -> Meta:
     """{name: number}: byte and refusal counts (finite), measured figures per edge (NaN allowed: a
     gauge of a constant input has no value, and says so)."""
     value = meta.get(key)
@@ -270,14 +271,14 @@ def _number_map(kind: Kind, meta: dict, key: str, finite: bool = True) -> dict:
     return dict(value)
 
 
-def _seconds(kind: Kind, meta: dict, key: str) -> float:
+def _seconds(kind: Kind, meta: Meta, key: str) -> float:
     value = meta.get(key, 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise _bad(kind, f"{key!r} must be a non-negative number of seconds")
     return float(value)
 
 
-def _task_stats(kind: Kind, meta: dict) -> dict:
+def _task_stats(kind: Kind, meta: Meta) -> Meta:
     tasks = meta.get("tasks", {})
     if not isinstance(tasks, dict) or any(not isinstance(v, dict) for v in tasks.values()):
         raise _bad(kind, "'tasks' must map task names to statistics")
@@ -297,20 +298,20 @@ class Done(ControlMessage):
     statistics, each checked for shape here so that the coordinator can sum them without guards."""
     kind: ClassVar[Kind] = Kind.DONE
     checkpoint: Optional[int] = None  # training: the checkpoint written after this step, if any
-    tasks: dict = field(default_factory=dict)  # task -> {count, correct, loss_sum} (eval: metrics, by_lane)
-    leakage: dict = field(default_factory=dict)  # cut edge -> sampled dCor(raw input, activation)
-    label_leakage: dict = field(default_factory=dict)  # cut edge -> realistic label-attack AUC
-    label_leakage_upper_bound: dict = field(default_factory=dict)  # cut edge -> its upper bound
-    bytes: dict = field(default_factory=dict)  # "edge|direction" -> bytes sent or received
-    rejected: dict = field(default_factory=dict)  # reason -> messages refused
+    tasks: dict[str, Any] = field(default_factory=dict)  # task -> {count, correct, loss_sum} (eval: metrics, by_lane)
+    leakage: dict[str, Any] = field(default_factory=dict)  # cut edge -> sampled dCor(raw input, activation)
+    label_leakage: dict[str, Any] = field(default_factory=dict)  # cut edge -> realistic label-attack AUC
+    label_leakage_upper_bound: dict[str, Any] = field(default_factory=dict)  # cut edge -> its upper bound
+    bytes: dict[str, Any] = field(default_factory=dict)  # "edge|direction" -> bytes sent or received
+    rejected: dict[str, Any] = field(default_factory=dict)  # reason -> messages refused
     compute_seconds: float = 0.0
     wall_seconds: float = 0.0
-    predicted: dict = field(default_factory=dict)  # predict: task -> rows written at the output's owner
-    hijack_check: Optional[dict] = None  # the training-hijacking probe's verdict
-    privacy_spent: Optional[dict] = None  # label DP: epsilon spent so far
+    predicted: dict[str, Any] = field(default_factory=dict)  # predict: task -> rows written at the output's owner
+    hijack_check: Optional[dict[str, Any]] = None  # the training-hijacking probe's verdict
+    privacy_spent: Optional[dict[str, Any]] = None  # label DP: epsilon spent so far
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Done":
+    def _parse(cls, meta: Meta) -> "Done":
         k = cls.kind
         optional = {}
         for key in ("hijack_check", "privacy_spent"):
@@ -328,7 +329,7 @@ class Done(ControlMessage):
                    compute_seconds=_seconds(k, meta, "compute_seconds"), wall_seconds=_seconds(k, meta, "wall_seconds"),
                    predicted=predicted, **figures, **optional)
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         meta = {key: getattr(self, key) for key in ("tasks", "leakage", "label_leakage", "label_leakage_upper_bound",
                                                     "bytes", "rejected", "predicted", "hijack_check", "privacy_spent")
                 if getattr(self, key)}
@@ -344,11 +345,11 @@ class Failed(ControlMessage):
     error: str = ""
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Failed":
+    def _parse(cls, meta: Meta) -> "Failed":
         error = meta.get("error", "")
         return cls(error=str(error)[:500])
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         return {"error": self.error}
 
 
@@ -362,13 +363,13 @@ class Weights(ControlMessage):
     fresh_optimizer: bool = False
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Weights":
+    def _parse(cls, meta: Meta) -> "Weights":
         k = cls.kind
         return cls(segment=_text(k, meta, "segment"), load=_bool(k, meta, "load"),
                    fresh_optimizer=_bool(k, meta, "fresh_optimizer"))
 
-    def to_meta(self) -> dict:
-        meta: dict = {"segment": self.segment}
+    def to_meta(self) -> Meta:
+        meta: Meta = {"segment": self.segment}
         if self.load:
             meta["load"] = True
         if self.fresh_optimizer:
@@ -384,10 +385,10 @@ class Heartbeat(ControlMessage):
     incarnation: str = ""
 
     @classmethod
-    def _parse(cls, meta: dict) -> "Heartbeat":
+    def _parse(cls, meta: Meta) -> "Heartbeat":
         return cls(incarnation=_text(cls.kind, meta, "incarnation", ""))
 
-    def to_meta(self) -> dict:
+    def to_meta(self) -> Meta:
         return {"incarnation": self.incarnation} if self.incarnation else {}
 
 

@@ -49,7 +49,7 @@ class TensorDescriptor:
     codec: str
     parts: tuple[tuple[str, int], ...]  # (dtype, element count) of each raw frame
 
-    def to_json(self) -> list:
+    def to_json(self) -> list[Any]:
         return [self.dtype, list(self.shape), self.codec, [list(p) for p in self.parts]]
 
 
@@ -112,7 +112,7 @@ def _json(value: Any) -> str:
 
 
 # Encoded fragments of headers, by the values they encode (bounded: cleared when full).
-_PREFIXES: dict[tuple, str] = {}
+_PREFIXES: dict[tuple[Any, ...], str] = {}
 _DESCRIPTORS: dict[TensorDescriptor, str] = {}
 _STRINGS: dict[str, str] = {}
 _CACHE_LIMIT = 1024
@@ -140,7 +140,7 @@ def _remember(envelope: Envelope) -> None:
     _STRINGS.setdefault(envelope.edge, _json(envelope.edge))
 
 
-def _field(body: dict, key: str, kind: type, reason: str = "bad_header") -> Any:
+def _field(body: dict[str, Any], key: str, kind: type, reason: str = "bad_header") -> Any:
     value = body.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(reason, f"header field {key!r} must be {kind.__name__}")
@@ -151,7 +151,7 @@ def _field(body: dict, key: str, kind: type, reason: str = "bad_header") -> Any:
 # types with `is`: a bool is not an int, a float is not an int.
 _KINDS = {k.value: k for k in Kind}
 _PHASES = frozenset(PHASES)
-_DESCRIPTOR_CACHE: dict[tuple, TensorDescriptor] = {}  # validated descriptors, shared (they are immutable)
+_DESCRIPTOR_CACHE: dict[tuple[Any, ...], TensorDescriptor] = {}  # validated descriptors, shared (they are immutable)
 _SHAPE_LIMIT = 2**31
 _COUNT_LIMIT = 2**40
 
@@ -225,9 +225,12 @@ def _parse_full(raw: bytes) -> Envelope:
     if phase not in _PHASES:
         raise ProtocolError("bad_header", f"unknown phase {phase[:16]!r}")
     step, lane, micro_batch = get("st"), get("l"), get("mb")
-    for key, value in (("st", step), ("l", lane), ("mb", micro_batch)):
-        if type(value) is not int:
-            raise _bad_type(key, int)
+    if type(step) is not int:
+        raise _bad_type("st", int)
+    if type(lane) is not int:
+        raise _bad_type("l", int)
+    if type(micro_batch) is not int:
+        raise _bad_type("mb", int)
     if not (0 <= step < _COUNT_LIMIT and 0 <= lane < _COUNT_LIMIT and 0 <= micro_batch < _COUNT_LIMIT):
         raise ProtocolError("bad_header", "step, lane and micro-batch must be non-negative")
     tensors = get("x")
@@ -266,11 +269,11 @@ _CANONICAL = re.compile(
     + rb',"k":"(' + b"|".join(re.escape(k.value.encode()) for k in Kind) + rb')","t":' + _NAME + rb',"s":' + _NAME
     + rb',"p":"(' + b"|".join(re.escape(p.encode()) for p in PHASES) + rb')","st":' + _INT + rb',"l":' + _INT
     + rb',"mb":' + _INT + rb',"e":' + _NAME + rb',"x":(\[.*\]),"m":\{\}\}\Z', re.S)
-_TENSOR_LISTS: dict[bytes, tuple] = {}  # raw "x" value -> its validated descriptors
+_TENSOR_LISTS: dict[bytes, tuple[TensorDescriptor, ...]] = {}  # raw "x" value -> its validated descriptors
 _TENSOR_LIST_CACHE_BYTES = 1024
 
 
-def _parse_canonical(raw) -> Envelope | None:
+def _parse_canonical(raw: bytes) -> Envelope | None:
     match = _CANONICAL.match(raw)
     if match is None:
         return None
