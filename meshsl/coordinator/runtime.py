@@ -19,7 +19,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Protocol
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
 
 from meshsl.compute import checkpoint
 from meshsl.errors import ConfigError, MeshslError, NodesLost, ProtocolError
@@ -29,14 +30,16 @@ from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
 from meshsl.coordinator.clients import ClientSync
 from meshsl.machines.coordinator import (
-    ClientBack, Collected, CoordinatorMachine, Extended, Fail, Lost, Reroute, SendAck, SendRestore, Tick, event_of,
+    ClientBack, Collected, CoordinatorMachine, Extended, Fail, Lost, Received, Reroute, SendAck, SendRestore, event_of,
 )
+from meshsl.machines.liveness import Tick
 from meshsl.machines.coordinator_plan import StepPlanner
 from meshsl.coordinator.recovery import Recovery
 from meshsl.machines.coordinator_summary import RunRecord
 from meshsl.coordinator.training import Training
 from meshsl.machines.policies import ClientRoster, planned_changes
 from meshsl.coordinator.prediction import coordinate_prediction
+from meshsl.topology.model import Topology
 
 log = logging.getLogger("meshsl.coordinator")
 
@@ -54,15 +57,24 @@ def privacy_budget_of(topology, steps: int) -> Optional[dict]:
     return check_budget(topology, steps)
 
 
+class QueueGauge(Protocol):
+    """The node's metric the coordinator sets (its inbox depth)."""
+
+    def queue_depth(self, queue: str, depth: int) -> None: ...
+
+
 class CoordinatorHost(Protocol):
     """What the coordinator uses of the node hosting it (node/runtime.py), and nothing else."""
 
     node: str
-    topology: object
-    checkpoint_dir: object
-    metrics: object
+    topology: Topology
+    checkpoint_dir: Path
+    metrics: Optional[QueueGauge]
 
-    async def send_control(self, peer: str, kind: Kind, parts=(), **fields) -> None: ...
+    async def send_control(self, peer: str, kind: Kind, parts: Any = (), **fields: Any) -> None: ...
+
+    async def send_message(self, peer: str, message: control.ControlMessage, parts: Any = (),
+                           **fields: Any) -> None: ...
 
     def endpoint_of(self, peer: str) -> Optional[str]: ...
 
@@ -75,7 +87,7 @@ class RunOptions:
     epochs: Optional[int] = None
     evaluate: bool = True
     progress: Optional[Callable[[dict], None]] = None  # called with every history row
-    predict: Optional[object] = None  # meshsl.apps.predict.PredictSettings: prediction rounds instead of training
+    predict: Optional[Any] = None  # meshsl.apps.predict.PredictSettings: prediction rounds instead of training
     startup_timeout_s: Optional[float] = None  # overrides retry.startup_timeout_s (waiting for every node)
     # Replay a run's client drops and rejoins (its summary's `client_events`) at the same steps, without
     # faults: the reference a run with drop-outs is checked against (docs/failover.md).
@@ -93,7 +105,7 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         topology = self.topology = self.node.topology
-        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=max(256, 8 * len(topology.nodes)))
+        self.inbox: asyncio.Queue[Received] = asyncio.Queue(maxsize=max(256, 8 * len(topology.nodes)))
         self.checkpoint_every = topology.spec.checkpoint.every
         self.checkpoint_dir = self.node.checkpoint_dir
         self.incarnation = 0
@@ -137,7 +149,7 @@ class Coordinator:
         if self.node.metrics:
             self.node.metrics.queue_depth("coordinator_inbox", self.inbox.qsize())
 
-    async def _next_message(self, timeout: float) -> tuple:
+    async def _next_message(self, timeout: float) -> Received:
         """The next inbox message (TimeoutError after `timeout`); no timer when one is already waiting."""
         try:
             return self.inbox.get_nowait()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from meshsl.compute import checkpoint
 from meshsl.machines.commit_book import CommitBook
@@ -19,7 +19,7 @@ class NodeCheckpoints:
     """`metrics`: returns the node's metrics (None: none); `lag`: returns how many steps apart nodes may be."""
 
     def __init__(self, topology, node: str, directory: Path, book: CommitBook, resume: bool,
-                 metrics: Callable[[], object], lag: Callable[[], int]) -> None:
+                 metrics: Callable[[], Any], lag: Callable[[], int]) -> None:
         self.topology = topology
         self.node = node
         self.directory = directory
@@ -27,7 +27,7 @@ class NodeCheckpoints:
         self.resume = resume
         self._metrics = metrics
         self._lag = lag
-        self._model_hash = None
+        self._model_hash: Optional[str] = None
 
     @property
     def model_hash(self) -> str:

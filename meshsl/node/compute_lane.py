@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from meshsl.machines import node as m
 
@@ -36,7 +36,7 @@ class ComputeLane:
         self.owns_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{node}")
         self.lock = threading.Lock()  # the machine is fed from the loop and from the compute thread
-        self._chain: Optional[Callable] = None
+        self._chain: Optional[ComputeChain] = None
 
     def handle(self, event) -> list:
         with self.lock:
@@ -61,7 +61,10 @@ class ComputeLane:
 
     def start(self, action) -> None:
         """Run a chain starting at `action` on the compute thread."""
-        self.executor.submit(self._chain.run, action).add_done_callback(self._chain.report_crash)
+        chain = self._chain
+        if chain is None:
+            raise RuntimeError("a compute chain is bound before the first action")
+        self.executor.submit(chain.run, action).add_done_callback(chain.report_crash)
 
     def shutdown(self) -> None:
         if self.owns_executor:
@@ -72,7 +75,7 @@ class ComputeChain:
     """The loop on the compute thread. `work`: NodeWork; `outboxes`: PeerOutboxes; `deliver(messages, others,
     done)` and `fail(error)` are posted to the event loop; `wait_for_room(peers)` applies backpressure."""
 
-    def __init__(self, lane: ComputeLane, work, outboxes, counters, metrics: Callable[[], object],
+    def __init__(self, lane: ComputeLane, work, outboxes, counters, metrics: Callable[[], Any],
                  on_loop: Callable, deliver: Callable, fail: Callable, wait_for_room: Callable) -> None:
         self.lane = lane
         self.work = work

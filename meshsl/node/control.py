@@ -135,7 +135,7 @@ class NodeControl:
 
     async def on_weights(self, sender: str, envelope: Envelope, tensors: list) -> None:
         """Weights to load (from the coordinator) or to collect (for the coordinator hosted here)."""
-        message = control.parse(envelope)  # typed and checked: a malformed one is rejected, counted
+        message = control.parse_as(envelope, control.Weights)  # checked: a malformed one is rejected, counted
         if sender == self.coordinator and message.load:
             await self._load_weights(envelope, message, tensors)
         elif self.runtime.coordinator is not None:
@@ -146,7 +146,7 @@ class NodeControl:
     def to_coordinator(self, sender: str, envelope: Envelope, tensors: list) -> None:
         """A message for the coordinator (or its acknowledgement of our hello)."""
         message = control.parse(envelope)  # typed and checked: a malformed one is rejected, counted
-        if envelope.kind == Kind.ACK and message.of == "hello" and sender == self.coordinator:
+        if isinstance(message, control.Ack) and message.of == "hello" and sender == self.coordinator:
             self.runtime.presence.acked()
         elif self.runtime.coordinator is None:
             raise ProtocolError("unexpected", f"{envelope.kind.value} sent to a node that is not the coordinator",

@@ -63,6 +63,7 @@ class NodeInbox:
         rows = max_rows(training.batch_size, training.micro_batches) if envelope.phase == "train" \
             else max(training.eval_batch_size, training.batch_size)
         tensor = self.codecs.decode(edge, "act" if forward else "grad", envelope.tensors[0], tensors[0], rows)
+        event: m.Arrival
         if forward:
             event = m.InputArrived(envelope.step, edge.consumer, edge.producer, lane, mb)
         else:

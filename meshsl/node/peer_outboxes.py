@@ -11,8 +11,9 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+from meshsl.node.owned_tasks import OwnedTasks
 from meshsl.errors import MeshslError
 from meshsl.node.outbox import Outbox
 from meshsl.transport import Transport
@@ -26,7 +27,7 @@ class PeerOutboxes:
     `counters`: NodeCounters; `metrics`: returns the node's metrics (None: none), which may appear late."""
 
     def __init__(self, node: str, transport: Transport, limit: int, timeout_s: float, counters,
-                 metrics: Callable[[], object]) -> None:
+                 metrics: Callable[[], Any]) -> None:
         self.node = node
         self.transport = transport
         self.limit = limit
@@ -36,19 +37,24 @@ class PeerOutboxes:
         self.boxes: dict[str, Outbox] = {}
         self.last_sent: dict[str, float] = {}  # peer -> when a message for it was last handed over
         self._senders: dict[str, asyncio.Task] = {}
-        self._tasks = None  # OwnedTasks of the running node
+        self._owner: Optional[OwnedTasks] = None  # the running node's tasks
         self._send_lock = threading.Lock()
         self._direct_send = transport.try_send_threadsafe if transport.threadsafe_send else None
 
+    def _started(self) -> OwnedTasks:
+        if self._owner is None:
+            raise RuntimeError("used before the node started its tasks")
+        return self._owner
+
     def start(self, tasks) -> None:
         """Sender tasks belong to `tasks` (the node's OwnedTasks) from now on."""
-        self._tasks = tasks
+        self._owner = tasks
 
     def outbox(self, peer: str) -> Outbox:
         box = self.boxes.get(peer)
         if box is None:
             box = self.boxes[peer] = Outbox(self.limit)
-            self._senders[peer] = self._tasks.create_task(self._sender(peer, box), name=f"{self.node}-send-{peer}")
+            self._senders[peer] = self._started().create_task(self._sender(peer, box), name=f"{self.node}-send-{peer}")
         return box
 
     def full(self, peer: str) -> bool:

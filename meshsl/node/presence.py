@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Optional
 
+from meshsl.node.owned_tasks import OwnedTasks
 from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import encode_message
@@ -22,11 +24,16 @@ class NodePresence:
         self.liveness: lv.Liveness = runtime.liveness
         self.node, self.coordinator = runtime.node, runtime.coordinator_node
         self._acked = asyncio.Event()  # wakes the announcer (Liveness.hello_acked says whether we are)
-        self._tasks = None
+        self._owner: Optional[OwnedTasks] = None  # the running node's tasks
+
+    def _started(self) -> OwnedTasks:
+        if self._owner is None:
+            raise RuntimeError("used before the node started its tasks")
+        return self._owner
 
     def start(self, tasks) -> None:
         """Announce and heartbeat as tasks of `tasks` (the node's OwnedTasks)."""
-        self._tasks = tasks
+        self._owner = tasks
         tasks.create_task(self.announce(), name=f"{self.node}-hello")
         tasks.create_task(self.heartbeats(), name=f"{self.node}-heartbeat")
 
@@ -41,7 +48,7 @@ class NodePresence:
             return
         self.liveness.handle(lv.CoordinatorHeard(time.monotonic()))
         if envelope.kind == Kind.HEARTBEAT:
-            beat = control.parse(envelope)  # typed and checked: a malformed one is rejected, counted
+            beat = control.parse_as(envelope, control.Heartbeat)  # checked: a malformed one is rejected, counted
             self.apply(self.liveness.handle(lv.IncarnationHeard(beat.incarnation or None)))
 
     async def heartbeats(self) -> None:
@@ -81,7 +88,7 @@ class NodePresence:
             elif isinstance(decision, lv.Announce):
                 log.warning("%s: coordinator %s %s; announcing again", self.node, self.coordinator, decision.reason)
                 self._acked.clear()
-                self._tasks.create_task(self.announce(), name=f"{self.node}-hello-again")
+                self._started().create_task(self.announce(), name=f"{self.node}-hello-again")
             elif isinstance(decision, lv.GiveUp):
                 self.runtime.give_up(decision.reason, decision.aborted)
                 return True

@@ -15,7 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from meshsl.align.ids import uses_ids
 from meshsl.node.align_runner import align_before_training
@@ -67,6 +67,9 @@ class NodeCounters:
 
 
 class NodeRuntime:
+    inbox: NodeInbox  # built by _build_parts; the transport's callbacks reach it once frames arrive
+    liveness: lv.Liveness
+
     def __init__(self, topology, node: str, transport: Optional[Transport] = None, metrics=None,
                  coordinator_factory: Optional[Callable] = None, checkpoint_dir: Optional[Path] = None,
                  resume: bool = False, endpoint: Optional[str] = None, weights_dir: Optional[Path] = None,
@@ -150,16 +153,16 @@ class NodeRuntime:
             return
         try:
             async with asyncio.TaskGroup() as group:
-                group = self._group = OwnedTasks(group)
-                self.outboxes.start(group)
-                receiver = group.create_task(self._receive_loop(), name=f"{self.node}-receive")
-                self.presence.start(group)
+                owned = self._group = OwnedTasks(group)
+                self.outboxes.start(owned)
+                receiver = owned.create_task(self._receive_loop(), name=f"{self.node}-receive")
+                self.presence.start(owned)
                 if self.coordinator is not None:
-                    group.create_task(self._run_coordinator(), name=f"{self.node}-coordinator")
+                    owned.create_task(self._run_coordinator(self.coordinator), name=f"{self.node}-coordinator")
                 await self._stopped.wait()
                 receiver.cancel()
                 await self.outboxes.drain()
-                group.cancel_all()
+                owned.cancel_all()
         finally:
             self.outboxes.stop_direct_sends()
             await self.transport.close()
@@ -217,11 +220,11 @@ class NodeRuntime:
         if self.liveness.finished(self.lane.idle):
             self.stop()
 
-    async def _run_coordinator(self) -> None:
-        await self.coordinator.run_to_end()  # never raises: an error aborts the run on every node
-        if self.coordinator.error:
+    async def _run_coordinator(self, coordinator: Any) -> None:
+        await coordinator.run_to_end()  # never raises: an error aborts the run on every node
+        if coordinator.error:
             self.aborted = True
-            self.stop(self.coordinator.error)
+            self.stop(coordinator.error)
         else:
             self.liveness.request_shutdown()  # its own SHUTDOWN may still be in flight
             self.finish_if_idle()
@@ -288,6 +291,8 @@ class NodeRuntime:
             elif isinstance(action, (m.SendActivation, m.SendGradient)):
                 self.outboxes.post(*self.work.tensor_message(action, self.machine.phase))
             elif isinstance(action, m.RoundDone):
+                if self._group is None:
+                    raise RuntimeError("a round finished before the node started its tasks")
                 self._group.create_task(self.control.report_done(action))
 
     def _on_loop(self, callback, *args) -> None:

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,7 +14,7 @@ from meshsl.compute.staging import to_host
 from meshsl.compute.weights import load_saved_weights
 from meshsl.compute.worker import RoundContext, SegmentWorker
 from meshsl.schedule.steps import edge_name
-from meshsl.schedule.steps import epoch_steps, step_at
+from meshsl.schedule.steps import StepInfo, epoch_steps, step_at
 from meshsl.protocol.envelope import Kind
 from meshsl.protocol.frames import encode_message
 from meshsl.machines import node as m
@@ -30,7 +30,7 @@ class NodeWork:
     builds this node's envelopes; `metrics` returns the node's metrics (None: none)."""
 
     def __init__(self, topology, node: str, machine, book: CommitBook, checkpoints: NodeCheckpoints,
-                 codecs: EdgeCodecs, counters, envelope: Callable, metrics: Callable[[], object],
+                 codecs: EdgeCodecs, counters, envelope: Callable, metrics: Callable[[], Any],
                  weights_dir: Optional[Path] = None, inference=None) -> None:
         self.topology = topology
         self.node = node
@@ -45,7 +45,14 @@ class NodeWork:
         self.inference = inference
         self.staleness = topology.spec.training.staleness
         self.worker: Optional[SegmentWorker] = None
-        self.one_epoch = None  # the step schedule every node derives alike
+        self.one_epoch: list[StepInfo] = []  # the step schedule every node derives alike (set by build)
+
+    @property
+    def built(self) -> SegmentWorker:
+        """The worker, once `build` ran on the compute thread (before the first round)."""
+        if self.worker is None:
+            raise RuntimeError("the segment worker is used before it was built")
+        return self.worker
 
     def build(self) -> SegmentWorker:
         torch.set_num_threads(self.topology.nodes[self.node].threads)
@@ -59,7 +66,7 @@ class NodeWork:
 
     def run(self, action) -> None:
         """One compute action of the machine (Forward, Backward, ApplyOptimizer, Prepare)."""
-        worker = self.worker
+        worker = self.built
         if self.staleness and not isinstance(action, m.Prepare):
             worker.use_round(action.round)  # several training rounds are in flight
         if isinstance(action, m.Forward):
@@ -82,7 +89,7 @@ class NodeWork:
         """(peer, frames, (edge, direction)) for a SendActivation/SendGradient."""
         forward = isinstance(action, m.SendActivation)
         edge = edge_name(action.producer, action.consumer)
-        store = self.worker.store
+        store = self.built.store
         if forward:
             tensor = store.outputs[(action.round, action.producer, action.lane, action.micro_batch)]
         else:
@@ -101,8 +108,8 @@ class NodeWork:
         """Right after a self-driven step's optimizer step (before the next step's Prepare resets the
         statistics): its statistics, and its checkpoint when due."""
         if self.staleness:
-            self.worker.use_round(action.round)
-        step = self.worker.context.step
+            self.built.use_round(action.round)
+        step = self.built.context.step
         summary = self.round_summary(action)
         due = self.book.checkpoint_after(step)
         if due is not None:
@@ -113,9 +120,9 @@ class NodeWork:
 
     def round_summary(self, action: m.RoundDone) -> dict:
         """What the coordinator learns about a finished round (no sample data)."""
-        summary = self.worker.round_summary()
+        summary = self.built.round_summary()
         wall = time.perf_counter() - self.book.round_started
-        compute = dict(self.worker.compute_seconds)
+        compute = dict(self.built.compute_seconds)
         summary["compute_seconds"] = sum(compute.values())
         summary["wall_seconds"] = wall
         summary["bytes"] = {f"{e}|{d}": n for (e, d), n in list(self.counters.bytes.items())}
@@ -132,11 +139,11 @@ class NodeWork:
         """Prometheus: bubbles, this node's samples and step time, the loss/metrics of each task it owns,
         and what privacy checks measured."""
         if phase == "train":
-            for segment in self.worker.segments:
+            for segment in self.built.segments:
                 busy = compute.get((segment, "forward"), 0.0) + compute.get((segment, "backward"), 0.0)
                 metrics.bubble(segment, max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0)
             lanes = [lane for lane in self.book.lanes
-                     if any(self.topology.node_of(s, lane) == self.node for s in self.worker.segments)]
+                     if any(self.topology.node_of(s, lane) == self.node for s in self.built.segments)]
             samples = self.topology.spec.training.batch_size * len(lanes)
             if samples:
                 metrics.step_done(wall, samples)

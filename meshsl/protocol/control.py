@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, TypeVar
 
 from meshsl.errors import ProtocolError
 from meshsl.protocol.envelope import Envelope, Kind
@@ -396,6 +396,17 @@ MESSAGES: dict[Kind, type[ControlMessage]] = {cls.kind: cls for cls in (
     Begin, Run, Commit, Abort, Restore, WeightsPull, Shutdown, Hello, Ack, Done, Failed, Weights, Heartbeat)}
 
 
+M = TypeVar("M", bound=ControlMessage)
+
+
+def parse_as(envelope: Envelope, cls: type[M]) -> M:
+    """The envelope's message, which must be a `cls` (ProtocolError otherwise: a peer's mistake)."""
+    message = parse(envelope)
+    if not isinstance(message, cls):
+        raise ProtocolError("bad_kind", f"{envelope.kind.value} is not a {cls.__name__} message")
+    return message
+
+
 def parse(envelope: Envelope) -> Optional[ControlMessage]:
     """The typed message of a control envelope (None for the tensor kinds: activations and gradients)."""
     cls = MESSAGES.get(envelope.kind)
@@ -403,4 +414,4 @@ def parse(envelope: Envelope) -> Optional[ControlMessage]:
 
 
 __all__ = ["Abort", "Ack", "Begin", "Commit", "ControlMessage", "Done", "Failed", "Hello", "MESSAGES", "Restore",
-           "Run", "Shutdown", "Weights", "WeightsPull", "Heartbeat", "parse"]
+           "Run", "Shutdown", "Weights", "WeightsPull", "Heartbeat", "parse", "parse_as"]
