@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 # Sender identity a transport returns for a peer whose authenticated (CURVE) name and routing id
 # disagree; the node rejects it as "spoofed_sender". Routing ids may not start with a zero byte.
@@ -27,7 +27,7 @@ class Transport(abc.ABC):
     threadsafe_send: bool = False
     bind: Optional[str] = None
 
-    def __init__(self, node: str, endpoint: Optional[str], address_book: dict[str, Optional[str]]) -> None:
+    def __init__(self, node: str, endpoint: Optional[str], address_book: Mapping[str, Optional[str]]) -> None:
         self.node = node
         self.endpoint = endpoint
         self.address_book = dict(address_book)

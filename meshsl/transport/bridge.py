@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import zmq
 import zmq.asyncio
@@ -108,7 +108,7 @@ class Bridge:
         self._receiver = asyncio.get_running_loop().create_task(self._receive(), name=f"bridge-{self.actor}")
 
     def writable(self, actor: str) -> bool:
-        return bool(self.dealers[actor].get(zmq.EVENTS) & zmq.POLLOUT)
+        return bool(cast(int, self.dealers[actor].get(zmq.EVENTS)) & zmq.POLLOUT)
 
     def send_nowait(self, actor: str, sender: str, node: str, frames: list) -> None:
         self.dealers[actor].send_multipart([sender.encode(), node.encode(), *frames], flags=zmq.NOBLOCK)
@@ -118,9 +118,9 @@ class Bridge:
 
     async def _receive(self) -> None:
         while True:
-            actor, sender, node, *frames = await self.router.recv_multipart()
-            actor, sender, node = actor.decode(errors="replace"), sender.decode(errors="replace"), \
-                node.decode(errors="replace")
+            raw_actor, raw_sender, raw_node, *frames = await self.router.recv_multipart()
+            actor, sender, node = raw_actor.decode(errors="replace"), raw_sender.decode(errors="replace"), \
+                raw_node.decode(errors="replace")
             if sender not in self.nodes_of.get(actor, ()) or node not in self.hosted:
                 self.refused += 1
                 log.warning("bridge %s: refused a message from actor %s naming sender %r for %r", self.actor,

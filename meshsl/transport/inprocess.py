@@ -8,7 +8,7 @@ hands its messages to the loop."""
 from __future__ import annotations
 
 import asyncio
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from meshsl.errors import ConfigError, TransportError
 from meshsl.transport.base import Transport, register_backend
@@ -43,7 +43,7 @@ class InProcessHub:
 
 
 class InProcessTransport(Transport):
-    def __init__(self, node: str, endpoint: str, address_book: dict[str, str], queue_size: int = 256, *,
+    def __init__(self, node: str, endpoint: str, address_book: Mapping[str, Optional[str]], queue_size: int = 256, *,
                  hub: InProcessHub) -> None:
         super().__init__(node, endpoint, address_book)
         self.queue_size = queue_size
@@ -54,7 +54,7 @@ class InProcessTransport(Transport):
         if self.endpoint in self.hub.mailboxes:
             raise TransportError(f"endpoint {self.endpoint} is already bound")
         self._mailbox = asyncio.Queue(maxsize=self.queue_size)
-        self.hub.install(self.endpoint, self._mailbox)
+        self.hub.install(self.bound_endpoint, self._mailbox)
 
     def _queue(self, peer: str) -> asyncio.Queue:
         endpoint = self.address_book.get(peer)
@@ -86,11 +86,21 @@ class InProcessTransport(Transport):
         queue.put_nowait((self.node, [bytes(f) for f in frames]))
         return True
 
+    @property
+    def bound_endpoint(self) -> str:
+        """An in-process node always has its mailbox address (nothing dials out in one process)."""
+        if not self.endpoint:
+            raise TransportError(f"in-process node {self.node!r} needs an endpoint")
+        return self.endpoint
+
     async def recv(self) -> tuple[str, list]:
+        if self._mailbox is None:
+            raise TransportError(f"in-process node {self.node!r} receives before it started")
         return await self._mailbox.get()
 
     async def close(self) -> None:
-        self.hub.remove(self.endpoint, self._mailbox)
+        if self.endpoint:
+            self.hub.remove(self.endpoint, self._mailbox)
 
 
 def _from_options(node: str, endpoint: str, address_book: dict[str, str], hub: Optional[InProcessHub] = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import logging
 import secrets
 from typing import Callable, Optional, Sequence
@@ -22,7 +23,8 @@ from typing import Callable, Optional, Sequence
 import zmq
 
 from meshsl.errors import TransportError
-from meshsl.security.curve import HandshakeMonitor, configure_client, configure_server, start_authenticator
+from meshsl.security.curve import (HandshakeMonitor, MeshAuthenticator, configure_client, configure_server,
+                                   start_authenticator)
 from meshsl.transport.base import DEFAULT_BACKEND, Transport, register_backend
 from meshsl.transport.zmq_dial_out import DialOutLinks
 from meshsl.transport.zmq_frames import YIELD_INTERVAL_S, SocketWaits, recv_now, send_now  # noqa: F401
@@ -37,7 +39,8 @@ CLOSE_LINGER_MS = 500
 class ZmqTransport(Transport):
     threadsafe_send = True  # try_send_threadsafe below
 
-    def __init__(self, node: str, endpoint: str, address_book: dict[str, str], high_water_mark: int = 128,
+    def __init__(self, node: str, endpoint: Optional[str], address_book: dict[str, Optional[str]],
+                 high_water_mark: int = 128,
                  keyring=None, on_auth_refused: Optional[Callable[[str], None]] = None,
                  context: Optional[zmq.Context] = None, copy_threshold: int = zmq.COPY_THRESHOLD,
                  max_message_bytes: Optional[int] = None, connection_timeout_s: Optional[float] = None,
@@ -57,8 +60,8 @@ class ZmqTransport(Transport):
         self._owns_context = context is None
         self._router: Optional[zmq.Socket] = None
         self._dealers: dict[str, zmq.Socket] = {}
-        self._authenticator = None
-        self._monitors: list = []
+        self._authenticator: Optional[MeshAuthenticator] = None
+        self._monitors: list[HandshakeMonitor] = []
         # on_dropped (base): a frame above MAXMSGSIZE makes libzmq drop the connection unread
         self.copy_threshold = copy_threshold
         self.max_message_bytes = max_message_bytes
@@ -73,6 +76,19 @@ class ZmqTransport(Transport):
         self._loopback: collections.deque = collections.deque()  # dial-out: messages to itself (bounded by HWM)
         self._nonce = secrets.token_hex(6)  # this process's part of its outgoing routing ids
 
+    @property
+    def router(self) -> zmq.Socket:
+        """The ROUTER socket (bound, or dialling out), once started."""
+        if self._router is None:
+            raise TransportError(f"node {self.node!r}: the transport is used before it started")
+        return self._router
+
+    @property
+    def _dial_out_links(self) -> DialOutLinks:
+        if self._links is None:
+            raise TransportError(f"node {self.node!r} binds an endpoint: it has no dial-out links")
+        return self._links
+
     def _socket_options(self) -> SocketOptions:
         return SocketOptions(self.context, self.copy_threshold, self.high_water_mark, self.max_message_bytes,
                              self.connection_timeout_s)
@@ -84,7 +100,7 @@ class ZmqTransport(Transport):
                 router.curve_publickey = self.keyring.public_key
                 router.curve_secretkey = self.keyring.secret_key
             self._router = router
-            self._links.start(router, self.address_book)
+            self._dial_out_links.start(router, self.address_book)
             return
         router = self._socket_options().bound_router()
         if self.keyring is not None:
@@ -96,7 +112,7 @@ class ZmqTransport(Transport):
         elif self.on_dropped is not None:
             self._monitors.append(HandshakeMonitor(router, None, on_dropped=self.on_dropped))
         try:
-            router.bind(self.bind or self.endpoint)
+            router.bind(self.bind or self.endpoint or "")
         except zmq.ZMQError as exc:
             router.close(0)
             raise TransportError(f"cannot bind {self.bind or self.endpoint}: {exc.strerror}") from None
@@ -116,16 +132,16 @@ class ZmqTransport(Transport):
             if len(self._loopback) >= self.high_water_mark:
                 return False
             self._loopback.append([bytes(f) for f in frames])
-            self._waits.wake(self._router)
+            self._waits.wake(self.router)
             return True
-        route = self._links.aliases.get(peer) if self.dial_out else self._routes.get(peer)
+        route = self._dial_out_links.aliases.get(peer) if self.dial_out else self._routes.get(peer)
         if route is None:
             if self.dial_out:
                 raise TransportError(f"node {self.node!r} dials out and knows no endpoint of {peer!r}: two "
                                      f"dial-out nodes cannot talk directly")
             return False  # the dial-out peer has not announced itself yet
         try:
-            sent = send_now(self._router, (route, *frames))
+            sent = send_now(self.router, (route, *frames))
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise TransportError(f"cannot send to {peer}: {exc.strerror}") from None
@@ -150,7 +166,7 @@ class ZmqTransport(Transport):
         sock = self._socket_options().dealer(self.node, self._nonce)
         if self.keyring is not None:
             configure_client(sock, self.keyring, peer)
-            self._monitors.append(HandshakeMonitor(sock, lambda reason, peer=peer: self._on_refused_by(peer, reason)))
+            self._monitors.append(HandshakeMonitor(sock, functools.partial(self._on_refused_by, peer)))
         sock.connect(endpoint)
         self._dealers[peer] = sock
         return sock
@@ -166,7 +182,7 @@ class ZmqTransport(Transport):
             await self._waits.maybe_yield()
             return
         while True:  # backpressure: the peer's queue is at its high-water mark (or not connected yet)
-            if not sock.get(zmq.EVENTS) & zmq.POLLOUT:
+            if not int(sock.get(zmq.EVENTS)) & zmq.POLLOUT:
                 await self._waits.readable(sock)
             if send_now(sock, frames):
                 return
@@ -204,12 +220,12 @@ class ZmqTransport(Transport):
             if self._loopback:
                 await self._waits.maybe_yield()
                 return self.node, self._loopback.popleft()
-            sock = self._router
+            sock = self.router
             frames = recv_now(sock)
             if frames is not None:
                 await self._waits.maybe_yield()
             while frames is None and not self._loopback:
-                if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
                     await self._waits.readable(sock)
                 frames = recv_now(sock)
             if frames is None:
@@ -224,7 +240,7 @@ class ZmqTransport(Transport):
         while True:
             if self._loopback:
                 return self.node, self._loopback.popleft()
-            frames = recv_now(self._router)
+            frames = recv_now(self.router)
             if frames is None:
                 return None
             if self._inbound.is_announcement(frames, self.address_book):
@@ -248,9 +264,9 @@ class ZmqTransport(Transport):
             return  # a dial-out peer moves by connecting again: its new route is learned, not told
         super().reroute(peer, endpoint)
         if self.dial_out:
-            self._links.forget(peer)
+            self._dial_out_links.forget(peer)
             if self._router is not None:
-                self._links.dial(peer, endpoint)
+                self._dial_out_links.dial(peer, endpoint)
             return
         sock = self._dealers.pop(peer, None)
         if sock is not None:

@@ -26,7 +26,7 @@ class DialOutLinks:
                  on_refused_by: Callable[[str, str], None]) -> None:
         self.node = node
         self.keyring = keyring
-        self.router: Optional[zmq.Socket] = None
+        self._router: Optional[zmq.Socket] = None
         self.aliases: dict[str, bytes] = {}  # peer -> routing alias of our connection to it
         self.alias_endpoints: dict[str, str] = {}  # endpoint connected -> peer
         self._connections = 0
@@ -36,11 +36,17 @@ class DialOutLinks:
 
     def start(self, router: zmq.Socket, address_book: dict[str, Optional[str]]) -> None:
         """Watch `router`'s handshakes and dial every peer with an endpoint."""
-        self.router = router
+        self._router = router
         self._monitor = asyncio.ensure_future(self._watch(router.get_monitor_socket(_MONITORED)))
         for peer, endpoint in address_book.items():
             if endpoint and peer != self.node:
                 self.dial(peer, endpoint)
+
+    @property
+    def router(self) -> zmq.Socket:
+        if self._router is None:
+            raise TransportError(f"node {self.node!r}: dial-out links are used before they started")
+        return self._router
 
     def dial(self, peer: str, endpoint: str) -> None:
         """Connect to `peer` under a new alias (aliases are never reused, so a moved peer's old

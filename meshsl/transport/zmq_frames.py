@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import zmq
 
@@ -36,7 +36,7 @@ def send_now(sock: zmq.Socket, frames: Sequence) -> bool:
         except zmq.Again:
             # libzmq processes its command queue (the peer's "read up to here" credit among them) at
             # most about once a millisecond on a non-blocking send; EVENTS processes it now.
-            if attempt or not sock.get(zmq.EVENTS) & zmq.POLLOUT:
+            if attempt or not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLOUT:
                 return False
     return False
 
@@ -46,7 +46,7 @@ def recv_now(sock: zmq.Socket) -> Optional[list]:
     try:
         frame = sock.recv(_NOBLOCK, copy=False)
     except zmq.Again:
-        if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # (see send_now: pending commands processed now)
+        if not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:  # (see send_now: pending commands processed now)
             return None
         try:
             frame = sock.recv(_NOBLOCK, copy=False)
@@ -109,7 +109,7 @@ class SocketWaits:
         if sock is None:
             return
         entry = self._waiters.get(sock.FD)
-        if entry is not None and sock.get(zmq.EVENTS) & zmq.POLLIN:
+        if entry is not None and cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
             _wake(entry[0])
 
     def stop_waiting(self, sock: zmq.Socket) -> None:
