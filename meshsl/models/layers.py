@@ -30,6 +30,10 @@ class Preprocess(nn.Module):
     The values are buffers, fitted on the party's own training rows (meshsl.compute.preprocessing),
     so they travel with the segment's weights into checkpoints and exports, never over the wire."""
 
+    fill: torch.Tensor  # buffers (register_buffer): saved with the segment's weights
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, width: int, impute: bool = False) -> None:
         super().__init__()
         self.impute = bool(impute)

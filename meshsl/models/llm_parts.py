@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -69,7 +69,9 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> nn.Module:
 class Arch:
     """Where an architecture keeps its pieces (Llama-style: Llama, Mistral, Qwen2, ...; GPT-2)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    body: Any  # the transformer stack (model.model, model.transformer)
+
+    def __init__(self, model: Any) -> None:  # a transformers causal LM: attributes per architecture
         if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "rotary_emb"):
             self.kind, self.body, self.blocks = "llama", model.model, "layers"
             self.embed, self.norm = "embed_tokens", "norm"
@@ -91,12 +93,12 @@ def context_length(config) -> int:
 class CausalLMPart(nn.Module):
     """embed? -> blocks [first, stop) -> norm + lm_head? of one causal LM (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, first: int, stop: int, embed: bool, head: bool, base_sha256: str) -> None:
+    def __init__(self, model: Any, first: int, stop: int, embed: bool, head: bool, base_sha256: str) -> None:
         super().__init__()
         arch = Arch(model)
         self.kind, self.first, self.stop, self.embed, self.head = arch.kind, first, stop, embed, head
         self.base_sha256 = base_sha256
-        self.config = model.config
+        self.config: Any = model.config
         blocks = getattr(arch.body, arch.blocks)
         for i in range(len(blocks)):  # placeholders keep the original block indices in the adapters' names
             if not first <= i < stop:
@@ -108,9 +110,9 @@ class CausalLMPart(nn.Module):
         if not head:
             setattr(arch.body, arch.norm, None)
             model.lm_head = None
-        self.lm = model
+        self.lm: Any = model
         self.arch = arch
-        self.cache = None  # generation: this part's own KV cache
+        self.cache: Any = None  # generation: this part's own KV cache
         self.past = 0  # tokens already in the cache
         self.generating = False  # a predict run: a sequence (a prompt) starts a cache, one token extends it
 

@@ -6,7 +6,7 @@ import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Sequence, TYPE_CHECKING
 
 import networkx as nx
 
@@ -173,7 +173,9 @@ def build_graph(spec: TopologySpec, source: str) -> nx.DiGraph:
     graph = nx.DiGraph()
     problems: list[ConfigError] = []
     seen: dict[str, str] = {}
-    for kind, items in (("data", spec.data), ("segment", spec.segments), ("task", spec.tasks)):
+    groups: tuple[tuple[str, Sequence[Any]], ...] = (("data", spec.data), ("segment", spec.segments),
+                                                     ("task", spec.tasks))
+    for kind, items in groups:
         for i, item in enumerate(items):
             where = f"{source}: {'data' if kind == 'data' else kind + 's'}[{i}]({item.name}).name"
             if item.name in seen:
@@ -215,7 +217,8 @@ def build_graph(spec: TopologySpec, source: str) -> nx.DiGraph:
 def placement_of(spec: TopologySpec, by_lane: dict[str, tuple[str, ...]], source: str) -> dict[str, tuple[str, ...]]:
     placement: dict[str, tuple[str, ...]] = {}
     problems = []
-    for key, items in (("data", spec.data), ("segments", spec.segments)):
+    groups: tuple[tuple[str, Sequence[Any]], ...] = (("data", spec.data), ("segments", spec.segments))
+    for key, items in groups:
         for i, item in enumerate(items):
             if item.node not in by_lane:
                 problems.append(ConfigError(
