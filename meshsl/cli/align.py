@@ -1,6 +1,8 @@
 """`meshsl align`: the overlap of the parties' sample ids, by private set intersection, without training."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import os
 import sys
@@ -51,12 +53,12 @@ def mount(app: typer.Typer) -> None:
     app.command(name="align")(align)
 
 
-def print_alignment_step(console: Console, step: dict) -> None:
+def print_alignment_step(console: Any, step: dict) -> None:
     """The plan's alignment step (`meshsl plan`)."""
     table = Table(title=f"alignment step ({step['when']}): {step['protocol']}")
     for column in ("node", "role", "ids", "learns"):
         table.add_column(column)
-    sources = {}
+    sources: dict[str, Any] = {}
     for name, s in step["ids"].items():
         sources.setdefault(s["node"], []).append(f"{name}: {s['from']}")
     for node, learns in step["learns"].items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -73,7 +73,7 @@ def version_callback(value: bool) -> None:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_logging = {"level": "WARNING", "json": False}  # what the root options chose (nodes re-apply it with their name)
+_logging: dict[str, Any] = {"level": "WARNING", "json": False}  # what the root options chose (nodes re-apply it with their name)
 
 
 def _configure_logging(level: str, node: Optional[str] = None) -> str:

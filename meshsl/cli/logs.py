@@ -49,10 +49,11 @@ class _DefaultNode(logging.Filter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         parts = [_timestamp(record), record.levelname, record.name]
-        if record.node is not None:
-            parts.append(f"node={record.node}")
-        if record.step is not None:
-            parts.append(f"step={record.step}")
+        node, step = getattr(record, "node", None), getattr(record, "step", None)  # set by NodeFilter
+        if node is not None:
+            parts.append(f"node={node}")
+        if step is not None:
+            parts.append(f"step={step}")
         parts.append(record.getMessage())
         parts += [f"{k}={v}" for k, v in _extras(record).items()]
         line = " ".join(parts)
@@ -65,9 +66,10 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname,
-                                 "logger": record.name, "node": record.node}
-        if record.step is not None:
-            event["step"] = record.step
+                                 "logger": record.name, "node": getattr(record, "node", None)}
+        step = getattr(record, "step", None)  # set by NodeFilter
+        if step is not None:
+            event["step"] = step
         event["msg"] = record.getMessage()
         event.update(_extras(record))
         if record.exc_info:
@@ -95,11 +97,11 @@ class NodeLogger(logging.LoggerAdapter):
         super().__init__(logger, fields)
 
     def bind(self, **fields: Any) -> "NodeLogger":
-        return NodeLogger(self.logger, {**self.extra, **fields})
+        return NodeLogger(self.logger, {**(self.extra or {}), **fields})
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         # The stdlib adapter replaces a call's `extra`; merge instead, the call's fields winning.
-        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
         return msg, kwargs
 
 

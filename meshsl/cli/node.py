@@ -80,7 +80,7 @@ def _preflight(topo, name: str, checkpoint_dir: Optional[Path], weights_out: Opt
     """What a restart would not fix, before the node builds anything (exit 2, never restarted): a CUDA
     device this machine lacks, its port in use, a checkpoint or weights directory it cannot write."""
     from meshsl.launch.preflight import preflight  # torch: not for `meshsl --help`
-    directories = {"--checkpoint-dir" if checkpoint_dir else "checkpoint.directory":
+    directories: dict[str, Optional[Path]] = {"--checkpoint-dir" if checkpoint_dir else "checkpoint.directory":
                    checkpoint_dir or Path(topo.spec.checkpoint.directory)} if topo.spec.checkpoint.every else {}
     directories["--weights-out"] = weights_out
     try:

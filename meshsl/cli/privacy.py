@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -205,8 +205,10 @@ def print_leakage_warnings(document: dict, kind: str = "run") -> None:
     """Near-total leakage (meshsl.privacy.leakage_warnings) as `warning:` lines on stderr, with what to do."""
     from meshsl.privacy import leakage_warnings  # pure; no torch
     from meshsl.cli.common import console
-    found = {"run": leakage_warnings.run_warnings, "plan": leakage_warnings.plan_warnings,
-             "audit": leakage_warnings.audit_warnings}[kind](document)
+    warnings_of: dict[str, Callable[[Any], list[str]]] = {
+        "run": leakage_warnings.run_warnings, "plan": leakage_warnings.plan_warnings,
+        "audit": leakage_warnings.audit_warnings}
+    found = warnings_of[kind](document)
     for warning in found:
         console.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False, soft_wrap=True)
 

@@ -79,22 +79,25 @@ class NodeHost:
     def __init__(self, document: dict, source: str, base_dir: str, run: str, actor: str,
                  nodes: tuple[str, ...]) -> None:
         self.topology = topology_from_spec(parse_spec(document, source), source, Path(base_dir))
-        self.run, self.actor, self.nodes = run, actor, nodes
-        self.bridge = None
+        self.run_id, self.actor, self.nodes = run, actor, nodes  # not `self.run`: that is the actor method
+        self.bridge: Optional[Bridge] = None
 
     async def open(self) -> str:
-        self.bridge = Bridge(self.run, self.actor, self.nodes, InProcessHub())
+        self.bridge = Bridge(self.run_id, self.actor, self.nodes, InProcessHub())
         return self.bridge.address
 
     async def run(self, actors: dict, options: Optional[RunOptions], return_weights: bool) -> dict:
-        book = {n: node_endpoint(self.run, n) for n in self.nodes}
-        book.update(self.bridge.connect(actors))
-        self.bridge.start()
+        bridge = self.bridge
+        if bridge is None:
+            raise RuntimeError("NodeHost.open comes before run")
+        book: dict[str, Optional[str]] = {n: node_endpoint(self.run_id, n) for n in self.nodes}
+        book.update(bridge.connect(actors))
+        bridge.start()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.actor}-compute")
         results = {}
 
         async def one(name: str) -> None:
-            transport = InProcessTransport(name, book[name], book, hub=self.bridge.hub)
+            transport = InProcessTransport(name, node_endpoint(self.run_id, name), book, hub=bridge.hub)
             results[name] = await run_node(self.topology, name, options if name == self.topology.coordinator else None,
                                            transport=transport, metrics=None, serve_metrics=False, executor=executor)
 
@@ -105,9 +108,9 @@ class NodeHost:
                     group.create_task(one(name))
         finally:
             executor.shutdown(wait=True)
-            await self.bridge.close()
+            await bridge.close()
         import ray  # optional extra 'ray'
-        out = {"actor": self.actor, "wall_s": time.perf_counter() - started, "refused": self.bridge.refused,
+        out = {"actor": self.actor, "wall_s": time.perf_counter() - started, "refused": bridge.refused,
                "ray_node": ray.get_runtime_context().get_node_id(), "peak_rss_mib": _peak_rss_mib(),
                "failures": {n: r.failure for n, (r, _) in results.items() if r.failure},
                "summary": results[self.topology.coordinator][1] if self.topology.coordinator in results else None}
