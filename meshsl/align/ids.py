@@ -163,7 +163,8 @@ def read_node_ids(topology, node: str, path: Path) -> Optional[list[str]]:
         raise DataError(f"{path}: id column {column!r} is not in the header {header}; rows are matched by "
                         f"sample id, so every prediction input needs it", where)
     at = header.index(column)
-    ids, first = [], {}
+    ids: list[str] = []
+    first: dict[str, int] = {}
     for line, row in enumerate(rows[1:], start=2):
         value = row[at].strip() if at < len(row) else ""
         if not value:

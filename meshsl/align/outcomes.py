@@ -81,7 +81,10 @@ def aligned_size(topology) -> Optional[int]:
     if not uses_ids(topology):
         return None
     if predict_mode(topology):
-        return outcome_of(topology, predict=True).size
+        predicted = outcome_of(topology, predict=True)
+        if predicted is None:
+            raise AlignmentError("prediction inputs are matched by id, but no alignment was run for them")
+        return predicted.size
     outcome = outcome_of(topology)
     if outcome is None:
         outcome = intersect_locally(topology)[data_nodes(topology)[0]]
@@ -97,6 +100,8 @@ def aligned_rows(topology, node: str, source: str) -> Optional[np.ndarray]:
         outcome = intersect_locally(topology)[node]
     held = node_ids(topology, node)
     positions = held.rows[source]
+    if outcome.ids is None:
+        raise AlignmentError(f"node {node} holds data but learned no common ids (an observer's outcome)")
     return np.fromiter((positions[i] for i in outcome.ids), dtype=np.int64, count=len(outcome.ids))
 
 

@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from meshsl.align import psi
 from meshsl.errors import AlignmentError, MeshslError, ProtocolError
@@ -108,7 +108,7 @@ class Session:
         self.min_intersection = min_intersection
         self.dropped = 0
 
-    async def _send(self, peer: str, kind: str, payload: bytes = b"", **counts) -> None:
+    async def _send(self, peer: str, kind: str, payload: bytes = b"", **counts: Any) -> None:
         await asyncio.wait_for(self.transport.send(peer, encode(kind, self.topology_hash, payload, **counts)),
                                timeout=self.timeout_s)
 
@@ -191,8 +191,9 @@ class Session:
             # sorted: no hint of my row order
             payload = b"" if error else await self._offload(lambda: psi.pack_values(sorted(mine[member][k] for k in common)))
             await self._send(member, FINAL, payload, size=len(common), **({"error": error} if error else {}))
+        told: dict[str, Any] = {"error": error} if error else {}
         for observer in self.observers:
-            await self._send(observer, FINAL, size=len(common), **({"error": error} if error else {}))
+            await self._send(observer, FINAL, size=len(common), **told)
         if error is not None:
             raise AlignmentError(error, f"alignment on {self.node!r}")
         common_ids = await self._offload(lambda: sorted(ids[order[k]] for k in common))

@@ -11,6 +11,8 @@ picks the next token and feeds it to its own embeddings: tokens never leave it.
   `<task>.jsonl` when a prompt is done."""
 from __future__ import annotations
 
+from typing import Optional
+
 import json
 from pathlib import Path
 import torch
@@ -30,7 +32,9 @@ class PromptFeed:
     round and the last picked token after (a [1, length] tensor of token ids, as float like all features)."""
 
     def __init__(self, prompts: list[list[int]]) -> None:
-        self.prompts, self.row, self.tokens = prompts, None, []
+        self.prompts = prompts
+        self.row: Optional[int] = None
+        self.tokens: list[int] = []
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -58,6 +62,8 @@ def read_prompts(source, path: Path, base_dir: Path, where: str) -> PromptFeed:
         [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() \
         else corpus_texts(path, where=where)  # the missing-file error
     start = tokenizer.token_to_id(eos)
+    if start is None:
+        raise ConfigError(f"the tokenizer has no {eos!r} token to start prompts with", where)
     prompts = [[start] + e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
     if not prompts:
         raise ConfigError(f"{path} holds no prompt", where)
@@ -105,7 +111,10 @@ class Decoder:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tokenizer_files(self.tokenizer_dir, "generate")[0]))
-        prompt = self.feed.prompts[self.feed.row]
+        row = self.feed.row
+        if row is None:
+            raise RuntimeError("a token was picked before any prompt began")
+        prompt = self.feed.prompts[row]
         line = {"row": self.feed.row, "prompt_ids": prompt, "ids": self.feed.tokens,
                 "prompt": tokenizer.decode(prompt[1:]), "completion": tokenizer.decode(self.feed.tokens)}
         with self.path.open("a", encoding="utf-8") as handle:

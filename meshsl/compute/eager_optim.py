@@ -89,7 +89,7 @@ def eager(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     if type(optimizer) in EAGER_CLASSES:
         raw = _raw_step(type(optimizer))
         if raw is not None:
-            optimizer.step = functools.partial(_eager_step, optimizer, raw)
+            setattr(optimizer, "step", functools.partial(_eager_step, optimizer, raw))  # noqa: B010 (an instance's method)
     return optimizer
 
 

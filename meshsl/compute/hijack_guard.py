@@ -31,18 +31,18 @@ class HijackGuard:
         return self.guard is not None
 
     def begin(self, context) -> None:
-        self.probe = self.active and context.phase == "train" and self.guard.next_is_fake()
+        self.probe = self.guard is not None and context.phase == "train" and self.guard.next_is_fake()
 
     def labels(self, task, labels: torch.Tensor) -> torch.Tensor:
         """Random labels for the whole step on a probe step, the true ones otherwise."""
-        if not self.probe:
+        if not self.probe or self.guard is None:
             return labels
         classes = self.topology.num_classes.get(task.labels) or int(labels.max()) + 1
         return self.guard.fake_labels(labels, classes)
 
     def before_optimizer(self) -> None:
         """Record the checked segments' gradient; on a probe step, forget this node's gradients."""
-        if not self.active or self.worker.context.phase != "train":
+        if self.guard is None or self.worker.context.phase != "train":
             return
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
                  for s in self.segments for p in self.worker.modules[s].parameters()]
@@ -52,7 +52,7 @@ class HijackGuard:
                 optimizer.zero_grad(set_to_none=True)
 
     def verdict(self) -> dict | None:
-        if not self.active:
+        if self.guard is None:
             return None
         verdict = dict(self.guard.verdict(), segments=list(self.segments))
         if verdict["hijacked"] and not self._warned:

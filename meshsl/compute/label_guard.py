@@ -137,6 +137,6 @@ class LabelGuard:
             rate, count = releases(self.topology, steps, m.amplification)
             key = (m.edge, m.kind, rate, count)
             if key not in self._spent_cache:
-                self._spent_cache[key] = epsilon(m.noise_multiplier, rate, count, m.delta)
+                self._spent_cache[key] = epsilon(m.noise, rate, count, m.delta)
             spent[f"{m.edge}|{m.kind}"] = self._spent_cache[key]
         return spent

@@ -68,7 +68,10 @@ class TrajectoryRecorder:
 
     def save(self, directory: Optional[Path] = None) -> list[Path]:
         """Write this node's recordings under `<directory>/<node>/`; returns the files written."""
-        base = Path(directory or self.directory) / self.node
+        target = directory or self.directory
+        if target is None:
+            raise ValueError("no directory to save the recordings in")
+        base = Path(target) / self.node
         base.mkdir(parents=True, exist_ok=True)
         written = []
         for (edge, direction), entries in sorted(self._rows.items()):

@@ -7,7 +7,7 @@ touched by the optimizer steps applied meanwhile.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -19,7 +19,7 @@ def parameters_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @dataclass
 class StaleRound:
     """One training round in flight under `training.staleness`."""
-    context: object  # the worker's RoundContext
+    context: Any  # the worker's RoundContext (compute.worker: above this module)
     stats: dict
     params: dict[str, dict[str, torch.Tensor]]  # segment -> parameter name -> leaf on weight version W_{step-k}
 
@@ -53,7 +53,7 @@ class WeightVersions:
     def take_gradients(self, round_: Optional[int], modules: dict[str, torch.nn.Module]) -> Optional[StaleRound]:
         """Before the optimizer step: the step's gradients were taken on its stashed version; onto the
         live weights they go. None when `round_` is no stale round in flight."""
-        state = self.rounds.get(round_)
+        state = self.rounds.get(round_) if round_ is not None else None
         if state is not None:
             for name, module in modules.items():
                 leaves = state.params[name]

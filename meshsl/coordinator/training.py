@@ -33,9 +33,10 @@ class Training:
         coordinator, planner, steps = self.coordinator, self.planner, self.planner.steps
         options = coordinator.options
         while index < len(steps):
-            index = self._next_training_step(index)  # sequential: the turns of dropped clients are skipped
-            if index is None:
+            following = self._next_training_step(index)  # sequential: the turns of dropped clients are skipped
+            if following is None:
                 break
+            index = following
             end = planner.barrier_after(index) + 1
             try:
                 await coordinator.clients.hand_over_past_dropped(planner, index)
@@ -56,12 +57,12 @@ class Training:
 
     def _next_training_step(self, index: int) -> Optional[int]:
         coordinator = self.coordinator
-        index, changes = self.planner.next_training_step(index)
+        following, changes = self.planner.next_training_step(index)
         for change in changes:
             coordinator.note_change(change)
         if coordinator.planned:
             coordinator.machine.roster_changed()
-        return index
+        return following
 
     async def _run_steps(self, index: int, end: int) -> None:
         """Steps [index, end) run self-driven: one Run out, then a DONE per node and step back, each

@@ -300,6 +300,7 @@ def _read_csv_ranges(file: Path, header: list[str], parse, convert, fill: Matrix
         pending = pool.submit(parse_range, ranges[0]) if ranges else None
         try:
             for i in range(len(ranges)):
+                assert pending is not None  # submitted for every part before it is read
                 table = pending.result()
                 pending = pool.submit(parse_range, ranges[i + 1]) if i + 1 < len(ranges) else None
                 for batch in table.to_batches(max_chunksize=BLOCK_ROWS):
@@ -391,6 +392,7 @@ def read_parquet(file: Path, selection: Selection, *, label_column: Optional[str
         pending = pool.submit(read, parts[0]) if parts else None
         try:
             for i, (group, chunk) in enumerate(parts):
+                assert pending is not None  # submitted for every part before it is read
                 table = pending.result()
                 pending = pool.submit(read, parts[i + 1]) if i + 1 < len(parts) else None
                 row = int(starts[group])

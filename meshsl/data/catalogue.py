@@ -71,7 +71,7 @@ def _schema_table(entry: str, columns: Optional[Sequence[str]], rows: Optional[i
 def _load_catalogue(base_dir: Path, *, entry: str, columns: Optional[Sequence[str]] = None,
                     rows: Optional[int] = None, classes: Optional[int] = None) -> Table:
     spec, base = _local_entry(entry)
-    if spec is None:
+    if spec is None or base is None:
         return _schema_table(entry, columns, rows, classes)
     table = load_dataset(spec, base)
     where = f"catalogue entry {entry!r}"
@@ -86,7 +86,7 @@ def _load_catalogue(base_dir: Path, *, entry: str, columns: Optional[Sequence[st
 def _rows(base_dir: Path, *, entry: str, columns: Optional[Sequence[str]] = None, rows: Optional[int] = None,
           classes: Optional[int] = None) -> int:
     spec, base = _local_entry(entry)
-    if spec is None:
+    if spec is None or base is None:
         return _schema_table(entry, columns, rows, classes).features.shape[0]
     return len(load_dataset(spec, base).features)
 

@@ -235,7 +235,7 @@ def _load_synthetic(base_dir: Path, *, shape: Sequence[int] = (16,), num_samples
     """Gaussian features of any shape; labels come from a fixed random linear teacher, so they are learnable."""
     where = "dataset 'synthetic'"
     if isinstance(shape, (int, np.integer)):
-        shape = [shape]
+        shape = [int(shape)]
     if not isinstance(shape, (list, tuple)) or not shape:
         raise DataError(f"option 'shape' must be a list of positive integers, got {shape!r}", f"{where}.options.shape")
     dims = [_positive_int(d, "shape", where) for d in shape]

@@ -105,7 +105,7 @@ class SplitGuard:
         score = self.score()
         decided = score is not None and len(self.fake) >= self.min_fake
         return {"score": score, "fake_batches": len(self.fake), "regular_batches": len(self.regular),
-                "decided": decided, "hijacked": bool(decided and score < self.threshold)}
+                "decided": decided, "hijacked": decided and score is not None and score < self.threshold}
 
 
 def guard_of(spec: HijackCheckSpec, stream: int = 0) -> SplitGuard:

@@ -19,6 +19,7 @@ class _Decoder(nn.Module):
         # Zero output layers: before any training the decoder predicts the (standardised) mean,
         # so early stopping can fall back to exactly the baseline when nothing is learnable.
         for layer in (self.mlp[-1], self.skip):
+            assert isinstance(layer, nn.Linear)  # built just above
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -97,7 +98,7 @@ def inversion_probe(activations: Tensor, inputs: Tensor, *, epochs: int = 200, h
         torch.manual_seed(seed)
         decoder = _Decoder(x_fit.shape[1], y_fit.shape[1], hidden)
         optimiser = _Adam(list(decoder.parameters()), lr=1e-2)
-        best_loss, best_state = float("inf"), None
+        best_loss, best_state = float("inf"), {k: v.clone() for k, v in decoder.state_dict().items()}
         for _ in range(epochs + 1):  # full batch: a few hundred samples fit in one step
             with torch.no_grad():
                 val_loss = float(torch.mean((decoder(x_val) - y_val) ** 2))

@@ -92,6 +92,13 @@ class Mechanism:
     calibrated: bool = False
     extra: dict = field(default_factory=dict)
 
+    @property
+    def noise(self) -> float:
+        """The noise multiplier, once declared or calibrated (the schema asks for one of the two)."""
+        if self.noise_multiplier is None:
+            raise ConfigError(f"{self.edge}: no noise multiplier (declare one, or a target epsilon)", self.where)
+        return self.noise_multiplier
+
 
 def releases(topology, steps: int, amplification: bool) -> tuple[float, int]:
     """(sampling rate, number of mechanism runs) for a sample over `steps` training steps."""
@@ -142,6 +149,8 @@ def mechanisms(topology) -> list[Mechanism]:
     for m in found:
         if m.noise_multiplier is None:
             rate, count = releases(topology, steps, m.amplification)
+            if m.target_epsilon is None:
+                raise ConfigError(f"{m.edge}: declare a noise multiplier or a target epsilon", m.where)
             m.noise_multiplier = calibrate(m.target_epsilon, rate, count, m.delta)
             m.calibrated = True
     _MECHANISMS[topology] = found
@@ -175,7 +184,7 @@ def budget(topology, steps: Optional[int] = None) -> dict:
     by_party: dict[tuple[str, str], list[tuple]] = {}
     for m in mechanisms(topology):
         rate, count = releases(topology, steps, m.amplification)
-        eps = epsilon(m.noise_multiplier, rate, count, m.delta)
+        eps = epsilon(m.noise, rate, count, m.delta)
         edges.append({"edge": m.edge, "mechanism": m.kind, "protects": f"{m.protects} of {m.party}",
                       "party": m.party, "clip_norm": m.clip_norm, "noise_multiplier": m.noise_multiplier,
                       "calibrated": m.calibrated, "sample_rate": rate, "releases": count, "epsilon": eps,

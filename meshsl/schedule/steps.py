@@ -71,7 +71,7 @@ def epoch_steps(topology) -> list[StepInfo]:
         count = max(1, math.ceil(total / (batch * len(pools))))
         lanes = every_lane(len(pools))
         return [StepInfo(0, 0, i, lanes) for i in range(count)]
-    steps = []
+    steps: list[StepInfo] = []
     for lane, pool in enumerate(pools):  # sequential: clients take turns, each through its own shard
         steps.extend(StepInfo(0, 0, i, (lane,)) for i in range(math.ceil(len(pool) / batch)))
     return steps

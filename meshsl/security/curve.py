@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import logging
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable, cast
 from urllib.parse import urlsplit
 
 import zmq
@@ -119,7 +119,12 @@ _HANDSHAKE_FAILURES = {
 }
 
 
-async def next_monitor_event(monitor: zmq.Socket) -> dict:
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def next_monitor_event(monitor: zmq.Socket) -> Any:
     """The next event of a socket monitor, awaited on the event loop: an asyncio socket's own future, or a
     plain socket's fd (edge-triggered: EVENTS is checked again after every wake-up)."""
     if isinstance(monitor, zmq.asyncio.Socket):
@@ -130,11 +135,11 @@ async def next_monitor_event(monitor: zmq.Socket) -> dict:
             return recv_monitor_message(monitor, zmq.NOBLOCK)
         except zmq.Again:
             pass
-        if monitor.get(zmq.EVENTS) & zmq.POLLIN:
+        if cast(int, monitor.get(zmq.EVENTS)) & zmq.POLLIN:
             continue
         waiter = loop.create_future()
         fd = monitor.FD
-        loop.add_reader(fd, lambda: waiter.done() or waiter.set_result(None))
+        loop.add_reader(fd, _wake, waiter)
         try:
             await waiter
         finally:

@@ -58,7 +58,7 @@ def llm_problems(topology) -> list[ConfigError]:
 
 def _joins(topology, parts) -> list[ConfigError]:
     """A part takes token ids (embed) from data, or the hidden states of the part just before it."""
-    problems = []
+    problems: list[ConfigError] = []
     for name, llm in parts.items():
         where = _where(topology, name)
         inputs = topology.segments[name].inputs
