@@ -148,7 +148,8 @@ class TaskSpec(Strict):
     labels: str = Field(description="data source of kind 'labels'")
     loss: Literal["cross_entropy", "bce_with_logits", "mse", "causal_lm"] = "cross_entropy"
     weight: float = Field(default=1.0, gt=0)
-    metrics: list[Literal["accuracy", "f1", "auroc", "perplexity"]] = Field(default_factory=lambda: ["accuracy"])
+    metrics: list[Literal["accuracy", "f1", "auroc", "perplexity"]] = Field(
+        default_factory=lambda: ["accuracy"])  # type: ignore[arg-type]  # (a list of the literal: mypy reads str)
     generate: Optional[GenerateSpec] = Field(default=None, description="causal_lm: decoding in `meshsl predict`")
 
 

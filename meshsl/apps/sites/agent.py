@@ -3,6 +3,8 @@ job against the site's policy (refuse with the reason, approve, or wait for the 
 own nodes of approved jobs, reports their state, and stops them when the job is aborted."""
 from __future__ import annotations
 
+from typing import Any, Optional, cast
+
 import asyncio
 import json
 import logging
@@ -48,11 +50,12 @@ class SiteAgent:
         self.kit, self.identity, self.policy = kit, identity, policy
         self.state, self.catalogue = Path(state).resolve(), catalogue.resolve() if catalogue else None
         self.jobs: dict[str, LocalJob] = {}
-        self.sock: zmq.asyncio.Socket | None = None
+        self._sock: Optional[zmq.asyncio.Socket] = None
 
     async def run(self, stop: asyncio.Event) -> None:
         ctx = zmq.asyncio.Context()
-        self.sock = dial(ctx, self.identity, self.kit.broker_identity, self.kit.broker_endpoint)
+        self._sock = cast(zmq.asyncio.Socket, dial(ctx, self.identity, self.kit.broker_identity,
+                                                   self.kit.broker_endpoint))  # an asyncio context's socket
         control = ctx.socket(zmq.ROUTER)
         control.bind(f"ipc://{self.state / 'control.sock'}")
         await self._register()
@@ -63,8 +66,9 @@ class SiteAgent:
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task.exception() is not None:
-                    raise task.exception()
+                error = task.exception()
+                if error is not None:
+                    raise error
         finally:
             for task in loops:
                 task.cancel()
@@ -73,7 +77,15 @@ class SiteAgent:
                     await job.nodes.stop()
             control.close(0)
             self.sock.close(0)
+            self._sock = None
             ctx.term()
+
+    @property
+    def sock(self) -> zmq.asyncio.Socket:
+        """The connection to the broker, while `run` runs."""
+        if self._sock is None:
+            raise RuntimeError("the site agent talks to the broker only while it runs")
+        return self._sock
 
     async def _send(self, message) -> None:
         await self.sock.send(m.encode(message))
@@ -227,6 +239,7 @@ class SiteAgent:
             route, payload = (await control.recv_multipart())[:2]
             try:
                 request = json.loads(payload)
+                answer: dict[str, Any]
                 if request.get("command") == "jobs":
                     answer = {j: {"state": v.state, "reason": v.reason, "name": v.document.name,
                                   "submitter": v.document.submitter} for j, v in self.jobs.items()}

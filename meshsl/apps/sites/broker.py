@@ -60,11 +60,14 @@ class Broker:
         except (ProtocolError, ConfigError) as exc:
             log.warning("refused a message: %s", exc)
             reply = m.Reply(ok=False, error=str(exc))
+        sock = self.sock
+        if sock is None:
+            raise RuntimeError("the broker handles messages only once its socket is open")
         if reply is not None:
-            await self.sock.send_multipart([route, m.encode(reply)])
+            await sock.send_multipart([route, m.encode(reply)])
         for target, instruction in self._outbox:
             if target in self.routes:
-                await self.sock.send_multipart([self.routes[target], m.encode(instruction)])
+                await sock.send_multipart([self.routes[target], m.encode(instruction)])
         self._outbox = []
 
     def _dispatch(self, route: bytes, site: str | None, message) -> m.Reply | None:

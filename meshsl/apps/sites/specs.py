@@ -62,7 +62,7 @@ class PolicySpec(Strict):
     max_runtime_s: float = Field(default=3600.0, gt=0, description="a job running longer is stopped")
     max_steps: Optional[int] = Field(default=None, ge=1)
     approval: Literal["auto", "operator"] = Field(default="auto", description="operator: `meshsl site approve`")
-    release: list[Literal["metrics", "logs"]] = Field(default_factory=lambda: ["metrics"],
+    release: list[Literal["metrics", "logs"]] = Field(default_factory=lambda: ["metrics"],  # type: ignore[arg-type]
                                                       description="what the submitter receives from this site")
 
 
