@@ -21,7 +21,7 @@ import asyncio
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import networkx as nx
 import numpy as np
@@ -198,7 +198,8 @@ def token_report(topology, values: dict[str, torch.Tensor], producer: str, sourc
     """An LLM cut: the fraction of the client's tokens the receiver recovers (meshsl.privacy.token_recovery),
     with the public base model's input embeddings that the receiver holds too (it runs the same base)."""
     from meshsl.models.llm_parts import load_causal_lm
-    embedding = load_causal_lm(topology.segments[producer].llm.model).get_input_embeddings().weight.detach()
+    lm: Any = load_causal_lm(topology.segments[producer].llm.model)  # a transformers model
+    embedding = lm.get_input_embeddings().weight.detach()
     return {"dcor": None, "token_recovery": token_recovery_report(values[producer], values[sources[0]], embedding,
                                                                    seed=seed)}
 
@@ -288,7 +289,9 @@ class _Forward:
 
 def _forward(topology, modules, features, trained_labels, cut, generator) -> _Forward:
     """Every segment in order, each cut input a fresh leaf (as a receiving node sees it)."""
-    outputs, leaves, losses = {}, {}, {}
+    outputs: dict[str, torch.Tensor] = {}
+    leaves: dict[tuple[str, str], torch.Tensor] = {}
+    losses: dict[str, torch.Tensor] = {}
     for name in topology.segment_order:
         spec = topology.segments[name]
         inputs = []
@@ -333,7 +336,7 @@ def _backward(topology, forward: _Forward, trained_labels, cut, generator, scale
         if not targets:
             found = [torch.zeros_like(leaves[(name, s)]) for s in sources]
         else:
-            found = torch.autograd.grad(targets, [leaves[(name, s)] for s in sources], grads, allow_unused=True)
+            found = list(torch.autograd.grad(targets, [leaves[(name, s)] for s in sources], grads, allow_unused=True))
         for source, grad in zip(sources, found):
             grad = torch.zeros_like(leaves[(name, source)]) if grad is None else grad.detach()
             if (source, name) in cut:

@@ -61,7 +61,8 @@ def load_recordings(directory: Path) -> tuple[list[Recording], dict]:
     metas = sorted(directory.glob("*/meta.json"))
     if not metas:
         raise ConfigError("no recordings here (a run records with privacy[].record: DIR)", str(directory))
-    found, first = [], None
+    found: list[Recording] = []
+    first: dict = {}
     for path in metas:
         meta = json.loads(path.read_text())
         if meta.get("format") != RECORD_FORMAT:

@@ -135,9 +135,9 @@ class WireRecorder:
         edge = self.edges.get(envelope.edge)
         if edge is not None and envelope.kind in TENSOR_KINDS:
             spec = edge.forward_codec if envelope.kind == Kind.ACTIVATION else edge.backward_codec
-        if descriptor.codec == "none" or spec is None or spec.codec != descriptor.codec:
-            spec = {"codec": descriptor.codec}
-        return make_codec(spec).decode([p.clone() for p in parts], descriptor.shape, dtype)
+        codec = make_codec({"codec": descriptor.codec} if descriptor.codec == "none" or spec is None
+                           or spec.codec != descriptor.codec else spec)
+        return codec.decode([p.clone() for p in parts], descriptor.shape, dtype)
 
     @property
     def crossing(self) -> list[WireMessage]:
@@ -283,7 +283,7 @@ class WireAudit:
 
     def _weights(self, m: WireMessage) -> list[Finding]:
         """Client-segment weights between the coordinator and a client (SplitFed FedAvg, sequential hand-off)."""
-        segment = m.envelope.meta.get("segment")
+        segment = str(m.envelope.meta.get("segment"))
         coordinator = self.topology.coordinator
         if self.topology.spec.clients is None or segment not in self.replicated:
             return [Finding("tensor_in_control", m.describe(), f"weights of {segment!r} outside a multi-client mode")]

@@ -53,6 +53,7 @@ def build_layer(entry: list) -> nn.Module:
 def build_segment(spec: dict) -> nn.Module:
     """The segment's module from its JSON spec (layers: nn.Sequential; factory: the user's function),
     with the party's fitted input transform first when it has one (`preprocess`: its width and imputing)."""
+    module: nn.Module
     if spec.get("layers") is not None:
         module = nn.Sequential(*[build_layer(e) for e in spec["layers"]])
     elif spec.get("llm") is not None:  # a part of a local causal LM: its base loads from the model directory

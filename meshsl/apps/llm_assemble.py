@@ -3,6 +3,8 @@ part's LoRA adapters merged into its weights (W + B A alpha/r), plus the tokeniz
 `AutoModelForCausalLM.from_pretrained(DIR)` and predicts what the split model predicts."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import shutil
 from pathlib import Path
@@ -26,7 +28,7 @@ def assemble_llm(topology, chosen: dict, out: Path, load_segment) -> Path:
         raise ConfigError("cannot assemble a topology that mixes LLM parts with other segments", "assemble")
     model_dir = parts[0].model
     own = base_hash(model_dir)
-    full = load_causal_lm(model_dir)
+    full: Any = load_causal_lm(model_dir)  # a transformers model (save_pretrained)
     expected = set(full.state_dict())
     for segment in topology.segment_order:
         path, spec = chosen[segment]

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ def _columnar_input(topology, sources: list, path: Path, where: str) -> dict[str
     return out
 
 
-def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, torch.Tensor], int]:
+def read_node_input(topology, node: str, path: Path) -> tuple[dict[str, Any], int]:
     """`node`'s input rows: the columns of its feature sources, in declaration order (several sources
     side by side). CSV (optional header) or .npy ([rows, columns] or [rows, *feature shape])."""
     path = Path(path)
@@ -135,7 +135,10 @@ def predict_rows(topology, node: str, path: Path) -> Optional[np.ndarray]:
     outcome = outcome_of(topology, node, predict=True)
     if outcome is None or outcome.ids is None:
         return None
-    position = {value: row for row, value in enumerate(read_node_ids(topology, node, path))}
+    held = read_node_ids(topology, node, path)
+    if held is None:
+        return None
+    position = {value: row for row, value in enumerate(held)}
     return np.fromiter((position[i] for i in outcome.ids), dtype=np.int64, count=len(outcome.ids))
 
 
@@ -301,7 +304,7 @@ def follow_local(run, topology, timeout: Optional[float] = None) -> dict:
                         break  # an abort the coordinator started: its summary says why
                     raise PeerFailed(name, run.log_tail(name))
             if deadline and time.monotonic() > deadline:
-                raise PeerTimeout(coordinator, timeout, "finish")
+                raise PeerTimeout(coordinator, timeout or 0.0, "finish")
             time.sleep(0.05)
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if head is not None and head.returncode != 0:  # the others are stopped (finally) without waiting

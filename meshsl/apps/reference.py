@@ -6,6 +6,8 @@ With `training.staleness: k`, step s takes its gradient on the weights after ste
 first) and applies it to the live weights, the weight-stashing rule of docs/wan.md."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -23,7 +25,7 @@ def train_reference(topology, steps: int | None = None) -> tuple[dict[str, dict[
     modules = {name: build_module(topology, name) for name in topology.segment_order}
     optimizers = {name: build_optimizer(topology.segments[name].optimizer or topology.spec.training.optimizer,
                                         modules[name].parameters()) for name in modules}
-    data = {}
+    data: dict[str, torch.Tensor] = {}
     for node in topology.nodes:
         node_data = NodeData(topology, node)
         data.update(node_data.tensors)
@@ -35,11 +37,11 @@ def train_reference(topology, steps: int | None = None) -> tuple[dict[str, dict[
     versions = {0: {name: {n: p.detach().clone() for n, p in m.named_parameters()} for name, m in modules.items()}}
     for info in training_steps(topology, steps):
         stashed = {name: {n: t.detach().requires_grad_(True) for n, t in ps.items()}
-                   for name, ps in versions[max(0, info.step - k)].items()} if k else None
+                   for name, ps in versions[max(0, info.step - k)].items()} if k else {}
         rows = rows_of.rows("train", 0, info.epoch, info.step_in_epoch, 0, 1)
         index = torch.as_tensor(np.asarray(rows))
         values = {name: tensor[index] for name, tensor in data.items()}
-        total = None
+        total: Optional[torch.Tensor] = None
         for name in topology.segment_order:
             spec = topology.segments[name]
             merged = merge_inputs([values[i] for i in spec.inputs], spec.merge)
@@ -48,6 +50,8 @@ def train_reference(topology, steps: int | None = None) -> tuple[dict[str, dict[
             for task in topology.tasks_of(name):
                 term = task_loss(task.loss, values[name], values[task.labels]) * task.weight
                 total = term if total is None else total + term
+        if total is None:
+            raise ValueError("the topology declares no task: nothing to train")
         total.backward()
         if k:
             for name, module in modules.items():

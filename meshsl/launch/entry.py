@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from meshsl.compute.weights import load_saved_weights, save_weights, weights_file  # noqa: F401  (re-exported)
 from meshsl.launch.metrics import NodeMetrics
@@ -35,7 +35,7 @@ def make_metrics(topology, node: str):
     security = topology.spec.security
     # Training figures (the label holder's loss and accuracy) are readable by whoever reaches this
     # port: loopback unless the topology says otherwise, and HTTPS with client certificates if asked.
-    tls = {}
+    tls: dict[str, Any] = {}
     if security.metrics_tls is not None:
         base = Path(topology.base_dir)
         tls = {"certfile": str(base / security.metrics_tls.certfile), "keyfile": str(base / security.metrics_tls.keyfile)}

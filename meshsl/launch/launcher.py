@@ -312,13 +312,16 @@ class LocalRun:
                                                   self._last_step_seen)
         return verdict or ("" if code != EXIT_CONFIG else self.log_tail(name))
 
-    def _lost_by_coordinator(self) -> list[str]:
-        lost = []
+    def _lost_by_coordinator(self) -> list[tuple[str, float]]:
+        """(node, when the coordinator noticed it) for every lost node reported since the last call."""
+        lost: list[tuple[str, float]] = []
         while self._lost:
             lost.extend(self._lost.pop())
         return lost
 
     def _read_progress(self, proc: subprocess.Popen) -> None:
+        if proc.stdout is None:
+            return  # started without a pipe: no progress lines
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace")
             if not line.startswith(PROGRESS_PREFIX):

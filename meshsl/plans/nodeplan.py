@@ -1,6 +1,8 @@
 """Compile a Topology into one NodePlan per node: hosted segments, edges in and out, the privacy contract."""
 from __future__ import annotations
 
+from typing import Union
+
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -38,7 +40,7 @@ class Transfer:
     direction: str  # "activation" (forward) or "gradient" (backward)
     peer: str
     peer_party: str
-    shape: tuple[int, ...]
+    shape: tuple[Union[int, str], ...]  # ("micro_batch", *the edge's shape)
     dtype: str
     codec: str
 
@@ -96,7 +98,7 @@ def build_plans(topology) -> dict[str, NodePlan]:
                 src_node, dst_node = topology.node_of(edge.producer, lane), topology.node_of(edge.consumer, lane)
                 if src_node == dst_node:
                     continue
-                shape = ("micro_batch", *edge.shape)
+                shape: tuple[Union[int, str], ...] = ("micro_batch", *edge.shape)
                 if src_node == name:
                     peers.add(dst_node)
                     party = topology.nodes[dst_node].party

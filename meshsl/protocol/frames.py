@@ -35,8 +35,8 @@ def raw_view(t: torch.Tensor) -> memoryview:
     if not t.is_contiguous():
         t = t.contiguous()
     if t.dtype in _NUMPY_VIEWABLE:  # numpy() shares the storage and keeps the tensor alive
-        return memoryview(t.numpy()).cast("B")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        return t.numpy().data.cast("B")  # ndarray.data: the array's own memoryview
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 _NUMPY_VIEWABLE = frozenset(v for k, v in TORCH_DTYPES.items() if k != "bfloat16")
