@@ -186,3 +186,34 @@ def test_splitfed_checkpoints_at_an_averaging_step_hold_the_averaged_weights(tmp
         same = all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in s)
         # After an averaging step every client holds the average; in between each trained on its own shard.
         assert same == (step % 2 == 0), f"checkpoint {step}: clients {'agree' if same else 'differ'}"
+
+
+def test_the_round_stages_follow_the_transition_table():
+    """The stage is explicit (machines/node.py: Stage, TRANSITIONS): a self-driven step goes IDLE ->
+    PREPARING -> COMPUTING -> APPLYING -> IDLE, a coordinator-driven training round waits for its
+    COMMIT, and a transition outside the table is a bug raised at once."""
+    assert set(m.TRANSITIONS) == set(m.Stage)
+    server = m.Wiring(node="server", segments={"top": m.SegmentWiring(
+        name="top", lanes=(0,), inputs=("bottom",), segment_inputs=("bottom",), consumers=(), window=2)},
+        node_of={"bottom": ("client",), "top": ("server",)})
+    machine = m.NodeMachine(server, "gpipe")
+    seen = [machine.stage]
+    for event in (m.RunSteps(1, ((0, (0,)),), 1), m.ComputeFinished(m.Prepare(1, 0, (0,))),
+                  m.InputArrived(1, "top", "bottom", 0, 0), m.ComputeFinished(m.Forward(1, "top", 0, 0)),
+                  m.ComputeFinished(m.Backward(1, "top", 0, 0)), m.ComputeFinished(m.ApplyOptimizer(1))):
+        machine.handle(event)
+        seen.append(machine.stage)
+    assert [s.name for s in dict.fromkeys(seen)] == ["IDLE", "PREPARING", "COMPUTING", "APPLYING"]
+    assert seen[-1] == m.Stage.IDLE
+    driven = m.NodeMachine(server, "gpipe")
+    driven.handle(m.BeginRound(5, "train", (0,), 1))
+    driven.handle(m.InputArrived(5, "top", "bottom", 0, 0))
+    driven.handle(m.ComputeFinished(m.Forward(5, "top", 0, 0)))
+    assert driven.handle(m.ComputeFinished(m.Backward(5, "top", 0, 0)))[-1] == m.RoundDone(5, "train")
+    assert driven.stage == m.Stage.WAITING_COMMIT
+    assert driven.handle(m.CommitRound(5)) == [m.ApplyOptimizer(5)] and driven.stage == m.Stage.APPLYING
+    driven.handle(m.ComputeFinished(m.ApplyOptimizer(5)))
+    with pytest.raises(ProtocolError):  # a second COMMIT of an applied round is refused, never applied twice
+        driven.handle(m.CommitRound(5))
+    with pytest.raises(RuntimeError, match="IDLE -> APPLYING"):
+        driven._enter(m.Stage.APPLYING)

@@ -21,6 +21,7 @@ begun by the coordinator (`Begin`); a training `Begin` still waits for a `Commit
 """
 from __future__ import annotations
 
+import enum
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
@@ -261,6 +262,26 @@ def _round_units(wiring: Wiring, begin: BeginRound) -> tuple[dict[tuple[str, int
     return units, queues
 
 
+class Stage(enum.Enum):
+    """Where a node is in its current round (one round at a time; a StaleMachine keeps one per round)."""
+    IDLE = "idle"  # no round in progress: the last one finished, or a reset
+    PREPARING = "preparing"  # a self-driven step's Prepare runs (its micro-batches are set up)
+    COMPUTING = "computing"  # forwards and backwards of the round's units
+    WAITING_COMMIT = "waiting_commit"  # a coordinator-driven training round is done here; COMMIT applies it
+    APPLYING = "applying"  # the optimizer step is due or running
+
+
+# Every transition of a round; anything else is a bug in the machine, raised at once. A reset (recovery)
+# returns to IDLE from anywhere.
+TRANSITIONS: dict[Stage, frozenset[Stage]] = {
+    Stage.IDLE: frozenset({Stage.PREPARING, Stage.COMPUTING}),
+    Stage.PREPARING: frozenset({Stage.COMPUTING}),
+    Stage.COMPUTING: frozenset({Stage.APPLYING, Stage.WAITING_COMMIT, Stage.IDLE}),
+    Stage.WAITING_COMMIT: frozenset({Stage.APPLYING}),
+    Stage.APPLYING: frozenset({Stage.IDLE}),
+}
+
+
 @dataclass
 class NodeMachine:
     wiring: Wiring
@@ -268,7 +289,7 @@ class NodeMachine:
     deterministic: bool = True  # backwards of a segment run in (micro-batch, lane) order: fixed float sums
     round: int = 0  # coordinators number rounds from 1: a peer's round-1 message before our BEGIN is held
     phase: str = ""
-    done: bool = True
+    stage: Stage = Stage.IDLE
     running: Optional["ComputeAction"] = None  # the one compute action on the compute thread
     units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
     micro_batches: int = 0
@@ -314,11 +335,22 @@ class NodeMachine:
     def busy(self) -> bool:
         return self.running is not None
 
+    @property
+    def done(self) -> bool:
+        """This node's part of the current round is finished (its optimizer step may still be due)."""
+        return self.stage not in (Stage.PREPARING, Stage.COMPUTING)
+
+    def _enter(self, stage: Stage) -> None:
+        if stage not in TRANSITIONS[self.stage]:
+            raise RuntimeError(f"node {self.wiring.node}, round {self.round}: {self.stage.name} -> {stage.name} "
+                               f"is not a transition of a round")
+        self.stage = stage
+
     def reset(self, round_: int) -> None:
         """Recovery: forget the round in progress; the next BeginRound must be after `round_`.
 
         A compute action still on the thread finishes, but its result is ignored."""
-        self.round, self.phase, self.done = round_, "", True
+        self.round, self.phase, self.stage = round_, "", Stage.IDLE
         self.units, self.early, self.in_flight = {}, [], {}
         self._queues, self._open_units, self._early_seen = {}, 0, set()
         self.pending_commit, self.order, self.position = None, None, 0
@@ -361,7 +393,7 @@ class NodeMachine:
             raise ProtocolError("unexpected", f"begin of round {event.round} during self-driven training")
         self.round, self.phase, self.micro_batches = event.round, event.phase, event.micro_batches
         self.auto = prepare
-        self.done = False
+        self._enter(Stage.PREPARING if prepare else Stage.COMPUTING)
         self.in_flight = {name: 0 for name in self.wiring.segments}
         self.units, self._queues = _round_units(self.wiring, event)
         self._open_units = len(self.units)
@@ -441,9 +473,9 @@ class NodeMachine:
             heapq.heappush(self._queues[segment].ready_backwards, (micro_batch, lane))
 
     def _commit(self, event: CommitRound) -> list[Action]:
-        if not self.auto and event.round == self.round and self.phase == "train" and self.done \
-                and self.pending_commit is None and event.round > self.applied:
+        if self.stage == Stage.WAITING_COMMIT and event.round == self.round:
             self.pending_commit = event.round  # a coordinator-driven step: apply now
+            self._enter(Stage.APPLYING)
             return self._dispatch()
         if event.round <= self.applied:  # self-driven steps: the coordinator confirms what we applied
             if event.round > self.committed:
@@ -452,7 +484,7 @@ class NodeMachine:
             return []
         if event.round < self.round:
             return []  # a late commit of a round abandoned by a restore
-        raise ProtocolError("unexpected", f"commit of round {event.round} (at {self.round}, done={self.done})")
+        raise ProtocolError("unexpected", f"commit of round {event.round} (at {self.round}, {self.stage.value})")
 
     def compute_finished(self, action: ComputeAction) -> list[Action]:
         """`action` ran on the compute thread. A StaleMachine's round (`external_dispatch`) gets only the
@@ -462,8 +494,10 @@ class NodeMachine:
         self.running = None
         out: list[Action] = []
         if isinstance(action, Prepare):
+            self._enter(Stage.COMPUTING)
             return self._maybe_done() + self._dispatch()
         if isinstance(action, ApplyOptimizer):
+            self._enter(Stage.IDLE)
             if self.auto and action.round == self.round:
                 self.applied = action.round
                 return [RoundDone(action.round, "train"), *self._advance()]
@@ -503,11 +537,12 @@ class NodeMachine:
         return out + self._maybe_done() + self._dispatch()
 
     def _maybe_done(self) -> list[Action]:
-        if not self.done and self._open_units == 0:
-            self.done = True
+        if self.stage == Stage.COMPUTING and self._open_units == 0:
             if self.auto:  # our gradients of the step are complete: apply, then report (RoundDone)
+                self._enter(Stage.APPLYING)
                 self.pending_commit = self.round
                 return []
+            self._enter(Stage.WAITING_COMMIT if self.phase == "train" else Stage.IDLE)
             return [RoundDone(self.round, self.phase)]
         return []
 
@@ -604,7 +639,7 @@ class NodeMachine:
 
 
 __all__ = [
-    "Action", "ApplyOptimizer", "Backward", "BeginRound", "CommitRound", "ComputeFinished", "Event", "Forward",
+    "Action", "ApplyOptimizer", "Backward", "Stage", "TRANSITIONS", "BeginRound", "CommitRound", "ComputeFinished", "Event", "Forward",
     "GradientArrived", "InputArrived", "NodeMachine", "Prepare", "RoundDone", "RunSteps", "SendActivation", "SendGradient",
     "SegmentWiring", "Step", "Wiring", "edge_name",
 ]
