@@ -313,16 +313,13 @@ class LocalRun:
         return verdict or ("" if code != EXIT_CONFIG else self.log_tail(name))
 
     def _lost_by_coordinator(self) -> list[tuple[str, float]]:
-        """(node, when the coordinator noticed it) for every lost node reported since the last call."""
         lost: list[tuple[str, float]] = []
         while self._lost:
             lost.extend(self._lost.pop())
         return lost
 
     def _read_progress(self, proc: subprocess.Popen) -> None:
-        if proc.stdout is None:
-            return  # started without a pipe: no progress lines
-        for raw in proc.stdout:
+        for raw in proc.stdout or ():  # no pipe: no progress lines
             line = raw.decode("utf-8", "replace")
             if not line.startswith(PROGRESS_PREFIX):
                 continue

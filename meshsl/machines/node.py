@@ -25,9 +25,11 @@ import enum
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Union
+from typing import Optional, Protocol, Union
 
 from meshsl.errors import ProtocolError
+from meshsl.machines.units import (SegmentQueue, SegmentWiring, Unit, Wiring, pick_ready, planned_order,
+                                   round_units, step_ready)
 from meshsl.schedule.steps import edge_name
 
 
@@ -171,97 +173,6 @@ class RoundDone:
 Action = Union[Forward, Backward, ApplyOptimizer, Prepare, SendActivation, SendGradient, RoundDone]
 
 
-# ---- wiring (from the topology, fixed for the node's life) -------------------------------------
-@dataclass(frozen=True)
-class SegmentWiring:
-    name: str
-    lanes: tuple[int, ...]
-    inputs: tuple[str, ...]  # data sources and segments
-    segment_inputs: tuple[str, ...]
-    consumers: tuple[str, ...]  # segments consuming the output
-    window: int  # 1F1B in-flight bound (see the module doc)
-
-
-@dataclass(frozen=True)
-class Wiring:
-    node: str
-    segments: dict[str, SegmentWiring]
-    node_of: dict[str, tuple[str, ...]]  # segment -> node per lane
-
-    @classmethod
-    def from_topology(cls, topology: Any, node: str) -> "Wiring":
-        training = topology.spec.training
-        declared = getattr(training, "window", None) or training.micro_batches
-        depth: dict[str, int] = {}
-        for name in reversed(topology.segment_order):
-            depth[name] = 1 + max((depth[c] for c in topology.consumers(name)), default=0)
-        segments = {}
-        for name in topology.segment_order:
-            lanes = tuple(topology.lanes_of(name, node))
-            if not lanes:
-                continue
-            spec = topology.segments[name]
-            segments[name] = SegmentWiring(
-                name=name, lanes=lanes, inputs=tuple(spec.inputs),
-                segment_inputs=tuple(i for i in spec.inputs if i in topology.segments),
-                consumers=tuple(topology.consumers(name)), window=max(depth[name], declared))
-        return cls(node=node, segments=segments,
-                   node_of={s: topology.placement[s] for s in topology.segments})
-
-    def is_local(self, segment: str, lane: int) -> bool:
-        return self.node_of[segment][lane] == self.node
-
-
-@dataclass
-class _Unit:
-    inputs_missing: set[str]
-    grads_missing: set[str]
-    forwarded: bool = False
-    backwarded: bool = False
-
-
-class _SegmentQueue:
-    """The schedule's view of one segment's units in the current round, kept up to date per event so the
-    next compute action is found in O(log units) instead of a scan (a SplitFed server has a unit per client).
-
-    `ready_forwards`: (mb, lane) of units whose inputs are all there and that were not picked yet;
-    `ready_backwards`: the same for backwards (used when the order is not deterministic);
-    `open`: (mb, lane) of every unit not backwarded yet, lazily pruned: its head is the unit whose
-    backward must come next in deterministic order."""
-
-    __slots__ = ("ready_forwards", "ready_backwards", "open")
-
-    def __init__(self) -> None:
-        self.ready_forwards: list[tuple[int, int]] = []
-        self.ready_backwards: list[tuple[int, int]] = []
-        self.open: list[tuple[int, int]] = []
-
-
-def _round_units(wiring: Wiring, begin: BeginRound) -> tuple[dict[tuple[str, int, int], _Unit], dict[str, _SegmentQueue]]:
-    """The units of work of a round (segment, lane, micro-batch) this node computes, and per segment
-    the queue of them (forwards with no segment inputs ready at once)."""
-    units: dict[tuple[str, int, int], _Unit] = {}
-    queues: dict[str, _SegmentQueue] = {}
-    training = begin.phase == "train"
-    round_lanes = set(begin.lanes)
-    for seg in wiring.segments.values():
-        queue = _SegmentQueue()
-        for lane in seg.lanes:
-            if lane not in round_lanes:
-                continue
-            for mb in range(begin.micro_batches):
-                units[(seg.name, lane, mb)] = _Unit(inputs_missing=set(seg.segment_inputs),
-                                                    grads_missing=set(seg.consumers) if training else set())
-                queue.open.append((mb, lane))
-                if not seg.segment_inputs:
-                    queue.ready_forwards.append((mb, lane))
-        if queue.open:
-            heapq.heapify(queue.open)
-            heapq.heapify(queue.ready_forwards)
-            queues[seg.name] = queue
-    return units, queues
-
-
 class Stage(enum.Enum):
     """Where a node is in its current round (one round at a time; a StaleMachine keeps one per round)."""
     IDLE = "idle"  # no round in progress: the last one finished, or a reset
@@ -291,7 +202,7 @@ class NodeMachine:
     phase: str = ""
     stage: Stage = Stage.IDLE
     running: Optional["ComputeAction"] = None  # the one compute action on the compute thread
-    units: dict[tuple[str, int, int], _Unit] = field(default_factory=dict)
+    units: dict[tuple[str, int, int], Unit] = field(default_factory=dict)
     micro_batches: int = 0
     in_flight: dict[str, int] = field(default_factory=dict)
     early: list[Arrival] = field(default_factory=list)  # events of the next round, replayed at its BeginRound
@@ -301,7 +212,7 @@ class NodeMachine:
     applied: int = 0  # the last self-driven round whose optimizer step was applied
     committed: int = 0  # the last round the coordinator confirmed every node applied
     queued: deque[tuple[int, int, tuple[int, ...]]] = field(default_factory=deque)  # self-driven rounds still to begin: (round, step, lanes)
-    _queues: dict[str, _SegmentQueue] = field(default_factory=dict, repr=False)
+    _queues: dict[str, SegmentQueue] = field(default_factory=dict, repr=False)
     _open_units: int = field(default=0, repr=False)  # units not backwarded yet
     _early_seen: set[Arrival] = field(default_factory=set, repr=False)  # `early` as a set (duplicate check)
     external_dispatch: bool = False  # one round of a StaleMachine: it picks the compute actions (stale_machine.py)
@@ -357,9 +268,6 @@ class NodeMachine:
         self.auto, self.applied, self.committed, self.queued = False, round_, round_, deque()
         self.running = None  # a compute action still on the thread finishes; compute_finished ignores it
 
-    def expected_units(self) -> int:
-        return len(self.units)
-
     # -- transitions -----------------------------------------------------------------------------
     def _run(self, event: RunSteps) -> list[Action]:
         if not self.done or self.running is not None or self.queued or self.pending_commit is not None:
@@ -395,38 +303,30 @@ class NodeMachine:
         self.auto = prepare
         self._enter(Stage.PREPARING if prepare else Stage.COMPUTING)
         self.in_flight = {name: 0 for name in self.wiring.segments}
-        self.units, self._queues = _round_units(self.wiring, event)
+        self.units, self._queues = round_units(self.wiring, event.phase == "train", event.lanes, event.micro_batches)
         self._open_units = len(self.units)
-        self.order, self.position, self.executed = self._planned_order(event), 0, []
+        self.order, self.position, self.executed = (None if self.planner is None else planned_order(
+            self.planner.order(self.wiring.node, event.phase, event.lanes, event.micro_batches), self.units,
+            event.phase, self.wiring.node)), 0, []
         early, self.early, self._early_seen = self.early, [], set()
-        for held in early:
-            if held.round == self.round:
-                if isinstance(held, InputArrived):
-                    self.input_arrived(held.segment, held.source, held.lane, held.micro_batch)
-                else:
-                    self.gradient_arrived(held.segment, held.consumer, held.lane, held.micro_batch)
+        self._take([held for held in early if held.round == self.round])
         if prepare:
             return []  # the Prepare action runs first; its ComputeFinished dispatches
         if not self.units:
             return self._maybe_done()
         return self._dispatch()
 
-    def _planned_order(self, event: BeginRound) -> Optional[tuple["Step", ...]]:
-        if self.planner is None:
-            return None
-        order = self.planner.order(self.wiring.node, event.phase, event.lanes, event.micro_batches)
-        if len(order) != len(self.units) * (2 if event.phase == "train" else 1):
-            raise RuntimeError(f"the planned order of {self.wiring.node} does not cover its {len(self.units)} units")
-        return order
-
     def deliver(self, events: list[Arrival]) -> list[Action]:
         """Arrivals of the current round taken together, then one pick (the planner's supersteps)."""
+        self._take(events)
+        return self._dispatch()
+
+    def _take(self, events: list[Arrival]) -> None:
         for event in events:
             if isinstance(event, InputArrived):
                 self.input_arrived(event.segment, event.source, event.lane, event.micro_batch)
             else:
                 self.gradient_arrived(event.segment, event.consumer, event.lane, event.micro_batch)
-        return self._dispatch()
 
     def _hold(self, event: Arrival) -> list[Action]:
         if event.round != self.round + 1:
@@ -440,7 +340,7 @@ class NodeMachine:
         self._early_seen.add(event)
         return []
 
-    def _unit(self, segment: str, lane: int, micro_batch: int) -> _Unit:
+    def _unit(self, segment: str, lane: int, micro_batch: int) -> Unit:
         unit = self.units.get((segment, lane, micro_batch))
         if unit is None:
             raise ProtocolError("unexpected", f"no work for {segment} lane {lane} micro-batch {micro_batch}")
@@ -467,7 +367,7 @@ class NodeMachine:
         unit.grads_missing.discard(consumer)
         self._backward_ready(segment, lane, micro_batch, unit)
 
-    def _backward_ready(self, segment: str, lane: int, micro_batch: int, unit: _Unit) -> None:
+    def _backward_ready(self, segment: str, lane: int, micro_batch: int, unit: Unit) -> None:
         """Deterministic order needs no heap of ready backwards: only a segment's first open unit may run."""
         if not self.deterministic and unit.forwarded and not unit.backwarded and not unit.grads_missing:
             heapq.heappush(self._queues[segment].ready_backwards, (micro_batch, lane))
@@ -571,52 +471,12 @@ class NodeMachine:
             return commit
         if self.order is not None:
             return self._next_planned(self.order)
-        units = self.units
-        forward: Optional[tuple[int, int, str]] = None
-        backward: Optional[tuple[int, int, str]] = None
-        one_f_one_b = self.schedule == "1f1b"
-        for segment, queue in self._queues.items():
-            first_open = None
-            if self.deterministic:
-                heads = queue.open
-                while heads and units[(segment, heads[0][1], heads[0][0])].backwarded:
-                    heapq.heappop(heads)
-                if heads:
-                    first_open = heads[0]
-                    unit = units[(segment, first_open[1], first_open[0])]
-                    if unit.forwarded and not unit.grads_missing:
-                        candidate = (first_open[0], first_open[1], segment)
-                        if backward is None or candidate < backward:
-                            backward = candidate
-            else:
-                heads = queue.ready_backwards
-                while heads and units[(segment, heads[0][1], heads[0][0])].backwarded:
-                    heapq.heappop(heads)
-                if heads:
-                    candidate = (heads[0][0], heads[0][1], segment)
-                    if backward is None or candidate < backward:
-                        backward = candidate
-            ready = queue.ready_forwards
-            while ready and units[(segment, ready[0][1], ready[0][0])].forwarded:
-                heapq.heappop(ready)
-            if not ready:
-                continue
-            if not one_f_one_b or self.in_flight[segment] < self.wiring.segments[segment].window:
-                candidate = (ready[0][0], ready[0][1], segment)
-            elif first_open is not None and not units[(segment, first_open[1], first_open[0])].forwarded \
-                    and not units[(segment, first_open[1], first_open[0])].inputs_missing:
-                candidate = (first_open[0], first_open[1], segment)  # past the window: see the docstring
-            else:
-                continue
-            if forward is None or candidate < forward:
-                forward = candidate
-        if backward is not None and (one_f_one_b or forward is None):
-            mb, lane, segment = backward
-            return Backward(self.round, segment, lane, mb)
-        if forward is not None:
-            mb, lane, segment = forward
-            return Forward(self.round, segment, lane, mb)
-        return None
+        picked = pick_ready(self.units, self._queues, self.in_flight, self.wiring, self.schedule == "1f1b",
+                            self.deterministic)
+        if picked is None:
+            return None
+        kind, segment, lane, mb = picked
+        return (Backward if kind == "B" else Forward)(self.round, segment, lane, mb)
 
     def take_commit(self) -> Optional[ApplyOptimizer]:
         """The optimizer step this round's complete gradients wait for, handed out once."""
@@ -627,15 +487,10 @@ class NodeMachine:
 
     def _next_planned(self, order: tuple["Step", ...]) -> Optional[ComputeAction]:
         """The order's next Step once its unit is ready; nothing else meanwhile (the node waits)."""
-        if self.position >= len(order):
+        step = order[self.position] if self.position < len(order) else None
+        if step is None or not step_ready(step, self.units[(step.segment, step.lane, step.micro_batch)]):
             return None
-        step = order[self.position]
-        unit = self.units[(step.segment, step.lane, step.micro_batch)]
-        if step.kind == "F":
-            ready = not unit.forwarded and not unit.inputs_missing
-            return Forward(self.round, step.segment, step.lane, step.micro_batch) if ready else None
-        ready = unit.forwarded and not unit.backwarded and not unit.grads_missing
-        return Backward(self.round, step.segment, step.lane, step.micro_batch) if ready else None
+        return (Forward if step.kind == "F" else Backward)(self.round, step.segment, step.lane, step.micro_batch)
 
 
 __all__ = [

@@ -61,9 +61,6 @@ class StaleMachine:
         """The oldest training round still to be applied here (None when every begun step is applied)."""
         return next((r for r, inner in self.rounds.items() if inner.auto), None)
 
-    def expected_units(self) -> int:
-        return sum(len(inner.units) for inner in self.rounds.values())
-
     def reset(self, round_: int) -> None:
         """Recovery: forget every round in flight; the next round must be after `round_`."""
         self.round, self.phase = round_, ""
