@@ -23,6 +23,11 @@ TOPOLOGIES = ROOT / "topologies"
 
 Fault = Callable[[LocalRun, dict], None]  # called with every progress row
 
+# The launcher tells the coordinator at once when a node's process ends (launcher.ExitReports), so a test
+# of killed processes needs no heartbeat detection: with this timeout, which no load on a CI machine
+# reaches, no healthy node is ever declared lost and failover counts are exactly those of the faults.
+NO_HEARTBEAT_DETECTION = {"heartbeat_timeout_s": 60.0}
+
 
 def chaos_topology(tmp_path: Path, name: str = "vanilla.yaml", every: int = 1, standby: bool = False,
                    steps: int = 16, **retry) -> Path:
@@ -45,11 +50,12 @@ def chaos_topology(tmp_path: Path, name: str = "vanilla.yaml", every: int = 1, s
 
 
 def train(path: Path, run_dir: Path, fault: Optional[Fault] = None, warm_standby: bool = False,
-          runs: Optional[list] = None, timeout: float = 240) -> tuple[dict, LocalRun]:
+          runs: Optional[list] = None, timeout: float = 240, exit_reports: bool = True) -> tuple[dict, LocalRun]:
     """Run with real node processes; `fault(launcher, row)` may kill or pause nodes from the progress
-    stream; `runs` receives the launcher before it starts (to inspect it after a failure)."""
+    stream; `runs` receives the launcher before it starts (to inspect it after a failure); `exit_reports`:
+    the launcher tells the coordinator when a process ends (off: it learns from the replacement's hello)."""
     run = LocalRun(path, run_dir, free_ports=True, weights_out=run_dir / "weights", evaluate=False,
-                   warm_standby=warm_standby)
+                   warm_standby=warm_standby, exit_reports=exit_reports)
     if runs is not None:
         runs.append(run)
     resolved = run.prepare()

@@ -10,8 +10,8 @@ from meshsl.errors import PeerFailed, PeerTimeout
 from meshsl.protocol.envelope import Envelope, Kind
 from meshsl.errors import ProtocolError
 from meshsl.machines.coordinator import (
-    ClientBack, Collected, CoordinatorMachine, Extended, Fail, Lost, Received, Reroute, SendAck, SendRestore, Tick,
-    event_of,
+    ClientBack, Collected, CoordinatorMachine, Exited, Extended, Fail, Lost, Received, Reroute, SendAck, SendRestore,
+    Tick, event_of,
 )
 from meshsl.protocol import control
 from meshsl.machines.policies import ClientRoster
@@ -132,6 +132,37 @@ def test_hello_from_a_new_incarnation_mid_round_is_lost_as_restarted():
     assert isinstance(lost, Lost) and lost.nodes == {"a"} and lost.cause == "restarted"
     assert lost.rejoined == {"a": control.Hello(incarnation="a-2", checkpoints=(0, 2))}
     assert m.book.checkpoints["a"] == {0, 2}
+
+
+def test_an_exit_report_mid_round_loses_exactly_that_node_at_once():
+    """The launcher saw the process of "a" end (a lost node as an event): no heartbeat or round timeout is
+    waited for, and only "a" is named, however long the heartbeat timeout."""
+    m = machine()
+    m.expect_hellos(set(NODES), 60.0, now=0.0)
+    feed(m, *(hello(n, 0.1, incarnation=f"{n}-1", pid=100 + i) for i, n in enumerate(NODES)))
+    m.expect(Kind.DONE, set(NODES), 1, latest=1, what="finish its step", now=1.0)
+    assert feed(m, Tick(1.1)) == []
+    (lost,) = feed(m, Exited("a", 101))
+    assert isinstance(lost, Lost) and lost.nodes == {"a"} and lost.cause == "exited" and "101" in lost.why
+    assert m.wait is None
+
+
+def test_exit_reports_of_other_processes_or_outside_a_round_change_nothing():
+    m = machine()
+    m.expect_hellos(set(NODES), 60.0, now=0.0)
+    assert feed(m, Exited("a", 101)) == []  # start-up: the replacement's hello is waited for anyway
+    feed(m, *(hello(n, 0.1, incarnation=f"{n}-1", pid=100 + i) for i, n in enumerate(NODES)))
+    m.expect(Kind.DONE, set(NODES), 1, latest=1, what="finish its step", now=1.0)
+    assert feed(m, Exited("a", 999)) == []  # not the process "a" said hello from (an older one)
+    assert feed(m, Exited("server", 100)) == []  # the coordinator's own node: never its own recovery
+    assert feed(m, Exited("mallory", 7)) == []
+    (_, lost) = feed(m, hello("a", 1.2, incarnation="a-2", pid=555))  # the replacement came first
+    assert lost.cause == "restarted"
+    m.expect(Kind.DONE, set(NODES), 2, latest=2, what="finish its step", now=2.0)
+    assert feed(m, Exited("a", 101)) == []  # the late report of the process it replaced
+    assert m.expect_restore_acks(3, control.Restore(checkpoint=0, round=3), now=3.0) == []
+    assert feed(m, Exited("a", 555)) == []  # a restore: its replacement's hello resends the RESTORE anyway
+    assert m.wait is not None and m.wait.pending == set(NODES)
 
 
 def test_failed_fails_the_run_with_the_typed_error():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 import zmq
@@ -198,8 +200,88 @@ def attacks(draw, target: Target) -> tuple[str, str, list[bytes]]:
 
 
 # Valid control meta per kind (from the coordinator, or from the client to the coordinator); one field is
-# then dropped or replaced with a value of the wrong type, and kept only if the typed parser rejects it.
+# then made wrong by construction (a wrong type, a number out of range or not finite, a missing required
+# key, an oversized string, a bad element or statistic) and the typed parser must reject it: the fuzz
+# asserts that, so a parser that accepts too much fails it (tests/test_control_rejects.py: the same by
+# table). Every value survives the JSON of the wire as it is (no tuples, no non-string keys).
 _CONTROL_META = VALID_CONTROL_META
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_ODD = [None, True, False, 0, 1, 2.0, 1.5, math.nan, math.inf, -math.inf, "", "1", [], [1], {}, {"a": 1}]
+
+
+def _outside(valid, also_valid=lambda v: False):
+    """Values for which `valid` is false and `also_valid` too: the odd ones, then anything at all."""
+    def bad(v) -> bool:
+        return not valid(v) and not also_valid(v)
+    return st.sampled_from([v for v in _ODD if bad(v)]) | _ANY.filter(bad)
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _int_cases(low: int = 0, nullable: bool = False) -> dict:
+    return {"not_an_integer": _outside(_is_int, lambda v: nullable and v is None),
+            "below_range": st.sampled_from(sorted({low - 1, -1, -(2 ** 40)})) | st.integers(max_value=low - 1),
+            "above_range": st.sampled_from([control.MAX_COUNT + 1, 2 ** 63]) | st.integers(min_value=control.MAX_COUNT + 1)}
+
+
+def _text_cases(nullable: bool = False) -> dict:
+    return {"not_a_string": _outside(lambda v: isinstance(v, str), lambda v: nullable and v is None),
+            "oversized": st.integers(control.MAX_TEXT + 1, control.MAX_TEXT + 64).map(lambda n: "x" * n)}
+
+
+def _list_cases(empty_ok: bool, falsy_ok: bool = False) -> dict:
+    """Not a list of non-negative integers (`empty_ok`: [] is valid; `falsy_ok`: any falsy value is)."""
+    element = st.sampled_from([-1, True, 1.5, "0", None]) | st.integers(max_value=-1)
+    cases = {"not_a_list": _outside(lambda v: isinstance(v, list), lambda v: falsy_ok and not v),
+             "bad_element": st.tuples(st.lists(st.integers(0, 9), max_size=2), element).map(lambda t: [*t[0], t[1]])}
+    if not empty_ok:
+        cases["empty"] = st.just([])
+    return cases
+
+
+def _stats(**wrong) -> st.SearchStrategy:
+    return st.fixed_dictionaries({"digit": st.fixed_dictionaries({"loss_sum": st.just(1.0), "correct": st.just(1),
+                                                                 "count": st.just(2), **wrong})})
+
+
+_NOT_OBJECT = _outside(lambda v: isinstance(v, dict))
+_TASKS = {"not_an_object": _NOT_OBJECT, "statistics_not_an_object": _NOT_OBJECT.map(lambda v: {"digit": v}),
+          **{f"{stat}_{case}": _stats(**{stat: values}) for stat in ("count", "correct")
+             for case, values in _int_cases().items() if case != "above_range"},
+          "loss_sum_not_a_number": _stats(loss_sum=_outside(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))),
+          "loss_sum_not_finite": _stats(loss_sum=st.sampled_from([math.nan, math.inf, -math.inf]))}
+_ENDPOINTS = {"not_an_object": _outside(lambda v: isinstance(v, dict), lambda v: not v),
+              **{f"endpoint_{case}": values.map(lambda v: {"client": v}) for case, values in _text_cases().items()}}
+_BOOL = {"not_a_bool": _outside(lambda v: type(v) is bool)}
+_MISSING = object()  # a required field left out
+
+# kind -> field -> {case: values its parser must reject}; a required field has the case "missing" too
+_BAD_FIELDS = {
+    Kind.BEGIN: {"lanes": _list_cases(empty_ok=False), "micro_batches": _int_cases(low=1),
+                 **{k: _int_cases() for k in ("epoch", "train_step", "step_in_epoch", "offset", "count")}},
+    Kind.RUN: {"first_step": _int_cases(), "count": _int_cases(low=1), "micro_batches": _int_cases(low=1),
+               "checkpoint": _int_cases(nullable=True), "hold_checkpoint": _BOOL,
+               "dropped_lanes": _list_cases(empty_ok=True, falsy_ok=True)},
+    Kind.RESTORE: {"checkpoint": _int_cases(), "round": _int_cases(), "endpoints": _ENDPOINTS},
+    Kind.WEIGHTS_PULL: {"segment": _text_cases()},
+    Kind.DONE: {"tasks": _TASKS, "bytes": {"not_an_object": _NOT_OBJECT}, "leakage": {"not_an_object": _NOT_OBJECT},
+                "checkpoint": _int_cases(nullable=True)},
+    Kind.HELLO: {"checkpoints": _list_cases(empty_ok=True), "endpoint": _text_cases(nullable=True),
+                 "predict_rows": _int_cases(nullable=True), "pid": _int_cases(nullable=True)},
+    Kind.ACK: {"of": _text_cases(), "checkpoint": _int_cases(nullable=True), "segment": _text_cases()},
+}
+_REQUIRED = {Kind.BEGIN: ("lanes", "micro_batches"), Kind.RUN: ("first_step", "count", "micro_batches"),
+             Kind.RESTORE: ("checkpoint", "round"), Kind.WEIGHTS_PULL: ("segment",), Kind.ACK: ("of",)}
+for _kind, _fields in _REQUIRED.items():
+    for _field in _fields:
+        _BAD_FIELDS[_kind][_field]["missing"] = st.just(_MISSING)
+assert _BAD_FIELDS.keys() == _CONTROL_META.keys()
+# (kind, field or None for the whole meta, case): every way a control meta is made wrong
+_MUTATIONS = sorted([(kind.value, field, case) for kind, fields in _BAD_FIELDS.items() for field, cases in fields.items()
+                     for case in cases] + [(kind.value, None, "not_an_object") for kind in _BAD_FIELDS], key=str)
 
 
 def _rejected(kind: Kind, meta) -> bool:
@@ -210,24 +292,43 @@ def _rejected(kind: Kind, meta) -> bool:
     return False
 
 
+def _mutated(kind: Kind, field: str | None, value) -> object:
+    """The valid meta of `kind` with `field` set to `value` (or left out), as it arrives through JSON."""
+    if field is None:
+        meta = value
+    else:
+        meta = dict(_CONTROL_META[kind])
+        if value is _MISSING:
+            meta.pop(field)
+        else:
+            meta[field] = value
+    return json.loads(json.dumps(meta))
+
+
+def _mutation_values(kind: Kind, field: str | None, case: str) -> st.SearchStrategy:
+    return _NOT_OBJECT if field is None else _BAD_FIELDS[kind][field][case]
+
+
 @st.composite
 def _bad_control_meta(draw, target: Target):
-    kind = draw(st.sampled_from(sorted(_CONTROL_META, key=lambda k: k.value)))
+    kind, field, case = draw(st.sampled_from(_MUTATIONS))
+    kind = Kind(kind)
+    meta = _mutated(kind, field, draw(_mutation_values(kind, field, case)))
+    assert _rejected(kind, meta), f"the {kind.value} parser accepted {field} {case}: {str(meta)[:300]}"
     identity = target.peer if kind in (Kind.DONE, Kind.HELLO, Kind.ACK) else target.coordinator
-    valid = _CONTROL_META[kind]
-    key = draw(st.sampled_from(sorted(valid)))
-    nested = kind == Kind.DONE and key == "tasks" and draw(st.booleans())
-    value = draw(_WRONG_TYPED | st.integers(-5, -1) | st.floats(allow_nan=True))
-    meta = dict(valid)
-    if nested:  # a task statistic of the wrong type (the coordinator sums them)
-        meta["tasks"] = {"digit": {**valid["tasks"]["digit"], draw(st.sampled_from(["count", "correct", "loss_sum"])): value}}
-    elif draw(st.booleans()):
-        meta.pop(key)
-    else:
-        meta[key] = value
-    if not _rejected(kind, meta):
-        meta = value if not isinstance(value, dict) else None  # not an object at all
     return kind, identity, meta
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind, field, case", _MUTATIONS, ids=["-".join(map(str, m)) for m in _MUTATIONS])
+@settings(max_examples=25, deadline=None, database=None, derandomize=True)
+@given(data=st.data())
+def test_every_control_mutation_is_rejected_by_its_parser(kind, field, case, data) -> None:
+    """Every kind of mutation the live fuzz sends, each tried on its own straight at the typed parser: each
+    is invalid by construction, so each must be rejected as bad_control (none is swapped for a sure reject)."""
+    kind = Kind(kind)
+    meta = _mutated(kind, field, data.draw(_mutation_values(kind, field, case)))
+    assert _rejected(kind, meta), f"the {kind.value} parser accepted {field} {case}: {str(meta)[:300]}"
 
 
 def _total(counters: dict) -> int:

@@ -40,6 +40,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
          standby: bool = typer.Option(False, "--standby", help="warm standby: start and wait; a line 'takeover' on "
                                       "stdin (after the primary died) takes over its endpoint and resumes"),
          progress_stream: bool = typer.Option(False, "--progress-stream", hidden=True),
+         exit_reports: bool = typer.Option(False, "--exit-reports", hidden=True),  # launcher: entry.read_exit_reports
          assignments: list[str] = typer.Option([], "--set", help=SET_HELP + " (every party must set the same)")) -> None:
     """Run one node (one per machine); it waits for its peers and the coordinator."""
     from meshsl.launch import entry  # torch: not for `meshsl --help` (entry.node_main: looked up per call)
@@ -59,7 +60,7 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
     if endpoint is not None and endpoint not in [topo.nodes[name].endpoint, *topo.nodes[name].standby]:
         fail(ConfigError(f"--endpoint {endpoint} is neither the endpoint nor a standby of node {name!r}", str(topology)))
     runtime_options = {"resume": resume, "endpoint": endpoint, "weights_dir": weights, **overrides,
-                       **({"standby": True} if standby else {}),
+                       **({"standby": True} if standby else {}), **({"exit_reports": True} if exit_reports else {}),
                        **({"partial_weights_out": partial_weights_out} if partial_weights_out is not None else {}),
                        **({"checkpoint_dir": checkpoint_dir} if checkpoint_dir is not None else {})}
     try:
@@ -67,10 +68,8 @@ def node(name: str = typer.Argument(..., help="node name from the topology"),
             from meshsl.apps.predict import node_predict_options  # torch: not for `meshsl --help`
             options.predict, runtime_options["inference"] = node_predict_options(
                 topo, name, predict_input, predict_output, predict_batch_size)
-        code = entry.node_main(topo, name, summary_json, options, progress_stream, weights_out,
-                               on_finish=lambda runtime, summary: print_final_line(runtime, summary, weights_out,
-                                                                                   summary_json),
-                               **runtime_options)
+        code = entry.node_main(topo, name, summary_json, options, progress_stream, weights_out, **runtime_options,
+                               on_finish=lambda runtime, summary: print_final_line(runtime, summary, weights_out, summary_json))
     except MeshslError as exc:  # bad keys, data or checkpoints: a restart would fail the same way
         fail(exc, entry.EXIT_ABORTED)
     raise typer.Exit(code)

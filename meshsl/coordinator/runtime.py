@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 from meshsl.compute import checkpoint
 from meshsl.errors import ConfigError, MeshslError, NodesLost, ProtocolError
@@ -30,7 +30,8 @@ from meshsl.protocol import control
 from meshsl.protocol.envelope import Kind
 from meshsl.coordinator.clients import ClientSync
 from meshsl.machines.coordinator import (
-    ClientBack, Collected, CoordinatorMachine, Extended, Fail, Lost, Received, Reroute, SendAck, SendRestore, event_of,
+    ClientBack, Collected, CoordinatorMachine, Exited, Extended, Fail, Lost, Received, Reroute, SendAck, SendRestore,
+    event_of,
 )
 from meshsl.machines.liveness import Tick
 from meshsl.machines.coordinator_plan import StepPlanner
@@ -105,7 +106,7 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         topology = self.topology = self.node.topology
-        self.inbox: asyncio.Queue[Received] = asyncio.Queue(maxsize=max(256, 8 * len(topology.nodes)))
+        self.inbox: asyncio.Queue[Union[Received, Exited]] = asyncio.Queue(maxsize=max(256, 8 * len(topology.nodes)))
         self.checkpoint_every = topology.spec.checkpoint.every
         self.checkpoint_dir = self.node.checkpoint_dir
         self.incarnation = 0
@@ -145,11 +146,18 @@ class Coordinator:
             raise ProtocolError("flood", "coordinator inbox is full", sender) from None
         self._observe_inbox()
 
+    def process_exited(self, node: str, pid: int) -> None:
+        """The launcher saw process `pid` of `node` end (`meshsl node --exit-reports`): an event, not an error."""
+        try:
+            self.inbox.put_nowait(Exited(node, pid))
+        except asyncio.QueueFull:
+            pass  # a flooded inbox: the replacement's hello or the timeouts still tell
+
     def _observe_inbox(self) -> None:
         if self.node.metrics:
             self.node.metrics.queue_depth("coordinator_inbox", self.inbox.qsize())
 
-    async def _next_message(self, timeout: float) -> Received:
+    async def _next_message(self, timeout: float) -> Union[Received, Exited]:
         """The next inbox message (TimeoutError after `timeout`); no timer when one is already waiting."""
         try:
             return self.inbox.get_nowait()
@@ -177,6 +185,9 @@ class Coordinator:
                 actions = []
                 continue
             self._observe_inbox()
+            if isinstance(event, Exited):
+                actions = self.machine.handle(event)
+                continue
             hello = event.message if isinstance(event.message, control.Hello) else None
             endpoint = self._known_endpoint(event.sender, hello) if hello is not None else None
             actions = self.machine.handle(replace(event, now=_now(), known_endpoint=endpoint))

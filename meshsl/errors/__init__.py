@@ -123,7 +123,7 @@ class NodesLost(MeshslError):
     def __init__(self, nodes: set[str], why: str, cause: str = "timeout", rejoined: Optional[dict] = None) -> None:
         self.nodes = set(nodes)
         self.why = why
-        self.cause = cause  # timeout | heartbeat | restarted (a bounded label: metrics and the summary)
+        self.cause = cause  # timeout | heartbeat | restarted | exited (a bounded label: metrics and the summary)
         self.rejoined = dict(rejoined or {})  # node -> the HELLO meta its new process already sent
         self.detected = time.time()
         super().__init__(f"lost node(s) {', '.join(sorted(nodes))}: {why}")

@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,6 +25,27 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2  # a bad topology or argument, or a failed pre-flight check: never restarted
 EXIT_ABORTED = 3
+
+
+EXIT_REPORT = "exited"  # `exited NAME PID` on the coordinator's stdin (meshsl node --exit-reports)
+
+
+def read_exit_reports(coordinator: Coordinator, loop: asyncio.AbstractEventLoop, stream=None) -> threading.Thread:
+    """Hand each `exited NAME PID` line of `stream` (stdin) to `coordinator`: its launcher saw that process
+    of node NAME end. A thread (stdin is a pipe); it ends at end of input or once the loop is closed."""
+    def read() -> None:
+        for line in stream if stream is not None else sys.stdin:
+            parts = line.split()
+            if len(parts) != 3 or parts[0] != EXIT_REPORT or not parts[2].isdigit():
+                continue
+            try:
+                loop.call_soon_threadsafe(coordinator.process_exited, parts[1], int(parts[2]))
+            except RuntimeError:  # the loop is closed: the node has finished
+                return
+
+    thread = threading.Thread(target=read, name="exit-reports", daemon=True)
+    thread.start()
+    return thread
 
 
 def make_metrics(topology, node: str):
@@ -47,8 +69,10 @@ def make_metrics(topology, node: str):
 
 async def run_node(topology, node: str, options: Optional[RunOptions] = None, progress_stream: bool = False,
                    transport=None, metrics=None, weights_out: Optional[Path] = None, executor=None,
-                   partial_weights_out: Optional[Path] = None, **runtime_options) -> tuple[NodeRuntime, dict]:
-    """`runtime_options` go to NodeRuntime: checkpoint_dir, resume, endpoint (a standby's).
+                   partial_weights_out: Optional[Path] = None, exit_reports: bool = False,
+                   **runtime_options) -> tuple[NodeRuntime, dict]:
+    """`runtime_options` go to NodeRuntime: checkpoint_dir, resume, endpoint (a standby's). `exit_reports`:
+    the coordinator reads its launcher's reports of ended processes from stdin (read_exit_reports).
 
     `executor`: a concurrent.futures.Executor the node runs its compute on (a simulation shares one
     single-thread executor between all its nodes); None: the node's own compute thread."""
@@ -66,7 +90,10 @@ async def run_node(topology, node: str, options: Optional[RunOptions] = None, pr
             metrics = make_metrics(topology, node)
 
     def coordinator_factory(runtime: NodeRuntime) -> Coordinator:
-        return Coordinator(runtime, options)
+        coordinator = Coordinator(runtime, options)
+        if exit_reports:
+            read_exit_reports(coordinator, asyncio.get_running_loop())
+        return coordinator
 
     runtime = NodeRuntime(topology, node, transport=transport, metrics=metrics,
                           coordinator_factory=coordinator_factory, **runtime_options)

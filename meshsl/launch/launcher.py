@@ -75,6 +75,33 @@ def _free_block(span: int, taken: set[int] | None = None) -> int:
     raise MeshslError(f"no block of {span} free ports found")
 
 
+class ExitReports:
+    """Tells the coordinator's process at once when the process of another node ends: a line `exited NAME
+    PID` on its stdin (it runs with `meshsl node --exit-reports`). The crash of a node is then detected
+    without a heartbeat timeout, a round timeout or its replacement's start-up, and only that node is named."""
+
+    def __init__(self) -> None:
+        self.attached: Optional[subprocess.Popen] = None  # the coordinator process that reads them
+        self.told: set[int] = set()
+
+    def attach(self, coordinator: subprocess.Popen) -> None:
+        self.attached = coordinator
+
+    def exited(self, name: str, proc: subprocess.Popen, coordinator: subprocess.Popen) -> None:
+        """`proc` of node `name` ended; told once per process, and only to a coordinator that reads reports
+        (one that took over from a warm standby does not)."""
+        if proc is coordinator or coordinator is not self.attached or proc.pid in self.told:
+            return
+        self.told.add(proc.pid)
+        if coordinator.stdin is None:
+            return  # started without a pipe: it reads no reports
+        try:
+            coordinator.stdin.write(f"exited {name} {proc.pid}\n".encode())
+            coordinator.stdin.flush()
+        except (OSError, ValueError):  # the coordinator is gone too: its own exit decides
+            pass
+
+
 @dataclass
 class LocalRun:
     topology_path: Path
@@ -95,6 +122,7 @@ class LocalRun:
     # A second, already started process per node waits (`meshsl node --standby`) and takes over when the
     # node dies: recovery does not pay process start-up (docs/failover.md).
     warm_standby: bool = False
+    exit_reports: bool = True  # the coordinator hears at once when a node's process ends (ExitReports)
     # The topology as data (the Python API), instead of reading `topology_path`, whose folder stays the base
     # of relative data paths; `overrides`: `--set` key paths applied before it is written (config.overrides).
     document: Optional[dict] = None
@@ -109,6 +137,7 @@ class LocalRun:
     _last_step_seen: Optional[float] = None  # when the coordinator last reported a committed step
     started_at: dict = field(default_factory=dict)
     processes: dict = field(default_factory=dict)
+    _exit_reports: ExitReports = field(default_factory=ExitReports)
 
     def prepare(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +182,8 @@ class LocalRun:
             cmd += ["--weights", str(Path(self.weights_in).resolve())]
         cmd += [*self.node_args.get("*", []), *self.node_args.get(node, [])]
         if coordinator:
-            cmd += ["--summary-json", str(self.run_dir / "summary.json"), "--progress-stream"]
+            cmd += ["--summary-json", str(self.run_dir / "summary.json"), "--progress-stream",
+                    *(["--exit-reports"] if self.exit_reports and not standby else [])]
             if self.steps is not None:  # 0: no training (evaluate saved weights)
                 cmd += ["--steps", str(self.steps)]
             if self.epochs is not None:
@@ -184,12 +214,14 @@ class LocalRun:
         log_file = open(self.run_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(self.command(self._resolved, name, coordinator, resume, endpoint, standby), env=env,
                                 stdout=subprocess.PIPE if coordinator else log_file, stderr=log_file,
-                                stdin=subprocess.PIPE if standby else None)
+                                stdin=subprocess.PIPE if standby or coordinator else None)
         log_file.close()
         if coordinator:
             threading.Thread(target=self._read_progress, args=(proc,), daemon=True).start()
         if standby:
             return proc
+        if coordinator and self.exit_reports:
+            self._exit_reports.attach(proc)
         self.processes[name] = proc
         self.started_at[name] = time.monotonic()
         return proc
@@ -253,6 +285,7 @@ class LocalRun:
                     continue
                 if code == EXIT_ABORTED:  # an orderly failure: the run is over for every party
                     raise self._aborted(topology, name)
+                self._exit_reports.exited(name, proc, coordinator)
                 hopeless = self._not_worth_restarting(name, code)
                 if hopeless:  # a restart would fail the same way: end now, with the node's own error
                     self.stop()
@@ -344,21 +377,8 @@ class LocalRun:
         return f"log {path}:\n{tail}" if tail else f"exit code {self.processes[node].returncode}, log {path} is empty"
 
     def _dismiss_standbys(self) -> None:
-        """The run is over: each waiting standby reads end of input and exits without doing anything."""
         standbys, self.standbys = list(self.standbys.values()), {}
-        for proc in standbys:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-            if proc.poll() is None:
-                proc.terminate()  # it may still be importing torch: no need to wait until it reads stdin
-        for proc in standbys:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _dismiss(standbys)
 
     def stop(self) -> None:
         self._dismiss_standbys()
@@ -375,6 +395,23 @@ class LocalRun:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _dismiss(standbys: list) -> None:
+    """The run is over: each waiting standby reads end of input and exits without doing anything."""
+    for proc in standbys:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        if proc.poll() is None:
+            proc.terminate()  # it may still be importing torch: no need to wait until it reads stdin
+    for proc in standbys:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _summary_error(path: Path) -> str:

@@ -47,7 +47,15 @@ class Received:
         return self.message.kind
 
 
-Event = Union[Tick, Received]
+@dataclass(frozen=True)
+class Exited:
+    """The launcher saw process `pid` of `sender` end (`meshsl node --exit-reports`): a lost node as an
+    event. No heartbeat timeout, round timeout or replacement's hello is waited for; only that node is named."""
+    sender: str
+    pid: int
+
+
+Event = Union[Tick, Received, Exited]
 
 
 def event_of(sender: str, envelope: Any, tensors: Any, now: float, known_endpoint: Optional[str] = None) -> Received:
@@ -104,7 +112,7 @@ class Lost:
     """Nodes to recover (errors.NodesLost): silent, timed out, or restarted mid-round."""
     nodes: frozenset[str]
     why: str
-    cause: str = "timeout"  # timeout | heartbeat | restarted
+    cause: str = "timeout"  # timeout | heartbeat | restarted | exited
     rejoined: dict[str, control.Hello] = field(default_factory=dict)  # node -> the control.Hello its new process sent
 
 
@@ -170,6 +178,7 @@ class HelloBook:
         self.endpoints: dict[str, str] = {}  # node -> endpoint it announced (standbys move nodes)
         self.predict_rows: dict[str, int] = {}  # node -> rows of its prediction input (predict runs)
         self.committed: dict[str, int] = {}  # node -> last round whose optimizer step it applied
+        self.pids: dict[str, int] = {}  # node -> the process id its last HELLO named (exit reports name it)
 
     def note_hello(self, sender: str, hello: control.Hello,
                    known_endpoint: Optional[str]) -> tuple[bool, Optional[str]]:
@@ -187,6 +196,8 @@ class HelloBook:
             self.endpoints[sender] = hello.endpoint
         if hello.predict_rows is not None:
             self.predict_rows[sender] = hello.predict_rows  # how many rows its own prediction input has
+        if hello.pid is not None:
+            self.pids[sender] = hello.pid
         return restarted, reroute
 
     def note_checkpoint(self, sender: str, checkpoint: Optional[int]) -> None:
@@ -359,6 +370,8 @@ class CoordinatorMachine:
     def handle(self, event: Event) -> list[Action]:
         if isinstance(event, Tick):
             return self._tick(event.now)
+        if isinstance(event, Exited):
+            return self._exited(event)
         message = event.message
         if isinstance(self.wait, _Startup):
             return self._startup_message(event)
@@ -424,6 +437,15 @@ class CoordinatorMachine:
             return self._end(Lost(frozenset(lost), f"no heartbeat for {self.policy.heartbeat_timeout_s:.1f}s",
                                   cause="heartbeat"))
         return []
+
+    def _exited(self, event: Exited) -> list[Action]:
+        """Mid-round, the process this coordinator knows as `sender` ended: recover it now. A report of an
+        older process (its replacement said hello already) or outside a round (a start-up or a restore
+        waits for the replacement's hello anyway) changes nothing."""
+        if not isinstance(self.wait, _Round) or event.sender == self.own or event.sender not in self.node_set \
+                or self.book.pids.get(event.sender) != event.pid:
+            return []
+        return self._end(Lost(frozenset({event.sender}), f"its process ({event.pid}) exited", cause="exited"))
 
     def _startup_message(self, event: Received) -> list[Action]:
         if not isinstance(event.message, control.Hello) or self.wait is None:

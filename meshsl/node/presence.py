@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Optional
 
@@ -75,7 +76,8 @@ class NodePresence:
     def _hello(self) -> control.Hello:
         runtime, inference = self.runtime, self.runtime.inference
         return control.Hello(checkpoints=tuple(runtime.checkpoints.steps()), endpoint=runtime.transport.endpoint,
-                             incarnation=runtime.incarnation, predict_rows=inference.rows if inference else None)
+                             incarnation=runtime.incarnation, predict_rows=inference.rows if inference else None,
+                             pid=os.getpid())
 
     def apply(self, decisions: list) -> bool:
         """Carry out Liveness's decisions; True once the node gives up."""

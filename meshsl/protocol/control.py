@@ -216,6 +216,7 @@ class Hello(ControlMessage):
     endpoint: Optional[str] = None
     incarnation: str = ""
     predict_rows: Optional[int] = None
+    pid: Optional[int] = None  # the node's process id (a launcher's exit report names it)
 
     @classmethod
     def _parse(cls, meta: Meta) -> "Hello":
@@ -225,12 +226,14 @@ class Hello(ControlMessage):
             raise _bad(k, "'checkpoints' must be a list of step numbers")
         endpoint = None if meta.get("endpoint") is None else _text(k, meta, "endpoint")
         return cls(checkpoints=tuple(steps), endpoint=endpoint, incarnation=_text(k, meta, "incarnation", ""),
-                   predict_rows=_optional_int(k, meta, "predict_rows"))
+                   predict_rows=_optional_int(k, meta, "predict_rows"), pid=_optional_int(k, meta, "pid"))
 
     def to_meta(self) -> Meta:
         meta: Meta = {"checkpoints": list(self.checkpoints), "endpoint": self.endpoint, "incarnation": self.incarnation}
         if self.predict_rows is not None:
             meta["predict_rows"] = self.predict_rows
+        if self.pid is not None:
+            meta["pid"] = self.pid
         return meta
 
 
@@ -261,9 +264,9 @@ class Ack(ControlMessage):
 def _number_map(kind: Kind, meta: Meta, key: str, finite: bool = True) -> Meta:
     """{name: number}: byte and refusal counts (finite), measured figures per edge (NaN allowed: a
     gauge of a constant input has no value, and says so)."""
-    value = meta.get(key)
-    if value is None:
+    if key not in meta:
         return {}
+    value = meta[key]
     if not isinstance(value, dict) or len(value) > MAX_LANES or any(
             not isinstance(n, str) or isinstance(v, bool) or not isinstance(v, (int, float))
             or (finite and not math.isfinite(v)) for n, v in value.items()):
