@@ -2,6 +2,9 @@
 
     python -m benchmarks --quick --out runs/bench-quick.json     (< 2 minutes)
     python -m benchmarks --out runs/bench.json                    (< 10 minutes on 2 cores)
+    python -m benchmarks --smoke [--only SECTION ...]             (the tiniest sizes: does each section still
+                                                                   run? its figures mean nothing; the test suite
+                                                                   runs every section so: test_benchmarks_quick.py)
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def table(results: dict) -> str:
             runs = r.get("runs") or []
             spread = f" ({fmt(min(runs))}-{fmt(max(runs))}, {len(runs)} runs)" if len(runs) > 1 else ""
             add(f"{r['stages']} stages M={r['micro_batches']} {r['schedule']}", fmt(r["samples_per_s"]) + spread,
-                f"{r['speedup_vs_m1']:.2f}", f"{r['gpipe_ideal']:.2f}",
+                f"{r['speedup_vs_m1']:.2f}" if r["speedup_vs_m1"] is not None else "-", f"{r['gpipe_ideal']:.2f}",
                 f"{r['attainable']:.2f}" if r.get("attainable") else "",
                 " ".join(f"{v:.0f}" for v in r["peak_rss_mib"].values()))
         add("micro-batch compute efficiency (1 thread)",
@@ -100,9 +103,10 @@ def table(results: dict) -> str:
         add(f"start-up, vanilla.yaml (median of {st['runs']})", "s to first step", "all runs")
         for name, value in st["first_step_s"].items():
             add(f"`meshsl node {name}`", f"{value:.2f}", " ".join(f"{r[name]:.2f}" for r in st["first_step_s_runs"]))
-        add("the same importing torch._dynamo + rich first (as before)",
-            f"{st['with_dynamo_and_rich_first_step_s']:.2f}",
-            " ".join(f"{v:.2f}" for v in st["with_dynamo_and_rich_first_step_s_runs"]))
+        if st["with_dynamo_and_rich_first_step_s"] is not None:  # (not measured in a smoke run)
+            add("the same importing torch._dynamo + rich first (as before)",
+                f"{st['with_dynamo_and_rich_first_step_s']:.2f}",
+                " ".join(f"{v:.2f}" for v in st["with_dynamo_and_rich_first_step_s_runs"]))
         add("breakdown (one process)", ", ".join(f"{k} {v:.2f}" for k, v in st["breakdown_s"].items()))
         add("`python -c 'import torch'` alone", f"{st['python_import_torch_s']:.2f}",
             " ".join(f"{t:.2f}" for t in st.get("python_import_torch_s_runs", [])))
@@ -151,18 +155,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (< 2 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tiniest sizes, one repetition: checks that each section runs (figures mean nothing)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     parser.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL,
                         help="run only these sections (wan, psi and secretflow run only when named)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    results: dict = {"machine": machine(), "quick": args.quick}
+    results: dict = {"machine": machine(), "quick": args.quick, "smoke": args.smoke}
     timings = {}
     for section in args.only or SECTIONS:
         started = time.perf_counter()
         module = __import__(f"benchmarks.{MODULES.get(section, section)}", fromlist=["measure"])
         print(f"== {section} ...", file=sys.stderr, flush=True)
-        results[section] = module.measure(quick=args.quick)
+        results[section] = module.measure(quick=args.quick, smoke=True) if args.smoke else module.measure(quick=args.quick)
         timings[section] = round(time.perf_counter() - started, 1)
     results["seconds"] = timings
     results["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]

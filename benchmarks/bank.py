@@ -38,6 +38,10 @@ SECRETFLOW = {  # overall_benchmark.md (2024-02-21), 32 vCPUs per party, 100 Mbi
     2: {"train_s": 6844, "predict_s": 5}, 3: {"train_s": 2477, "predict_s": 3}}
 FULL_SHAPES = ((2, 800_000, 1_500), (3, 800_000, 1_000))
 QUICK_SHAPES = ((2, 20_000, 150), (3, 20_000, 100))
+# smoke (does every part still run?): one small table pair (the split model still learns what the clear
+# one does: tests/test_benchmarks_quick.py checks it), party 0's Parquet and CSV loaded once each, no
+# out-of-core run (a memory cgroup, a dropped page cache: tests/test_out_of_core.py runs it at --quick size).
+SMOKE_SHAPE = (2, 6_000, 40)
 HIDDEN = 64  # each party's bottom: Linear(features, 64) + ReLU; the top: Linear(64 * parties, 64), ReLU, Linear(64, 2)
 
 
@@ -377,11 +381,14 @@ def out_of_core(folder: Path, rows: int, features: int, limit_mib: int, steps: i
 def measure(quick: bool = False, shapes: Optional[list[tuple[int, int, int]]] = None, epochs: int = 2,
             batch_size: int = 4096, micro_batches: int = 4, lr: float = 2e-3, rtt_ms: float = 50.0,
             rate_mbit: float = 100.0, csv_rows: Optional[int] = None, repeats: int = 2,
-            out_of_core_shape: Optional[tuple[int, int, int, int]] = ()) -> dict:
+            out_of_core_shape: Optional[tuple[int, int, int, int]] = (), smoke: bool = False) -> dict:
     """`out_of_core_shape`: (rows, features, memory limit MiB, steps) of the out-of-core run; () picks the
-    mode's default, None skips it."""
+    mode's default, None skips it. `smoke`: SMOKE_SHAPE for 2 epochs, party 0's loads once, no out-of-core run."""
     from benchmarks.memory_limit import unavailable as memory_unavailable
     from benchmarks.wan import Sites, measure_rtt, unavailable
+    if smoke:
+        shapes, epochs, batch_size, repeats = shapes or [SMOKE_SHAPE], 2, 512, 1
+        out_of_core_shape = None if out_of_core_shape == () else out_of_core_shape
     if out_of_core_shape == ():
         out_of_core_shape = (250_000, 1_000, 640, 20) if quick else (1_000_000, 1_000, 2_048, 200)
     why = unavailable()
@@ -390,12 +397,12 @@ def measure(quick: bool = False, shapes: Optional[list[tuple[int, int, int]]] = 
     shapes = shapes or list(QUICK_SHAPES if quick else FULL_SHAPES)
     results = []
     for parties, rows, features in shapes:
-        csv_count = csv_rows if csv_rows is not None else (rows if quick else 100_000)
+        csv_count = csv_rows if csv_rows is not None else (rows if quick or smoke else 100_000)
         folder = dataset_dir(parties, rows, features, csv_count if parties == shapes[0][0] else 0)
         row = {"parties": parties, "rows": rows, "features": features, "epochs": epochs, "batch_size": batch_size,
                "micro_batches": micro_batches, "load_avg_1m_at_start": os.getloadavg()[0]}
         row["load"] = [compare_load(folder / f"party{p}.parquet", "parquet", "label" if p == 0 else None, features,
-                                    repeats) for p in range(parties)]
+                                    repeats) for p in range(1 if smoke else parties)]
         if (folder / "party0.csv").exists():
             row["load"].append(compare_load(folder / "party0.csv", "csv", "label", features, repeats))
         with Sites(parties) as sites, tempfile.TemporaryDirectory(prefix="meshsl-bank-") as tmp:
@@ -482,6 +489,7 @@ def main(argv=None) -> None:
     clear.add_argument("--folder", required=True)
     clear.add_argument("--lr", type=float, required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--shapes", type=_shape, nargs="+", help="PARTIESxROWSxFEATURES, e.g. 2x800000x1500")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4096)
@@ -499,7 +507,7 @@ def main(argv=None) -> None:
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still tear the namespaces down
     result = measure(args.quick, args.shapes, args.epochs, args.batch_size, args.micro_batches, args.lr,
-                     csv_rows=args.csv_rows)
+                     csv_rows=args.csv_rows, smoke=args.smoke)
     print(table(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -142,10 +142,10 @@ def measure_single(device: str = "cuda", width_multiplier: float = 1.0, batch_si
                                          "--threads", str(threads)], timeout=600)
 
 
-def pinned_copy(quick: bool) -> dict:
+def pinned_copy(quick: bool, reps: int = 0) -> dict:
     from meshsl.compute.staging import to_host
     x = torch.randn(512, 64, 8, 8, device="cuda")  # 8 MiB fp32
-    reps = 20 if quick else 100
+    reps = reps or (20 if quick else 100)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(reps):
@@ -160,8 +160,9 @@ def pinned_copy(quick: bool) -> dict:
 
 
 def figures(device: str, cases: list[tuple[int, int, str]], width_multiplier: float = 1.0, batch_size: int = 256,
-            steps: int = 20, warmup: int = 3, num_samples: int = 2048) -> dict:
-    """Unsplit vs meshsl (parts, micro_batches, schedule) chains on `device`: samples/s and the ratio."""
+            steps: int = 20, warmup: int = 3, num_samples: int = 2048, again: bool = True) -> dict:
+    """Unsplit vs meshsl (parts, micro_batches, schedule) chains on `device`: samples/s and the ratio;
+    `again`: the unsplit run once more at the end (drift)."""
     unsplit = measure_single(device, width_multiplier, batch_size, steps, warmup)
     rows = []
     for parts, micro_batches, schedule in cases:
@@ -169,14 +170,24 @@ def figures(device: str, cases: list[tuple[int, int, str]], width_multiplier: fl
                             num_samples)
         row["ratio_vs_unsplit"] = row["samples_per_s"] / unsplit["samples_per_s"]
         rows.append(row)
-    unsplit_again = measure_single(device, width_multiplier, batch_size, steps, warmup)  # drift: clocks, load
+    unsplit_again = measure_single(device, width_multiplier, batch_size, steps, warmup) if again else None  # drift
     return {"model": "resnet18-cifar", "width_multiplier": width_multiplier,
             "parameters": sum(p.numel() for p in resnet18(width_multiplier).parameters()),
             "gmac_per_sample": round(sum(unit_macs(width_multiplier)) / 1e9, 4), "batch": batch_size,
             "steps": steps, "warmup": warmup, "unsplit": unsplit, "unsplit_again": unsplit_again, "split": rows}
 
 
-def measure(quick: bool = False) -> dict:
+# The smoke run (`measure(smoke=True)`): a narrow ResNet, 2 nodes, a couple of steps; on CUDA, or without it
+# on CPU (the same code path, no GPU figure), next to the reason the GPU figures are skipped.
+SMOKE = {"width_multiplier": 1 / 16, "batch_size": 16, "steps": 2, "warmup": 1, "num_samples": 128, "again": False}
+
+
+def measure(quick: bool = False, smoke: bool = False) -> dict:
+    if smoke:
+        if not torch.cuda.is_available():
+            return {"skipped": "no CUDA device on this machine", "cpu": figures("cpu", [(2, 2, "1f1b")], **SMOKE)}
+        result = figures("cuda", [(2, 2, "1f1b")], **SMOKE)
+        return {"device_name": torch.cuda.get_device_name(0), **result, **pinned_copy(quick=True, reps=2)}
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine"}
     steps, warmup = (12, 4) if quick else (40, 8)

@@ -47,14 +47,16 @@ def _spread(values: list[float]) -> dict:
     return {"median": median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def measure(quick: bool = False) -> dict:
+def measure(quick: bool = False, smoke: bool = False) -> dict:
     """Machines like this one (a 2-vCPU VM) drift by 20-30% between runs of the same thing, so the
     figures every target is judged on are measured interleaved (A, B, C, A, B, C, ...) and compared
-    as medians; the other cases run once."""
-    width, in_dim = WIDTH, IN_DIM
-    steps, warm = (6, 2) if quick else (10, 3)
-    batch = 2048
-    rounds = 1 if quick else 3
+    as medians; the other cases run once. `smoke`: a 64-wide MLP, a batch of 64, 3 steps, meshsl and the
+    torch peer at M = 2 once each (no M = 1 baseline: no speedup), no one-process peer (does it still run?)."""
+    width, in_dim = (64, 96) if smoke else (WIDTH, IN_DIM)
+    steps, warm = (3, 1) if smoke else (6, 2) if quick else (10, 3)
+    batch = 64 if smoke else 2048
+    rounds = 1 if quick or smoke else 3
+    m = 2 if smoke else 8  # the pipelined micro-batch count of the interleaved cases
 
     def document(stages: int, micro_batches: int, schedule: str) -> dict:
         # 4-stage chains have one layer per stage: the same model depth as 2 stages of 2 layers
@@ -82,9 +84,11 @@ def measure(quick: bool = False) -> dict:
             "single", "--threads", "2", "--stages", "2", "--width", str(width), "--layers", str(LAYERS),
             "--in-dim", str(in_dim), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warm)])["samples_per_s"]
 
-    core = {("meshsl", 2, 1, "gpipe"): meshsl(2, 1, "gpipe"), ("meshsl", 2, 8, "gpipe"): meshsl(2, 8, "gpipe"),
-            ("torch", 2, 8, "gpipe"): torch_pipelining(2, 8, "gpipe"), ("one_process",): one_process()}
-    if not quick:
+    core = {("meshsl", 2, 1, "gpipe"): meshsl(2, 1, "gpipe"), ("meshsl", 2, m, "gpipe"): meshsl(2, m, "gpipe"),
+            ("torch", 2, m, "gpipe"): torch_pipelining(2, m, "gpipe"), ("one_process",): one_process()}
+    if smoke:
+        del core[("meshsl", 2, 1, "gpipe")], core[("one_process",)]
+    if not quick and not smoke:
         core.update({("meshsl", 2, 8, "1f1b"): meshsl(2, 8, "1f1b"), ("torch", 2, 8, "1f1b"): torch_pipelining(2, 8, "1f1b")})
     samples: dict[tuple, list[float]] = {key: [] for key in core}
     for _ in range(rounds):
@@ -92,10 +96,11 @@ def measure(quick: bool = False) -> dict:
             samples[key].append(run())
     measured = {key: _spread(values) for key, values in samples.items()}
 
-    once = [] if quick else [(2, 4, "gpipe"), (2, 16, "gpipe"), (4, 1, "gpipe"), (4, 8, "gpipe"), (4, 8, "1f1b")]
+    once = [] if quick or smoke else [(2, 4, "gpipe"), (2, 16, "gpipe"), (4, 1, "gpipe"), (4, 8, "gpipe"),
+                                      (4, 8, "1f1b")]
     for case in once:
         measured[("meshsl", *case)] = _spread([meshsl(*case)()])
-    if not quick:  # the 4-stage peer, once
+    if not quick and not smoke:  # the 4-stage peer, once
         measured[("torch", 4, 8, "1f1b")] = _spread([torch_pipelining(4, 8, "1f1b")()])
 
     rows = []
@@ -109,8 +114,8 @@ def measure(quick: bool = False) -> dict:
     rows.sort(key=lambda r: (r["stages"], r["schedule"] != "gpipe", r["micro_batches"]))
     efficiency = {m: micro_batch_efficiency(width, LAYERS, batch, m) for m in sorted({r["micro_batches"] for r in rows})}
     for row in rows:
-        base = next(r for r in rows if r["stages"] == row["stages"] and r["micro_batches"] == 1)
-        row["speedup_vs_m1"] = row["samples_per_s"] / base["samples_per_s"]
+        base = next((r for r in rows if r["stages"] == row["stages"] and r["micro_batches"] == 1), None)
+        row["speedup_vs_m1"] = row["samples_per_s"] / base["samples_per_s"] if base else None  # smoke: no M=1
         m, s = row["micro_batches"], row["stages"]
         row["gpipe_ideal"] = m * s / (m + s - 1)  # bubble-only bound, equal stages, free transfers
         row["attainable"] = row["gpipe_ideal"] * efficiency[m] if s == 2 else None  # x one-thread GEMM efficiency
@@ -127,6 +132,9 @@ def measure(quick: bool = False) -> dict:
                       "meshsl_runs": mine["runs"], "torch_runs": figures["runs"]})
     out["vs_torch_pipelining"] = peers
 
+    if smoke:
+        out["vs_one_process"] = []
+        return out
     # one process with the same total cores (2 intra-op threads), the whole model unsplit, same batch;
     # a user picks the micro-batch count that runs best: the fastest interleaved 2-stage configuration
     base = measured[("one_process",)]

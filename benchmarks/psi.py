@@ -110,10 +110,10 @@ def meshsl_alignment(n: int) -> dict:
             "cpu_s": sum(r["cpu_s"] for r in results)}
 
 
-def measure(quick: bool = False, sizes: list[int] | None = None, on_row=None) -> list[dict]:
-    """One row per size; `on_row(rows so far)` after each (the 10^6 row takes minutes)."""
+def measure(quick: bool = False, sizes: list[int] | None = None, on_row=None, smoke: bool = False) -> list[dict]:
+    """One row per size; `on_row(rows so far)` after each (the 10^6 row takes minutes). `smoke`: 400 ids."""
     rows = []
-    for n in sizes or ([10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]):
+    for n in sizes or ([400] if smoke else [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]):
         print(f"   psi n={n:,} ...", file=sys.stderr, flush=True)
         library = library_alone(n)
         ours = meshsl_alignment(n)

@@ -92,12 +92,15 @@ def simulate_splitfed_on_ray(clients: int, steps: int, address: str) -> dict:
             "driver_peak_rss_mib": self_peak_rss_mib(), "loss": summary["tasks"]["cls"]["train"].get("loss")}
 
 
-def measure(quick: bool = False) -> dict:
-    hops = [2, 4] if quick else [2, 4, 6, 8]
-    steps, warm = (6, 2) if quick else (16, 4)
+def measure(quick: bool = False, smoke: bool = False) -> dict:
+    """`smoke`: 2 hops for 3 steps of a 32-wide chain, 4 simulated clients for 2 steps in this process, no
+    larger count, no Ray (does it still run?)."""
+    hops = [2] if smoke else [2, 4] if quick else [2, 4, 6, 8]
+    steps, warm = (3, 1) if smoke else (6, 2) if quick else (16, 4)
+    width, batch = (32, 32) if smoke else (256, 128)
     hop_rows = []
     for n in hops:
-        doc = chain_document(n, 4, "1f1b", steps=steps, width=256, layers_per_stage=1, batch_size=128,
+        doc = chain_document(n, 4, "1f1b", steps=steps, width=width, layers_per_stage=1, batch_size=batch,
                              num_samples=2048)
         result = run_processes(doc, warmup_steps=warm)
         rss = result["peak_rss_mib"]
@@ -108,9 +111,9 @@ def measure(quick: bool = False) -> dict:
         row["relative_to_2_hops"] = row["samples_per_s"] / hop_rows[0]["samples_per_s"]
     # Small counts: 4 steps; large ones: 2 steps (one FedAvg round). Quick: about 20 s in all on 2 cores.
     client_counts = [1] if quick else [1, 8, 64]
-    client_rows = [run_python("benchmarks.scale", ["sim", "--clients", str(c), "--steps", "4"], timeout=300)
-                   for c in client_counts]
-    for big, limit in ([(200, 90)] if quick else [(100, 120), (300, 150), (1000, 240)]):
+    client_rows = [simulate_splitfed(4, 2)] if smoke else \
+        [run_python("benchmarks.scale", ["sim", "--clients", str(c), "--steps", "4"], timeout=300) for c in client_counts]
+    for big, limit in ([] if smoke else [(200, 90)] if quick else [(100, 120), (300, 150), (1000, 240)]):
         try:
             client_rows.append(run_python("benchmarks.scale", ["sim", "--clients", str(big), "--steps", "2"],
                                           timeout=limit))
@@ -122,7 +125,7 @@ def measure(quick: bool = False) -> dict:
     except ImportError:
         ray_rows.append({"clients": 0, "error": "ray not installed (pip install 'meshsl[ray]')"})
     else:
-        if not quick:
+        if not quick and not smoke:
             try:
                 ray_rows.append(run_python("benchmarks.scale", ["ray", "--clients", "300", "--steps", "2"], timeout=600))
             except Exception as exc:  # noqa: BLE001 - reported in the table, the suite goes on

@@ -129,12 +129,14 @@ def _import_torch_alone() -> float:
     return time.perf_counter() - started
 
 
-def measure(quick: bool = False) -> dict:
-    runs = 1 if quick else 3
+def measure(quick: bool = False, smoke: bool = False) -> dict:
+    """`smoke`: one run of each measurement but the start-up with torch._dynamo and rich imported first."""
+    runs = 1 if quick or smoke else 3
     ends, parts, torch_alone, before = [], [], [], []
     for _ in range(runs):  # alternate the measurements so load swings hit each alike
         ends.append(node_processes())
-        before.append(node_processes(with_dynamo=True))
+        if not smoke:
+            before.append(node_processes(with_dynamo=True))
         parts.append(_breakdown_process())
         torch_alone.append(_import_torch_alone())
     per_node = {name: median([e["first_step_s"][name] for e in ends]) for name in ends[0]["first_step_s"]}
@@ -143,7 +145,8 @@ def measure(quick: bool = False) -> dict:
     phases = {name: median([p["phases_s"][name] for p in parts]) for name in parts[0]["phases_s"]}
     return {"runs": runs, "first_step_s": per_node, "first_step_s_runs": [e["first_step_s"] for e in ends],
             "whole_run_s": median([e["whole_run_s"] for e in ends]), "breakdown_s": phases,
-            "with_dynamo_and_rich_first_step_s": median([max(b["first_step_s"].values()) for b in before]),
+            "with_dynamo_and_rich_first_step_s": median([max(b["first_step_s"].values()) for b in before]) if before
+            else None,
             "with_dynamo_and_rich_first_step_s_runs": [max(b["first_step_s"].values()) for b in before],
             "python_import_torch_s": median(torch_alone),
             "python_import_torch_s_runs": [round(t, 3) for t in torch_alone],
@@ -158,10 +161,11 @@ if __name__ == "__main__":
     parser.add_argument("mode", choices=["breakdown", "nodes", "measure"])
     parser.add_argument("--started", type=float, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.mode == "breakdown":
         print(json.dumps(breakdown(args.started if args.started is not None else time.time())))
     elif args.mode == "nodes":
         print(json.dumps(node_processes()))
     else:
-        print(json.dumps(measure(args.quick), indent=1))
+        print(json.dumps(measure(args.quick, args.smoke), indent=1))

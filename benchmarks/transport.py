@@ -230,10 +230,11 @@ def _one(kind: str, mode: str, size: int, seconds: float, reps: int) -> dict:
     return result
 
 
-def measure(quick: bool = False) -> list[dict]:
-    sizes = [64 << 10, 1 << 20, 16 << 20]
-    seconds = 0.5 if quick else 1.0
-    rounds = 1 if quick else 3  # interleaved: raw, meshsl, raw, meshsl ... best of each (a shared machine is noisy)
+def measure(quick: bool = False, smoke: bool = False) -> list[dict]:
+    """`smoke`: one small size for a moment, one round trip size, 20 round trips (does it still run?)."""
+    sizes = [64 << 10] if smoke else [64 << 10, 1 << 20, 16 << 20]
+    seconds = 0.05 if smoke else 0.5 if quick else 1.0
+    rounds = 1 if quick or smoke else 3  # interleaved: raw, meshsl, raw, meshsl ... best of each (a shared machine is noisy)
     rows = []
     for size in sizes:
         best = {"push": 0.0, "dealer": 0.0, "meshsl": 0.0}
@@ -246,8 +247,8 @@ def measure(quick: bool = False) -> list[dict]:
                      "ratio_vs_push_pull": best["meshsl"] / best["push"] if best["push"] else 0.0,
                      "ratio_vs_dealer_router": best["meshsl"] / best["dealer"] if best["dealer"] else 0.0})
     rtt = []
-    reps = 200 if quick else 1000
-    for size in [4 << 10, 64 << 10]:
+    reps = 20 if smoke else 200 if quick else 1000
+    for size in [4 << 10] if smoke else [4 << 10, 64 << 10]:
         raw = mine = None
         for _ in range(rounds):  # interleaved, the best median of each
             r = _one("raw", "rtt", size, 0, reps)
@@ -263,4 +264,6 @@ def measure(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    print(json.dumps(measure(parser.parse_args().quick), indent=1))
+    parser.add_argument("--smoke", action="store_true")
+    options = parser.parse_args()
+    print(json.dumps(measure(options.quick, options.smoke), indent=1))

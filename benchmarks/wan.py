@@ -277,7 +277,9 @@ def run_torch(sites: Sites, micro_batches: int, schedule: str, steps: int, warmu
 
 
 # ---- the comparison ----------------------------------------------------------------------------
-def cases(quick: bool) -> list[tuple[str, int, str]]:
+def cases(quick: bool, smoke: bool = False) -> list[tuple[str, int, str]]:
+    if smoke:
+        return [("vanilla", 1, "gpipe")]
     out = []
     for name in ("vanilla", "multi_hop"):
         for micro_batches in (1, 4, 8):
@@ -292,36 +294,43 @@ STALENESS = (4, 12)
 STALE_CASE = ("multi_hop", 8, "1f1b")
 
 
+# smoke: two sites (vanilla.yaml), RTT 0 and 20 ms, a few steps of meshsl at each; not the torch peer (its
+# torch.distributed.pipelining calls are the pipelining section's, which the smoke run covers)
+SMOKE_STEPS = (8, 2)  # (steps, warm-up)
+
+
 def measure(quick: bool = False, rtts: Optional[list[float]] = None, rate_mbit: float = 100.0,
-            repeats: Optional[int] = None, staleness: Optional[list[int]] = None, only_staleness: bool = False) -> dict:
+            repeats: Optional[int] = None, staleness: Optional[list[int]] = None, only_staleness: bool = False,
+            smoke: bool = False) -> dict:
     why = unavailable()
     if why:
         return {"skipped": why}
-    rtts = rtts or ([0.0, 50.0] if quick else [0.0, 20.0, 50.0, 100.0])
-    repeats = repeats or (1 if quick else 2)
-    stale_ks = [k for k in (staleness if staleness is not None else STALENESS) if k > 0]
+    rtts = rtts or ([0.0, 20.0] if smoke else [0.0, 50.0] if quick else [0.0, 20.0, 50.0, 100.0])
+    repeats = repeats or (1 if quick or smoke else 2)
+    stale_ks = [k for k in (staleness if staleness is not None else () if smoke else STALENESS) if k > 0]
     # (system, topology, M, schedule, staleness, rtt) -> step_times() of each run
     runs: dict[tuple, list[dict]] = {}
     echoes: dict[float, list[float]] = {}
-    with Sites(5) as sites:
+    with Sites(2 if smoke and not stale_ks else 5) as sites:
         for _ in range(repeats):  # rounds over every RTT, so that load drifts hit every RTT alike
             for rtt in rtts:
                 sites.set_link(rtt, rate_mbit)
                 echo = measure_rtt(sites)
                 echoes.setdefault(rtt, []).append(echo)
                 print(f"RTT {rtt:.0f} ms: echo {echo:.1f} ms", file=sys.stderr, flush=True)
-                plain = [] if only_staleness else cases(quick)
+                plain = [] if only_staleness else cases(quick, smoke)
                 stale = [(*STALE_CASE, k) for k in stale_ks]
                 if only_staleness:
                     stale.insert(0, (*STALE_CASE, 0))
                 for name, micro_batches, schedule, k in [(*c, 0) for c in plain] + stale:
                     steps = 40 if name == "vanilla" else (20 if not k else 20 + 2 * k)
-                    result = run_meshsl(sites, name, micro_batches, schedule, steps, warmup=4 + k, staleness=k)
+                    steps, warmup = SMOKE_STEPS if smoke else (steps, 4 + k)
+                    result = run_meshsl(sites, name, micro_batches, schedule, steps, warmup=warmup, staleness=k)
                     runs.setdefault(("meshsl", name, micro_batches, schedule, k, rtt), []).append(result)
                     print(f"  {name} M={micro_batches} {schedule}" + (f" staleness {k}" if k else "")
                           + f": {result['ms_per_step']:.1f} ms/step (median {result['median_ms_per_step']:.1f})",
                           file=sys.stderr, flush=True)
-                if only_staleness:
+                if only_staleness or smoke:
                     continue
                 result = run_torch(sites, 1, "gpipe", steps=40, warmup=4)
                 runs.setdefault(("torch", "vanilla", 1, "gpipe", 0, rtt), []).append(result)
@@ -387,6 +396,7 @@ def main(argv=None) -> None:
     rank.add_argument("--steps", type=int, default=30)
     rank.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="two sites, RTT 0 and 20 ms, a few meshsl steps")
     parser.add_argument("--rtt", type=float, nargs="+", help="RTTs in ms (the first is the baseline, usually 0)")
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--repeats", type=int)
@@ -399,7 +409,8 @@ def main(argv=None) -> None:
         return
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still tear the namespaces down
-    result = measure(args.quick, args.rtt, args.rate_mbit, args.repeats, args.staleness, args.only_staleness)
+    result = measure(args.quick, args.rtt, args.rate_mbit, args.repeats, args.staleness, args.only_staleness,
+                     args.smoke)
     print(table(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

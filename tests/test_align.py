@@ -388,14 +388,6 @@ def test_align_command_reports_overlap_per_pair_and_plan_shows_the_step():
     assert plain.exit_code == 2 and "no data source names sample ids" in plain.output
 
 
-def test_psi_benchmark_smoke():
-    """benchmarks/psi.py at a tiny size: both sides find the same 70 % and the table prints."""
-    from benchmarks import psi as bench
-    rows = bench.measure(sizes=[400])
-    assert rows[0]["common"] == 280 and rows[0]["library_wall_s"] > 0 and rows[0]["meshsl_wall_s"] > 0
-    assert "400 ids per party" in bench.table(rows)
-
-
 def test_nodes_stop_with_the_alignment_error_instead_of_training(tmp_path):
     """In the nodes themselves (no local pre-check): every node stops, the run fails naming the cause."""
     from meshsl.errors import PeerFailed

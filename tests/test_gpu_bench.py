@@ -1,6 +1,7 @@
 """The GPU benchmark's model, topology and code path: the hand-written ResNet-18 (CIFAR variant), its
-near-equal-FLOP cuts, the generated factory-segment chain passing meshsl's validation, and a real 2-node
-split run (node processes, ZeroMQ) of a narrow ResNet on CPU. The full-width GPU figures run only with CUDA."""
+near-equal-FLOP cuts and the generated factory-segment chain passing meshsl's validation. The real 2-node
+split run (node processes, ZeroMQ) of a narrow ResNet on CPU is the section's smoke run
+(tests/test_benchmarks_quick.py::test_smoke_gpu). The full-width GPU figures run only with CUDA."""
 import math
 
 import pytest
@@ -45,22 +46,6 @@ def test_generated_topology_validates_and_keeps_data_with_owners(parts):
     cut_shapes = [topology.shapes[f"s{i}"] for i in range(parts - 1)]
     assert [math.prod(s) for s in cut_shapes] == gpu.cut_floats_per_sample(parts)
     assert sum(info.parameters for info in topology.segment_info.values()) == 11_173_962
-
-
-@pytest.mark.e2e  # starts node processes (through the benchmark's launcher)
-def test_split_resnet_trains_across_two_node_processes_on_cpu():
-    """The GPU section's code path (unsplit process, meshsl chain, ratio, table) with a narrow ResNet on CPU."""
-    result = gpu.figures("cpu", [(2, 2, "1f1b")], width_multiplier=1 / 16, batch_size=32, steps=4, warmup=1,
-                         num_samples=256)
-    (row,) = result["split"]
-    assert row["parts"] == 2 and row["steps"] == 4
-    assert math.isfinite(row["loss"]) and 0 < row["loss"] < 10
-    assert row["samples_per_s"] > 0 and row["ratio_vs_unsplit"] > 0
-    assert set(row["peak_rss_mib"]) == {"n0", "n1"}
-    for single in (result["unsplit"], result["unsplit_again"]):
-        assert single["samples_per_s"] > 0 and math.isfinite(single["loss"]) and single["steps"] == 5
-    text = table({"gpu": {**result, "d2h_pageable_ms": 2.0, "d2h_pinned_ms": 1.0, "speedup": 2.0}})
-    assert "meshsl 2 nodes M=2 1f1b" in text and f"{row['ratio_vs_unsplit']:.2f}" in text
 
 
 def test_table_prints_gpu_rows():
