@@ -39,8 +39,8 @@ SECRETFLOW = {  # overall_benchmark.md (2024-02-21), 32 vCPUs per party, 100 Mbi
 FULL_SHAPES = ((2, 800_000, 1_500), (3, 800_000, 1_000))
 QUICK_SHAPES = ((2, 20_000, 150), (3, 20_000, 100))
 # smoke (does every part still run?): one small table pair (the split model still learns what the clear
-# one does: tests/test_benchmarks_quick.py checks it), party 0's Parquet and CSV loaded once each, no
-# out-of-core run (a memory cgroup, a dropped page cache: tests/test_out_of_core.py runs it at --quick size).
+# one does: tests/integration/test_benchmarks_quick.py checks it), party 0's Parquet and CSV loaded once each, no
+# out-of-core run (a memory cgroup, a dropped page cache: tests/e2e/test_out_of_core.py runs it at --quick size).
 SMOKE_SHAPE = (2, 6_000, 40)
 HIDDEN = 64  # each party's bottom: Linear(features, 64) + ReLU; the top: Linear(64 * parties, 64), ReLU, Linear(64, 2)
 

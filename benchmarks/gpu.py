@@ -19,7 +19,7 @@ What is compared, on ONE GPU:
 Micro-batches M = 1 and 4 (GPipe and 1F1B). Ratios are samples/s relative to the unsplit process.
 
 The same code path runs on CPU with a narrow ResNet (`measure_split(device="cpu", width_multiplier=1/16)`):
-tests/test_gpu_bench.py uses it as a smoke test on machines without a GPU."""
+tests/unit/test_gpu_bench.py uses it as a smoke test on machines without a GPU."""
 from __future__ import annotations
 
 import argparse

@@ -35,7 +35,7 @@ def chain_document(dataset: str, staleness: int, seed: int) -> dict:
 
 
 def accuracy(dataset: str, staleness: int, seed: int) -> float:
-    """Trained by the unsplit reference of the same rule (tests/test_staleness.py checks the split run equals
+    """Trained by the unsplit reference of the same rule (tests/integration/test_staleness.py checks the split run equals
     it), evaluated on the held-out rows the nodes evaluate on: minutes faster than simulating the nodes."""
     import numpy as np
     import torch

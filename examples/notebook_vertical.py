@@ -2,7 +2,7 @@
 vertically split breast-cancer data, each party as its own local process over ZeroMQ.
 
 Run it as a script (`python examples/notebook_vertical.py [WORK_DIR]`) or paste the cells into Jupyter.
-tests/test_api.py executes it and checks that its weights equal `meshsl run`'s."""
+tests/e2e/test_api.py executes it and checks that its weights equal `meshsl run`'s."""
 from __future__ import annotations
 
 import sys

@@ -1,7 +1,7 @@
 """Builds monitoring/grafana/dashboards/meshsl.json from the panel table below.
 
 The JSON is committed (Grafana provisioning and "Import dashboard" need a file); this script is
-how it is edited, so the layout stays regular. tests/test_dashboard.py checks the committed file
+how it is edited, so the layout stays regular. tests/e2e/test_dashboard.py checks the committed file
 equals this script's output. Run: python monitoring/build_dashboard.py
 """
 from __future__ import annotations

@@ -1,13 +1,10 @@
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TOPOLOGIES = ROOT / "topologies"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.paths import ROOT, TOPOLOGIES  # noqa: F401  (tests/ is on the path: [tool.pytest] pythonpath)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -28,31 +25,24 @@ def restore_logging():
     root.setLevel(level)
 
 
-# ---- test tiers -------------------------------------------------------------------------------
-# unit: no processes, no sockets beyond a loopback pair; integration: in-process simulation or live
-# transports inside the test process; e2e: node processes, network namespaces, a Prometheus server.
-# `make test` runs all three, `make test-fast` the first two. A test may carry its tier explicitly
-# (@pytest.mark.unit / integration / e2e); otherwise it is read off what its module uses, so a new
-# test file lands in the right tier without a list to keep up to date.
+# ---- test tiers ----------------------------------------------------------------------------------
+# The folder is the tier: tests/unit (pure code, no processes), tests/integration (in-process simulation or
+# live transports inside the test process), tests/e2e (node processes, network namespaces, a Prometheus
+# server). `make test` runs all three, `make test-fast` the first two. A test may still carry another tier
+# explicitly (@pytest.mark.unit / integration / e2e), and a test marked slow is e2e wherever it lives.
 TIERS = ("unit", "integration", "e2e")
-_E2E_SIGNS = ("subprocess", "sys.executable", "LocalRun", "netns", "prometheus_server", "Popen")
-_INTEGRATION_SIGNS = ("simulate", "NodeRuntime", "ZmqTransport", "InProcessTransport", "make_transport")
-_module_tiers: dict = {}
 
 
-def _tier_of_module(path: Path) -> str:
-    tier = _module_tiers.get(path)
-    if tier is None:
-        source = path.read_text(encoding="utf-8", errors="replace")
-        tier = "e2e" if any(s in source for s in _E2E_SIGNS) else \
-            "integration" if any(s in source for s in _INTEGRATION_SIGNS) else "unit"
-        _module_tiers[path] = tier
-    return tier
+def _tier_of_path(path: Path) -> str:
+    folder = path.resolve().relative_to(Path(__file__).resolve().parent).parts[0]
+    if folder not in TIERS:
+        raise pytest.UsageError(f"{path}: a test lives in tests/unit, tests/integration or tests/e2e")
+    return folder
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(item.get_closest_marker(t) for t in TIERS):
             continue
-        tier = "e2e" if item.get_closest_marker("slow") else _tier_of_module(Path(str(item.fspath)))
+        tier = "e2e" if item.get_closest_marker("slow") else _tier_of_path(Path(str(item.fspath)))
         item.add_marker(getattr(pytest.mark, tier))

@@ -6,7 +6,7 @@ in `torch._disable_dynamo`, which imports torch._dynamo on their first call, and
 torch.compile before torch._dynamo is imported, and outside tracing both wrappers only call the
 function (with grad mode set to `differentiable` for a step). So meshsl calls the function directly
 until something imports torch._dynamo; from then on every call takes torch's own path. The update
-is the same code on the same tensors: bit-identical (tests/test_startup.py).
+is the same code on the same tensors: bit-identical (tests/e2e/test_startup.py).
 
 Anything unexpected (another torch whose wrappers look different, step hooks, a subclass) takes
 torch's own path.

@@ -10,7 +10,7 @@ Faults: Ray detects a dead actor (its process or its machine) and fails the acto
 driver then stops every other actor and raises PeerFailed naming the logical nodes that were lost.
 Nothing here re-creates actors: a simulation is rerun, not resumed.
 
-Results equal the in-process engine's for the same seed (tests/test_ray_engine.py): the same nodes,
+Results equal the in-process engine's for the same seed (tests/e2e/test_ray_engine.py): the same nodes,
 the same state machine and the same deterministic aggregation, only the wire differs.
 """
 from __future__ import annotations

@@ -274,7 +274,7 @@ class CoordinatorMachine:
         self.ahead: dict[tuple[Kind, int], dict[str, Any]] = {}  # DONEs of rounds not collected yet
         self.wait: Union[_Round, _Startup, _RestoreAcks, None] = None
 
-    # -- the run's state: the async shells change it only through these (tests/test_coordinator_state.py)
+    # -- the run's state: the async shells change it only through these (tests/unit/test_coordinator_state.py)
     def start_at(self, round_: int) -> None:
         self.round = round_
 

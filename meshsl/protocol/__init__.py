@@ -1,7 +1,7 @@
 """The wire format: a typed JSON header frame followed by raw tensor frames. Nothing is ever pickled.
 
 `frames` (tensor encoding) needs torch; the envelope and the typed control messages do not, so the I/O-free
-state machines that use them import without torch (tests/test_machines_without_torch.py)."""
+state machines that use them import without torch (tests/e2e/test_machines_without_torch.py)."""
 from typing import Any
 
 from meshsl.protocol.envelope import Envelope, Kind, TensorDescriptor
