@@ -44,7 +44,7 @@ def main(work: Path, steps: int = 8) -> meshsl.RunResult:
     # %% Use the model: each party exports its own segments; together they assemble one torch module.
     exports = []
     for node in topology.nodes:
-        meshsl.apps.export(topology, result.weights_dir, node, work / "export" / node)
+        meshsl.export(topology, result.weights_dir, node, work / "export" / node)
         exports.append(work / "export" / node)
     model = meshsl.load_model(meshsl.assemble(topology, exports, work / "model.pt"))
     print("assembled:", type(model).__name__, sorted(model.segments))
