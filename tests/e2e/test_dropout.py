@@ -72,7 +72,7 @@ def test_splitfed_goes_on_over_the_survivors_of_a_sigkill(tmp_path):
     assert [(e["event"], e["nodes"]) for e in events] == [("drop", ["clinic1"])], events
     drop = events[0]
     assert 0 < drop["step"] <= 4 and drop["step"] % document["checkpoint"]["every"] == 0  # a checkpoint step
-    assert drop["cause"] in ("heartbeat", "timeout") and drop["detected"] > 0
+    assert drop["cause"] in ("exited", "heartbeat", "timeout") and drop["detected"] > 0  # exited: the launcher told
     assert summary["steps"] == 12 and summary["failovers"] == 0
     lanes = {row["step"]: row["lanes"] for row in summary["history"]}
     assert all(lanes[s] == [0, 2] for s in range(drop["step"], 12)) and lanes[0] == [0, 1, 2]
