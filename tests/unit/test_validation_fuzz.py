@@ -76,7 +76,8 @@ def mutate(document, data) -> str:
         parent[key] = data.draw(SMALL_INTS, label="int")
     elif op == "swap_nodes":  # two entries' `node:` (or two nodes' names) exchanged
         section = data.draw(st.sampled_from(["nodes", "data", "segments"]), label="section")
-        entries = [e for e in document.get(section) or [] if isinstance(e, dict)]
+        listed = document.get(section)  # an earlier mutation may have made it anything
+        entries = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
         field = "name" if section == "nodes" else "node"
         if len(entries) >= 2:
             a, b = data.draw(st.lists(st.sampled_from(range(len(entries))), min_size=2, max_size=2), label="pair")
